@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from django.apps import AppConfig
+
+
+class PulpPubSubConfig(AppConfig):
+    name = "pulp_pubsub"
+    label = "pulp_pubsub"
+    verbose_name = "Pulp pub/sub"
+    default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from . import checks  # noqa: F401  (registers the system checks)
+        from .registry import registry
+
+        registry.autodiscover()

@@ -1,0 +1,216 @@
+"""The backend contract.
+
+A backend supplies two things: ``send()``, which hands one message to the
+server, and ``open_transport()``, which opens one subscriber connection. All
+the rest (validation, publish-on-commit, the listener thread, the pending
+queue, reconnecting and resyncing, the liveness probe) is shared and lives in
+this module and in :mod:`pulp_pubsub.backends.listener`, so a new backend is
+one short module that knows only its server.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections import Counter
+from collections.abc import Collection, Iterable
+from functools import partial
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS, connections, transaction
+
+from ..conf import hide_password
+from ..exceptions import PublishError, PubSubError
+from ..validation import encode_payload, validate_channel, validate_prefix
+
+if TYPE_CHECKING:
+    from .listener import Subscriber
+
+logger = logging.getLogger(__name__)
+
+#: Options every backend accepts; a backend adds its own in ``options``.
+COMMON_OPTIONS: dict[str, Any] = {
+    # Seconds between liveness probes, and how long a probe may take to come back.
+    "probe_interval": 30.0,
+    "probe_timeout": 10.0,
+    # Reconnect backoff: doubles from the first value up to the cap, with jitter.
+    "reconnect_min": 0.1,
+    "reconnect_max": 5.0,
+    "connect_timeout": 5.0,
+    "publish_timeout": 5.0,
+    # Messages waiting for dispatch() per subscriber before new ones are dropped
+    # (a dropped message is replaced by a resync for its channel, never lost silently).
+    "max_pending": 1000,
+}
+
+
+class Transport:
+    """One subscriber connection, used only by that subscriber's listener thread.
+
+    ``read()`` is called when ``fileno()`` is readable and must not block; it
+    raises (any exception) when the connection is gone, which sends the
+    listener into its reconnect loop.
+    """
+
+    def __init__(self, backend: BaseBackend) -> None:
+        self.backend = backend
+
+    def fileno(self) -> int:
+        raise NotImplementedError("subclasses of Transport must provide fileno()")
+
+    def listen(self, channels: Collection[str]) -> None:
+        raise NotImplementedError("subclasses of Transport must provide listen()")
+
+    def unlisten(self, channels: Collection[str]) -> None:
+        raise NotImplementedError("subclasses of Transport must provide unlisten()")
+
+    def read(self) -> Iterable[tuple[str, str]]:
+        """Return the (wire channel, payload) pairs that have arrived."""
+        raise NotImplementedError("subclasses of Transport must provide read()")
+
+    def probe(self, channel: str, payload: str) -> None:
+        """Send the liveness probe; by default through the backend's publish path."""
+        self.backend.send(channel, payload)
+
+    def close(self) -> None:
+        raise NotImplementedError("subclasses of Transport must provide close()")
+
+
+class BaseBackend:
+    #: The ``PUBSUB_BACKEND`` alias, used in messages and metrics.
+    name: ClassVar[str] = "base"
+    #: Largest payload in UTF-8 bytes, or None for no limit of the layer's own.
+    payload_limit: ClassVar[int | None] = None
+    allows_nul: ClassVar[bool] = True
+    #: True when the server itself holds a publish back until the Django
+    #: transaction commits (PostgreSQL's NOTIFY), so on_commit is not needed.
+    defers_natively: ClassVar[bool] = False
+    #: Backend-specific options and their defaults.
+    options: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        url: str | None = None,
+        options: dict[str, Any] | None = None,
+        channel_prefix: str = "",
+        publish_on_commit: bool = True,
+    ) -> None:
+        self.url = url
+        self.channel_prefix = validate_prefix(channel_prefix)
+        self.publish_on_commit = publish_on_commit
+        self.config = self.build_options(options or {})
+        self.stats: Counter[str] = Counter()
+        self._subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def build_options(cls, given: dict[str, Any]) -> dict[str, Any]:
+        if not isinstance(given, dict):
+            raise ImproperlyConfigured(
+                f"PUBSUB_OPTIONS must be a dict, not {type(given).__name__}."
+            )
+        known = {**COMMON_OPTIONS, **cls.options}
+        for key, value in given.items():
+            if key not in known:
+                raise ImproperlyConfigured(
+                    f"Invalid option {key!r} for {cls.__name__}; "
+                    f"valid options are: {', '.join(sorted(known))}."
+                )
+            default = known[key]
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                    raise ImproperlyConfigured(
+                        f"Option {key!r} for {cls.__name__} must be a positive number, "
+                        f"not {value!r}."
+                    )
+        return {**known, **given}
+
+    # -- names ---------------------------------------------------------------
+
+    def wire_name(self, channel: str) -> str:
+        """The name on the server: the prefix and the channel, checked together."""
+        validate_channel(channel)
+        wire = self.channel_prefix + channel
+        if wire != channel:
+            validate_channel(wire, what="prefixed channel name")
+        return wire
+
+    def channel_name(self, wire: str) -> str | None:
+        """Undo :meth:`wire_name`; None for a name outside this install's prefix."""
+        if not wire.startswith(self.channel_prefix):
+            return None
+        return wire[len(self.channel_prefix) :]
+
+    # -- publishing ----------------------------------------------------------
+
+    def publish(self, channel: str, payload: str = "") -> None:
+        """Send ``payload`` to ``channel``, at commit when inside ``atomic()``."""
+        wire = self.wire_name(channel)
+        encode_payload(
+            payload, limit=self.payload_limit, allow_nul=self.allows_nul, backend=self.name
+        )
+        if self.publish_on_commit and not self.defers_natively and _in_atomic_block():
+            transaction.on_commit(partial(self._send_deferred, wire, payload))
+            return
+        self._send_now(wire, payload)
+
+    def _send_now(self, wire: str, payload: str) -> None:
+        try:
+            self.send(wire, payload)
+        except PubSubError:
+            self.stats["publish_errors"] += 1
+            raise
+        except Exception as exc:
+            self.stats["publish_errors"] += 1
+            raise PublishError(f"{self.name} backend could not publish: {exc}") from exc
+        self.stats["published"] += 1
+
+    def _send_deferred(self, wire: str, payload: str) -> None:
+        # The transaction has committed: raising here would hide the commit
+        # from the caller, so the failure is logged and counted instead.
+        try:
+            self._send_now(wire, payload)
+        except PubSubError as exc:
+            self.stats["deferred_failures"] += 1
+            logger.error("Publish to %r after commit failed: %s", wire, exc)
+
+    def send(self, channel: str, payload: str) -> None:
+        """Hand one message to the server now; ``channel`` is the wire name."""
+        raise NotImplementedError("subclasses of BaseBackend must provide send()")
+
+    # -- subscribing ---------------------------------------------------------
+
+    def open_transport(self) -> Transport:
+        raise NotImplementedError("subclasses of BaseBackend must provide open_transport()")
+
+    def subscriber(self) -> Subscriber:
+        from .listener import Subscriber
+
+        sub = Subscriber(self)
+        self._subscribers.add(sub)
+        return sub
+
+    # -- introspection and lifecycle -----------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """What operators may see: never a password."""
+        return {"backend": self.name, "url": hide_password(self.url)}
+
+    def subscriber_counts(self, channels: Collection[str]) -> dict[str, int] | None:
+        """Live subscribers per channel where the server can tell, else None."""
+        return None
+
+    def close(self) -> None:
+        for sub in list(self._subscribers):
+            sub.close()
+
+
+def _in_atomic_block() -> bool:
+    # A plain attribute read: it never opens a database connection, so a
+    # worker on a non-PostgreSQL backend touches no database to publish.
+    try:
+        return bool(connections[DEFAULT_DB_ALIAS].in_atomic_block)
+    except ImproperlyConfigured:
+        return False

@@ -1,0 +1,473 @@
+"""The subscriber machinery every backend shares.
+
+A subscriber owns one listener thread. That thread alone touches the
+backend's transport: it connects, LISTENs, reads, probes, and on any failure
+reconnects with capped, jittered backoff and then queues one ``resync``
+message per subscribed channel. Messages wait in a bounded queue until the
+owner runs ``dispatch()`` (Pulp's worker does, when ``fileno()`` turns
+readable in its ``select()``) or until the optional dispatcher thread started
+by ``start()`` does. Callbacks therefore never run on the listener thread,
+so a slow handler cannot starve the connection or its probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import select
+import threading
+import time
+import uuid
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import ConnectionLost, SubscriberClosed
+from ..message import Message
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from .base import BaseBackend, Transport
+
+logger = logging.getLogger(__name__)
+
+Callback = Callable[[Message], Any]
+
+PROBE_PREFIX = "pubsub_probe_"
+
+
+@dataclass
+class _Request:
+    """A subscribe or unsubscribe waiting for the listener thread."""
+
+    channel: str | None
+    done: threading.Event = field(default_factory=threading.Event)
+    applied: bool = False
+
+
+def _pipe() -> tuple[int, int]:
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+    return read_fd, write_fd
+
+
+def _poke(fd: int) -> None:
+    try:
+        os.write(fd, b"\0")
+    except (BlockingIOError, OSError):
+        pass  # a full pipe is already readable, and a closed one has no reader
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+class Subscriber:
+    def __init__(self, backend: BaseBackend) -> None:
+        self.backend = backend
+        self.stats: Counter[str] = Counter()
+        self.last_error: str | None = None
+        self.connected_since: float | None = None
+        self.last_resync_at: float | None = None
+        self.probe_rtt: float | None = None
+        self._pid = os.getpid()
+        self._config = backend.config
+        self._lock = threading.RLock()
+        self._callbacks: dict[str, list[Callback]] = {}
+        self._pending: OrderedDict[tuple[str, str, bool], Message] = OrderedDict()
+        self._overflowed: set[str] = set()
+        self._signalled = False
+        self._signal_r, self._signal_w = _pipe()
+        self._control_r, self._control_w = _pipe()
+        self._requests: deque[_Request] = deque()
+        self._closed = threading.Event()
+        self._pipes_closed = False
+        self._threads_alive = 0
+        self._connected = threading.Event()
+        self._listener: threading.Thread | None = None
+        self._dispatcher: threading.Thread | None = None
+        self._probe_channel = backend.wire_name(PROBE_PREFIX + uuid.uuid4().hex[:12])
+
+    # -- the public contract -------------------------------------------------
+
+    def subscribe(self, channel: str, callback: Callback) -> None:
+        """Call ``callback(message)`` for every message on ``channel``.
+
+        Returns once the server has confirmed the subscription, or, when the
+        server cannot be reached within ``connect_timeout``, at once: the
+        listener keeps trying and delivers a resync when it gets through.
+        """
+        self._check_usable()
+        wire = self.backend.wire_name(channel)
+        if not callable(callback):
+            raise TypeError(f"callback must be callable, not {type(callback).__name__}")
+        with self._lock:
+            callbacks = self._callbacks.setdefault(channel, [])
+            is_new = not callbacks
+            if callback not in callbacks:
+                callbacks.append(callback)
+        if is_new:
+            self._request(wire)
+
+    def unsubscribe(self, channel: str, callback: Callback | None = None) -> None:
+        """Remove one callback, or every callback of ``channel`` when None."""
+        self._check_usable()
+        wire = self.backend.wire_name(channel)
+        with self._lock:
+            callbacks = self._callbacks.get(channel, [])
+            if callback is None:
+                callbacks.clear()
+            elif callback in callbacks:
+                callbacks.remove(callback)
+            if callbacks:
+                return
+            self._callbacks.pop(channel, None)
+            for key in [key for key in self._pending if key[0] == channel]:
+                del self._pending[key]
+            self._overflowed.discard(channel)
+        if self._listener is not None:
+            self._request(wire)
+
+    @property
+    def channels(self) -> list[str]:
+        with self._lock:
+            return sorted(self._callbacks)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """Block until the listener holds a live connection; False on timeout."""
+        self._check_usable()
+        self._ensure_listener()
+        return self._connected.wait(timeout)
+
+    def fileno(self) -> int:
+        """A descriptor that is readable exactly while messages wait for dispatch()."""
+        self._check_usable()
+        return self._signal_r
+
+    def dispatch(self, timeout: float | None = 0) -> int:
+        """Run the callbacks of waiting messages in the calling thread.
+
+        Waits up to ``timeout`` seconds (None: forever) for a message first;
+        returns how many messages were dispatched.
+        """
+        self._check_usable()
+        if timeout != 0 and not self._has_pending():
+            select.select([self._signal_r], [], [], timeout)
+        batch = self._take_pending()
+        for message in batch:
+            with self._lock:
+                callbacks = list(self._callbacks.get(message.channel, ()))
+            for callback in callbacks:
+                try:
+                    callback(message)
+                except Exception:
+                    self.stats["handler_errors"] += 1
+                    logger.exception(
+                        "Handler %r failed on channel %r; the listener goes on.",
+                        callback,
+                        message.channel,
+                    )
+            self.stats["delivered"] += 1
+        return len(batch)
+
+    def start(self) -> Subscriber:
+        """Run callbacks on a background thread instead of through dispatch()."""
+        self._check_usable()
+        self._ensure_listener()
+        with self._lock:
+            if self._dispatcher is None:
+                self._dispatcher = threading.Thread(
+                    target=self._dispatch_forever, name="pubsub-dispatcher", daemon=True
+                )
+                self._threads_alive += 1
+                self._dispatcher.start()
+        return self
+
+    def close(self) -> None:
+        if self._pid != os.getpid():
+            # A copy inherited through fork(): the connection belongs to the
+            # parent, so only this process's ends of the pipes are released.
+            self._closed.set()
+            self._close_pipes()
+            return
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        _poke(self._control_w)
+        _poke(self._signal_w)
+        current = threading.current_thread()
+        wait = self._config["connect_timeout"] + 1
+        for thread in (self._listener, self._dispatcher):
+            if thread is not None and thread is not current:
+                thread.join(wait)
+        self._connected.clear()
+        self._release_pipes()
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed.is_set() else "connected" if self.connected else "idle"
+        return f"<Subscriber {self.backend.name} {state} channels={self.channels}>"
+
+    # -- pending queue ---------------------------------------------------------
+
+    def _has_pending(self) -> bool:
+        with self._lock:
+            return bool(self._pending or self._overflowed)
+
+    def _enqueue(self, message: Message) -> None:
+        key = (message.channel, message.payload, message.resync)
+        with self._lock:
+            if self._closed.is_set() or message.channel not in self._callbacks:
+                return
+            if key in self._pending:
+                # Wake-ups are idempotent: an identical message already
+                # waiting carries the same news.
+                self.stats["folded"] += 1
+            elif len(self._pending) >= self._config["max_pending"]:
+                self.stats["dropped"] += 1
+                if message.channel not in self._overflowed:
+                    logger.warning(
+                        "Subscriber queue full (%d waiting): dropping messages on %r "
+                        "and queueing a resync for it.",
+                        len(self._pending),
+                        message.channel,
+                    )
+                self._overflowed.add(message.channel)
+            else:
+                self._pending[key] = message
+                self.stats["received"] += 1
+            if not self._signalled:
+                self._signalled = True
+                _poke(self._signal_w)
+
+    def _take_pending(self) -> list[Message]:
+        with self._lock:
+            batch = list(self._pending.values())
+            self._pending.clear()
+            for channel in sorted(self._overflowed):
+                if not any(m.channel == channel and m.resync for m in batch):
+                    batch.append(Message(channel, "", resync=True))
+                    self.stats["resyncs"] += 1
+            self._overflowed.clear()
+            if self._signalled:
+                _drain(self._signal_r)
+                self._signalled = False
+        return batch
+
+    def _dispatch_forever(self) -> None:
+        try:
+            while not self._closed.is_set():
+                try:
+                    self.dispatch(timeout=None)
+                except (SubscriberClosed, OSError, ValueError):
+                    if self._closed.is_set():
+                        return
+                    raise
+        finally:
+            self._release_pipes(exiting=True)
+
+    # -- the listener thread ---------------------------------------------------
+
+    def _check_usable(self) -> None:
+        if self._pid != os.getpid():
+            raise SubscriberClosed(
+                f"This subscriber belongs to process {self._pid}; "
+                "create a new one in the forked process."
+            )
+        if self._closed.is_set():
+            raise SubscriberClosed("This subscriber is closed.")
+
+    def _ensure_listener(self) -> None:
+        with self._lock:
+            if self._listener is None:
+                self._listener = threading.Thread(
+                    target=self._listen_forever,
+                    name=f"pubsub-listener-{self.backend.name}",
+                    daemon=True,
+                )
+                self._threads_alive += 1
+                self._listener.start()
+
+    def _request(self, wire: str) -> None:
+        request = _Request(wire)
+        # Queued before the listener starts, so its first connect knows this
+        # subscribe is waiting and owes it no resync.
+        self._requests.append(request)
+        self._ensure_listener()
+        _poke(self._control_w)
+        request.done.wait(self._config["connect_timeout"] * 2 + 1)
+
+    def _wanted(self) -> set[str]:
+        with self._lock:
+            return {self.backend.wire_name(channel) for channel in self._callbacks}
+
+    def _answer_requests(self, transport: Transport | None, listening: set[str]) -> None:
+        """Bring ``listening`` in line with the callbacks, then release waiters."""
+        answered = []
+        while self._requests:
+            answered.append(self._requests.popleft())
+        if transport is not None:
+            wanted = self._wanted() | {self._probe_channel}
+            if wanted - listening:
+                transport.listen(sorted(wanted - listening))
+            if listening - wanted:
+                transport.unlisten(sorted(listening - wanted))
+            listening.clear()
+            listening.update(wanted)
+        for request in answered:
+            request.applied = transport is not None
+            request.done.set()
+
+    def _listen_forever(self) -> None:
+        try:
+            self._reconnect_forever()
+        finally:
+            self._release_pipes(exiting=True)
+
+    def _reconnect_forever(self) -> None:
+        attempt = 0
+        while not self._closed.is_set():
+            transport: Transport | None = None
+            try:
+                transport = self.backend.open_transport()
+                listening: set[str] = set()
+                # Channels whose subscribe() is waiting right now missed
+                # nothing; every other channel may have, so it gets a resync.
+                fresh = {r.channel for r in self._requests}
+                self._answer_requests(transport, listening)
+                attempt = 0
+                self._on_connected(listening - fresh - {self._probe_channel})
+                self._serve(transport, listening)
+            except Exception as exc:
+                if self._closed.is_set():
+                    break
+                self._on_disconnected(exc)
+            finally:
+                self._connected.clear()
+                if transport is not None:
+                    try:
+                        transport.close()
+                    except Exception:
+                        logger.debug("Closing a dead transport failed", exc_info=True)
+            if self._closed.is_set():
+                break
+            self._backoff(attempt)
+            attempt += 1
+
+    def _on_connected(self, missed: set[str]) -> None:
+        if self.last_error is not None:
+            logger.info("Pub/sub %s subscriber reconnected.", self.backend.name)
+        self.last_error = None
+        self.connected_since = time.time()
+        self._connected.set()
+        for wire in sorted(missed):
+            channel = self.backend.channel_name(wire)
+            if channel is not None:
+                self.stats["resyncs"] += 1
+                self.last_resync_at = time.time()
+                self._enqueue(Message(channel, "", resync=True))
+
+    def _on_disconnected(self, exc: BaseException) -> None:
+        cause = f"{type(exc).__name__}: {exc}".strip()
+        if self.last_error is None:
+            logger.warning(
+                "Pub/sub %s subscriber lost its connection (%s); reconnecting.",
+                self.backend.name,
+                cause,
+            )
+        self.last_error = cause
+        self.stats["reconnects"] += 1
+        self._answer_requests(None, set())
+
+    def _backoff(self, attempt: int) -> None:
+        low, high = self._config["reconnect_min"], self._config["reconnect_max"]
+        delay = min(high, low * 2**attempt) * random.uniform(0.5, 1.0)
+        deadline = time.monotonic() + delay
+        while not self._closed.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            ready, _, _ = select.select([self._control_r], [], [], left)
+            if ready:
+                _drain(self._control_r)
+                # Nothing to subscribe on yet: release waiters now; the
+                # channel is listened to (and resynced) on reconnect.
+                self._answer_requests(None, set())
+
+    def _serve(self, transport: Transport, listening: set[str]) -> None:
+        interval = self._config["probe_interval"]
+        probe_timeout = self._config["probe_timeout"]
+        next_probe = time.monotonic() + interval
+        token: str | None = None
+        sent_at = deadline = 0.0
+        while not self._closed.is_set():
+            wait = (deadline if token else next_probe) - time.monotonic()
+            ready, _, _ = select.select(
+                [transport.fileno(), self._control_r], [], [], max(wait, 0)
+            )
+            if self._closed.is_set():
+                return
+            if self._control_r in ready:
+                _drain(self._control_r)
+                self._answer_requests(transport, listening)
+            if transport.fileno() in ready:
+                for wire, payload in transport.read():
+                    if wire == self._probe_channel:
+                        if payload == token:
+                            self.probe_rtt = time.monotonic() - sent_at
+                            token = None
+                        continue
+                    channel = self.backend.channel_name(wire)
+                    if channel is not None:
+                        self._enqueue(Message(channel, payload))
+            now = time.monotonic()
+            if token and now >= deadline:
+                self.stats["probe_failures"] += 1
+                raise ConnectionLost(f"liveness probe not answered within {probe_timeout} s")
+            if not token and now >= next_probe:
+                token = uuid.uuid4().hex
+                sent_at, deadline, next_probe = now, now + probe_timeout, now + interval
+                transport.probe(self._probe_channel, token)
+
+    def _release_pipes(self, exiting: bool = False) -> None:
+        """Close the pipes once closed and no thread of ours can touch them.
+
+        Closing earlier could let a late thread read or write a descriptor
+        number the process has meanwhile reused for something else.
+        """
+        with self._lock:
+            if exiting:
+                self._threads_alive -= 1
+            if not self._closed.is_set() or self._threads_alive or self._pipes_closed:
+                return
+            self._pipes_closed = True
+        self._close_pipes()
+
+    def _close_pipes(self) -> None:
+        for fd in (self._signal_r, self._signal_w, self._control_r, self._control_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

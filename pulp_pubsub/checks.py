@@ -1,0 +1,94 @@
+"""System checks: a broken pub/sub setting stops ``manage.py`` before a worker starts deaf."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, Tags, Warning, register
+from django.core.exceptions import ImproperlyConfigured
+
+from .conf import get_settings
+from .exceptions import InvalidBackendError, InvalidChannel, MissingDependency
+from .handler import backend_class
+from .validation import validate_prefix
+
+E001 = "pulp_pubsub.E001"  # unknown or unimportable backend
+E002 = "pulp_pubsub.E002"  # missing optional dependency
+E003 = "pulp_pubsub.E003"  # bad PUBSUB_OPTIONS
+E004 = "pulp_pubsub.E004"  # bad PUBSUB_CHANNEL_PREFIX
+E005 = "pulp_pubsub.E005"  # bad PUBSUB_URL / PUBSUB_PUBLISH_ON_COMMIT type
+W001 = "pulp_pubsub.W001"  # memory backend in production
+
+
+@register(Tags.compatibility)
+def check_backend(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    config = get_settings()
+    try:
+        cls = backend_class(config.backend)
+    except MissingDependency as exc:
+        return [Error(str(exc), hint=f'pip install "pulp-pubsub[{exc.extra}]"', id=E002)]
+    except InvalidBackendError as exc:
+        return [
+            Error(
+                str(exc),
+                hint="Set PUBSUB_BACKEND to memory, postgres, redis, nats, etcd, relay, "
+                "or the dotted path of a BaseBackend subclass.",
+                id=E001,
+            )
+        ]
+    try:
+        cls.build_options(config.options)
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), hint="Remove or correct the option in PUBSUB_OPTIONS.", id=E003)]
+    return []
+
+
+@register(Tags.compatibility)
+def check_prefix(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    prefix = getattr(settings, "PUBSUB_CHANNEL_PREFIX", "")
+    try:
+        validate_prefix(prefix)
+    except InvalidChannel as exc:
+        return [
+            Error(
+                str(exc),
+                hint="Use a short prefix of letters, digits, '.', '-' or '_', such as 'site1.'.",
+                id=E004,
+            )
+        ]
+    return []
+
+
+@register(Tags.compatibility)
+def check_types(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    errors: list[CheckMessage] = []
+    url = getattr(settings, "PUBSUB_URL", None)
+    if url is not None and not isinstance(url, str):
+        errors.append(
+            Error("PUBSUB_URL must be a string.", hint="For example redis://host:6379/0", id=E005)
+        )
+    on_commit = getattr(settings, "PUBSUB_PUBLISH_ON_COMMIT", True)
+    if not isinstance(on_commit, bool):
+        errors.append(
+            Error(
+                "PUBSUB_PUBLISH_ON_COMMIT must be True or False.",
+                hint="Remove the setting to keep the default (True).",
+                id=E005,
+            )
+        )
+    return errors
+
+
+@register(Tags.compatibility, deploy=True)
+def check_production_backend(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    if get_settings().backend == "memory":
+        return [
+            Warning(
+                "PUBSUB_BACKEND is 'memory': messages never leave the process, so "
+                "separate workers cannot wake each other.",
+                hint="Use postgres, redis, nats, etcd or relay in production.",
+                id=W001,
+            )
+        ]
+    return []

@@ -1,0 +1,68 @@
+"""The channel-name and payload rules shared by every backend.
+
+Names are checked once, here, so a name that works on one backend works on
+all of them: 1 to 63 UTF-8 bytes (PostgreSQL's identifier limit, beyond which
+it silently truncates and two channels would collide), and none of the
+characters that are whitespace, control or format codes, quotes, ``;``,
+``\\`` or the subject wildcards ``*`` and ``>`` of NATS.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from .exceptions import InvalidChannel, InvalidPayload
+
+MAX_CHANNEL_BYTES = 63
+FORBIDDEN_CHARACTERS = frozenset("'\"`;\\*>")
+
+
+def _bad_character(name: str) -> str | None:
+    for char in name:
+        if char.isspace():
+            return "whitespace"
+        if unicodedata.category(char) in {"Cc", "Cf", "Cs", "Co", "Cn"}:
+            return f"the control or unassigned character U+{ord(char):04X}"
+        if char in FORBIDDEN_CHARACTERS:
+            return f"the character {char!r}"
+    return None
+
+
+def validate_channel(name: object, *, what: str = "channel name") -> str:
+    if not isinstance(name, str):
+        raise InvalidChannel(f"A {what} must be a str, not {type(name).__name__}.")
+    if not name:
+        raise InvalidChannel(f"A {what} cannot be empty.")
+    problem = _bad_character(name)
+    if problem:
+        raise InvalidChannel(f"The {what} {name!r} contains {problem}.")
+    size = len(name.encode("utf-8"))
+    if size > MAX_CHANNEL_BYTES:
+        raise InvalidChannel(
+            f"The {what} {name[:20]!r}... is {size} bytes long; "
+            f"the limit is {MAX_CHANNEL_BYTES} bytes (UTF-8)."
+        )
+    return name
+
+
+def validate_prefix(prefix: object) -> str:
+    if prefix == "":
+        return ""
+    return validate_channel(prefix, what="PUBSUB_CHANNEL_PREFIX")
+
+
+def encode_payload(payload: object, *, limit: int | None, allow_nul: bool, backend: str) -> bytes:
+    """Return the UTF-8 bytes of ``payload`` or refuse it before anything is sent."""
+    if not isinstance(payload, str):
+        raise InvalidPayload(f"A payload must be a str, not {type(payload).__name__}.")
+    try:
+        data = payload.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidPayload(f"The payload cannot be encoded as UTF-8: {exc.reason}.") from exc
+    if not allow_nul and "\x00" in payload:
+        raise InvalidPayload(f"The {backend} backend cannot carry a NUL character in a payload.")
+    if limit is not None and len(data) > limit:
+        raise InvalidPayload(
+            f"The payload is {len(data)} bytes; the {backend} backend's limit is {limit} bytes."
+        )
+    return data
