@@ -46,5 +46,10 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "handlers": {"console": {"class": "logging.StreamHandler"}},
-    "loggers": {"pulp_pubsub": {"handlers": ["console"], "level": env("PUBSUB_LOG_LEVEL", default="WARNING")}},
+    "loggers": {
+        "pulp_pubsub": {
+            "handlers": ["console"],
+            "level": env("PUBSUB_LOG_LEVEL", default="WARNING"),
+        }
+    },
 }

@@ -39,9 +39,7 @@ def backend_class(setting: str) -> type[BaseBackend]:
         module = EXTRAS.get(setting)
         if module and exc.name and exc.name.split(".")[0] == module[0]:
             raise MissingDependency(setting, module[1], exc) from exc
-        raise InvalidBackendError(
-            f"Could not import pub/sub backend {path!r}: {exc}"
-        ) from exc
+        raise InvalidBackendError(f"Could not import pub/sub backend {path!r}: {exc}") from exc
     if not (isinstance(cls, type) and issubclass(cls, BaseBackend)):
         raise InvalidBackendError(f"{path!r} is not a subclass of BaseBackend.")
     return cls

@@ -109,13 +109,13 @@ class Registry:
         with self._lock:
             if channel not in self._channels:
                 raise ImproperlyConfigured(
-                    f"Handler {_qualname(func)} is for channel {channel!r}, which is not "
+                    f"Handler {qualname(func)} is for channel {channel!r}, which is not "
                     "declared; declare it with registry.declare() first."
                 )
             handlers = self._handlers.setdefault(channel, [])
             if func in handlers:
                 raise ImproperlyConfigured(
-                    f"Handler {_qualname(func)} is registered twice for channel {channel!r}."
+                    f"Handler {qualname(func)} is registered twice for channel {channel!r}."
                 )
             handlers.append(func)
 
@@ -129,12 +129,13 @@ class Registry:
 
     def check_payload(self, channel: str, payload: str) -> None:
         declared = self._channels.get(channel)
-        if declared is not None and declared.check is not None and isinstance(payload, str):
-            if not declared.check(payload):
-                raise InvalidPayload(
-                    f"Channel {channel!r} expects {declared.check_doc or 'another payload'}, "
-                    f"not {payload[:80]!r}."
-                )
+        if declared is None or declared.check is None or not isinstance(payload, str):
+            return
+        if not declared.check(payload):
+            raise InvalidPayload(
+                f"Channel {channel!r} expects {declared.check_doc or 'another payload'}, "
+                f"not {payload[:80]!r}."
+            )
 
     def connect(self, subscriber: Subscriber) -> list[str]:
         """Subscribe ``subscriber`` to every channel that has handlers."""
@@ -149,7 +150,7 @@ class Registry:
         autodiscover_modules("pubsub")
 
 
-def _qualname(func: Callable[..., object]) -> str:
+def qualname(func: Callable[..., object]) -> str:
     module = getattr(func, "__module__", "?")
     return f"{module}.{getattr(func, '__qualname__', repr(func))}"
 

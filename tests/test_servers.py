@@ -2,6 +2,7 @@
 restart on the same port, freeze, and inject the faults the fault tests rely on."""
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any, Callable
@@ -107,8 +108,9 @@ def test_redis_restart_freeze_kill() -> None:
 def test_redis_password_acl_and_tls() -> None:
     with RedisServer(password="pw") as server:
         assert redis.Redis.from_url(server.url).ping()
+        no_retry = Retry(NoBackoff(), 0)  # redis-py otherwise retries auth errors for ~4 s
         with pytest.raises(redis.AuthenticationError):
-            redis.Redis(host=server.host, port=server.port).ping()
+            redis.Redis(host=server.host, port=server.port, password="bad", retry=no_retry).ping()
     acl = ["user default off", "user alice on >apw ~* &* +@all"]
     with RedisServer(acl_lines=acl) as server:
         assert redis.Redis(host=server.host, port=server.port, username="alice", password="apw").ping()
@@ -145,17 +147,22 @@ def test_proxy_cut_stall_resume_slow() -> None:
         t.join(5)
         assert out == {"value": True}
 
-        raw = redis.Redis.from_url(url, socket_timeout=5, retry=Retry(NoBackoff(), 0))
-        raw.ping()
+        # redis-py silently reconnects pooled connections, so watch a raw socket for the RST.
+        raw = socket.create_connection((proxy.host, proxy.port), timeout=5)
+        raw.sendall(b"PING\r\n")
+        assert raw.recv(64) == b"+PONG\r\n"
         proxy.cut()
         assert proxy.connections == 0
-        with pytest.raises(redis.ConnectionError):
-            raw.ping()
-        assert raw.ping()  # the proxy still accepts new connections
+        with pytest.raises(ConnectionResetError):
+            raw.sendall(b"PING\r\n")
+            raw.recv(64)
+        raw.close()
+        client = redis.Redis.from_url(url, socket_timeout=5)
+        assert client.ping()  # the proxy still accepts new connections
 
         proxy.slow(0.2)
         started = time.monotonic()
-        assert raw.ping()
+        assert client.ping()
         assert time.monotonic() - started >= 0.4  # request and reply both delayed
         proxy.resume()
 

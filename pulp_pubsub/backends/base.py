@@ -23,6 +23,7 @@ from django.db import DEFAULT_DB_ALIAS, connections, transaction
 
 from ..conf import hide_password
 from ..exceptions import PublishError, PubSubError
+from ..metrics import count
 from ..validation import encode_payload, validate_channel, validate_prefix
 
 if TYPE_CHECKING:
@@ -119,12 +120,13 @@ class BaseBackend:
                     f"valid options are: {', '.join(sorted(known))}."
                 )
             default = known[key]
-            if isinstance(default, (int, float)) and not isinstance(default, bool):
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                    raise ImproperlyConfigured(
-                        f"Option {key!r} for {cls.__name__} must be a positive number, "
-                        f"not {value!r}."
-                    )
+            numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            if numeric and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+            ):
+                raise ImproperlyConfigured(
+                    f"Option {key!r} for {cls.__name__} must be a positive number, not {value!r}."
+                )
         return {**known, **given}
 
     # -- names ---------------------------------------------------------------
@@ -160,12 +162,12 @@ class BaseBackend:
         try:
             self.send(wire, payload)
         except PubSubError:
-            self.stats["publish_errors"] += 1
+            count(self.stats, "publish_errors", self.name, wire)
             raise
         except Exception as exc:
-            self.stats["publish_errors"] += 1
+            count(self.stats, "publish_errors", self.name, wire)
             raise PublishError(f"{self.name} backend could not publish: {exc}") from exc
-        self.stats["published"] += 1
+        count(self.stats, "published", self.name, wire)
 
     def _send_deferred(self, wire: str, payload: str) -> None:
         # The transaction has committed: raising here would hide the commit
@@ -173,7 +175,7 @@ class BaseBackend:
         try:
             self._send_now(wire, payload)
         except PubSubError as exc:
-            self.stats["deferred_failures"] += 1
+            count(self.stats, "deferred_failures", self.name, wire)
             logger.error("Publish to %r after commit failed: %s", wire, exc)
 
     def send(self, channel: str, payload: str) -> None:

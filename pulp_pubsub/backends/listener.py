@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConnectionLost, SubscriberClosed
 from ..message import Message
+from ..metrics import count
+from .selfpipe import close_fds, drain, make_pipe, poke
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -48,28 +50,6 @@ class _Request:
     applied: bool = False
 
 
-def _pipe() -> tuple[int, int]:
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    os.set_blocking(write_fd, False)
-    return read_fd, write_fd
-
-
-def _poke(fd: int) -> None:
-    try:
-        os.write(fd, b"\0")
-    except (BlockingIOError, OSError):
-        pass  # a full pipe is already readable, and a closed one has no reader
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 4096):
-            pass
-    except (BlockingIOError, OSError):
-        pass
-
-
 class Subscriber:
     def __init__(self, backend: BaseBackend) -> None:
         self.backend = backend
@@ -85,8 +65,8 @@ class Subscriber:
         self._pending: OrderedDict[tuple[str, str, bool], Message] = OrderedDict()
         self._overflowed: set[str] = set()
         self._signalled = False
-        self._signal_r, self._signal_w = _pipe()
-        self._control_r, self._control_w = _pipe()
+        self._signal_r, self._signal_w = make_pipe()
+        self._control_r, self._control_w = make_pipe()
         self._requests: deque[_Request] = deque()
         self._closed = threading.Event()
         self._pipes_closed = False
@@ -173,13 +153,13 @@ class Subscriber:
                 try:
                     callback(message)
                 except Exception:
-                    self.stats["handler_errors"] += 1
+                    count(self.stats, "handler_errors", self.backend.name, message.channel)
                     logger.exception(
                         "Handler %r failed on channel %r; the listener goes on.",
                         callback,
                         message.channel,
                     )
-            self.stats["delivered"] += 1
+            count(self.stats, "delivered", self.backend.name, message.channel)
         return len(batch)
 
     def start(self) -> Subscriber:
@@ -205,8 +185,8 @@ class Subscriber:
         if self._closed.is_set():
             return
         self._closed.set()
-        _poke(self._control_w)
-        _poke(self._signal_w)
+        poke(self._control_w)
+        poke(self._signal_w)
         current = threading.current_thread()
         wait = self._config["connect_timeout"] + 1
         for thread in (self._listener, self._dispatcher):
@@ -244,9 +224,9 @@ class Subscriber:
             if key in self._pending:
                 # Wake-ups are idempotent: an identical message already
                 # waiting carries the same news.
-                self.stats["folded"] += 1
+                count(self.stats, "folded", self.backend.name, message.channel)
             elif len(self._pending) >= self._config["max_pending"]:
-                self.stats["dropped"] += 1
+                count(self.stats, "dropped", self.backend.name, message.channel)
                 if message.channel not in self._overflowed:
                     logger.warning(
                         "Subscriber queue full (%d waiting): dropping messages on %r "
@@ -257,10 +237,10 @@ class Subscriber:
                 self._overflowed.add(message.channel)
             else:
                 self._pending[key] = message
-                self.stats["received"] += 1
+                count(self.stats, "received", self.backend.name, message.channel)
             if not self._signalled:
                 self._signalled = True
-                _poke(self._signal_w)
+                poke(self._signal_w)
 
     def _take_pending(self) -> list[Message]:
         with self._lock:
@@ -269,10 +249,10 @@ class Subscriber:
             for channel in sorted(self._overflowed):
                 if not any(m.channel == channel and m.resync for m in batch):
                     batch.append(Message(channel, "", resync=True))
-                    self.stats["resyncs"] += 1
+                    count(self.stats, "resyncs", self.backend.name, channel)
             self._overflowed.clear()
             if self._signalled:
-                _drain(self._signal_r)
+                drain(self._signal_r)
                 self._signalled = False
         return batch
 
@@ -316,7 +296,7 @@ class Subscriber:
         # subscribe is waiting and owes it no resync.
         self._requests.append(request)
         self._ensure_listener()
-        _poke(self._control_w)
+        poke(self._control_w)
         request.done.wait(self._config["connect_timeout"] * 2 + 1)
 
     def _wanted(self) -> set[str]:
@@ -385,7 +365,7 @@ class Subscriber:
         for wire in sorted(missed):
             channel = self.backend.channel_name(wire)
             if channel is not None:
-                self.stats["resyncs"] += 1
+                count(self.stats, "resyncs", self.backend.name, channel)
                 self.last_resync_at = time.time()
                 self._enqueue(Message(channel, "", resync=True))
 
@@ -398,7 +378,7 @@ class Subscriber:
                 cause,
             )
         self.last_error = cause
-        self.stats["reconnects"] += 1
+        count(self.stats, "reconnects", self.backend.name)
         self._answer_requests(None, set())
 
     def _backoff(self, attempt: int) -> None:
@@ -411,7 +391,7 @@ class Subscriber:
                 return
             ready, _, _ = select.select([self._control_r], [], [], left)
             if ready:
-                _drain(self._control_r)
+                drain(self._control_r)
                 # Nothing to subscribe on yet: release waiters now; the
                 # channel is listened to (and resynced) on reconnect.
                 self._answer_requests(None, set())
@@ -424,13 +404,11 @@ class Subscriber:
         sent_at = deadline = 0.0
         while not self._closed.is_set():
             wait = (deadline if token else next_probe) - time.monotonic()
-            ready, _, _ = select.select(
-                [transport.fileno(), self._control_r], [], [], max(wait, 0)
-            )
+            ready, _, _ = select.select([transport.fileno(), self._control_r], [], [], max(wait, 0))
             if self._closed.is_set():
                 return
             if self._control_r in ready:
-                _drain(self._control_r)
+                drain(self._control_r)
                 self._answer_requests(transport, listening)
             if transport.fileno() in ready:
                 for wire, payload in transport.read():
@@ -444,7 +422,7 @@ class Subscriber:
                         self._enqueue(Message(channel, payload))
             now = time.monotonic()
             if token and now >= deadline:
-                self.stats["probe_failures"] += 1
+                count(self.stats, "probe_failures", self.backend.name)
                 raise ConnectionLost(f"liveness probe not answered within {probe_timeout} s")
             if not token and now >= next_probe:
                 token = uuid.uuid4().hex
@@ -466,8 +444,4 @@ class Subscriber:
         self._close_pipes()
 
     def _close_pipes(self) -> None:
-        for fd in (self._signal_r, self._signal_w, self._control_r, self._control_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self._signal_r, self._signal_w, self._control_r, self._control_w)

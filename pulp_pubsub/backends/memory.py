@@ -9,13 +9,13 @@ that passes here passes there. :func:`drop_connections` and
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import deque
 from collections.abc import Collection
 
 from ..exceptions import ConnectionLost
 from .base import BaseBackend, Transport
+from .selfpipe import close_fds, drain, make_pipe, poke
 
 
 class _Hub:
@@ -52,9 +52,7 @@ class MemoryTransport(Transport):
         super().__init__(backend)
         self._inbox: deque[tuple[str, str]] = deque()
         self._dead = False
-        self._read_fd, self._write_fd = os.pipe()
-        os.set_blocking(self._read_fd, False)
-        os.set_blocking(self._write_fd, False)
+        self._read_fd, self._write_fd = make_pipe()
         with _hub.lock:
             _hub.transports.add(self)
 
@@ -72,10 +70,7 @@ class MemoryTransport(Transport):
                 _hub.listeners.get(channel, set()).discard(self)
 
     def read(self) -> list[tuple[str, str]]:
-        try:
-            os.read(self._read_fd, 65536)
-        except BlockingIOError:
-            pass
+        drain(self._read_fd)
         if self._dead:
             raise ConnectionLost("the memory server dropped this connection")
         items = []
@@ -92,21 +87,14 @@ class MemoryTransport(Transport):
         self._wake()
 
     def _wake(self) -> None:
-        try:
-            os.write(self._write_fd, b"\0")
-        except (BlockingIOError, OSError):
-            pass
+        poke(self._write_fd)
 
     def close(self) -> None:
         with _hub.lock:
             _hub.transports.discard(self)
             for listeners in _hub.listeners.values():
                 listeners.discard(self)
-        for fd in (self._read_fd, self._write_fd):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_fds(self._read_fd, self._write_fd)
 
 
 class MemoryBackend(BaseBackend):
