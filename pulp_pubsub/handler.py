@@ -89,6 +89,15 @@ class BackendHandler:
 backends = BackendHandler()
 
 
+def _after_fork_in_child() -> None:
+    # Another thread of the parent may have held the lock at fork(); the
+    # child's copy would then stay locked forever.
+    backends._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _reset_on_change(*, setting: str, **kwargs: object) -> None:
     if setting.startswith("PUBSUB_") or setting in {"DATABASES", "REDIS_URL", "REDIS_HOST"}:
         backends.reset()

@@ -1,11 +1,13 @@
 """Self-test of tests/servers.py against the real binaries: each helper must really start,
 restart on the same port, freeze, and inject the faults the fault tests rely on."""
+
 from __future__ import annotations
 
 import socket
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import psycopg
 import pytest
@@ -13,10 +15,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-try:
-    from tests.servers import PgBouncerServer, PostgresServer, RedisServer, TcpProxy, free_port
-except ImportError:  # tests/ on sys.path instead of the project root
-    from servers import PgBouncerServer, PostgresServer, RedisServer, TcpProxy, free_port  # type: ignore[no-redef]
+from .servers import PgBouncerServer, PostgresServer, RedisServer, TcpProxy, free_port
 
 pytestmark = pytest.mark.servers
 
@@ -28,7 +27,7 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
     def run() -> None:
         try:
             out["value"] = fn()
-        except Exception as exc:  # noqa: BLE001 - reported to the test
+        except Exception as exc:  # handed to the test, which asserts on it
             out["error"] = exc
 
     t = threading.Thread(target=run, daemon=True)
@@ -113,7 +112,8 @@ def test_redis_password_acl_and_tls() -> None:
             redis.Redis(host=server.host, port=server.port, password="bad", retry=no_retry).ping()
     acl = ["user default off", "user alice on >apw ~* &* +@all"]
     with RedisServer(acl_lines=acl) as server:
-        assert redis.Redis(host=server.host, port=server.port, username="alice", password="apw").ping()
+        alice = redis.Redis(host=server.host, port=server.port, username="alice", password="apw")
+        assert alice.ping()
     with RedisServer(tls=True) as server:
         assert server.url.startswith("rediss://") and server.ca_file
         assert redis.Redis.from_url(server.url, ssl_ca_certs=server.ca_file).ping()
@@ -124,10 +124,13 @@ def test_pgbouncer_transaction_mode() -> None:
         for _ in range(3):
             with psycopg.connect(bouncer.url, autocommit=True) as conn:
                 assert conn.execute("SELECT 1").fetchone() == (1,)
-        with psycopg.connect(bouncer.admin_url, autocommit=True, cursor_factory=psycopg.ClientCursor) as admin:
+        admin_conn = psycopg.connect(
+            bouncer.admin_url, autocommit=True, cursor_factory=psycopg.ClientCursor
+        )
+        with admin_conn as admin:
             cur = admin.execute("SHOW POOLS")
             names = [d.name for d in cur.description or []]
-            pools = [dict(zip(names, row)) for row in cur.fetchall()]
+            pools = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
         assert any(p["database"] == "postgres" and p["pool_mode"] == "transaction" for p in pools)
         assert bouncer.django_database()["PORT"] == str(bouncer.port)
 

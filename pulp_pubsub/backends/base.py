@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.utils.connection import ConnectionDoesNotExist
 
 from ..conf import hide_password
 from ..exceptions import PublishError, PubSubError
@@ -87,7 +88,10 @@ class BaseBackend:
     allows_nul: ClassVar[bool] = True
     #: True when the server itself holds a publish back until the Django
     #: transaction commits (PostgreSQL's NOTIFY), so on_commit is not needed.
-    defers_natively: ClassVar[bool] = False
+    #: An instance may decide it from its configuration.
+    defers_natively: bool = False
+    #: The Django database alias whose transactions publish() follows.
+    database_alias: str = DEFAULT_DB_ALIAS
     #: Backend-specific options and their defaults.
     options: ClassVar[dict[str, Any]] = {}
 
@@ -153,10 +157,16 @@ class BaseBackend:
         encode_payload(
             payload, limit=self.payload_limit, allow_nul=self.allows_nul, backend=self.name
         )
-        if self.publish_on_commit and not self.defers_natively and _in_atomic_block():
-            transaction.on_commit(partial(self._send_deferred, wire, payload))
+        if self.publish_on_commit and not self.defers_natively and self.in_atomic_block():
+            transaction.on_commit(
+                partial(self._send_deferred, wire, payload), using=self.database_alias
+            )
             return
         self._send_now(wire, payload)
+
+    def in_atomic_block(self) -> bool:
+        """Whether the caller is inside ``atomic()`` on :attr:`database_alias`."""
+        return _in_atomic_block(self.database_alias)
 
     def _send_now(self, wire: str, payload: str) -> None:
         try:
@@ -209,10 +219,10 @@ class BaseBackend:
             sub.close()
 
 
-def _in_atomic_block() -> bool:
+def _in_atomic_block(alias: str = DEFAULT_DB_ALIAS) -> bool:
     # A plain attribute read: it never opens a database connection, so a
     # worker on a non-PostgreSQL backend touches no database to publish.
     try:
-        return bool(connections[DEFAULT_DB_ALIAS].in_atomic_block)
-    except ImproperlyConfigured:
+        return bool(connections[alias].in_atomic_block)
+    except (ImproperlyConfigured, ConnectionDoesNotExist):
         return False

@@ -308,17 +308,23 @@ class Subscriber:
         answered = []
         while self._requests:
             answered.append(self._requests.popleft())
-        if transport is not None:
-            wanted = self._wanted() | {self._probe_channel}
-            if wanted - listening:
-                transport.listen(sorted(wanted - listening))
-            if listening - wanted:
-                transport.unlisten(sorted(listening - wanted))
-            listening.clear()
-            listening.update(wanted)
-        for request in answered:
-            request.applied = transport is not None
-            request.done.set()
+        applied = False
+        try:
+            if transport is not None:
+                wanted = self._wanted() | {self._probe_channel}
+                if wanted - listening:
+                    transport.listen(sorted(wanted - listening))
+                if listening - wanted:
+                    transport.unlisten(sorted(listening - wanted))
+                listening.clear()
+                listening.update(wanted)
+                applied = True
+        finally:
+            # Also when listen() fails: these requests have left the queue,
+            # so nothing else would release their waiters before the timeout.
+            for request in answered:
+                request.applied = applied
+                request.done.set()
 
     def _listen_forever(self) -> None:
         try:
@@ -402,15 +408,21 @@ class Subscriber:
         next_probe = time.monotonic() + interval
         token: str | None = None
         sent_at = deadline = 0.0
+        # A transport that waited for a reply (to its LISTEN or SUBSCRIBE) may
+        # have read messages along with it into its client library's buffer;
+        # its socket is then no longer readable, so read once without waiting.
+        buffered = True
         while not self._closed.is_set():
-            wait = (deadline if token else next_probe) - time.monotonic()
+            wait = 0.0 if buffered else (deadline if token else next_probe) - time.monotonic()
             ready, _, _ = select.select([transport.fileno(), self._control_r], [], [], max(wait, 0))
             if self._closed.is_set():
                 return
             if self._control_r in ready:
                 drain(self._control_r)
                 self._answer_requests(transport, listening)
-            if transport.fileno() in ready:
+                buffered = True
+            if buffered or transport.fileno() in ready:
+                buffered = False
                 for wire, payload in transport.read():
                     if wire == self._probe_channel:
                         if payload == token:

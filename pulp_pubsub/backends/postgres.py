@@ -1,0 +1,474 @@
+"""PostgreSQL LISTEN/NOTIFY, wire-compatible with Pulp's own.
+
+A publish is ``SELECT pg_notify(channel, payload)`` on Django's connection of
+the calling thread, so PostgreSQL itself holds it back until the transaction
+commits and drops it on rollback, exactly as Pulp's hand-written code does;
+a stock Pulp process and this layer therefore see each other's messages.
+Each subscriber LISTENs on a dedicated autocommit connection of its own,
+never on Django's, so an ORM query can never swallow a notification.
+
+psycopg's ``execute()`` waits for the server without any bound, and a frozen
+server (or a silent network) would hang it forever. Every connection opened
+here is therefore driven through libpq's non-blocking calls, and every wait
+has a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import select
+import threading
+import time
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DatabaseError, connections
+
+from ..exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
+from .base import BaseBackend, Transport
+
+try:
+    import psycopg
+    from psycopg import pq, sql
+    from psycopg.conninfo import conninfo_to_dict
+except ImportError as exc:
+    raise MissingDependency("postgres", "postgres", exc) from exc
+
+logger = logging.getLogger(__name__)
+
+PUBLISHER_NAME = "pulp-pubsub publisher"
+ADMIN_NAME = "pulp-pubsub admin"
+NOTIFY = "SELECT pg_notify(%s, %s)"
+NOTIFY_BOUND = b"SELECT pg_notify($1, $2)"
+#: The probe also reads how full the server's notification queue is, for free.
+PROBE = b"SELECT pg_notify($1, $2), pg_notification_queue_usage()"
+COUNT = (
+    b"SELECT (SELECT count(*) FROM pg_stat_activity"
+    b" WHERE datname = current_database() AND application_name = $1),"
+    b" pg_notification_queue_usage()"
+)
+QUEUE_WARNING = 0.5
+#: Keys of Django's connection parameters that are psycopg's, not libpq's.
+_PYTHON_ONLY = ("cursor_factory", "context", "prepare_threshold", "row_factory", "autocommit")
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
+
+
+def scrub(text: object, secret: str | None = None) -> str:
+    """``text`` without the password of a URL or conninfo string in it."""
+    out = str(text)
+    if secret and len(secret) >= 4:
+        out = out.replace(secret, "***")
+    out = _URL_PASSWORD.sub(r"\1***@", out)
+    return _KEYWORD_PASSWORD.sub(r"\1***", out)
+
+
+class _Timeout(ConnectionLost):
+    """The server did not answer in time: it may be frozen, so never retry at once."""
+
+
+class _ServerError(PubSubError):
+    """The server answered with an error: the connection itself is fine."""
+
+
+class _Session:
+    """One autocommit connection whose every wait for the server has a deadline."""
+
+    def __init__(self, params: dict[str, Any], secret: str | None) -> None:
+        self.secret = secret
+        try:
+            self.conn = psycopg.connect(autocommit=True, **params)
+        except psycopg.Error as exc:
+            raise ConnectionLost(f"could not connect: {scrub(exc, secret)}") from None
+        self.pgconn = self.conn.pgconn
+        self.pid = os.getpid()
+        self.busy = False
+
+    def send(self, query: bytes, params: Sequence[bytes] | None, deadline: float) -> None:
+        if self.busy:  # libpq runs one command at a time: finish the last one first
+            self.results(deadline)
+        if params is None:
+            self.pgconn.send_query(query)
+        else:
+            self.pgconn.send_query_params(query, list(params))
+        self.busy = True
+        while self.pgconn.flush():
+            self._wait(deadline, write=True)
+
+    def results(self, deadline: float | None) -> list[pq.abc.PGresult]:
+        """The results of the command in flight; with no deadline, only what has arrived."""
+        out: list[pq.abc.PGresult] = []
+        while self.busy:
+            while self.pgconn.is_busy():
+                if deadline is None:
+                    return out
+                self._wait(deadline)
+                self.pgconn.consume_input()
+            result = self.pgconn.get_result()
+            if result is None:
+                self.busy = False
+            else:
+                out.append(result)
+        return out
+
+    def run(self, query: bytes, params: Sequence[bytes] | None, timeout: float) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        self.send(query, params, deadline)
+        return _check(self.results(deadline))
+
+    def _wait(self, deadline: float, write: bool = False) -> None:
+        left = deadline - time.monotonic()
+        if left > 0:
+            poller = select.poll()
+            poller.register(self.pgconn.socket, select.POLLOUT if write else select.POLLIN)
+            if poller.poll(left * 1000):
+                return
+        raise _Timeout("the server did not answer in time")
+
+    def close(self) -> None:
+        # A connection inherited through fork() is the parent's: never touch it.
+        if self.pid == os.getpid():
+            self.conn.close()
+
+
+def _check(results: list[pq.abc.PGresult]) -> list[pq.abc.PGresult]:
+    for result in results:
+        if result.status not in _OK:
+            message = result.error_message.decode("utf-8", "replace").strip()
+            raise _ServerError(
+                message or f"the server answered {pq.ExecStatus(result.status).name}"
+            )
+    return results
+
+
+def _text(value: bytes | None) -> str:
+    # The connection's client_encoding is UTF8; "replace" keeps one odd byte
+    # from a SQL_ASCII database from killing the connection over and over.
+    return (value or b"").decode("utf-8", "replace")
+
+
+class PostgresTransport(Transport):
+    backend: PostgresBackend
+
+    def __init__(self, backend: PostgresBackend) -> None:
+        super().__init__(backend)
+        self._session = _Session(backend.connection_params(backend.listener_name), backend.secret)
+
+    def fileno(self) -> int:
+        return self._session.pgconn.socket
+
+    def listen(self, channels: Collection[str]) -> None:
+        self._command("LISTEN", channels)
+
+    def unlisten(self, channels: Collection[str]) -> None:
+        self._command("UNLISTEN", channels)
+
+    def _command(self, verb: str, channels: Collection[str]) -> None:
+        # Identifiers, never text: names are case-sensitive and cannot inject.
+        query = sql.SQL("; ").join(
+            sql.SQL(verb + " {}").format(sql.Identifier(channel)) for channel in channels
+        )
+        try:
+            self._session.run(
+                query.as_bytes(self._session.conn), None, self.backend.config["connect_timeout"]
+            )
+        except psycopg.Error as exc:
+            raise ConnectionLost(f"{verb} failed: {scrub(exc, self.backend.secret)}") from None
+
+    def read(self) -> list[tuple[str, str]]:
+        pgconn = self._session.pgconn
+        try:
+            pgconn.consume_input()
+            results = self._session.results(None)
+        except psycopg.Error as exc:
+            raise ConnectionLost(scrub(exc, self.backend.secret).strip()) from None
+        for result in _check(results):
+            # Only the probe runs between reads; it reports the queue usage.
+            if result.status == pq.ExecStatus.TUPLES_OK and result.ntuples:
+                self.backend.observe_queue_usage(float(_text(result.get_value(0, 1)) or 0))
+        items = []
+        while (notify := pgconn.notifies()) is not None:
+            items.append((_text(notify.relname), _text(notify.extra)))
+        if pgconn.status != pq.ConnStatus.OK:
+            raise ConnectionLost("the connection to PostgreSQL is gone")
+        return items
+
+    def probe(self, channel: str, payload: str) -> None:
+        # On this very session: a session receives its own notifications, so
+        # the probe proves that this connection, not another one, still works.
+        deadline = time.monotonic() + self.backend.config["probe_timeout"]
+        try:
+            self._session.send(PROBE, [channel.encode(), payload.encode()], deadline)
+        except psycopg.Error as exc:
+            raise ConnectionLost(f"probe failed: {scrub(exc, self.backend.secret)}") from None
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class PostgresBackend(BaseBackend):
+    """LISTEN/NOTIFY on PostgreSQL: Django's database, or the server of ``PUBSUB_URL``."""
+
+    name = "postgres"
+    payload_limit = 7999  # PostgreSQL's own: "payload string too long" from 8000 bytes
+    allows_nul = False
+    options = {
+        # The Django database alias whose connection publish() uses (and whose
+        # transactions it follows), and whose settings the listener copies.
+        "database": "default",
+        # Marks listener sessions, so pg_stat_activity can count them.
+        "application_name": "pulp-pubsub listener",
+        # TCP keepalives and TCP_USER_TIMEOUT (seconds) on the layer's own
+        # connections; libpq ignores what the platform lacks.
+        "keepalives": True,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "tcp_user_timeout": 30.0,
+    }
+
+    def __init__(
+        self,
+        url: str | None = None,
+        options: dict[str, Any] | None = None,
+        channel_prefix: str = "",
+        publish_on_commit: bool = True,
+    ) -> None:
+        super().__init__(url, options, channel_prefix, publish_on_commit)
+        self.database_alias = self._check_alias(self.config["database"])
+        self.listener_name = self._check_application_name(self.config["application_name"])
+        # PostgreSQL defers a NOTIFY to commit only on the transaction's own
+        # connection; a PUBSUB_URL server publishes on a connection of ours.
+        self.defers_natively = url is None
+        self.secret = self._check_url()
+        self.queue_usage: float | None = None
+        self._queue_warned = False
+        self._pid = os.getpid()
+        self._publish_lock = threading.Lock()
+        self._publisher: _Session | None = None
+        self._inherited: list[_Session] = []
+
+    # -- configuration -------------------------------------------------------
+
+    def _check_alias(self, alias: object) -> str:
+        if not isinstance(alias, str) or alias not in connections.settings:
+            raise ImproperlyConfigured(
+                f"Option 'database' for PostgresBackend must name an alias of DATABASES "
+                f"({', '.join(connections.settings)}), not {alias!r}."
+            )
+        if self.url is None and connections[alias].vendor != "postgresql":
+            raise ImproperlyConfigured(
+                f"PostgresBackend publishes on Django's database {alias!r}, which is "
+                f"{connections[alias].vendor}, not PostgreSQL. Point PUBSUB_OPTIONS['database'] "
+                "at a PostgreSQL alias, or PUBSUB_URL at a PostgreSQL server."
+            )
+        return alias
+
+    @staticmethod
+    def _check_application_name(name: object) -> str:
+        if not (isinstance(name, str) and name.isascii() and name.isprintable()) or not (
+            0 < len(name) < 64
+        ):
+            raise ImproperlyConfigured(
+                "Option 'application_name' for PostgresBackend must be 1 to 63 printable "
+                f"ASCII characters, not {name!r}."
+            )
+        return name
+
+    def _check_url(self) -> str | None:
+        """Check PUBSUB_URL; return the password that messages must never show."""
+        if self.url is None:
+            return connections.settings[self.database_alias].get("PASSWORD") or None
+        try:
+            params = conninfo_to_dict(self.url)
+        except psycopg.Error:
+            raise ImproperlyConfigured(
+                f"PUBSUB_URL {scrub(self.url)!r} is neither a postgresql:// URL nor a libpq "
+                "connection string."
+            ) from None
+        password = params.get("password")
+        return str(password) if password else None
+
+    def connection_params(self, application_name: str) -> dict[str, Any]:
+        """libpq parameters of a connection of the layer's own (listener, publisher)."""
+        if self.url is not None:
+            params: dict[str, Any] = dict(conninfo_to_dict(self.url))
+        else:
+            # A fresh wrapper only to read settings: it never connects, and the
+            # thread's own Django connection is left alone.
+            wrapper = connections.create_connection(self.database_alias)
+            params = dict(wrapper.get_connection_params())
+            for key in _PYTHON_ONLY:
+                params.pop(key, None)
+        cfg = self.config
+        params["application_name"] = application_name
+        params["client_encoding"] = "UTF8"
+        # libpq counts whole seconds and psycopg enforces at least 2.
+        params["connect_timeout"] = max(2, math.ceil(cfg["connect_timeout"]))
+        if cfg["keepalives"]:
+            for key in ("keepalives_idle", "keepalives_interval", "keepalives_count"):
+                params[key] = max(1, math.ceil(cfg[key]))
+            params["keepalives"] = 1
+            params["tcp_user_timeout"] = max(1, math.ceil(cfg["tcp_user_timeout"] * 1000))
+        else:
+            params["keepalives"] = 0
+        return params
+
+    # -- publishing ----------------------------------------------------------
+
+    def send(self, channel: str, payload: str) -> None:
+        if self.url is None and (self.publish_on_commit or not self.in_atomic_block()):
+            self._send_on_django(channel, payload)
+        else:
+            # PUBSUB_URL, or PUBSUB_PUBLISH_ON_COMMIT=False inside atomic(): a
+            # NOTIFY on Django's connection would wait for the commit.
+            self._send_on_own(channel, payload)
+
+    def _send_on_django(self, channel: str, payload: str) -> None:
+        connection = connections[self.database_alias]
+        had_connection = connection.connection is not None
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(NOTIFY, [channel, payload])
+            return
+        except DatabaseError as exc:
+            raw = connection.connection
+            dead = raw is None or raw.closed or getattr(raw, "broken", False)
+            if connection.in_atomic_block or not (had_connection and dead):
+                raise PublishError(self._failure(channel, exc)) from exc
+        # The connection had died while idle (a server restart, an idle
+        # timeout). Outside a transaction a fresh one loses nothing.
+        connection.close()
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute(NOTIFY, [channel, payload])
+        except DatabaseError as exc:
+            raise PublishError(self._failure(channel, exc)) from exc
+
+    def _send_on_own(self, channel: str, payload: str) -> None:
+        timeout = self.config["publish_timeout"]
+        deadline = time.monotonic() + timeout
+        self._check_pid()
+        if not self._publish_lock.acquire(timeout=timeout):
+            raise PublishError(
+                f"postgres backend could not publish to {channel!r}: another publish has held "
+                f"this process's connection for over {timeout} s."
+            )
+        try:
+            while True:
+                session, reused = self._publisher, self._publisher is not None
+                try:
+                    if session is None:
+                        session = self._publisher = _Session(
+                            self.connection_params(PUBLISHER_NAME), self.secret
+                        )
+                    session.run(
+                        NOTIFY_BOUND,
+                        [channel.encode(), payload.encode()],
+                        deadline - time.monotonic(),
+                    )
+                    return
+                except _ServerError as exc:
+                    raise PublishError(self._failure(channel, exc)) from None
+                except (ConnectionLost, psycopg.Error) as exc:
+                    self._drop_publisher()
+                    if not (reused and time.monotonic() < deadline) or isinstance(exc, _Timeout):
+                        raise PublishError(self._failure(channel, exc)) from None
+                    # The cached connection had died while idle: one fresh try.
+        finally:
+            self._publish_lock.release()
+
+    def _failure(self, channel: str, exc: BaseException) -> str:
+        lines = scrub(exc, self.secret).strip().splitlines()
+        cause = lines[0] if lines else type(exc).__name__
+        return f"postgres backend could not publish to {channel!r}: {cause}"
+
+    def _check_pid(self) -> None:
+        if self._pid != os.getpid():
+            # Forked: the parent's connection (and a lock some parent thread
+            # may have held) stay the parent's.
+            if self._publisher is not None:
+                self._inherited.append(self._publisher)
+            self._publisher = None
+            self._publish_lock = threading.Lock()
+            self._pid = os.getpid()
+
+    def _drop_publisher(self) -> None:
+        session, self._publisher = self._publisher, None
+        if session is not None:
+            session.close()
+
+    # -- subscribing ---------------------------------------------------------
+
+    def open_transport(self) -> PostgresTransport:
+        return PostgresTransport(self)
+
+    def observe_queue_usage(self, usage: float) -> None:
+        self.queue_usage = usage
+        full = usage > QUEUE_WARNING
+        if full and not self._queue_warned:
+            logger.warning(
+                "PostgreSQL's notification queue is %.0f%% full. A session that LISTENs and "
+                "then stays in one transaction holds it back; when it is full, every commit "
+                "that sends NOTIFY fails.",
+                usage * 100,
+            )
+        self._queue_warned = full
+
+    # -- introspection and lifecycle -----------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        info = super().describe()
+        info["url"] = scrub(self.url, self.secret) if self.url else None
+        info["database"] = self.database_alias
+        info["publishes_on"] = (
+            f"Django's connection {self.database_alias!r}; PostgreSQL sends at commit"
+            if self.defers_natively
+            else "a connection of the layer's own, after commit of "
+            f"{self.database_alias!r} transactions"
+        )
+        info["listener_application_name"] = self.listener_name
+        info["listeners"] = None
+        info["notification_queue_usage"] = None
+        warnings: list[str] = []
+        try:
+            params = self.connection_params(ADMIN_NAME)
+            info["server"] = f"{params.get('host', '')}:{params.get('port', '')}"
+            info["dbname"] = params.get("dbname")
+            session = _Session(params, self.secret)
+            try:
+                [result] = session.run(
+                    COUNT, [self.listener_name.encode()], self.config["publish_timeout"]
+                )
+            finally:
+                session.close()
+            info["listeners"] = int(_text(result.get_value(0, 0)))
+            info["notification_queue_usage"] = usage = float(_text(result.get_value(0, 1)))
+            info["listeners_note"] = (
+                "PostgreSQL cannot tell which channels a session listens on: this counts the "
+                f"sessions of this database named {self.listener_name!r}, one per subscriber."
+            )
+            if usage > QUEUE_WARNING:
+                warnings.append(
+                    f"The notification queue is {usage:.0%} full: look for a listening session "
+                    "stuck in a long transaction; a full queue makes every NOTIFY fail."
+                )
+        except (PubSubError, psycopg.Error) as exc:
+            warnings.append(f"Could not query the server: {scrub(exc, self.secret)}")
+        info["warnings"] = warnings
+        return info
+
+    def subscriber_counts(self, channels: Collection[str]) -> dict[str, int] | None:
+        """PostgreSQL cannot tell per channel; describe() has the listener total."""
+        return None
+
+    def close(self) -> None:
+        super().close()
+        if self._pid == os.getpid():
+            with self._publish_lock:
+                self._drop_publisher()

@@ -1,0 +1,475 @@
+"""Redis PUB/SUB: wake-ups that hold no PostgreSQL session.
+
+Each subscriber owns one plain redis-py connection in subscribe mode, read
+through the shared listener's ``select()``; each process owns one publish
+connection pool. The subscriber side deliberately bypasses ``redis.client.PubSub``:
+its built-in retry reconnects and re-subscribes behind the caller's back,
+which would hide exactly the reconnect that must end in a ``resync``. So
+every connection here is built with retries off, and every failure reaches
+the listener, which reconnects with backoff and resyncs.
+
+Where the server is (the first that is set wins):
+
+1. ``PUBSUB_URL``: ``redis://[[user]:password@]host[:port][/db]``, ``rediss://``
+   (TLS) or ``unix://[[user]:password@]/path/to/socket``; redis-py query
+   arguments such as ``?ssl_ca_certs=/etc/pki/ca.pem`` are accepted. For Redis
+   Sentinel: ``redis+sentinel://[[user]:password@]host1[:26379],host2[:26379]/service_name``
+   (``rediss+sentinel://`` uses TLS to the sentinels and the master). The
+   credentials in a sentinel URL are the master's; the sentinels' own come
+   from the ``sentinel_username`` / ``sentinel_password`` options.
+2. Pulp's ``REDIS_URL``.
+3. Pulp's ``REDIS_HOST``, ``REDIS_PORT``, ``REDIS_DB``, ``REDIS_PASSWORD``,
+   ``REDIS_SSL`` and ``REDIS_SSL_CA_CERTS``.
+4. ``redis://localhost:6379/0``.
+
+Pub/sub ignores the database number, so this backend always talks to db 0
+(an ACL user then needs no ``SELECT``) and two installs on one server need
+different ``PUBSUB_CHANNEL_PREFIX`` values; ``describe()`` warns when a
+database number suggests otherwise.
+
+An ACL user needs ``+publish +subscribe +unsubscribe +pubsub|numsub`` and
+the channels ``&<prefix>*`` (the liveness probe uses a channel under the
+prefix too).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, cast
+from urllib.parse import quote, unquote
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+from ..conf import hide_password
+from ..exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
+from .base import BaseBackend, Transport
+
+try:
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.connection import AbstractConnection, ConnectionPool, SSLConnection, parse_url
+    from redis.retry import Retry
+    from redis.sentinel import (
+        Sentinel,
+        SentinelConnectionPool,
+        SentinelManagedConnection,
+        SentinelManagedSSLConnection,
+    )
+    from redis.utils import HIREDIS_AVAILABLE
+except ImportError as exc:
+    raise MissingDependency("redis", "redis", exc) from exc
+
+DEFAULT_URL = "redis://localhost:6379/0"
+SENTINEL_PORT = 26379
+_SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
+_TLS_OPTIONS = (
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_cert_reqs",
+    "ssl_check_hostname",
+)
+
+
+@dataclass
+class _Target:
+    """Where the server is, resolved once from the settings."""
+
+    url: str
+    source: str
+    kwargs: dict[str, Any]
+    tls: bool
+    db: int = 0
+    sentinels: list[tuple[str, int]] = field(default_factory=list)
+    service_name: str | None = None
+
+
+class _ProcessClients:
+    """The connections one process may use; rebuilt in a forked child."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self.pid = os.getpid()
+        config = backend.config
+        self.sentinel: Sentinel | None = None
+        target = backend.target
+        if target.sentinels:
+            self.sentinel = Sentinel(target.sentinels, sentinel_kwargs=backend.sentinel_kwargs())
+        publish_timeout = config["publish_timeout"]
+        pool = backend.new_pool(
+            self.sentinel,
+            read_timeout=publish_timeout,
+            connect_timeout=min(config["connect_timeout"], publish_timeout),
+        )
+        self.publisher = redis.Redis(connection_pool=pool)
+
+    def close(self) -> None:
+        self.publisher.close()
+        self.publisher.connection_pool.disconnect()
+        if self.sentinel is not None:
+            self.sentinel.close()
+
+
+def explain(exc: BaseException, prefix: str = "") -> str:
+    """The redis-py error with a hint where the usual cause is a setting."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, redis.AuthenticationError):
+        return f"{text} (check the user name and password in PUBSUB_URL or PUBSUB_OPTIONS)"
+    if isinstance(exc, redis.exceptions.NoPermissionError):
+        return (
+            f"{text} (the Redis ACL user needs +publish +subscribe +unsubscribe "
+            f"+pubsub|numsub and the channels &{prefix}*)"
+        )
+    return text
+    if "NOAUTH" in str(exc) or isinstance(exc, redis.exceptions.AuthenticationError):
+        return f"{text} (the server requires a password)"
+    if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in str(exc):
+        return (
+            f"{text} (the Redis ACL user needs +publish +subscribe +unsubscribe "
+            f"+pubsub|numsub and the channels &{prefix}*)"
+        )
+    return text
+
+
+class RedisTransport(Transport):
+    """One subscribe-mode connection, read without blocking by the listener."""
+
+    backend: RedisBackend
+
+    def __init__(self, backend: RedisBackend) -> None:
+        super().__init__(backend)
+        self._timeout = backend.config["connect_timeout"]
+        self._early: list[tuple[str, str]] = []
+        # A pool of its own: a sentinel pool is what finds the current master.
+        self._pool = backend.new_pool(
+            backend.clients().sentinel, read_timeout=self._timeout, connect_timeout=self._timeout
+        )
+        self._conn = cast(AbstractConnection, self._pool.make_connection())
+        try:
+            self._conn.connect()
+        except Exception as exc:
+            self._conn.disconnect()
+            raise ConnectionLost(f"could not connect to {backend.where()}: {explain(exc)}") from exc
+        sock = self._conn._sock
+        if sock is None:  # connect() returned without a socket: never expected
+            raise ConnectionLost(f"could not connect to {backend.where()}")
+        self._fd: int = sock.fileno()
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def listen(self, channels: Collection[str]) -> None:
+        """SUBSCRIBE and wait for the server's confirmation of every channel."""
+        waiting = set(channels)
+        self._send("SUBSCRIBE", *sorted(waiting))
+        deadline = time.monotonic() + self._timeout
+        while waiting:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ConnectionLost(f"Redis did not confirm SUBSCRIBE within {self._timeout} s")
+            try:
+                frame = self._conn.read_response(timeout=left, disconnect_on_error=False)
+            except redis.TimeoutError as exc:
+                raise ConnectionLost(
+                    f"Redis did not confirm SUBSCRIBE within {self._timeout} s"
+                ) from exc
+            except redis.RedisError as exc:
+                raise ConnectionLost(
+                    f"Redis refused SUBSCRIBE: {explain(exc, self.backend.channel_prefix)}"
+                ) from exc
+            kind, name, payload = _frame(frame)
+            if kind == b"subscribe":
+                waiting.discard(name)
+            elif kind == b"message":
+                # Published on a channel already subscribed, while we waited:
+                # handed out by the next read(), which the listener runs next.
+                self._early.append((name, payload))
+
+    def unlisten(self, channels: Collection[str]) -> None:
+        # Its confirmation is skipped by read(): nothing waits for it.
+        self._send("UNSUBSCRIBE", *sorted(channels))
+
+    def read(self) -> list[tuple[str, str]]:
+        items, self._early = self._early, []
+        conn = self._conn
+        while True:
+            # can_read() also sees replies already in the parser's buffer,
+            # which leave the socket unreadable: drain until it says no.
+            try:
+                if not conn.can_read(timeout=0):
+                    break
+                frame = conn.read_response(timeout=0, disconnect_on_error=False)
+            except redis.TimeoutError:
+                # Part of a reply: the rest is on its way and will make the
+                # socket readable again; the part waits in the parser.
+                break
+            except redis.RedisError as exc:
+                raise ConnectionLost(explain(exc)) from exc
+            kind, name, payload = _frame(frame)
+            if kind == b"message":
+                items.append((name, payload))
+        return items
+
+    def close(self) -> None:
+        self._conn.disconnect()
+
+    def _send(self, *args: str) -> None:
+        try:
+            self._conn.send_command(*args, check_health=False)
+        except redis.RedisError as exc:
+            raise ConnectionLost(explain(exc)) from exc
+
+
+def _frame(frame: object) -> tuple[bytes, str, str]:
+    """(kind, channel, payload) of a RESP2 pub/sub reply; payloads are UTF-8 text."""
+    if isinstance(frame, list) and len(frame) == 3 and isinstance(frame[0], bytes):
+        name = frame[1].decode("utf-8", "replace") if isinstance(frame[1], bytes) else ""
+        data = frame[2].decode("utf-8", "replace") if isinstance(frame[2], bytes) else ""
+        return frame[0], name, data
+    return b"", "", ""
+
+
+class RedisBackend(BaseBackend):
+    name = "redis"
+    options: ClassVar[dict[str, Any]] = {
+        # Override the credentials of the URL (so a password can stay out of it).
+        "username": None,
+        "password": None,
+        # TLS (rediss://): CA bundle, client certificate, verification.
+        "ssl_ca_certs": None,
+        "ssl_certfile": None,
+        "ssl_keyfile": None,
+        "ssl_cert_reqs": None,
+        "ssl_check_hostname": None,
+        # The sentinels' own credentials (a sentinel URL carries the master's).
+        "sentinel_username": None,
+        "sentinel_password": None,
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.target = self._resolve()
+        self._clients: _ProcessClients | None = None
+        # Clients inherited through fork(): kept, never used or closed, since
+        # their sockets belong to the parent.
+        self._inherited: list[_ProcessClients] = []
+
+    # -- configuration ---------------------------------------------------------
+
+    def _configured_url(self) -> tuple[str, str, dict[str, Any]]:
+        if self.url:
+            return self.url, "PUBSUB_URL", {}
+        redis_url = getattr(settings, "REDIS_URL", None)
+        if redis_url:
+            return str(redis_url), "REDIS_URL", {}
+        host = getattr(settings, "REDIS_HOST", None)
+        if host:
+            port = int(getattr(settings, "REDIS_PORT", None) or 6379)
+            db = int(getattr(settings, "REDIS_DB", None) or 0)
+            password = getattr(settings, "REDIS_PASSWORD", None)
+            tls = bool(getattr(settings, "REDIS_SSL", False))
+            ca_file = getattr(settings, "REDIS_SSL_CA_CERTS", None)
+            auth = f":{quote(str(password), safe='')}@" if password else ""
+            host = f"[{host}]" if ":" in str(host) else str(host)
+            url = f"{'rediss' if tls else 'redis'}://{auth}{host}:{port}/{db}"
+            return url, "REDIS_HOST", {"ssl_ca_certs": ca_file} if tls and ca_file else {}
+        return DEFAULT_URL, "default", {}
+
+    def _resolve(self) -> _Target:
+        url, source, extra = self._configured_url()
+        shown = hide_password(url)
+        scheme = url.partition("://")[0].lower()
+        try:
+            if scheme in _SENTINEL_SCHEMES:
+                target = _parse_sentinel_url(url, source, tls=_SENTINEL_SCHEMES[scheme])
+            else:
+                kwargs = parse_url(url)
+                tls = kwargs.get("connection_class") is SSLConnection
+                target = _Target(url, source, kwargs, tls, db=int(kwargs.pop("db", 0) or 0))
+        except ValueError as exc:
+            raise ImproperlyConfigured(
+                f"The Redis pub/sub URL {shown} (from {source}) is not valid: {exc}"
+            ) from None
+        target.kwargs.update(extra)
+        for key in ("username", "password", *_TLS_OPTIONS):
+            if self.config[key] is not None:
+                target.kwargs[key] = self.config[key]
+        given_tls = [key for key in _TLS_OPTIONS if key in target.kwargs]
+        if given_tls and not target.tls:
+            raise ImproperlyConfigured(
+                f"TLS options ({', '.join(given_tls)}) are set but the Redis URL {shown} "
+                "does not use TLS; use rediss:// (or rediss+sentinel://)."
+            )
+        # Built once, without connecting, so a bad query argument fails here.
+        try:
+            self.new_pool(None, read_timeout=1, connect_timeout=1, target=target).make_connection()
+        except (TypeError, redis.RedisError) as exc:
+            raise ImproperlyConfigured(
+                f"The Redis pub/sub URL {shown} (from {source}) has an invalid argument: {exc}"
+            ) from None
+        return target
+
+    def new_pool(
+        self,
+        sentinel: Sentinel | None,
+        *,
+        read_timeout: float,
+        connect_timeout: float,
+        target: _Target | None = None,
+    ) -> ConnectionPool:
+        """A pool whose connections never retry: every failure reaches the caller."""
+        target = target or self.target
+        kwargs = {
+            **target.kwargs,
+            "socket_timeout": read_timeout,
+            "socket_connect_timeout": connect_timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "health_check_interval": 0,
+            # RESP2 on every server version: pub/sub replies stay plain
+            # arrays, and an ACL user needs no HELLO.
+            "protocol": 2,
+        }
+        if "path" not in kwargs:  # TCP, not a unix socket
+            kwargs["socket_keepalive"] = True
+        if target.sentinels:
+            kwargs["connection_class"] = (
+                SentinelManagedSSLConnection if target.tls else SentinelManagedConnection
+            )
+            if sentinel is None:  # only validating the arguments
+                sentinel = Sentinel([])
+            return SentinelConnectionPool(target.service_name, sentinel, **kwargs)
+        return ConnectionPool(**kwargs)
+
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        timeout = self.config["connect_timeout"]
+        kwargs: dict[str, Any] = {
+            "socket_timeout": timeout,
+            "socket_connect_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+            "protocol": 2,
+            "username": self.config["sentinel_username"],
+            "password": self.config["sentinel_password"],
+        }
+        if self.target.tls:
+            kwargs["ssl"] = True
+            kwargs.update(
+                {key: self.target.kwargs[key] for key in _TLS_OPTIONS if key in self.target.kwargs}
+            )
+        return kwargs
+
+    def where(self) -> str:
+        """The server for messages and logs, without credentials."""
+        if self.target.sentinels:
+            return f"Redis Sentinel service {self.target.service_name!r}"
+        return str(hide_password(self.target.url))
+
+    # -- connections -------------------------------------------------------------
+
+    def clients(self) -> _ProcessClients:
+        clients = self._clients
+        if clients is None or clients.pid != os.getpid():
+            if clients is not None:
+                self._inherited.append(clients)
+            clients = self._clients = _ProcessClients(self)
+        return clients
+
+    def send(self, channel: str, payload: str) -> None:
+        try:
+            self.clients().publisher.publish(channel, payload)
+        except redis.RedisError as exc:
+            raise PublishError(
+                f"redis backend could not publish to {self.where()}: "
+                f"{explain(exc, self.channel_prefix)}"
+            ) from exc
+
+    def open_transport(self) -> RedisTransport:
+        return RedisTransport(self)
+
+    # -- introspection and lifecycle -----------------------------------------------
+
+    def subscriber_counts(self, channels: Collection[str]) -> dict[str, int]:
+        names = list(channels)
+        if not names:
+            return {}
+        wires = [self.wire_name(channel) for channel in names]
+        try:
+            reply = self.clients().publisher.pubsub_numsub(*wires)
+        except redis.RedisError as exc:
+            raise PubSubError(
+                f"redis backend could not count subscribers on {self.where()}: "
+                f"{explain(exc, self.channel_prefix)}"
+            ) from exc
+        counts = {
+            (wire.decode("utf-8", "replace") if isinstance(wire, bytes) else str(wire)): int(n)
+            for wire, n in reply
+        }
+        return {name: counts.get(wire, 0) for name, wire in zip(names, wires, strict=True)}
+
+    def describe(self) -> dict[str, Any]:
+        target = self.target
+        info = super().describe()
+        info.update(
+            url=hide_password(target.url),
+            url_from=target.source,
+            channel_prefix=self.channel_prefix,
+            tls=target.tls,
+            parser="hiredis" if HIREDIS_AVAILABLE else "python",
+            redis_py=redis.__version__,
+        )
+        if target.sentinels:
+            info["sentinels"] = [f"{host}:{port}" for host, port in target.sentinels]
+            info["service_name"] = target.service_name
+        warnings = []
+        if target.db and not self.channel_prefix:
+            warnings.append(
+                f"The URL names database {target.db}, but Redis pub/sub ignores database "
+                "numbers: every install on this server shares the channels. Set "
+                "PUBSUB_CHANNEL_PREFIX to keep installs apart."
+            )
+        info["warnings"] = warnings
+        return info
+
+    def close(self) -> None:
+        super().close()
+        clients, self._clients = self._clients, None
+        if clients is not None and clients.pid == os.getpid():
+            clients.close()
+
+
+def _parse_sentinel_url(url: str, source: str, *, tls: bool) -> _Target:
+    rest = url.partition("://")[2]
+    netloc, _, path = rest.partition("/")
+    if "?" in path or "#" in path:
+        raise ValueError("a sentinel URL takes no query; use PUBSUB_OPTIONS")
+    userinfo, _, hosts = netloc.rpartition("@")
+    kwargs: dict[str, Any] = {}
+    if userinfo:
+        username, _, password = userinfo.partition(":")
+        if username:
+            kwargs["username"] = unquote(username)
+        if password:
+            kwargs["password"] = unquote(password)
+    sentinels = [_host_port(item) for item in hosts.split(",") if item]
+    service = unquote(path.strip("/"))
+    if not sentinels or not service or "/" in service:
+        raise ValueError(
+            "expected redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service_name"
+        )
+    return _Target(url, source, kwargs, tls, sentinels=sentinels, service_name=service)
+
+
+def _host_port(item: str) -> tuple[str, int]:
+    if item.startswith("["):
+        host, _, port = item[1:].partition("]")
+        port = port.removeprefix(":")
+    else:
+        host, _, port = item.partition(":")
+    if not host:
+        raise ValueError(f"a sentinel address {item!r} has no host")
+    try:
+        return unquote(host), int(port) if port else SENTINEL_PORT
+    except ValueError:
+        raise ValueError(f"a sentinel address {item!r} has an invalid port") from None

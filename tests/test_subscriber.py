@@ -1,0 +1,272 @@
+"""The shared subscriber machinery, exercised on the memory backend (no server)."""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+
+import pytest
+from django.test import override_settings
+
+from pulp_pubsub import Message, get_backend, publish
+from pulp_pubsub.backends import memory
+from pulp_pubsub.exceptions import SubscriberClosed
+
+from .util import wait_until
+
+MEMORY = {"PUBSUB_BACKEND": "memory", "PUBSUB_URL": None, "PUBSUB_CHANNEL_PREFIX": ""}
+
+
+def readable(fd: int, timeout: float = 0) -> bool:
+    return bool(select.select([fd], [], [], timeout)[0])
+
+
+@pytest.fixture
+def backend():
+    with override_settings(**MEMORY, PUBSUB_OPTIONS={}):
+        yield get_backend()
+
+
+@pytest.fixture
+def sub(backend):
+    with backend.subscriber() as subscriber:
+        yield subscriber
+
+
+def test_every_callback_of_every_subscriber_gets_the_message(backend):
+    got: list[tuple[str, Message]] = []
+    with backend.subscriber() as one, backend.subscriber() as two:
+        one.subscribe("jobs", lambda m: got.append(("one-a", m)))
+        one.subscribe("jobs", lambda m: got.append(("one-b", m)))
+        two.subscribe("jobs", lambda m: got.append(("two", m)))
+        publish("jobs", "go")
+        assert one.dispatch(timeout=5) == 1
+        assert two.dispatch(timeout=5) == 1
+    assert sorted(tag for tag, _ in got) == ["one-a", "one-b", "two"]
+    assert {(m.channel, m.payload, m.resync) for _, m in got} == {("jobs", "go", False)}
+
+
+def test_channels_are_kept_apart(sub):
+    got: list[Message] = []
+    sub.subscribe("a", got.append)
+    sub.subscribe("b", got.append)
+    publish("a", "1")
+    publish("c", "nobody listens")
+    publish("b", "2")
+    while len(got) < 2:
+        sub.dispatch(timeout=5)
+    assert [(m.channel, m.payload) for m in got] == [("a", "1"), ("b", "2")]
+    assert not readable(sub.fileno())
+
+
+def test_fileno_is_readable_exactly_while_messages_wait(sub):
+    sub.subscribe("a", lambda m: None)
+    assert not readable(sub.fileno())
+    publish("a", "x")
+    assert readable(sub.fileno(), timeout=5)
+    assert readable(sub.fileno())  # still waiting: nothing dispatched yet
+    assert sub.dispatch() == 1
+    assert not readable(sub.fileno())
+    assert sub.dispatch() == 0
+
+
+def test_dispatch_runs_callbacks_in_the_calling_thread(sub):
+    threads: list[threading.Thread] = []
+    sub.subscribe("a", lambda m: threads.append(threading.current_thread()))
+    publish("a")
+    sub.dispatch(timeout=5)
+    assert threads == [threading.current_thread()]
+
+
+def test_start_runs_callbacks_on_a_background_thread(sub):
+    done = threading.Event()
+    seen: list[tuple[str, threading.Thread]] = []
+
+    def callback(message: Message) -> None:
+        seen.append((message.payload, threading.current_thread()))
+        done.set()
+
+    sub.subscribe("a", callback)
+    sub.start()
+    publish("a", "bg")
+    assert done.wait(5)
+    assert seen[0][0] == "bg"
+    assert seen[0][1] is not threading.current_thread()
+
+
+def test_unsubscribe_one_callback_then_all(sub):
+    first: list[str] = []
+    second: list[str] = []
+
+    def one(m: Message) -> None:
+        first.append(m.payload)
+
+    def two(m: Message) -> None:
+        second.append(m.payload)
+
+    sub.subscribe("a", one)
+    sub.subscribe("a", two)
+    sub.unsubscribe("a", one)
+    publish("a", "1")
+    sub.dispatch(timeout=5)
+    sub.unsubscribe("a")
+    assert sub.channels == []
+    publish("a", "2")
+    # The listener has dropped the channel, so nothing can become readable.
+    sub.subscribe("other", lambda m: None)
+    publish("other", "sync")
+    sub.dispatch(timeout=5)
+    assert first == []
+    assert second == ["1"]
+
+
+def test_a_failing_handler_is_counted_and_delivery_goes_on(sub, caplog):
+    got: list[str] = []
+
+    def broken(message: Message) -> None:
+        raise RuntimeError("handler bug")
+
+    sub.subscribe("a", broken)
+    sub.subscribe("a", lambda m: got.append(m.payload))
+    publish("a", "1")
+    publish("a", "2")
+    while len(got) < 2:
+        sub.dispatch(timeout=5)
+    assert got == ["1", "2"]
+    assert sub.stats["handler_errors"] == 2
+    assert "handler bug" in caplog.text
+
+
+def test_identical_waiting_messages_are_folded(sub):
+    got: list[str] = []
+    sub.subscribe("a", lambda m: got.append(m.payload))
+    sub.subscribe("flush", lambda m: None)
+    for payload in ["x", "x", "y", "x"]:
+        publish("a", payload)
+    publish("flush")
+    wait_until(lambda: sub.stats["received"] + sub.stats["folded"] == 5, what="all queued")
+    sub.dispatch()
+    assert got == ["x", "y"]
+    assert sub.stats["folded"] == 2
+
+
+def test_a_full_queue_drops_and_then_resyncs(backend):
+    with override_settings(**MEMORY, PUBSUB_OPTIONS={"max_pending": 3}):
+        small = get_backend()
+        got: list[Message] = []
+        with small.subscriber() as sub:
+            sub.subscribe("a", got.append)
+            for number in range(10):
+                publish("a", str(number))
+            wait_until(lambda: sub.stats["received"] + sub.stats["dropped"] == 10)
+            sub.dispatch()
+        assert [m.payload for m in got if not m.resync] == ["0", "1", "2"]
+        assert [m.resync for m in got].count(True) == 1
+        assert sub.stats["dropped"] == 7
+
+
+def test_a_dropped_connection_reconnects_and_resyncs(sub):
+    got: list[Message] = []
+    sub.subscribe("a", got.append)
+    sub.subscribe("b", got.append)
+    memory.drop_connections()
+    while len(got) < 2:
+        sub.dispatch(timeout=5)
+    assert sorted((m.channel, m.resync, m.payload) for m in got) == [
+        ("a", True, ""),
+        ("b", True, ""),
+    ]
+    publish("a", "after")
+    sub.dispatch(timeout=5)
+    assert got[-1].payload == "after"
+    assert sub.stats["reconnects"] == 1
+
+
+def test_subscribing_while_the_server_is_down_resyncs_when_it_returns(backend):
+    memory.set_server_down(True)
+    try:
+        got: list[Message] = []
+        with backend.subscriber() as sub:
+            sub.subscribe("a", got.append)  # returns: nothing to confirm with
+            assert not sub.connected
+            assert "down" in (sub.last_error or "")
+            memory.set_server_down(False)
+            assert sub.wait_connected(10)
+            sub.dispatch(timeout=5)
+            assert [(m.channel, m.resync) for m in got] == [("a", True)]
+    finally:
+        memory.set_server_down(False)
+
+
+def test_the_liveness_probe_comes_back_on_a_healthy_connection(backend):
+    with override_settings(**MEMORY, PUBSUB_OPTIONS={"probe_interval": 0.05}):
+        with get_backend().subscriber() as sub:
+            sub.subscribe("a", lambda m: None)
+            wait_until(lambda: sub.probe_rtt is not None, what="a probe round trip")
+            assert sub.stats["probe_failures"] == 0
+
+
+def test_a_silent_connection_fails_its_probe_and_reconnects(backend, monkeypatch):
+    with override_settings(
+        **MEMORY, PUBSUB_OPTIONS={"probe_interval": 0.05, "probe_timeout": 0.05}
+    ):
+        got: list[Message] = []
+        with get_backend().subscriber() as sub:
+            # A black hole: the probe is sent but never comes back, like a half-open socket.
+            monkeypatch.setattr(memory.MemoryTransport, "probe", lambda self, c, p: None)
+            sub.subscribe("a", got.append)
+            sub.dispatch(timeout=10)
+            assert got and got[0].resync
+            assert sub.stats["probe_failures"] >= 1
+
+
+def test_close_stops_the_threads_and_releases_descriptors(backend):
+    before_threads = threading.active_count()
+    before_fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        sub = backend.subscriber()
+        sub.subscribe("a", lambda m: None)
+        sub.start()
+        sub.close()
+    assert threading.active_count() == before_threads
+    assert len(os.listdir("/proc/self/fd")) == before_fds
+    with pytest.raises(SubscriberClosed):
+        sub.subscribe("a", lambda m: None)
+    with pytest.raises(SubscriberClosed):
+        sub.dispatch()
+
+
+def test_callback_must_be_callable(sub):
+    with pytest.raises(TypeError, match="callable"):
+        sub.subscribe("a", "not a function")
+    assert sub.channels == []
+
+
+def test_a_forked_child_gets_a_fresh_backend_and_cannot_use_the_parents_subscriber(sub):
+    parent_backend = get_backend()
+    sub.subscribe("a", lambda m: None)
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            fresh = get_backend() is not parent_backend
+            try:
+                sub.dispatch()
+                refused = False
+            except SubscriberClosed:
+                refused = True
+            sub.close()  # must not touch the parent's connection
+            os.write(write_fd, b"%d%d" % (fresh, refused))
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    _, status = os.waitpid(pid, 0)
+    assert os.read(read_fd, 10) == b"11"
+    os.close(read_fd)
+    assert status == 0
+    got: list[str] = []
+    sub.subscribe("b", lambda m: got.append(m.payload))
+    publish("b", "parent still works")
+    sub.dispatch(timeout=5)
+    assert got == ["parent still works"]

@@ -1,0 +1,18 @@
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+
+def wait_until(predicate: Callable[[], object], timeout: float = 10, what: str = "") -> None:
+    """Wait for a state that no descriptor signals (a counter, a server coming up).
+
+    Raises AssertionError on timeout, so a test can never pass by waiting.
+    """
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        pause.wait(0.01)
