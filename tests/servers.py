@@ -150,8 +150,14 @@ class _Server:
             with open(self.log_path, "ab") as log:
                 # New session: a Ctrl-C in the terminal must not reach the servers directly.
                 self._proc = subprocess.Popen(
-                    self._command(), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                    cwd=self.dir, start_new_session=True, **kw)
+                    self._command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=log,
+                    cwd=self.dir,
+                    start_new_session=True,
+                    **kw,
+                )
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and self._proc.poll() is None:
                 if self._probe():
@@ -163,8 +169,10 @@ class _Server:
             if not self._started_once and attempt < 2 and "in use" in tail:
                 self.port = free_port()  # lost the free_port() race; restarts keep the port
                 continue
-            raise RuntimeError(f"{self.kind} on port {self.port} did not come up within "
-                               f"{timeout}s; log {self.log_path}:\n{tail}")
+            raise RuntimeError(
+                f"{self.kind} on port {self.port} did not come up within "
+                f"{timeout}s; log {self.log_path}:\n{tail}"
+            )
         raise AssertionError("unreachable")
 
     def stop(self, mode: str | None = None, timeout: float = 30.0) -> None:
@@ -237,8 +245,20 @@ def _pg_template() -> str:
             atexit.register(shutil.rmtree, root, True)
             _own(root)
             data = os.path.join(root, "data")
-            cmd = [_pg_bin("initdb"), "-D", data, "-U", "postgres", "-A", "trust", "--no-sync",
-                   "-E", "UTF8", "--locale=C", "--wal-segsize=1"]
+            cmd = [
+                _pg_bin("initdb"),
+                "-D",
+                data,
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "--no-sync",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--wal-segsize=1",
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True, cwd=root, **_as_postgres())
             if r.returncode:
                 raise RuntimeError(f"initdb failed:\n{r.stdout}\n{r.stderr}")
@@ -262,19 +282,28 @@ class PostgresServer(_Server):
     cleanup_mode = "immediate"  # the data is thrown away: skip the shutdown checkpoint
     run_as_postgres = True
 
-    def __init__(self, max_connections: int = 100, extra_conf: dict[str, Any] | None = None,
-                 password: str | None = None) -> None:
+    def __init__(
+        self,
+        max_connections: int = 100,
+        extra_conf: dict[str, Any] | None = None,
+        password: str | None = None,
+    ) -> None:
         super().__init__()
         self.user, self.dbname, self.password = "postgres", "postgres", password
         self._password_set = False
         self.data_dir = os.path.join(self.dir, "data")
         shutil.copytree(_pg_template(), self.data_dir, symlinks=True)
         conf: dict[str, Any] = {
-            "listen_addresses": LOOPBACK, "unix_socket_directories": self.dir,
+            "listen_addresses": LOOPBACK,
+            "unix_socket_directories": self.dir,
             "max_connections": max_connections,
             "shared_buffers": f"{max(16384, 20 * max_connections)}kB",  # >= 16 kB a connection
-            "fsync": False, "synchronous_commit": False, "full_page_writes": False,
-            "timezone": "UTC", **(extra_conf or {})}
+            "fsync": False,
+            "synchronous_commit": False,
+            "full_page_writes": False,
+            "timezone": "UTC",
+            **(extra_conf or {}),
+        }
         with open(os.path.join(self.data_dir, "postgresql.conf"), "a") as f:
             f.writelines(f"\n{k} = {_pg_value(v)}" for k, v in conf.items())
         method = "scram-sha-256" if password else "trust"
@@ -290,11 +319,20 @@ class PostgresServer(_Server):
         from psycopg import sql
 
         try:  # the unix socket always trusts, so the first start can set the password
-            with psycopg.connect(host=self.dir, port=self.port, user=self.user,
-                                 dbname=self.dbname, connect_timeout=2, autocommit=True) as conn:
+            with psycopg.connect(
+                host=self.dir,
+                port=self.port,
+                user=self.user,
+                dbname=self.dbname,
+                connect_timeout=2,
+                autocommit=True,
+            ) as conn:
                 if self.password and not self._password_set:
-                    conn.execute(sql.SQL("ALTER ROLE postgres PASSWORD {}").format(
-                        sql.Literal(self.password)))
+                    conn.execute(
+                        sql.SQL("ALTER ROLE postgres PASSWORD {}").format(
+                            sql.Literal(self.password)
+                        )
+                    )
                     self._password_set = True
             return True
         except psycopg.OperationalError:
@@ -306,9 +344,14 @@ class PostgresServer(_Server):
         return f"postgresql://{self.user}{pw}@{self.host}:{self.port}/{self.dbname}"
 
     def django_database(self) -> dict[str, Any]:
-        return {"ENGINE": "django.db.backends.postgresql", "NAME": self.dbname,
-                "USER": self.user, "PASSWORD": self.password or "", "HOST": self.host,
-                "PORT": str(self.port)}
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": self.dbname,
+            "USER": self.user,
+            "PASSWORD": self.password or "",
+            "HOST": self.host,
+            "PORT": str(self.port),
+        }
 
 
 def _make_certs(directory: str) -> tuple[str, str, str]:
@@ -323,25 +366,37 @@ def _make_certs(directory: str) -> tuple[str, str, str]:
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pubsub test CA")])
 
     def cert(subject: x509.Name, pub: Any, ext: x509.ExtensionType, is_ca: bool) -> bytes:
-        b = (x509.CertificateBuilder().subject_name(subject).issuer_name(ca_name)
-             .public_key(pub).serial_number(x509.random_serial_number())
-             .not_valid_before(now - datetime.timedelta(hours=1))
-             .not_valid_after(now + datetime.timedelta(days=7))
-             .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
-             .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
-             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(
-                 ca_key.public_key()), critical=False)
-             .add_extension(ext, critical=is_ca))
+        b = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(ca_name)
+            .public_key(pub)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(pub), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+            .add_extension(ext, critical=is_ca)
+        )
         return b.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
 
     ca_usage = x509.KeyUsage(False, False, False, False, False, True, True, False, False)
-    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK)),
-                                       x509.DNSName("localhost")])
+    san = x509.SubjectAlternativeName(
+        [x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")]
+    )
     server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    pem_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    files = {"ca.crt": cert(ca_name, ca_key.public_key(), ca_usage, True),
-             "server.crt": cert(server_name, key.public_key(), san, False), "server.key": pem_key}
+    pem_key = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    files = {
+        "ca.crt": cert(ca_name, ca_key.public_key(), ca_usage, True),
+        "server.crt": cert(server_name, key.public_key(), san, False),
+        "server.key": pem_key,
+    }
     for name, data in files.items():
         with open(os.path.join(directory, name), "wb") as f:
             f.write(data)
@@ -354,13 +409,30 @@ class RedisServer(_Server):
 
     kind = "redis"
 
-    def __init__(self, password: str | None = None, acl_lines: list[str] | None = None,
-                 tls: bool = False, extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        password: str | None = None,
+        acl_lines: list[str] | None = None,
+        tls: bool = False,
+        extra_args: list[str] | None = None,
+    ) -> None:
         super().__init__()
         self.password, self.tls = password, tls
         self.ca_file: str | None = None
-        self._args = ["--bind", LOOPBACK, "--save", "", "--appendonly", "no", "--dir", self.dir,
-                      "--daemonize", "no", "--logfile", ""]
+        self._args = [
+            "--bind",
+            LOOPBACK,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir,
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+        ]
         if password:
             self._args += ["--requirepass", password]
         if acl_lines is not None:
@@ -369,14 +441,26 @@ class RedisServer(_Server):
             self._args += ["--aclfile", f.name]
         if tls:
             self.ca_file, crt, key = _make_certs(self.dir)
-            self._args += ["--tls-cert-file", crt, "--tls-key-file", key,
-                           "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no"]
+            self._args += [
+                "--tls-cert-file",
+                crt,
+                "--tls-key-file",
+                key,
+                "--tls-ca-cert-file",
+                self.ca_file,
+                "--tls-auth-clients",
+                "no",
+            ]
         self._args += extra_args or []
 
     def _command(self) -> list[str]:
         port = ["--port", "0", "--tls-port"] if self.tls else ["--port"]
-        return [shutil.which("redis-server") or "/usr/bin/redis-server", *port, str(self.port),
-                *self._args]
+        return [
+            shutil.which("redis-server") or "/usr/bin/redis-server",
+            *port,
+            str(self.port),
+            *self._args,
+        ]
 
     def _probe(self) -> bool:
         """Send PING: any RESP reply (+PONG, -NOAUTH, -NOPERM) means it is serving."""
@@ -404,24 +488,38 @@ class PgBouncerServer(_Server):
     stop_signals = {"fast": signal.SIGTERM, "safe": signal.SIGINT, "kill": signal.SIGKILL}
     run_as_postgres = True
 
-    def __init__(self, postgres: PostgresServer, pool_mode: str = "transaction",
-                 default_pool_size: int = 2, max_client_conn: int = 500,
-                 extra_conf: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        postgres: PostgresServer,
+        pool_mode: str = "transaction",
+        default_pool_size: int = 2,
+        max_client_conn: int = 500,
+        extra_conf: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.postgres, self.user, self.dbname = postgres, postgres.user, postgres.dbname
         self.conf: dict[str, Any] = {
-            "listen_addr": LOOPBACK, "unix_socket_dir": self.dir, "auth_type": "trust",
-            "auth_file": os.path.join(self.dir, "users.txt"), "admin_users": self.user,
-            "pool_mode": pool_mode, "default_pool_size": default_pool_size,
-            "max_client_conn": max_client_conn, "ignore_startup_parameters": "extra_float_digits",
+            "listen_addr": LOOPBACK,
+            "unix_socket_dir": self.dir,
+            "auth_type": "trust",
+            "auth_file": os.path.join(self.dir, "users.txt"),
+            "admin_users": self.user,
+            "pool_mode": pool_mode,
+            "default_pool_size": default_pool_size,
+            "max_client_conn": max_client_conn,
+            "ignore_startup_parameters": "extra_float_digits",
             "server_login_retry": 1,  # default 15 s would outlast a PostgreSQL restart test
-            **(extra_conf or {})}
+            **(extra_conf or {}),
+        }
 
     def _prepare(self) -> None:
         pg = self.postgres
         login = f" user={pg.user} password={pg.password}" if pg.password else ""
-        lines = [f"[databases]\n* = host={pg.host} port={pg.port}{login}\n[pgbouncer]",
-                 f"listen_port = {self.port}", *(f"{k} = {v}" for k, v in self.conf.items())]
+        lines = [
+            f"[databases]\n* = host={pg.host} port={pg.port}{login}\n[pgbouncer]",
+            f"listen_port = {self.port}",
+            *(f"{k} = {v}" for k, v in self.conf.items()),
+        ]
         with open(os.path.join(self.dir, "pgbouncer.ini"), "w") as f:
             f.write("\n".join(lines) + "\n")
         with open(self.conf["auth_file"], "w") as f:
@@ -452,9 +550,15 @@ class PgBouncerServer(_Server):
         return f"postgresql://{self.user}@{self.host}:{self.port}/pgbouncer"
 
     def django_database(self) -> dict[str, Any]:
-        return {"ENGINE": "django.db.backends.postgresql", "NAME": self.dbname,
-                "USER": self.user, "PASSWORD": "", "HOST": self.host, "PORT": str(self.port),
-                "DISABLE_SERVER_SIDE_CURSORS": True}  # required by transaction pooling
+        return {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": self.dbname,
+            "USER": self.user,
+            "PASSWORD": "",
+            "HOST": self.host,
+            "PORT": str(self.port),
+            "DISABLE_SERVER_SIDE_CURSORS": True,
+        }  # required by transaction pooling
 
 
 class TcpProxy:
@@ -585,21 +689,40 @@ class SentinelServer(_Server):
 
     kind = "sentinel"
 
-    def __init__(self, master_port: int, service_name: str, quorum: int,
-                 down_after_ms: int = 500, failover_timeout_ms: int = 3000) -> None:
+    def __init__(
+        self,
+        master_port: int,
+        service_name: str,
+        quorum: int,
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
         super().__init__()
         self.conf_path = os.path.join(self.dir, "sentinel.conf")
-        self._monitor = [f"sentinel monitor {service_name} {LOOPBACK} {master_port} {quorum}",
-                         f"sentinel down-after-milliseconds {service_name} {down_after_ms}",
-                         f"sentinel failover-timeout {service_name} {failover_timeout_ms}",
-                         f"sentinel parallel-syncs {service_name} 1"]
+        self._monitor = [
+            f"sentinel monitor {service_name} {LOOPBACK} {master_port} {quorum}",
+            f"sentinel down-after-milliseconds {service_name} {down_after_ms}",
+            f"sentinel failover-timeout {service_name} {failover_timeout_ms}",
+            f"sentinel parallel-syncs {service_name} 1",
+        ]
 
     def _prepare(self) -> None:
         if self._started_once:
             return  # a sentinel rewrites its config with what it learned; keep that
         with open(self.conf_path, "w") as f:
-            f.write("\n".join([f"port {self.port}", f"bind {LOOPBACK}", "daemonize no",
-                               f"dir {self.dir}", 'logfile ""', *self._monitor]) + "\n")
+            f.write(
+                "\n".join(
+                    [
+                        f"port {self.port}",
+                        f"bind {LOOPBACK}",
+                        "daemonize no",
+                        f"dir {self.dir}",
+                        'logfile ""',
+                        *self._monitor,
+                    ]
+                )
+                + "\n"
+            )
 
     def _command(self) -> list[str]:
         binary = shutil.which("redis-server") or "/usr/bin/redis-server"
@@ -615,8 +738,10 @@ class SentinelServer(_Server):
 
     def client(self) -> Any:
         import redis
-        return redis.Redis(self.host, self.port, socket_timeout=2, socket_connect_timeout=2,
-                           decode_responses=True)
+
+        return redis.Redis(
+            self.host, self.port, socket_timeout=2, socket_connect_timeout=2, decode_responses=True
+        )
 
 
 class SentinelCluster:
@@ -628,16 +753,29 @@ class SentinelCluster:
     ``url`` is the ``redis+sentinel://`` URL of the redis backend.
     """
 
-    def __init__(self, replicas: int = 1, sentinels: int = 3, service_name: str = "pubsub",
-                 down_after_ms: int = 500, failover_timeout_ms: int = 3000) -> None:
+    def __init__(
+        self,
+        replicas: int = 1,
+        sentinels: int = 3,
+        service_name: str = "pubsub",
+        down_after_ms: int = 500,
+        failover_timeout_ms: int = 3000,
+    ) -> None:
         self.service_name = service_name
         sync = ["--repl-diskless-sync-delay", "0"]
         self.master = RedisServer(extra_args=sync)
         follow = [*sync, "--replicaof", LOOPBACK, str(self.master.port)]
         self.replicas = [RedisServer(extra_args=follow) for _ in range(replicas)]
-        self.sentinels = [SentinelServer(self.master.port, service_name, sentinels // 2 + 1,
-                                         down_after_ms, failover_timeout_ms)
-                          for _ in range(sentinels)]
+        self.sentinels = [
+            SentinelServer(
+                self.master.port,
+                service_name,
+                sentinels // 2 + 1,
+                down_after_ms,
+                failover_timeout_ms,
+            )
+            for _ in range(sentinels)
+        ]
 
     @property
     def servers(self) -> list[RedisServer]:
@@ -662,6 +800,7 @@ class SentinelCluster:
 
     def start(self, timeout: float = 60.0) -> SentinelCluster:
         import redis
+
         for server in self.servers:
             server.start()
 

@@ -9,8 +9,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import transaction
 from django.test import override_settings
 
-from pulp_pubsub import get_backend, publish
 from pulp_pubsub import checks as pubsub_checks
+from pulp_pubsub import get_backend, publish
 from pulp_pubsub.backends.memory import MemoryBackend
 from pulp_pubsub.conf import hide_password
 from pulp_pubsub.exceptions import (
@@ -28,11 +28,10 @@ from .test_subscriber import MEMORY
 def listening():
     """A memory subscriber on channel ``a`` and the list its messages land in."""
     got: list[str] = []
-    with override_settings(**MEMORY, PUBSUB_OPTIONS={}):
-        with get_backend().subscriber() as sub:
-            sub.subscribe("a", lambda m: got.append(m.payload))
-            sub.subscribe("marker", lambda m: got.append("<marker>"))
-            yield sub, got
+    with override_settings(**MEMORY, PUBSUB_OPTIONS={}), get_backend().subscriber() as sub:
+        sub.subscribe("a", lambda m: got.append(m.payload))
+        sub.subscribe("marker", lambda m: got.append("<marker>"))
+        yield sub, got
 
 
 def drain(sub, got):
