@@ -24,6 +24,8 @@ class Harness:
     #: The largest payload in UTF-8 bytes, or None when the layer sets none.
     payload_limit: ClassVar[int | None] = None
     allows_nul: ClassVar[bool] = True
+    #: The Django database alias whose ``transaction.atomic()`` governs on-commit publishing.
+    db_alias: ClassVar[str] = "default"
 
     def settings(self, **extra_options: Any) -> dict[str, Any]:
         """The ``PUBSUB_*`` settings that point the layer at this server.

@@ -762,20 +762,13 @@ class SentinelCluster:
         failover_timeout_ms: int = 3000,
     ) -> None:
         self.service_name = service_name
-        sync = ["--repl-diskless-sync-delay", "0"]
-        self.master = RedisServer(extra_args=sync)
-        follow = [*sync, "--replicaof", LOOPBACK, str(self.master.port)]
-        self.replicas = [RedisServer(extra_args=follow) for _ in range(replicas)]
-        self.sentinels = [
-            SentinelServer(
-                self.master.port,
-                service_name,
-                sentinels // 2 + 1,
-                down_after_ms,
-                failover_timeout_ms,
-            )
-            for _ in range(sentinels)
-        ]
+        self._counts = (replicas, sentinels)
+        self._timing = (down_after_ms, failover_timeout_ms)
+        self._sync = ["--repl-diskless-sync-delay", "0"]
+        self.master = RedisServer(extra_args=self._sync)
+        # Made once the master runs: start() may have moved it to another port.
+        self.replicas: list[RedisServer] = []
+        self.sentinels: list[SentinelServer] = []
 
     @property
     def servers(self) -> list[RedisServer]:
@@ -788,20 +781,29 @@ class SentinelCluster:
 
     def _wait(self, what: str, predicate: Any, timeout: float) -> Any:
         deadline = time.monotonic() + timeout
+        error: Exception | None = None
         while time.monotonic() < deadline:
             try:
                 result = predicate()
-            except Exception:  # a server still starting, or just killed
-                result = None
+            except Exception as exc:  # a server still starting, or just killed
+                result, error = None, exc
             if result:
                 return result
             time.sleep(0.05)
-        raise RuntimeError(f"sentinel cluster: timed out after {timeout}s waiting for {what}")
+        logs = "".join(f"\n--- {s.kind} {s.port}:\n{s.log_tail(10)}" for s in self.sentinels)
+        raise RuntimeError(
+            f"sentinel cluster: timed out after {timeout}s waiting for {what} "
+            f"(last error: {error!r}){logs}"
+        )
 
     def start(self, timeout: float = 60.0) -> SentinelCluster:
         import redis
 
-        for server in self.servers:
+        self.master.start()
+        replicas, sentinels = self._counts
+        follow = [*self._sync, "--replicaof", LOOPBACK, str(self.master.port)]
+        self.replicas = [RedisServer(extra_args=follow) for _ in range(replicas)]
+        for server in self.replicas:
             server.start()
 
         def synced() -> bool:
@@ -812,6 +814,11 @@ class SentinelCluster:
             return True
 
         self._wait("the replicas to sync", synced, timeout)
+        quorum = sentinels // 2 + 1
+        self.sentinels = [
+            SentinelServer(self.master.port, self.service_name, quorum, *self._timing)
+            for _ in range(sentinels)
+        ]
         for sentinel in self.sentinels:
             sentinel.start()
 

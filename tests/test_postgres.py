@@ -37,7 +37,7 @@ from pulp_pubsub.backends.postgres import PostgresBackend
 from pulp_pubsub.exceptions import InvalidChannel, InvalidPayload, PublishError
 
 from .harness_postgres import PostgresHarness
-from .servers import PostgresServer
+from .servers import PostgresServer, TcpProxy
 from .util import wait_until
 
 pytestmark = pytest.mark.backend
@@ -503,6 +503,35 @@ def test_many_subscribers_in_separate_processes_each_get_every_message(pg):
             inbox.wait_payload("after")
 
 
+def _publish_from_child(backend: PostgresBackend, channel: str, report: Any) -> None:
+    try:
+        backend.publish(channel, "from the child")  # the parent's backend object
+        backend.close()  # closes what the child opened, nothing of the parent's
+        report.send("ok")
+    except BaseException as exc:
+        report.send(repr(exc))
+
+
+def test_a_forked_child_never_touches_the_parents_connections(pg):
+    channel = unique()
+    context = multiprocessing.get_context("fork")
+    with pg.configured() as backend, backend.subscriber() as sub:
+        inbox = listen(sub, channel)
+        backend.publish(channel, "parent")
+        parents = backend._publisher
+        report_r, report_w = context.Pipe(duplex=False)
+        child = context.Process(target=_publish_from_child, args=(backend, channel, report_w))
+        child.start()
+        assert report_r.poll(PATIENCE) and report_r.recv() == "ok"
+        child.join(PATIENCE)
+        assert child.exitcode == 0
+        backend.publish(channel, "parent again")
+        assert backend._publisher is parents
+        inbox.wait_payload("parent again")
+        assert inbox.payloads == ["parent", "from the child", "parent again"]
+        assert sub.connected and sub.stats["reconnects"] == 0
+
+
 # -- faults -----------------------------------------------------------------------------
 
 
@@ -551,6 +580,28 @@ def test_subscribers_recover_from_a_frozen_server_through_the_probe(broken):
         finally:
             broken.thaw()
         assert_all_recover(backend, inboxes, "freeze")
+
+
+@pytest.mark.parametrize("fault", ["stall", "cut"])
+def test_subscribers_recover_from_a_half_open_or_reset_link(broken, fault):
+    """A black hole (nothing is forwarded, not even a FIN) and a reset, between us and it."""
+    with TcpProxy(broken.server.host, broken.server.port) as proxy:
+        settings = {**broken.settings(**FAST), "PUBSUB_URL": proxy.url_for(broken.url)}
+        with override_settings(**settings):
+            backend = get_backend()
+            with three_subscribers(backend) as inboxes:
+                subs = [inbox.sub for inbox in inboxes]
+                if fault == "stall":
+                    proxy.stall()
+                    try:
+                        wait_until(lambda: all(not s.connected for s in subs), PATIENCE, "probes")
+                        assert all(s.stats["probe_failures"] >= 1 for s in subs)
+                    finally:
+                        proxy.resume()
+                else:
+                    proxy.cut()
+                assert_all_recover(backend, inboxes, fault)
+            backend.close()
 
 
 def test_publish_to_a_frozen_server_gives_up_with_publish_error(broken):

@@ -1,0 +1,274 @@
+"""The delivery contract, written once and run against every backend.
+
+Each test takes the session's ``harness`` (a running server of one backend,
+see tests/harness.py) and talks to it through the public API only.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from django.db import transaction
+
+from pulp_pubsub import Message, publish
+from pulp_pubsub.exceptions import InvalidChannel, InvalidPayload
+
+from .util import wait_until
+
+pytestmark = pytest.mark.backend
+
+FAST_FAULTS = {"probe_interval": 0.5, "probe_timeout": 1.0, "reconnect_max": 0.3}
+
+
+def collect(sub, channel: str) -> list[Message]:
+    got: list[Message] = []
+    sub.subscribe(channel, got.append)
+    return got
+
+
+def dispatch_until(sub, predicate, timeout: float = 15) -> None:
+    """Dispatch until ``predicate()`` holds; fail (never pass) on timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"not delivered within {timeout} s")
+        sub.dispatch(timeout=left)
+
+
+def payloads(messages: list[Message]) -> list[str]:
+    return [m.payload for m in messages if not m.resync]
+
+
+def test_a_published_message_reaches_its_subscriber(harness):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got = collect(sub, "contract.basic")
+        publish("contract.basic", "hello")
+        dispatch_until(sub, lambda: got)
+        assert [(m.channel, m.payload, m.resync) for m in got] == [
+            ("contract.basic", "hello", False)
+        ]
+        assert got[0].received_at > 0
+
+
+def test_several_subscribers_and_channels(harness):
+    with harness.configured() as backend:
+        with backend.subscriber() as one, backend.subscriber() as two:
+            one_a, one_b = collect(one, "contract.a"), collect(one, "contract.b")
+            two_a = collect(two, "contract.a")
+            publish("contract.a", "A")
+            publish("contract.b", "B")
+            dispatch_until(one, lambda: one_a and one_b)
+            dispatch_until(two, lambda: two_a)
+            assert payloads(one_a) == ["A"]
+            assert payloads(one_b) == ["B"]
+            assert payloads(two_a) == ["A"]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "",
+        "unblock",
+        "naïve ☃ 漢字 🚀",
+        "quotes ' \" and ; -- DROP TABLE x; \\ backslash",
+        "line\nbreaks\r\nand\ttabs",
+        "  leading and trailing spaces  ",
+    ],
+)
+def test_payloads_arrive_byte_exact(harness, payload):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got = collect(sub, "contract.exact")
+        publish("contract.exact", payload)
+        dispatch_until(sub, lambda: got)
+        assert got[0].payload.encode("utf-8") == payload.encode("utf-8")
+
+
+def test_the_largest_payload_arrives_and_one_byte_more_is_refused(harness):
+    limit = harness.payload_limit or 7999
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got = collect(sub, "contract.limit")
+        largest = "é" * ((limit - 1) // 2) + "x" * ((limit - 1) % 2 + 1)
+        assert len(largest.encode()) == limit
+        publish("contract.limit", largest)
+        if harness.payload_limit is not None:
+            with pytest.raises(InvalidPayload, match=str(harness.payload_limit)):
+                publish("contract.limit", largest + "x")
+        publish("contract.limit", "after")
+        dispatch_until(sub, lambda: len(got) >= 2 + (harness.payload_limit is None))
+        assert got[0].payload == largest
+        assert got[-1].payload == "after"
+        assert all(m.payload in {largest, largest + "x", "after"} for m in got)
+
+
+def test_nul_is_refused_where_the_server_cannot_carry_it(harness):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got = collect(sub, "contract.nul")
+        if harness.allows_nul:
+            publish("contract.nul", "a\x00b")
+            dispatch_until(sub, lambda: got)
+            assert got[0].payload == "a\x00b"
+        else:
+            with pytest.raises(InvalidPayload, match="NUL"):
+                publish("contract.nul", "a\x00b")
+
+
+@pytest.mark.parametrize("name", ["", "x" * 64, "has space", "semi;colon", "q'uote", "ctl\x01"])
+def test_bad_channel_names_are_refused_the_same_way(harness, name):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        with pytest.raises(InvalidChannel):
+            sub.subscribe(name, lambda m: None)
+        with pytest.raises(InvalidChannel):
+            publish(name, "x")
+        assert sub.channels == []
+
+
+def test_names_are_case_sensitive_and_may_need_quoting(harness):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        upper = collect(sub, "Contract.Mixed-Case_1")
+        lower = collect(sub, "contract.mixed-case_1")
+        publish("Contract.Mixed-Case_1", "U")
+        publish("contract.mixed-case_1", "l")
+        dispatch_until(sub, lambda: upper and lower)
+        assert payloads(upper) == ["U"]
+        assert payloads(lower) == ["l"]
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_publish_in_atomic_is_sent_at_commit_and_dropped_on_rollback(harness):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got = collect(sub, "contract.tx")
+        with pytest.raises(RuntimeError), transaction.atomic(using=harness.db_alias):
+            publish("contract.tx", "rolled back")
+            raise RuntimeError("abort")
+        with transaction.atomic(using=harness.db_alias):
+            publish("contract.tx", "committed")
+            assert sub.dispatch(timeout=0.2) == 0
+        dispatch_until(sub, lambda: got)
+        publish("contract.tx", "marker")
+        dispatch_until(sub, lambda: "marker" in payloads(got))
+        assert payloads(got) == ["committed", "marker"]
+
+
+def test_an_outside_client_reaches_subscribers(harness):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got = collect(sub, "pulp_worker_wakeup")
+        harness.publish_external(backend.wire_name("pulp_worker_wakeup"), "unblock")
+        dispatch_until(sub, lambda: got)
+        assert payloads(got) == ["unblock"]
+
+
+def test_a_failing_handler_does_not_stop_delivery(harness):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        calls: list[str] = []
+
+        def broken(message: Message) -> None:
+            calls.append("broken")
+            raise ValueError("boom")
+
+        sub.subscribe("contract.err", broken)
+        good = collect(sub, "contract.err")
+        publish("contract.err", "1")
+        publish("contract.err", "2")
+        dispatch_until(sub, lambda: len(good) >= 2)
+        assert payloads(good) == ["1", "2"]
+        assert sub.stats["handler_errors"] == 2
+
+
+def test_start_delivers_on_a_background_thread(harness):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        arrived = threading.Event()
+        sub.subscribe("contract.bg", lambda m: arrived.set())
+        sub.start()
+        publish("contract.bg", "x")
+        assert arrived.wait(15)
+
+
+def test_close_releases_threads_and_stops_delivery(harness):
+    with harness.configured() as backend:
+        before = threading.active_count()
+        sub = backend.subscriber()
+        got = collect(sub, "contract.close")
+        sub.start()
+        sub.close()
+        assert threading.active_count() == before
+        publish("contract.close", "after close")
+        assert got == []
+
+
+@pytest.mark.parametrize("fault", ["kill_subscriber_connections", "restart"])
+def test_a_broken_connection_comes_back_with_a_resync(harness, fault):
+    with harness.configured(**FAST_FAULTS) as backend, backend.subscriber() as sub:
+        got = collect(sub, "contract.fault")
+        publish("contract.fault", "before")
+        dispatch_until(sub, lambda: got)
+        getattr(harness, fault)()
+        dispatch_until(sub, lambda: any(m.resync for m in got), timeout=30)
+        wait_until(lambda: sub.connected, timeout=30, what="reconnect")
+        publish("contract.fault", "after")
+        dispatch_until(sub, lambda: "after" in payloads(got), timeout=30)
+        assert sub.stats["reconnects"] >= 1
+
+
+def test_a_frozen_server_is_noticed_by_the_probe(harness):
+    with harness.configured(**FAST_FAULTS) as backend, backend.subscriber() as sub:
+        got = collect(sub, "contract.frozen")
+        harness.freeze()
+        try:
+            wait_until(lambda: not sub.connected, timeout=30, what="probe failure")
+        finally:
+            harness.thaw()
+        dispatch_until(sub, lambda: any(m.resync for m in got), timeout=30)
+        publish("contract.frozen", "after thaw")
+        dispatch_until(sub, lambda: "after thaw" in payloads(got), timeout=30)
+
+
+def test_a_forked_child_subscribes_with_connections_of_its_own(harness):
+    """The child builds its own backend; the parent's subscriber keeps working.
+
+    On a cross-process backend the parent's publish reaches the child and the
+    child's reaches the parent; the memory backend's "server" is per process,
+    so there the child talks to itself.
+    """
+    from django.db import connections
+
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got = collect(sub, "contract.fork")
+        ready_r, ready_w = os.pipe()
+        done_r, done_w = os.pipe()
+        connections.close_all()
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                from pulp_pubsub import get_backend
+
+                assert get_backend() is not backend
+                child_got: list[Message] = []
+                with get_backend().subscriber() as child:
+                    child.subscribe("contract.fork", child_got.append)
+                    os.write(ready_w, b"r")
+                    if not harness.cross_process:
+                        publish("contract.fork", "from parent")
+                    dispatch_until(child, lambda: child_got)
+                    os.write(done_w, child_got[0].payload.encode())
+                    publish("contract.fork", "from child")
+                status = 0
+            finally:
+                os._exit(status)
+        assert os.read(ready_r, 1) == b"r"
+        if harness.cross_process:
+            publish("contract.fork", "from parent")
+        assert os.read(done_r, 100) == b"from parent"
+        _, status = os.waitpid(pid, 0)
+        assert status == 0
+        if harness.cross_process:
+            dispatch_until(sub, lambda: "from child" in payloads(got))
+        publish("contract.fork", "parent still listens")
+        dispatch_until(sub, lambda: "parent still listens" in payloads(got))
+        for fd in (ready_r, ready_w, done_r, done_w):
+            os.close(fd)
