@@ -587,6 +587,29 @@ def test_subscribers_and_publishers_follow_a_sentinel_failover():
             assert master.pubsub_numsub("ha.jobs") == [("ha.jobs", 1)]
 
 
+@backend_test
+@pytest.mark.slow
+def test_a_planned_sentinel_failover_moves_subscribers_to_the_new_master():
+    """SENTINEL FAILOVER keeps the old master alive: it serves on as a master
+    until the sentinels demote it (and drop its clients), so the subscriber
+    moves later than after a crash, but it does move, with a resync."""
+    with (
+        SentinelCluster(replicas=1, sentinels=3) as cluster,
+        redis_backend(cluster.url, prefix="ha.", **FAST) as backend,
+        subscribed(backend, "jobs") as inbox,
+    ):
+        old = cluster.master_address()
+        with cluster.sentinels[0].client() as sentinel:
+            sentinel.execute_command("SENTINEL", "FAILOVER", cluster.service_name)
+        new = cluster.wait_for_failover(old)
+        inbox.wait_for_resync(timeout=60)
+        inbox.sub.wait_connected(15)
+        backend.publish("jobs", "after failover")
+        inbox.wait_for_payload("after failover")
+        with redis.Redis(*new, decode_responses=True) as master:
+            assert master.pubsub_numsub("ha.jobs") == [("ha.jobs", 1)]
+
+
 # -- interoperability with redis-cli -----------------------------------------------------
 
 
