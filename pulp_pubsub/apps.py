@@ -14,3 +14,8 @@ class PulpPubSubConfig(AppConfig):
         from .registry import registry
 
         registry.autodiscover()
+
+        # In a Pulp process: carry pulpcore's worker messages (a no-op elsewhere).
+        from .contrib.pulpcore import setup as setup_pulpcore
+
+        setup_pulpcore()

@@ -57,7 +57,14 @@ def hide_password(url: str | None) -> str | None:
     except ValueError:
         return "<unparseable URL>"
     if parts.password is None:
-        return url
+        # A password with an unquoted '/', '?', '#' or '@' ends the authority early for
+        # urlsplit, which then sees no password at all: mask up to the last '@' instead
+        # (too much, rather than part of a secret, when a path or query holds an '@').
+        scheme, sep, rest = url.partition("://")
+        userinfo, at, host = rest.rpartition("@")
+        if not (sep and at and ":" in userinfo):
+            return url
+        return f"{scheme}://{userinfo.partition(':')[0]}:***@{host}"
     netloc = parts.netloc.rsplit("@", 1)[1]
     user = parts.username or ""
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))

@@ -99,7 +99,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _reset_on_change(*, setting: str, **kwargs: object) -> None:
-    if setting.startswith("PUBSUB_") or setting in {"DATABASES", "REDIS_URL", "REDIS_HOST"}:
+    if setting.startswith(("PUBSUB_", "REDIS_")) or setting == "DATABASES":
         backends.reset()
 
 

@@ -1,9 +1,10 @@
 """A throwaway PostgreSQL for the contract and fault tests of the postgres backend.
 
 The layer reaches it through ``PUBSUB_URL``, so it listens and publishes on
-connections of its own there (and defers publishes inside ``atomic()`` with
-``on_commit``). The native path, NOTIFY on Django's own connection, needs a
-Django database alias and is tested in tests/test_postgres.py.
+connections of its own there, and a publish inside ``atomic()`` on the Django
+alias "postgres" waits for its commit through ``on_commit``. The native path,
+NOTIFY on Django's own connection, needs a Django alias for the server and is
+tested in tests/test_postgres.py.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ class PostgresHarness(Harness):
     cross_process = True
     payload_limit = 7999
     allows_nul = False
+    db_alias = "postgres"
 
     def __init__(self, server: PostgresServer) -> None:
         self.server = server
@@ -39,7 +41,11 @@ class PostgresHarness(Harness):
         return self.server.url
 
     def settings(self, **extra_options: Any) -> dict[str, Any]:
-        options = {"application_name": self.application_name, **extra_options}
+        options = {
+            "application_name": self.application_name,
+            "database": self.db_alias,
+            **extra_options,
+        }
         return {"PUBSUB_BACKEND": "postgres", "PUBSUB_URL": self.url, "PUBSUB_OPTIONS": options}
 
     def connect(self) -> psycopg.Connection[Any]:

@@ -99,10 +99,10 @@ def test_the_largest_payload_arrives_and_one_byte_more_is_refused(harness):
             with pytest.raises(InvalidPayload, match=str(harness.payload_limit)):
                 publish("contract.limit", largest + "x")
         publish("contract.limit", "after")
-        dispatch_until(sub, lambda: len(got) >= 2 + (harness.payload_limit is None))
+        dispatch_until(sub, lambda: len(got) >= 2)
         assert got[0].payload == largest
         assert got[-1].payload == "after"
-        assert all(m.payload in {largest, largest + "x", "after"} for m in got)
+        assert [m.payload for m in got] == [largest, "after"]
 
 
 def test_nul_is_refused_where_the_server_cannot_carry_it(harness):

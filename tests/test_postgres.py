@@ -649,6 +649,18 @@ def test_native_publish_recovers_from_a_restart_outside_a_transaction(broken, dj
             backend.publish("fault_0", "lost with its transaction")
 
 
+def test_describe_warns_when_the_notification_queue_is_over_half_full(pg, monkeypatch):
+    from pulp_pubsub.backends import postgres
+
+    # A queue cannot be filled in a test (it holds gigabytes), so the server is
+    # asked a question with a known answer in place of the real one.
+    monkeypatch.setattr(postgres, "COUNT", b"SELECT 2 + 0 * length($1), 0.75::float8")
+    with pg.configured() as backend:
+        info = backend.describe()
+    assert (info["listeners"], info["notification_queue_usage"]) == (2, 0.75)
+    assert len(info["warnings"]) == 1 and "75% full" in info["warnings"][0]
+
+
 def test_errors_and_describe_never_show_the_password():
     secret = "Sup3r-secret-pw"
     with PostgresServer(password=secret) as server:

@@ -51,9 +51,11 @@ COMMON_OPTIONS: dict[str, Any] = {
 class Transport:
     """One subscriber connection, used only by that subscriber's listener thread.
 
-    ``read()`` is called when ``fileno()`` is readable and must not block; it
-    raises (any exception) when the connection is gone, which sends the
-    listener into its reconnect loop.
+    ``read()`` is called when ``fileno()`` is readable, and once after every
+    ``listen()``/``unlisten()`` (whose wait for the reply may have buffered
+    messages), so it must not block and may find nothing; it raises (any
+    exception) when the connection is gone, which sends the listener into its
+    reconnect loop.
     """
 
     def __init__(self, backend: BaseBackend) -> None:
@@ -75,6 +77,15 @@ class Transport:
     def probe(self, channel: str, payload: str) -> None:
         """Send the liveness probe; by default through the backend's publish path."""
         self.backend.send(channel, payload)
+
+    def send_from_listener(self, channel: str, payload: str) -> None:
+        """Send a message of the listener's own (an introspection answer).
+
+        By default the probe's path: where a backend sends its probe on the
+        listener's own connection (PostgreSQL does), so does this, and the
+        listener thread never opens a publishing connection of its own.
+        """
+        self.probe(channel, payload)
 
     def close(self) -> None:
         raise NotImplementedError("subclasses of Transport must provide close()")
@@ -171,13 +182,15 @@ class BaseBackend:
     def _send_now(self, wire: str, payload: str) -> None:
         try:
             self.send(wire, payload)
-        except PubSubError:
-            count(self.stats, "publish_errors", self.name, wire)
+        except PublishError as exc:
+            count(self.stats, "publish_errors", self.name, self.channel_name(wire), error=exc)
             raise
         except Exception as exc:
-            count(self.stats, "publish_errors", self.name, wire)
+            # Also another PubSubError (a backend's ConnectionLost): the contract promises
+            # callers a PublishError, the one exception they need to catch.
+            count(self.stats, "publish_errors", self.name, self.channel_name(wire), error=exc)
             raise PublishError(f"{self.name} backend could not publish: {exc}") from exc
-        count(self.stats, "published", self.name, wire)
+        count(self.stats, "published", self.name, self.channel_name(wire))
 
     def _send_deferred(self, wire: str, payload: str) -> None:
         # The transaction has committed: raising here would hide the commit
@@ -185,7 +198,7 @@ class BaseBackend:
         try:
             self._send_now(wire, payload)
         except PubSubError as exc:
-            count(self.stats, "deferred_failures", self.name, wire)
+            count(self.stats, "deferred_failures", self.name, self.channel_name(wire), error=exc)
             logger.error("Publish to %r after commit failed: %s", wire, exc)
 
     def send(self, channel: str, payload: str) -> None:

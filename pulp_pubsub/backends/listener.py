@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConnectionLost, SubscriberClosed
+from ..introspection import CONTROL_CHANNEL, answer_query
 from ..message import Message
-from ..metrics import count
+from ..metrics import count, record_probe_rtt, track
 from .selfpipe import close_fds, drain, make_pipe, poke
 
 if TYPE_CHECKING:
@@ -39,6 +40,9 @@ logger = logging.getLogger(__name__)
 Callback = Callable[[Message], Any]
 
 PROBE_PREFIX = "pubsub_probe_"
+#: At most one WARNING about a lost connection per subscriber in this many
+#: seconds, so a flapping connection or a long outage does not flood the log.
+OUTAGE_LOG_INTERVAL = 60.0
 
 
 @dataclass
@@ -64,6 +68,8 @@ class Subscriber:
         self._callbacks: dict[str, list[Callback]] = {}
         self._pending: OrderedDict[tuple[str, str, bool], Message] = OrderedDict()
         self._overflowed: set[str] = set()
+        # How many of the pending messages each channel holds, to know who floods.
+        self._queued: Counter[str] = Counter()
         self._signalled = False
         self._signal_r, self._signal_w = make_pipe()
         self._control_r, self._control_w = make_pipe()
@@ -75,6 +81,12 @@ class Subscriber:
         self._listener: threading.Thread | None = None
         self._dispatcher: threading.Thread | None = None
         self._probe_channel = backend.wire_name(PROBE_PREFIX + uuid.uuid4().hex[:12])
+        self._control_channel = backend.wire_name(CONTROL_CHANNEL)
+        self._outage_started = 0.0
+        self._outage_warned = False
+        self._warned_at: float | None = None
+        self._quiet_outages = 0
+        track(self)
 
     # -- the public contract -------------------------------------------------
 
@@ -112,6 +124,7 @@ class Subscriber:
             self._callbacks.pop(channel, None)
             for key in [key for key in self._pending if key[0] == channel]:
                 del self._pending[key]
+            self._queued.pop(channel, None)
             self._overflowed.discard(channel)
         if self._listener is not None:
             self._request(wire)
@@ -124,6 +137,11 @@ class Subscriber:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def closed(self) -> bool:
+        """Closed, or inherited through fork() and so unusable here."""
+        return self._closed.is_set() or self._pid != os.getpid()
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until the listener holds a live connection; False on timeout."""
@@ -152,8 +170,10 @@ class Subscriber:
             for callback in callbacks:
                 try:
                     callback(message)
-                except Exception:
-                    count(self.stats, "handler_errors", self.backend.name, message.channel)
+                except Exception as exc:
+                    count(
+                        self.stats, "handler_errors", self.backend.name, message.channel, error=exc
+                    )
                     logger.exception(
                         "Handler %r failed on channel %r; the listener goes on.",
                         callback,
@@ -226,26 +246,44 @@ class Subscriber:
                 # waiting carries the same news.
                 count(self.stats, "folded", self.backend.name, message.channel)
             elif len(self._pending) >= self._config["max_pending"]:
-                count(self.stats, "dropped", self.backend.name, message.channel)
-                if message.channel not in self._overflowed:
-                    logger.warning(
-                        "Subscriber queue full (%d waiting): dropping messages on %r "
-                        "and queueing a resync for it.",
-                        len(self._pending),
-                        message.channel,
-                    )
-                self._overflowed.add(message.channel)
+                # Full. The channel holding the most waiting messages pays, so a flood on
+                # one channel (its handler stuck, say) cannot crowd out the others.
+                [(hog, held)] = self._queued.most_common(1)
+                if held > self._queued[message.channel]:
+                    victim = next(k for k in self._pending if k[0] == hog)
+                    del self._pending[victim]
+                    self._queued[hog] -= 1
+                    self._drop(hog)
+                    self._pending[key] = message
+                    self._queued[message.channel] += 1
+                    count(self.stats, "received", self.backend.name, message.channel)
+                else:
+                    self._drop(message.channel)
             else:
                 self._pending[key] = message
+                self._queued[message.channel] += 1
                 count(self.stats, "received", self.backend.name, message.channel)
             if not self._signalled:
                 self._signalled = True
                 poke(self._signal_w)
 
+    def _drop(self, channel: str) -> None:
+        """Count a message of ``channel`` dropped; it gets a resync instead (lock held)."""
+        count(self.stats, "dropped", self.backend.name, channel)
+        if channel not in self._overflowed:
+            logger.warning(
+                "Subscriber queue full (%d waiting): dropping messages on %r "
+                "and queueing a resync for it.",
+                len(self._pending),
+                channel,
+            )
+        self._overflowed.add(channel)
+
     def _take_pending(self) -> list[Message]:
         with self._lock:
             batch = list(self._pending.values())
             self._pending.clear()
+            self._queued.clear()
             for channel in sorted(self._overflowed):
                 if not any(m.channel == channel and m.resync for m in batch):
                     batch.append(Message(channel, "", resync=True))
@@ -311,7 +349,7 @@ class Subscriber:
         applied = False
         try:
             if transport is not None:
-                wanted = self._wanted() | {self._probe_channel}
+                wanted = self._wanted() | {self._probe_channel, self._control_channel}
                 if wanted - listening:
                     transport.listen(sorted(wanted - listening))
                 if listening - wanted:
@@ -344,7 +382,7 @@ class Subscriber:
                 fresh = {r.channel for r in self._requests}
                 self._answer_requests(transport, listening)
                 attempt = 0
-                self._on_connected(listening - fresh - {self._probe_channel})
+                self._on_connected(listening - fresh - {self._probe_channel, self._control_channel})
                 self._serve(transport, listening)
             except Exception as exc:
                 if self._closed.is_set():
@@ -364,7 +402,11 @@ class Subscriber:
 
     def _on_connected(self, missed: set[str]) -> None:
         if self.last_error is not None:
-            logger.info("Pub/sub %s subscriber reconnected.", self.backend.name)
+            (logger.info if self._outage_warned else logger.debug)(
+                "Pub/sub %s subscriber reconnected after %.1f s.",
+                self.backend.name,
+                time.monotonic() - self._outage_started,
+            )
         self.last_error = None
         self.connected_since = time.time()
         self._connected.set()
@@ -378,14 +420,31 @@ class Subscriber:
     def _on_disconnected(self, exc: BaseException) -> None:
         cause = f"{type(exc).__name__}: {exc}".strip()
         if self.last_error is None:
-            logger.warning(
-                "Pub/sub %s subscriber lost its connection (%s); reconnecting.",
-                self.backend.name,
-                cause,
-            )
+            self._log_outage(cause)
         self.last_error = cause
-        count(self.stats, "reconnects", self.backend.name)
+        count(self.stats, "reconnects", self.backend.name, error=exc)
         self._answer_requests(None, set())
+
+    def _log_outage(self, cause: str) -> None:
+        """One WARNING with the cause per outage, and at most one per interval.
+
+        An outage whose warning is held back is counted and named in the next
+        warning; its recovery is then logged at DEBUG, not INFO.
+        """
+        now = self._outage_started = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < OUTAGE_LOG_INTERVAL:
+            self._quiet_outages += 1
+            self._outage_warned = False
+            logger.debug("Pub/sub %s subscriber lost its connection: %s", self.backend.name, cause)
+            return
+        quiet = self._quiet_outages
+        logger.warning(
+            "Pub/sub %s subscriber lost its connection (%s); reconnecting.%s",
+            self.backend.name,
+            cause,
+            f" {quiet} more outage(s) since the last warning were not logged." if quiet else "",
+        )
+        self._warned_at, self._quiet_outages, self._outage_warned = now, 0, True
 
     def _backoff(self, attempt: int) -> None:
         low, high = self._config["reconnect_min"], self._config["reconnect_max"]
@@ -427,7 +486,11 @@ class Subscriber:
                     if wire == self._probe_channel:
                         if payload == token:
                             self.probe_rtt = time.monotonic() - sent_at
+                            record_probe_rtt(self.backend.name, self.probe_rtt)
                             token = None
+                        continue
+                    if wire == self._control_channel:
+                        answer_query(self, transport, payload)
                         continue
                     channel = self.backend.channel_name(wire)
                     if channel is not None:

@@ -54,7 +54,8 @@ COUNT = (
 QUEUE_WARNING = 0.5
 #: Keys of Django's connection parameters that are psycopg's, not libpq's.
 _PYTHON_ONLY = ("cursor_factory", "context", "prepare_threshold", "row_factory", "autocommit")
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+# Up to the last '@': a password with an unquoted '@' must not leave its tail behind.
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
 _OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
 
@@ -291,6 +292,14 @@ class PostgresBackend(BaseBackend):
                 f"PUBSUB_URL {scrub(self.url)!r} is neither a postgresql:// URL nor a libpq "
                 "connection string."
             ) from None
+        authority, _, after = self.url.partition("://")[2].partition("/")
+        if authority.count("@") > 1 or ("@" in after.partition("?")[0] and "@" not in authority):
+            # An unquoted '/' or '@' in the password ends it early for libpq, which would
+            # take the rest for a host, port or database name, and show it as one.
+            raise ImproperlyConfigured(
+                f"PUBSUB_URL {scrub(self.url)!r} looks like a password or user name with an "
+                "unquoted '/' or '@' in it: percent-encode them ('/' as %2F, '@' as %40)."
+            )
         password = params.get("password")
         return str(password) if password else None
 

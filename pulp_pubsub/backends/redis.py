@@ -124,14 +124,6 @@ def explain(exc: BaseException, prefix: str = "") -> str:
             f"+pubsub|numsub and the channels &{prefix}*)"
         )
     return text
-    if "NOAUTH" in str(exc) or isinstance(exc, redis.exceptions.AuthenticationError):
-        return f"{text} (the server requires a password)"
-    if isinstance(exc, redis.exceptions.NoPermissionError) or "NOPERM" in str(exc):
-        return (
-            f"{text} (the Redis ACL user needs +publish +subscribe +unsubscribe "
-            f"+pubsub|numsub and the channels &{prefix}*)"
-        )
-    return text
 
 
 class RedisTransport(Transport):

@@ -1,21 +1,22 @@
 from __future__ import annotations
 
 import statistics
-import time
-import uuid
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pulp_pubsub import Message, get_backend
+from pulp_pubsub import get_backend
 from pulp_pubsub.exceptions import PubSubError
+from pulp_pubsub.introspection import ControlClient
 
 
 class Command(BaseCommand):
     help = (
         "Send messages to yourself through the configured backend and print the round trip; "
-        "exits non-zero when the backend cannot be reached (a health check)."
+        "with --expect-subscribers, also ask the fleet's live subscribers to answer. Exits "
+        "non-zero with the cause when the backend cannot be reached or too few subscribers "
+        "answer: a health check for Kubernetes or systemd."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -23,50 +24,74 @@ class Command(BaseCommand):
         parser.add_argument(
             "--timeout", type=float, default=5.0, help="Seconds to wait for each reply."
         )
+        parser.add_argument(
+            "--expect-subscribers",
+            type=int,
+            metavar="N",
+            help="Also ask the live subscribers --count times and fail unless at least N "
+            "different ones answer. Each query waits until N have answered or --timeout.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
-        if options["count"] < 1:
+        rounds, timeout = options["count"], options["timeout"]
+        expect = options["expect_subscribers"]
+        if rounds < 1:
             raise CommandError("--count must be at least 1.")
+        if timeout <= 0:
+            raise CommandError("--timeout must be positive.")
+        if expect is not None and expect < 0:
+            raise CommandError("--expect-subscribers cannot be negative.")
         try:
             backend = get_backend()
-            subscriber = backend.subscriber()
-        except (PubSubError, ImproperlyConfigured) as exc:
+        except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from exc
-        channel = f"pubsub_ping_{uuid.uuid4().hex[:12]}"
-        arrived: list[Message] = []
-        with subscriber:
-            subscriber.subscribe(channel, arrived.append)
-            if not subscriber.wait_connected(options["timeout"]):
-                raise CommandError(
-                    f"Cannot reach the {backend.name} server: {subscriber.last_error}"
-                )
-            rtts = [self._round_trip(backend, subscriber, channel, arrived, options["timeout"])]
-            for _ in range(options["count"] - 1):
-                rtts.append(
-                    self._round_trip(backend, subscriber, channel, arrived, options["timeout"])
-                )
-        summary = f"{backend.name}: {len(rtts)} round trip(s), " + (
-            f"{rtts[0] * 1000:.2f} ms"
-            if len(rtts) == 1
-            else f"min {min(rtts) * 1000:.2f} ms, median {statistics.median(rtts) * 1000:.2f} ms, "
-            f"max {max(rtts) * 1000:.2f} ms"
-        )
-        self.stdout.write(self.style.SUCCESS(summary))
-
-    def _round_trip(self, backend, subscriber, channel, arrived, timeout) -> float:
-        token = uuid.uuid4().hex
-        started = time.monotonic()
         try:
-            backend.publish(channel, token)
-        except PubSubError as exc:
-            raise CommandError(f"Publish failed: {exc}") from exc
-        deadline = started + timeout
-        while not any(m.payload == token for m in arrived):
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise CommandError(
-                    f"No reply from the {backend.name} server within {timeout} s "
-                    f"({subscriber.last_error or 'connected, but the message never came back'})."
-                )
-            subscriber.dispatch(timeout=left)
-        return time.monotonic() - started
+            client = ControlClient(backend)
+        except (PubSubError, OSError) as exc:
+            raise CommandError(f"Cannot reach the {backend.name} server: {exc}") from exc
+        with client:
+            try:
+                rtts = [self._round_trip(client, timeout) for _ in range(rounds)]
+                self.stdout.write(self.style.SUCCESS(f"{backend.name}: {_summary(rtts)}"))
+                if expect is not None:
+                    self._ask_subscribers(client, rounds, timeout, expect)
+            except (PubSubError, OSError) as exc:
+                raise CommandError(f"The {backend.name} server failed: {exc}") from exc
+
+    def _round_trip(self, client: ControlClient, timeout: float) -> float:
+        rtt = client.round_trip(timeout)
+        if rtt is None:
+            raise CommandError(
+                f"No reply from the {client.backend.name} server within {timeout:g} s "
+                "(connected, but the message never came back)."
+            )
+        return rtt
+
+    def _ask_subscribers(
+        self, client: ControlClient, rounds: int, timeout: float, expect: int
+    ) -> None:
+        seen: set[str] = set()
+        latencies: list[float] = []
+        for _ in range(rounds):
+            answers = client.query(timeout, expect=expect)
+            seen.update(a.id for a in answers)
+            latencies.extend(a.latency for a in answers)
+        name = client.backend.name
+        if len(seen) < expect:
+            raise CommandError(
+                f"Only {len(seen)} live {name} subscriber(s) answered within {timeout:g} s; "
+                f"expected at least {expect}."
+            )
+        text = f"{name}: {len(seen)} live subscriber(s) answered"
+        if latencies:
+            text += f"; {_summary(latencies)}"
+        self.stdout.write(self.style.SUCCESS(text))
+
+
+def _summary(rtts: list[float]) -> str:
+    if len(rtts) == 1:
+        return f"1 round trip(s), {rtts[0] * 1000:.2f} ms"
+    return (
+        f"{len(rtts)} round trip(s), min {min(rtts) * 1000:.2f} ms, "
+        f"median {statistics.median(rtts) * 1000:.2f} ms, max {max(rtts) * 1000:.2f} ms"
+    )

@@ -1,0 +1,150 @@
+"""What the servers themselves say: PostgreSQL sessions and transactions, Redis clients.
+
+The monitor is one plain autocommit psycopg connection of the parent process;
+every statement it runs is a transaction of its own in ``pg_stat_database``,
+so it counts them and :meth:`Monitor.xacts_since` leaves them out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from . import BenchError
+
+#: The benchmark's own tables: created with raw SQL, so the bench works in any project.
+TABLES = (
+    "CREATE TABLE IF NOT EXISTS pubsub_bench_event ("
+    " id bigserial PRIMARY KEY, note text NOT NULL,"
+    " created timestamptz NOT NULL DEFAULT now()) WITH (autovacuum_enabled = false)",
+    "CREATE TABLE IF NOT EXISTS pubsub_bench_task ("
+    " id bigserial PRIMARY KEY, created timestamptz NOT NULL DEFAULT now())"
+    " WITH (autovacuum_enabled = false)",
+)
+EVENT_INSERT = "INSERT INTO pubsub_bench_event (note) VALUES (%s)"
+TASK_INSERT = "INSERT INTO pubsub_bench_task DEFAULT VALUES RETURNING id"
+TASK_POLL = "SELECT id FROM pubsub_bench_task WHERE id > %s ORDER BY id"
+TASK_MAX = "SELECT coalesce(max(id), 0) FROM pubsub_bench_task"
+
+
+@dataclass
+class XactMark:
+    value: int
+    statements: int
+    at: float
+
+
+class Monitor:
+    def __init__(self, url: str) -> None:
+        import psycopg
+
+        self.url = url
+        try:
+            # Never prepared: preparing a statement is a transaction of its own.
+            self.conn = psycopg.connect(
+                url, autocommit=True, connect_timeout=10, prepare_threshold=None
+            )
+        except psycopg.Error as exc:
+            raise BenchError(f"Cannot connect to the benchmark's PostgreSQL: {exc}") from exc
+        self.statements = 0
+        self.version = str(self._one("SHOW server_version"))
+        self._can_flush = self.conn.info.server_version >= 150000
+
+    def _one(self, query: str, params: Any = None) -> Any:
+        self.statements += 1
+        row = self.conn.execute(query, params).fetchone()
+        return row[0] if row else None
+
+    def create_tables(self) -> None:
+        for statement in TABLES:
+            self.statements += 1
+            self.conn.execute(statement)
+        self.statements += 1
+        self.conn.execute("TRUNCATE pubsub_bench_event, pubsub_bench_task")
+
+    def drop_tables(self) -> None:
+        with contextlib.suppress(Exception):
+            self.conn.execute("DROP TABLE IF EXISTS pubsub_bench_event, pubsub_bench_task")
+
+    def free_connections(self) -> int:
+        limit = int(self._one("SHOW max_connections"))
+        reserved = int(self._one("SHOW superuser_reserved_connections"))
+        used = int(
+            self._one("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
+        )
+        return limit - reserved - used
+
+    def sessions(self) -> dict[str, int]:
+        """Client sessions on this database other than ours, by application_name."""
+        self.statements += 1
+        rows = self.conn.execute(
+            "SELECT application_name, count(*) FROM pg_stat_activity"
+            " WHERE backend_type = 'client backend' AND datname = current_database()"
+            " AND pid <> pg_backend_pid() GROUP BY 1"
+        ).fetchall()
+        return {str(name): int(n) for name, n in rows}
+
+    def wait_gone(self, prefix: str, timeout: float = 15.0) -> None:
+        """Wait until no session named ``prefix...`` is left, so ended agents add nothing later.
+
+        A backend reports its last counters as it exits, just after it leaves
+        ``pg_stat_activity``; the short pause covers that.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not any(name.startswith(prefix) for name in self.sessions()):
+                break
+            time.sleep(0.05)
+        time.sleep(0.2)
+
+    def _flush_own_stats(self) -> None:
+        # PostgreSQL 15+ publishes a session's counters at most once a second;
+        # forcing our own makes the count exact at both ends of a window.
+        if self._can_flush:
+            self._one("SELECT pg_stat_force_next_flush()")
+
+    def xact_mark(self) -> XactMark:
+        self._flush_own_stats()
+        value = self._xacts()
+        return XactMark(value, self.statements, time.monotonic())
+
+    def xacts_since(self, mark: XactMark) -> tuple[int, float]:
+        """Transactions of others on this database since ``mark``, and the seconds elapsed."""
+        elapsed = time.monotonic() - mark.at
+        self._flush_own_stats()
+        value = self._xacts()
+        # Ours in between: the read that made ``mark``, anything since, and the
+        # flush just now; not the read just now (a session sees its own only later).
+        own = self.statements - mark.statements
+        return max(0, value - mark.value - own), elapsed
+
+    def _xacts(self) -> int:
+        return int(
+            self._one(
+                "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+                " WHERE datname = current_database()"
+            )
+        )
+
+    def insert_task(self) -> int:
+        return int(self._one(TASK_INSERT))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class RedisMonitor:
+    def __init__(self, url: str) -> None:
+        import redis
+
+        self.client = redis.Redis.from_url(url, socket_timeout=10)
+        self.version = str(self.client.info("server").get("redis_version", "?"))
+
+    def clients(self) -> int:
+        """Connected clients other than this one."""
+        return int(self.client.info("clients")["connected_clients"]) - 1
+
+    def close(self) -> None:
+        self.client.close()

@@ -1,0 +1,306 @@
+"""What a person reads: the tables, the targets of the issue, and the same in Markdown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .stats import ratio
+
+#: The issue's targets, as ratios from one run.
+LATENCY_RATIO = 1.5
+IDLE_CPU_PCT = 1.0
+POLL_RATIO = 100.0
+
+
+def _target(target: str, backend: str, measured: str, met: bool | None, note: str = "") -> dict:
+    return {
+        "target": target,
+        "backend": backend,
+        "measured": measured,
+        "met": met,
+        "note": note or None,
+    }
+
+
+def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for backend, r in result.get("latency", {}).items():
+        if r.get("ratio_p50") is not None:
+            out.append(
+                _target(
+                    f"layer round trip <= {LATENCY_RATIO}x raw client (p50)",
+                    backend,
+                    f"{r['layer']['p50']:.3f} ms vs {r['raw']['p50']:.3f} ms "
+                    f"= {r['ratio_p50']:.2f}x",
+                    r["ratio_p50"] <= LATENCY_RATIO,
+                )
+            )
+    for backend, r in result.get("connections", {}).items():
+        want = 0 if backend != "postgres" else r["subscribers"]
+        out.append(
+            _target(
+                f"PostgreSQL sessions held for wake-ups by N idle subscribers = {want}",
+                backend,
+                f"{r['pg_sessions']} sessions for {r['subscribers']} subscribers",
+                r["pg_sessions"] == want,
+            )
+        )
+    for backend, r in result.get("idle", {}).items():
+        out.append(
+            _target(
+                f"N idle subscribers use < {IDLE_CPU_PCT}% of one core in total",
+                backend,
+                f"{r['cpu_pct_of_core']:.3f}% ({r['cpu_s']:.3f} CPU s in {r['window_s']:.0f} s, "
+                f"{r['subscribers']} subscribers)",
+                r["cpu_pct_of_core"] < IDLE_CPU_PCT,
+            )
+        )
+        note = ""
+        if r["pg_xacts"] and backend == "postgres":
+            expected = r["subscribers"] / r["probe_interval_s"]
+            note = (
+                f"the liveness probe: one pg_notify per subscriber every "
+                f"{r['probe_interval_s']:g} s, {expected:.2f}/s expected"
+            )
+        out.append(
+            _target(
+                "N idle subscribers add no database transactions",
+                backend,
+                f"{r['pg_xact_per_s']:.2f} transactions/s "
+                f"({r['pg_xacts']} in {r['window_s']:.0f} s)",
+                r["pg_xacts"] == 0,
+                note,
+            )
+        )
+    commits = result.get("commit", {})
+    if "redis" in commits and "postgres" in commits:
+        redis_top, pg_top = commits["redis"]["levels"][-1], commits["postgres"]["levels"][-1]
+        factor = ratio(redis_top["commits_per_s"], pg_top["commits_per_s"])
+        out.append(
+            _target(
+                f"with {pg_top['subscribers']} idle subscribers, Redis backend commits faster "
+                "than PostgreSQL backend",
+                "redis/postgres",
+                f"{redis_top['commits_per_s']:.0f}/s vs {pg_top['commits_per_s']:.0f}/s "
+                f"= {factor}x",
+                bool(factor and factor > 1),
+            )
+        )
+    poll = result.get("poll")
+    if poll:
+        base = poll["per_worker"].get("p50")
+        for backend, r in result.get("fanout", {}).items():
+            mine = r["per_subscriber"].get("p50")
+            factor = ratio(base, mine)
+            out.append(
+                _target(
+                    f"wake-up latency at N={r['subscribers']} beats the poll baseline by >= "
+                    f"{POLL_RATIO:g}x (p50 per subscriber)",
+                    backend,
+                    f"{mine} ms vs {base} ms = {factor}x",
+                    bool(factor and factor >= POLL_RATIO),
+                )
+            )
+    return out
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def table(headers: list[str], rows: list[list[Any]], markdown: bool = False) -> str:
+    cells = [[_fmt(c) for c in row] for row in rows]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in cells]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()
+    out = [line, "  ".join("-" * w for w in widths)]
+    numeric = [
+        all(isinstance(row[i], int | float) or row[i] is None for row in rows)
+        for i in range(len(headers))
+    ]
+    out += [
+        "  ".join(
+            c.rjust(w) if num else c.ljust(w)
+            for c, w, num in zip(row, widths, numeric, strict=True)
+        ).rstrip()
+        for row in cells
+    ]
+    return "\n".join(out)
+
+
+def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, str]]:
+    """(title, table) for each scenario that ran."""
+    out = []
+    poll = result.get("poll")
+    if result.get("latency"):
+        rows = [
+            [
+                b,
+                r["layer"].get("p50"),
+                r["layer"].get("p99"),
+                r.get("raw", {}).get("p50"),
+                r.get("raw", {}).get("p99"),
+                r.get("ratio_p50"),
+                r["layer"]["lost"] + r.get("raw", {}).get("lost", 0),
+                r.get("raw_client"),
+            ]
+            for b, r in result["latency"].items()
+        ]
+        headers = [
+            "backend",
+            "layer p50",
+            "layer p99",
+            "raw p50",
+            "raw p99",
+            "layer/raw p50",
+            "lost",
+            "raw client",
+        ]
+        out.append(("1. Round trip between two processes (ms)", table(headers, rows, markdown)))
+    if result.get("fanout") or poll:
+        rows = [
+            [
+                b,
+                r["subscribers"],
+                r["last"].get("p50"),
+                r["last"].get("p99"),
+                r["per_subscriber"].get("p50"),
+                r["per_subscriber"].get("p99"),
+                r["first"].get("p50"),
+                r["lost"],
+            ]
+            for b, r in result.get("fanout", {}).items()
+        ]
+        if poll:
+            rows.append(
+                [
+                    "poll (Pulp)",
+                    poll["workers"],
+                    poll["last"].get("p50"),
+                    poll["last"].get("p99"),
+                    poll["per_worker"].get("p50"),
+                    poll["per_worker"].get("p99"),
+                    poll["first"].get("p50"),
+                    poll["lost"],
+                ]
+            )
+        headers = [
+            "backend",
+            "N",
+            "last p50",
+            "last p99",
+            "each p50",
+            "each p99",
+            "first p50",
+            "lost",
+        ]
+        out.append(
+            (
+                "2. One publish reaching N subscribers (ms after publish)",
+                table(headers, rows, markdown),
+            )
+        )
+    if result.get("connections") or poll:
+        rows = [
+            [b, r["subscribers"], r["pg_sessions"], r.get("redis_clients")]
+            for b, r in result.get("connections", {}).items()
+        ]
+        if poll:
+            rows.append(["poll (Pulp)", poll["workers"], poll["pg_sessions"], None])
+        headers = ["backend", "N", "PostgreSQL sessions", "Redis clients"]
+        out.append(("3. Connections held by N idle subscribers", table(headers, rows, markdown)))
+    if result.get("idle") or poll:
+        rows = [
+            [
+                b,
+                r["subscribers"],
+                r["window_s"],
+                r["cpu_s"],
+                r["cpu_pct_of_core"],
+                r["pg_xact_per_s"],
+            ]
+            for b, r in result.get("idle", {}).items()
+        ]
+        if poll:
+            i = poll["idle"]
+            rows.append(
+                [
+                    "poll (Pulp)",
+                    i["agents"],
+                    i["window_s"],
+                    i["cpu_s"],
+                    i["cpu_pct_of_core"],
+                    i["pg_xact_per_s"],
+                ]
+            )
+        headers = ["backend", "N", "window s", "CPU s", "% of one core", "DB transactions/s"]
+        out.append(("4. N idle subscribers", table(headers, rows, markdown)))
+    if result.get("commit"):
+        levels = next(iter(result["commit"].values()))["levels"]
+        headers = ["backend", "publish"] + [f"{row['subscribers']} idle" for row in levels]
+        rows = []
+        for b, r in result["commit"].items():
+            rows.append([b, "yes", *(row["commits_per_s"] for row in r["levels"])])
+            rows.append([b, "no", *(row["plain_commits_per_s"] for row in r["levels"])])
+        first = next(iter(result["commit"].values()))
+        title = (
+            f"5. Commits/s of {first['writers']} writers (INSERT + wake-up per transaction), "
+            "by idle subscribers"
+        )
+        out.append((title, table(headers, rows, markdown)))
+    if result.get("targets"):
+        rows = [
+            [
+                t["target"],
+                t["backend"],
+                t["measured"],
+                "met" if t["met"] else "MISSED",
+                t["note"] or "",
+            ]
+            for t in result["targets"]
+        ]
+        out.append(
+            ("Targets", table(["target", "backend", "measured", "", "note"], rows, markdown))
+        )
+    return out
+
+
+def render_text(result: dict[str, Any]) -> str:
+    parts = [f"{title}\n{body}" for title, body in sections(result)]
+    meta = result["meta"]
+    m = meta["machine"]
+    parts.append(
+        f"{m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), load {m['load_before']} before, "
+        f"{meta.get('load_after')} after; {meta.get('duration_s')} s in all."
+    )
+    return "\n\n".join(parts)
+
+
+def render_markdown(result: dict[str, Any], plot: str | None = None) -> str:
+    meta, m = result["meta"], result["meta"]["machine"]
+    head = [
+        "```",
+        meta["command"],
+        "```",
+        "",
+        f"- machine: {m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), "
+        f"{m.get('memory_gb', '?')} GB, {m.get('platform')}",
+        f"- software: Python {m.get('python')}, Django {m.get('django')}, "
+        f"psycopg {m.get('psycopg', '-')}, redis-py {m.get('redis', '-')}, "
+        f"PostgreSQL {meta.get('postgres_version', '-')}, Redis {meta.get('redis_version', '-')}",
+        f"- run: {meta['started']}, {meta.get('duration_s')} s, load average "
+        f"{m['load_before']} before and {meta.get('load_after')} after",
+        f"- parameters: {meta['params']}",
+    ]
+    parts = ["\n".join(head)]
+    parts += [f"**{title}**\n\n{body}" for title, body in sections(result, markdown=True)]
+    if plot:
+        parts.append(f"![pubsub_bench results]({plot})")
+    return "\n\n".join(parts) + "\n"

@@ -1,0 +1,327 @@
+"""The six measurements. Each returns a plain dict for the JSON report.
+
+Backend scenarios take the run's :class:`~.runner.BackendRun`, whose fleet of
+idle subscribers only grows (commit needs 0, 100 and N of them; connections,
+idle and fanout then use all N), so 250 processes are started once per backend.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from . import BenchError, roles
+from .agents import Fleet
+from .stats import quantiles_ms, ratio, summary_ms
+
+if TYPE_CHECKING:
+    from .runner import BackendRun, Context
+
+#: The channel idle subscribers listen on; writers publish on another one.
+WAKE = "pubsub_bench_wake"
+COMMIT = "pubsub_bench_commit"
+#: Round trips before measuring (connections warm, code paths hot), then blocks that
+#: alternate layer and raw, so a change in the machine's load hits both alike.
+WARMUP, BLOCKS = 50, 5
+#: Seconds for one reply from every agent before the round counts what it has.
+ROUND_WAIT = 15.0
+
+
+def _channel(kind: str) -> str:
+    return f"pubsub_bench_{kind}_{uuid.uuid4().hex[:8]}"
+
+
+def _ready(fleet: Fleet, ctx: Context, label: str, agents: list[Any] | None = None) -> None:
+    agents = fleet.agents if agents is None else agents
+    with ctx.progress.step(label, len(agents), "agents") as step:
+        got = fleet.gather(ctx.connect_wait, lambda m: "ready" in m, agents, step.update)
+    failed = [agents[i].name for i, m in got.items() if not m["ready"]]
+    missing = [agent.name for i, agent in enumerate(agents) if i not in got]
+    if failed or missing:
+        errors = {str(m["last_error"]) for m in got.values() if m.get("last_error")}
+        raise BenchError(
+            f"{label}: {len(failed) + len(missing)} of {len(agents)} agents did not connect"
+            f" ({'; '.join(sorted(errors)) or 'no reply'})."
+        )
+
+
+# -- 1. latency ---------------------------------------------------------------------
+
+
+def latency(ctx: Context, run: BackendRun) -> dict[str, Any]:
+    target, fleet = run.target, Fleet()
+    kinds: dict[str, tuple[roles.Role, roles.Role]] = {}
+    ping, pong = _channel("ping"), _channel("pong")
+    kinds["layer"] = (
+        roles.echo(target.settings_for("echo"), ping, pong),
+        roles.pinger(target.settings_for("pinger"), ping, pong),
+    )
+    if target.raw is not None:
+        rping, rpong = _channel("rawping"), _channel("rawpong")
+        kinds["raw"] = (
+            roles.raw_echo(target.raw, rping, rpong),
+            roles.raw_pinger(target.raw, rping, rpong),
+        )
+    pingers = {}
+    try:
+        for kind, (echo, pinger) in kinds.items():
+            fleet.spawn(
+                1, f"{kind}-echo", echo, in_process=target.in_process, setup=run.setup("echo")
+            )
+            pingers[kind] = fleet.spawn(
+                1, f"{kind}-pinger", pinger, in_process=target.in_process, setup=run.setup("pinger")
+            )
+        _ready(fleet, ctx, f"latency {target.name}: connecting")
+        rtts: dict[str, list[float]] = {kind: [] for kind in kinds}
+        lost = dict.fromkeys(kinds, 0)
+        per_block = max(1, ctx.params.pings // BLOCKS)
+        with ctx.progress.step(
+            f"latency {target.name}", per_block * BLOCKS * len(kinds), "round trips"
+        ) as step:
+            for block in range(-1, BLOCKS):
+                for kind, agents in pingers.items():
+                    rounds = WARMUP if block < 0 else per_block
+                    fleet.send({"rounds": rounds, "block": block}, agents)
+                    wait = rounds * roles.PONG_WAIT + ROUND_WAIT
+                    [reply] = fleet.gather(wait, lambda m: "rtts" in m, agents).values()
+                    if block >= 0:
+                        rtts[kind] += reply["rtts"]
+                        lost[kind] += reply["lost"]
+                        step.update(rounds)
+    finally:
+        fleet.close()
+        ctx.wait_gone("echo", "pinger")
+    result: dict[str, Any] = {
+        kind: {**summary_ms(rtts[kind]), "lost": lost[kind]} for kind in kinds
+    }
+    result["raw_client"] = target.raw_label
+    if "raw" in result:
+        result["ratio_p50"] = ratio(result["layer"].get("p50"), result["raw"].get("p50"))
+        result["ratio_p99"] = ratio(result["layer"].get("p99"), result["raw"].get("p99"))
+    return result
+
+
+# -- 2. fanout ----------------------------------------------------------------------
+
+
+def fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
+    n, target = ctx.params.subscribers, run.target
+    run.grow(n)
+    pub = Fleet()
+    pub.spawn(
+        1,
+        "publisher",
+        roles.publisher(target.settings_for("publisher")),
+        in_process=target.in_process,
+        setup=run.setup("publisher"),
+    )
+    per_subscriber: list[float] = []
+    first: list[float] = []
+    last: list[float] = []
+    lost = resyncs = 0
+    try:
+        _ready(pub, ctx, f"fanout {target.name}: publisher")
+        with ctx.progress.step(f"fanout {target.name} to {n}", ctx.params.rounds, "rounds") as step:
+            for i in range(ctx.params.rounds):
+                token = f"fanout-{i}-{uuid.uuid4().hex[:8]}"
+                seen_resync: list[int] = []
+
+                def accept(message: dict[str, Any], token: str = token, seen: Any = seen_resync):
+                    if message.get("resync"):
+                        seen.append(1)
+                    return message.get("got") == token
+
+                pub.send({"publish": token, "channel": WAKE})
+                [sent] = pub.gather(ROUND_WAIT, lambda m: "t0" in m).values()
+                got = run.fleet.gather(ROUND_WAIT, accept)
+                resyncs += len(seen_resync)
+                lost += n - len(got)
+                times = [m["t"] - sent["t0"] for m in got.values()]
+                if times:
+                    per_subscriber += times
+                    first.append(min(times))
+                    last.append(max(times))
+                step.update(1)
+                time.sleep(0.02)  # let the last woken subscribers go back to sleep
+    finally:
+        pub.close()
+        ctx.wait_gone("publisher")
+    return {
+        "subscribers": n,
+        "rounds": ctx.params.rounds,
+        "lost": lost,
+        "resyncs": resyncs,
+        "last": summary_ms(last),
+        "first": summary_ms(first),
+        "per_subscriber": summary_ms(per_subscriber),
+        "per_subscriber_cdf": quantiles_ms(per_subscriber),
+    }
+
+
+# -- 3. connections -----------------------------------------------------------------
+
+
+def connections(ctx: Context, run: BackendRun) -> dict[str, Any]:
+    n = ctx.params.subscribers
+    run.grow(n)
+    by_name = ctx.monitor().sessions()
+    held = sum(by_name.get(name, 0) for name in run.session_names())
+    result: dict[str, Any] = {"subscribers": n, "pg_sessions": held, "pg_sessions_by_name": by_name}
+    if run.target.settings.backend == "redis":  # for the record: what it holds instead
+        result["redis_clients"] = ctx.redis_monitor().clients()
+    return result
+
+
+# -- 4. idle ------------------------------------------------------------------------
+
+
+def measure_idle(ctx: Context, fleet: Fleet, in_process: bool, label: str) -> dict[str, Any]:
+    """CPU of the fleet and transactions of the database over one window of doing nothing."""
+    monitor = ctx.monitor()
+    time.sleep(max(0.0, ctx.params.settle - (time.monotonic() - fleet.grown_at)))
+    cpu0, started = _cpu(fleet, in_process), time.monotonic()
+    mark = monitor.xact_mark()
+    import sys, psycopg
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    other = psycopg.connect(make_conninfo(monitor.url, dbname="template1"), autocommit=True, prepare_threshold=None)
+    q = "select xact_commit, xact_rollback from pg_stat_database where datname='postgres'"
+    print("MARK", mark.value, other.execute(q).fetchone(), file=sys.stderr)
+    window = ctx.params.window
+    with ctx.progress.step(label, round(window), "s") as step:
+        end = time.monotonic() + window
+        while (left := end - time.monotonic()) > 0:
+            time.sleep(min(1.0, left))
+            step.update(1)
+    xacts, elapsed = monitor.xacts_since(mark)
+    print("END", xacts, other.execute(q).fetchone(), file=sys.stderr)
+    cpu = _cpu(fleet, in_process) - cpu0
+    cpu_elapsed = time.monotonic() - started
+    return {
+        "agents": len(fleet),
+        "window_s": round(elapsed, 3),
+        "cpu_s": round(cpu, 4),
+        "cpu_pct_of_core": round(100 * cpu / cpu_elapsed, 3),
+        "pg_xacts": xacts,
+        "pg_xact_per_s": round(xacts / elapsed, 3),
+    }
+
+
+def _cpu(fleet: Fleet, in_process: bool) -> float:
+    if in_process:  # threads of this process: its own clock covers them
+        return time.process_time()
+    fleet.send({"cmd": "cpu"})
+    got = fleet.gather(ROUND_WAIT, lambda m: "cpu" in m)
+    if len(got) < len(fleet):
+        raise BenchError(f"{len(fleet) - len(got)} agents did not report their CPU time.")
+    return float(sum(m["cpu"] for m in got.values()))
+
+
+def idle(ctx: Context, run: BackendRun) -> dict[str, Any]:
+    run.grow(ctx.params.subscribers)
+    result = measure_idle(ctx, run.fleet, run.target.in_process, f"idle {run.target.name}")
+    result["subscribers"] = result.pop("agents")
+    result["probe_interval_s"] = run.probe_interval
+    return result
+
+
+# -- 5. commit ----------------------------------------------------------------------
+
+
+def commit(ctx: Context, run: BackendRun) -> dict[str, Any]:
+    params, target = ctx.params, run.target
+    writers = Fleet()
+    levels = []
+    try:
+        # Writers first: an in-process backend's subscribers are threads, and a fork
+        # should find no other thread in the parent.
+        writers.spawn(
+            params.writers,
+            "writer",
+            roles.writer(target.settings_for("writer"), COMMIT),
+            in_process=False,
+            setup=run.setup("writer", database=True),
+        )
+        _ready(writers, ctx, f"commit {target.name}: writers")
+        for level in params.commit_levels:
+            run.grow(level)
+            row: dict[str, Any] = {"subscribers": level}
+            for publish in (True, False):
+                key = "commits_per_s" if publish else "plain_commits_per_s"
+                label = f"commit {target.name}, {level} idle subscribers" + (
+                    "" if publish else ", no publish"
+                )
+                with ctx.progress.step(label, 1, "runs") as step:
+                    writers.send({"run": params.duration, "publish": publish})
+                    got = writers.gather(params.duration + 60, lambda m: "commits" in m)
+                    step.update(1)
+                commits = sum(m["commits"] for m in got.values())
+                elapsed = max(m["elapsed"] for m in got.values())
+                row[key] = round(commits / elapsed, 1)
+                row["errors" if publish else "plain_errors"] = sum(
+                    m["errors"] for m in got.values()
+                )
+                errors = [m["first_error"] for m in got.values() if m["first_error"]]
+                if errors:
+                    row.setdefault("first_error", errors[0])
+            levels.append(row)
+    finally:
+        writers.close()
+        ctx.wait_gone("writer")
+    return {"writers": params.writers, "duration_s": params.duration, "levels": levels}
+
+
+# -- 6. poll baseline ---------------------------------------------------------------
+
+
+def _seen(task: int) -> Callable[[dict[str, Any]], bool]:
+    return lambda message: message.get("seen") == task
+
+
+def poll(ctx: Context) -> dict[str, Any]:
+    """Pulp's polling worker model, with N workers each sleeping N x 10 ms between looks."""
+    n = ctx.params.subscribers
+    period = n * 0.01
+    monitor = ctx.monitor()
+    fleet = Fleet()
+    per_worker: list[float] = []
+    first: list[float] = []
+    last: list[float] = []
+    lost = 0
+    try:
+        fleet.spawn(
+            n, "poller", roles.poller(period), in_process=False, setup=ctx.agent_setup("poller")
+        )
+        _ready(fleet, ctx, f"poll: starting {n} workers")
+        sessions = monitor.sessions().get(ctx.application_name("poller"), 0)
+        idle_result = measure_idle(ctx, fleet, False, f"poll: {n} idle workers")
+        with ctx.progress.step(
+            f"poll: wake-ups, {n} workers", ctx.params.poll_rounds, "rounds"
+        ) as step:
+            for _ in range(ctx.params.poll_rounds):
+                started = time.monotonic()
+                task = monitor.insert_task()
+                got = fleet.gather(period * 2 + ROUND_WAIT, _seen(task))
+                lost += n - len(got)
+                times = [m["t"] - started for m in got.values()]
+                if times:
+                    per_worker += times
+                    first.append(min(times))
+                    last.append(max(times))
+                step.update(1)
+    finally:
+        fleet.close()
+        ctx.wait_gone("poller")
+    return {
+        "workers": n,
+        "period_ms": round(period * 1000, 1),
+        "rounds": ctx.params.poll_rounds,
+        "lost": lost,
+        "pg_sessions": sessions,
+        "idle": idle_result,
+        "last": summary_ms(last),
+        "first": summary_ms(first),
+        "per_worker": summary_ms(per_worker),
+        "per_worker_cdf": quantiles_ms(per_worker),
+    }

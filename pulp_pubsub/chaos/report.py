@@ -1,0 +1,217 @@
+"""The verdict of a chaos run: its figures, whether it passed, and how to print it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .invariant import (
+    AgentLog,
+    Fault,
+    Publish,
+    check_invariant,
+    delivered_despite_failure,
+    leaking_lines,
+    recovery_times,
+    summarize_recovery,
+)
+
+if TYPE_CHECKING:
+    from .engine import ChaosConfig
+
+
+@dataclass
+class ChaosReport:
+    backend: str
+    seconds: float
+    subscribers: int
+    channels: int
+    rate: float
+    seed: int | None
+    faults: int
+    faults_by_kind: dict[str, dict[str, Any]]
+    published: int
+    publish_failed: int
+    publish_max_seconds: float
+    publish_limit: float
+    #: Publishes slower than ``publish_limit``, or that raised a non-PubSubError.
+    hung_publishes: int
+    foreign_publish_errors: int
+    #: Failed publishes by exception type: PublishError is the only one the contract allows.
+    publish_errors: dict[str, int]
+    #: Messages each subscriber had to get (summed over subscribers), and how they were met.
+    expected: int
+    delivered: int
+    covered_by_resync: int
+    missing: int
+    duplicates: int
+    unexpected_payloads: int
+    delivered_after_publish_error: int
+    resyncs: int
+    reconnects: int
+    stuck: list[str]
+    unrecovered_faults: int
+    recovery_p50: float | None
+    recovery_p99: float | None
+    recovery_max: float | None
+    leaks: int
+    agent_failures: list[str]
+    notes: list[str] = field(default_factory=list)
+    missing_examples: list[str] = field(default_factory=list)
+    fault_log: list[dict[str, Any]] = field(default_factory=list)
+    workdir: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not (
+            self.missing
+            or self.stuck
+            or self.unrecovered_faults
+            or self.hung_publishes
+            or self.leaks
+            or self.agent_failures
+            or self.unexpected_payloads
+            or self.published == 0
+            or set(self.publish_errors) - {"PublishError"}
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+    def format(self) -> str:
+        def secs(value: float | None) -> str:
+            return "-" if value is None else f"{value:.2f} s"
+
+        kinds = ", ".join(
+            f"{kind} {entry['count']}"
+            + (f" ({entry['unrecovered']} unrecovered)" if entry["unrecovered"] else "")
+            for kind, entry in self.faults_by_kind.items()
+        )
+        errors = ", ".join(f"{n} {kind}" for kind, n in self.publish_errors.items()) or "none"
+        lines = [
+            f"chaos run on {self.backend}: {'PASSED' if self.ok else 'FAILED'}",
+            f"  {self.seconds:.0f} s, {self.subscribers} subscribers, {self.channels} channels, "
+            f"{self.rate:g} messages/s, seed {self.seed}",
+            f"  faults injected:     {self.faults} ({kinds})",
+            f"  messages published:  {self.published} ({self.publish_failed} publishes failed: "
+            f"{errors}; slowest publish {self.publish_max_seconds:.2f} s, "
+            f"limit {self.publish_limit:.1f} s, {self.hung_publishes} over it)",
+            f"  messages delivered:  {self.delivered} of {self.expected} owed "
+            f"({self.covered_by_resync} covered by a later resync, {self.missing} missing)",
+            f"  resyncs received:    {self.resyncs} (after {self.reconnects} reconnects)",
+            f"  stuck subscribers:   {len(self.stuck)}" + (f" {self.stuck}" if self.stuck else ""),
+            f"  recovery time:       p50 {secs(self.recovery_p50)}, p99 {secs(self.recovery_p99)}, "
+            f"max {secs(self.recovery_max)} ({self.unrecovered_faults} unrecovered)",
+            f"  password in output:  {self.leaks} lines",
+        ]
+        if self.duplicates or self.delivered_after_publish_error:
+            lines.append(
+                f"  also: {self.duplicates} duplicate deliveries, "
+                f"{self.delivered_after_publish_error} messages arrived although their "
+                "publish raised (it timed out after the server had it)"
+            )
+        if self.missing_examples:
+            lines.append(f"  missing, e.g.: {', '.join(self.missing_examples)}")
+        for failure in self.agent_failures:
+            lines.append(f"  subscriber failure: {failure}")
+        for note in self.notes:
+            lines.append(f"  note: {note}")
+        if self.workdir:
+            lines.append(f"  logs: {self.workdir}")
+        return "\n".join(lines)
+
+
+def build_report(
+    *,
+    config: ChaosConfig,
+    kinds: tuple[str, ...],
+    publishes: list[Publish],
+    agents: list[AgentLog],
+    faults: list[Fault],
+    elapsed: float,
+    texts: list[str],
+    secrets: list[str],
+    notes: list[str],
+    workdir: str,
+    publish_limit: float,
+    final_seq: int | None,
+) -> ChaosReport:
+    verdicts = [check_invariant(publishes, agent) for agent in agents]
+    recovery_times(faults, agents)
+    recovery = summarize_recovery(faults)
+    by_kind = {
+        kind: recovery["by_kind"].get(kind, {"count": 0, "unrecovered": 0, "max": None})
+        for kind in kinds
+    }
+    durations = [p.ended - p.started for p in publishes]
+    stuck = []
+    failures = []
+    for agent in agents:
+        if (
+            agent.subscribed_at is None
+            or final_seq is None
+            or agent.max_seq < final_seq
+            or agent.close_hung
+            or agent.exit_code not in (0, None)
+        ):
+            stuck.append(agent.name)
+        if agent.errors or agent.close_hung or agent.exit_code not in (0, None):
+            failures.append(
+                f"{agent.name}: exit {agent.exit_code}, close hung {agent.close_hung}, "
+                f"errors {agent.errors[:3]}"
+            )
+    missing = [
+        f"{verdict.name}:{channel}#{seq}"
+        for verdict in verdicts
+        for channel, seq in verdict.missing
+    ]
+    return ChaosReport(
+        backend=config.backend,
+        seconds=elapsed,
+        subscribers=config.subscribers,
+        channels=config.channels,
+        rate=config.rate,
+        seed=config.seed,
+        faults=len(faults),
+        faults_by_kind=by_kind,
+        published=sum(1 for p in publishes if p.ok),
+        publish_failed=sum(1 for p in publishes if not p.ok),
+        publish_max_seconds=max(durations, default=0.0),
+        publish_limit=publish_limit,
+        hung_publishes=sum(
+            1 for p in publishes if p.ended - p.started > publish_limit or p.foreign
+        ),
+        foreign_publish_errors=sum(1 for p in publishes if p.foreign),
+        publish_errors=dict(Counter(p.error.partition(":")[0] for p in publishes if p.error)),
+        expected=sum(v.expected for v in verdicts),
+        delivered=sum(v.delivered for v in verdicts),
+        covered_by_resync=sum(v.covered_by_resync for v in verdicts),
+        missing=len(missing),
+        duplicates=sum(agent.duplicates for agent in agents),
+        unexpected_payloads=sum(len(agent.unexpected) for agent in agents),
+        delivered_after_publish_error=sum(
+            delivered_despite_failure(publishes, agent) for agent in agents
+        ),
+        resyncs=sum(agent.resync_count() for agent in agents),
+        reconnects=sum(agent.stats.get("reconnects", 0) for agent in agents),
+        stuck=stuck,
+        unrecovered_faults=sum(1 for f in faults if f.recovery is None),
+        recovery_p50=recovery["p50"],
+        recovery_p99=recovery["p99"],
+        recovery_max=recovery["max"],
+        leaks=len(leaking_lines(texts, secrets)),
+        agent_failures=failures,
+        notes=notes,
+        missing_examples=missing[:10],
+        fault_log=[
+            {
+                "kind": f.kind,
+                "detail": f.detail,
+                "seconds": round(f.healed - f.started, 3),
+                "recovery": None if f.recovery is None else round(f.recovery, 3),
+            }
+            for f in faults
+        ],
+        workdir=workdir,
+    )

@@ -1,0 +1,245 @@
+"""The server a chaos run breaks, one small adapter per backend.
+
+A real server is always a throwaway one of the run's own, with a password, on a free loopback
+port, behind two fault-injecting TCP proxies (one for the subscribers, one for the publisher),
+so that no other test or process is ever touched. The launchers are those of the test suite,
+``tests/servers.py``, which ships with the repository checkout and not with the package: the
+chaos run therefore works from a checkout only, and says so when it cannot import them.
+(The benchmark's launcher, :mod:`pulp_pubsub.bench.servers`, is installed but deliberately
+never restarts, freezes or cuts a server and sets no password, which is all a chaos run does.)
+"""
+
+from __future__ import annotations
+
+import importlib
+import secrets
+from types import ModuleType
+from typing import Any, ClassVar
+
+from django.core.management.base import CommandError
+
+#: Fault kinds, in the order the report lists them.
+SERVER_FAULTS = ("restart_graceful", "restart_kill", "kill_connections", "freeze")
+PROXY_FAULTS = ("proxy_cut", "proxy_stall", "proxy_slow")
+
+
+class ServersUnavailable(CommandError):
+    """The throwaway-server launchers of the repository checkout cannot be imported."""
+
+
+def servers_module() -> ModuleType:
+    try:
+        servers = importlib.import_module("tests.servers")
+    except ImportError as exc:
+        raise ServersUnavailable(
+            "The chaos run starts throwaway servers with tests/servers.py, which is part of "
+            "the pulp-pubsub repository checkout, not of the installed package. Run it from "
+            f"the checkout's top directory (cd pulp-pubsub && python manage.py pubsub_chaos "
+            f"...). Import error: {exc}"
+        ) from exc
+    return servers
+
+
+def make_password() -> str:
+    # '/' and '@' must be quoted in a URL: the run also proves they never leak in either form.
+    return f"Ch40s/{secrets.token_hex(6)}@pw"
+
+
+class Target:
+    name: ClassVar[str]
+    #: False when subscribers must be threads of the orchestrator (the memory backend).
+    cross_process: ClassVar[bool] = True
+    fault_kinds: ClassVar[tuple[str, ...]] = SERVER_FAULTS + PROXY_FAULTS
+
+    def __init__(self, run_id: str, options: dict[str, Any], subscribers: int = 4) -> None:
+        self.run_id = run_id
+        self.options = options
+        self.subscribers = subscribers
+        self.password = make_password()
+        self.proxies: dict[str, Any] = {}
+
+    @property
+    def secrets(self) -> list[str]:
+        from urllib.parse import quote
+
+        return [self.password, quote(self.password, safe="")]
+
+    def start(self) -> None:
+        raise NotImplementedError("subclasses of Target must provide start()")
+
+    def spec(self, role: str) -> dict[str, Any]:
+        """Backend, URL and options for ``role`` ("subscriber" or "publisher")."""
+        raise NotImplementedError("subclasses of Target must provide spec()")
+
+    def stop_server(self, mode: str) -> None:
+        raise NotImplementedError("subclasses of Target must provide stop_server()")
+
+    def start_server(self) -> None:
+        raise NotImplementedError("subclasses of Target must provide start_server()")
+
+    def kill_subscriber_connections(self) -> int:
+        raise NotImplementedError("subclasses of Target must provide kill_subscriber_connections()")
+
+    def freeze(self) -> None:
+        raise NotImplementedError("subclasses of Target must provide freeze()")
+
+    def thaw(self) -> None:
+        raise NotImplementedError("subclasses of Target must provide thaw()")
+
+    def cleanup(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.close()
+
+
+class MemoryTarget(Target):
+    """The in-process hub: faults are its ``set_server_down`` and ``drop_connections``."""
+
+    name = "memory"
+    cross_process = False
+    fault_kinds = SERVER_FAULTS
+
+    @property
+    def secrets(self) -> list[str]:
+        return []
+
+    def start(self) -> None:
+        from ..backends import memory
+
+        memory.set_server_down(False)
+
+    def spec(self, role: str) -> dict[str, Any]:
+        return {"backend": "memory", "url": None, "options": dict(self.options)}
+
+    def stop_server(self, mode: str) -> None:
+        from ..backends import memory
+
+        memory.set_server_down(True)
+
+    def start_server(self) -> None:
+        from ..backends import memory
+
+        memory.set_server_down(False)
+
+    def kill_subscriber_connections(self) -> int:
+        from ..backends import memory
+
+        return memory.drop_connections()
+
+    # A hub cannot hang; being down is the nearest it comes to a frozen server.
+    def freeze(self) -> None:
+        self.stop_server("freeze")
+
+    def thaw(self) -> None:
+        self.start_server()
+
+    def cleanup(self) -> None:
+        self.start_server()
+
+
+class _ServerTarget(Target):
+    server: Any = None
+
+    def _with_proxies(self) -> None:
+        servers = servers_module()
+        for role in ("subscriber", "publisher"):
+            self.proxies[role] = servers.TcpProxy(self.server.host, self.server.port).start()
+
+    def stop_server(self, mode: str) -> None:
+        if mode == "kill":
+            # kill -9 of every server process at once: no shutdown code runs at all.
+            self.server._kill_hard()
+        else:
+            self.server.stop()
+
+    def start_server(self) -> None:
+        self.server.start()
+
+    def freeze(self) -> None:
+        self.server.freeze()
+
+    def thaw(self) -> None:
+        self.server.thaw()
+
+    def cleanup(self) -> None:
+        try:
+            super().cleanup()
+        finally:
+            if self.server is not None:
+                self.server.cleanup()
+
+
+class PostgresTarget(_ServerTarget):
+    name = "postgres"
+
+    def __init__(self, run_id: str, options: dict[str, Any], subscribers: int = 4) -> None:
+        super().__init__(run_id, options, subscribers)
+        # Marks the subscribers' sessions, so a server-side kill hits them and nothing else.
+        self.application_name = f"pulp-pubsub chaos {run_id}"
+        self.max_connections = max(100, 2 * subscribers + 20)
+
+    def start(self) -> None:
+        servers = servers_module()
+        self.server = servers.PostgresServer(
+            max_connections=self.max_connections, password=self.password
+        )
+        self.server.start()
+        self._with_proxies()
+
+    def spec(self, role: str) -> dict[str, Any]:
+        options = {**self.options, "application_name": self.application_name}
+        return {
+            "backend": "postgres",
+            "url": self.proxies[role].url_for(self.server.url),
+            "options": options,
+        }
+
+    def kill_subscriber_connections(self) -> int:
+        import psycopg
+
+        with psycopg.connect(self.server.url, autocommit=True, connect_timeout=5) as conn:
+            rows = conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = %s",
+                [self.application_name],
+            ).fetchall()
+        return len(rows)
+
+
+class RedisTarget(_ServerTarget):
+    name = "redis"
+
+    def start(self) -> None:
+        servers = servers_module()
+        self.server = servers.RedisServer(password=self.password)
+        self.server.start()
+        self._with_proxies()
+
+    def spec(self, role: str) -> dict[str, Any]:
+        return {
+            "backend": "redis",
+            "url": self.proxies[role].url_for(self.server.url),
+            "options": dict(self.options),
+        }
+
+    def kill_subscriber_connections(self) -> int:
+        import redis
+
+        with redis.Redis.from_url(self.server.url, socket_timeout=5) as client:
+            return int(client.client_kill_filter(_type="pubsub"))
+
+
+TARGETS: dict[str, type[Target]] = {
+    "memory": MemoryTarget,
+    "postgres": PostgresTarget,
+    "redis": RedisTarget,
+}
+
+
+def make_target(name: str, run_id: str, options: dict[str, Any], subscribers: int) -> Target:
+    try:
+        cls = TARGETS[name]
+    except KeyError:
+        raise CommandError(
+            f"The chaos run knows no backend {name!r}; choose one of {', '.join(TARGETS)}."
+        ) from None
+    return cls(run_id, options, subscribers)

@@ -1,0 +1,1 @@
+"""Integrations of pulp-pubsub with programs that do not know about it."""

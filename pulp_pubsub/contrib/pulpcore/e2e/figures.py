@@ -1,0 +1,213 @@
+"""The figures of a run: a table for people, verdicts for the test."""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from .scenarios import Outcome, Report
+
+#: The targets of issue #5.
+LATENCY_RATIO = 1.25
+CANCEL_SECONDS = 1.0
+
+
+@dataclass
+class Verdict:
+    name: str
+    ok: bool
+    figure: str
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
+
+
+def _p(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def table(report: Report) -> str:
+    rows = [
+        (
+            "scenario",
+            "workers",
+            "worker DB path",
+            "tasks done",
+            "created->started p50",
+            "p95",
+            "cancel",
+            "idle xact/s",
+            "NOTIFYs on PG",
+        )
+    ]
+    for outcome in report.outcomes.values():
+        waits = outcome.waits("latency") or outcome.waits()
+        rows.append(
+            (
+                outcome.name,
+                str(outcome.workers),
+                outcome.db_path,
+                f"{outcome.finished}/{len(outcome.tasks)}" if outcome.tasks else "-",
+                _ms(_p(waits, 50)),
+                _ms(_p(waits, 95)),
+                _cancel(outcome),
+                "-" if outcome.idle_rate is None else f"{outcome.idle_rate:.2f}",
+                "-"
+                if outcome.stray_notifies is None
+                else str(sum(outcome.stray_notifies.values())),
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cancel(outcome: Outcome) -> str:
+    if outcome.cancel is None:
+        return "-"
+    if outcome.cancel.get("latency") is None:
+        if outcome.cancel.get("state") == "canceling":
+            return "not reached in 10 s"
+        return f"task never ran ({outcome.cancel.get('state')})"
+    return f"{_ms(outcome.cancel['latency'])} ({outcome.cancel['state']})"
+
+
+def verdicts(report: Report) -> list[Verdict]:
+    out: list[Verdict] = []
+    failed = [name for name, c in report.contract.items() if not c["ok"]]
+    out.append(
+        Verdict(
+            "worker contract on pulpcore's classes",
+            bool(report.contract) and not failed,
+            f"{len(report.contract) - len(failed)}/{len(report.contract)} checks"
+            + (f"; failed: {failed}" if failed else ""),
+        )
+    )
+    stock, ours = report.outcomes.get("stock_direct"), report.outcomes.get("pubsub_redis")
+    if ours is not None:
+        out.append(
+            Verdict(
+                "pubsub-redis: every task starts and finishes",
+                bool(ours.tasks) and ours.finished == len(ours.tasks),
+                f"{ours.finished}/{len(ours.tasks)}",
+            )
+        )
+        latency = ours.cancel_latency
+        out.append(
+            Verdict(
+                f"pubsub-redis: cancel reaches its running task within {CANCEL_SECONDS:.0f} s",
+                latency is not None and latency < CANCEL_SECONDS,
+                _cancel(ours),
+            )
+        )
+        waiting = ours.cancel_waiting or {}
+        out.append(
+            Verdict(
+                "pubsub-redis: cancel of a queued task",
+                waiting.get("second") == "canceled",
+                str(waiting),
+            )
+        )
+        stray = sum((ours.stray_notifies or {}).values())
+        out.append(Verdict("pubsub-redis: no NOTIFY reaches PostgreSQL", stray == 0, str(stray)))
+    if ours is not None and stock is not None:
+        ratio = latency_ratio(report)
+        out.append(
+            Verdict(
+                f"pubsub-redis: created->started p50 <= {LATENCY_RATIO} x stock-direct",
+                ratio is not None and ratio <= LATENCY_RATIO,
+                f"{_ms(ours.p50())} vs {_ms(stock.p50())}: ratio "
+                + ("-" if ratio is None else f"{ratio:.2f}"),
+            )
+        )
+        out.append(
+            Verdict(
+                "pubsub-redis: idle DB xact/s <= stock-direct",
+                ours.idle_rate is not None
+                and stock.idle_rate is not None
+                and ours.idle_rate <= stock.idle_rate,
+                f"{_rate(ours)} vs {_rate(stock)}",
+            )
+        )
+    mixed = report.outcomes.get("mixed")
+    if mixed is not None:
+        out.append(
+            Verdict(
+                "mixed fleet: every task starts and finishes",
+                bool(mixed.tasks) and mixed.finished == len(mixed.tasks),
+                f"{mixed.finished}/{len(mixed.tasks)}; ran on {mixed.workers_used}",
+            )
+        )
+    return out
+
+
+def _rate(outcome: Outcome) -> str:
+    rate = outcome.idle_rate
+    return (
+        "-"
+        if rate is None
+        else f"{rate:.2f}/s ({outcome.idle_xacts} in {outcome.idle_seconds:.0f} s)"
+    )
+
+
+def latency_ratio(report: Report) -> float | None:
+    stock, ours = report.outcomes.get("stock_direct"), report.outcomes.get("pubsub_redis")
+    if stock is None or ours is None:
+        return None
+    a, b = ours.p50(), stock.p50()
+    return None if a is None or not b else a / b
+
+
+def contrast(report: Report) -> list[str]:
+    """What goes wrong for stock pulpcore behind PgBouncer, in numbers."""
+    outcome = report.outcomes.get("stock_pgbouncer")
+    if outcome is None:
+        return []
+    lines = [
+        f"stock-pgbouncer: {outcome.started} of {len(outcome.tasks)} tasks started, "
+        f"{outcome.finished} finished ({'; '.join(outcome.notes)})",
+    ]
+    if outcome.cancel is not None:
+        lines.append(f"stock-pgbouncer: cancel {_cancel(outcome)}")
+    return lines
+
+
+def as_dict(report: Report) -> dict[str, Any]:
+    return {
+        "config": {k: str(v) for k, v in vars(report.config).items()},
+        "seconds": report.seconds,
+        "total_seconds": report.total_seconds,
+        "contract": report.contract,
+        "outcomes": {
+            name: {
+                "description": o.description,
+                "workers": o.workers,
+                "db_path": o.db_path,
+                "tasks": len(o.tasks),
+                "started": o.started,
+                "finished": o.finished,
+                "wait_p50": o.p50(),
+                "wait_p95": _p(o.waits("latency"), 95),
+                "waits": {p: o.waits(p) for p in ("warmup", "latency", "async", "burst")},
+                "cancel": o.cancel,
+                "cancel_waiting": o.cancel_waiting,
+                "idle_xacts": o.idle_xacts,
+                "idle_seconds": o.idle_seconds,
+                "idle_rate": o.idle_rate,
+                "stray_notifies": o.stray_notifies,
+                "workers_used": o.workers_used,
+                "integration": o.integration,
+                "notes": o.notes,
+            }
+            for name, o in report.outcomes.items()
+        },
+        "latency_ratio": latency_ratio(report),
+        "verdicts": [vars(v) for v in verdicts(report)],
+    }

@@ -1,0 +1,201 @@
+"""The worker side: a ``PulpcoreWorker`` that hears the layer instead of LISTEN.
+
+pulpcore's worker keeps one cursor, ``self.cursor``, only for its messaging
+(``LISTEN``/``UNLISTEN`` in ``run()``, ``pg_notify`` in ``notify_workers()``,
+``NOTIFY`` for the metrics heartbeat), and it waits in
+``select.select([sentinel, connection.connection(, task process)])`` in
+``sleep()`` and ``supervise_task()``. The integration changes exactly these
+two seams and copies no method of pulpcore:
+
+* :class:`WorkerCursor` replaces ``self.cursor``: ``LISTEN`` subscribes the
+  worker's :class:`~pulp_pubsub.Subscriber`, ``UNLISTEN`` unsubscribes, a
+  NOTIFY publishes (at commit inside ``atomic()``, as PostgreSQL would). So
+  ``run()`` decides what to subscribe to as it always did: cancel and
+  heartbeat always, wake-ups only outside burst mode.
+* :data:`select_shim` replaces the name ``select`` inside
+  ``pulpcore.tasking.worker`` only. It adds the subscriber's ``fileno()`` to
+  the worker's own list and, when it is readable, runs ``dispatch()`` before
+  returning, so the handlers set the worker's flags in the worker's thread
+  and the unchanged loop acts on them in the same turn.
+
+Each message then goes to pulpcore's own ``_pg_notify_handler``, which maps
+it to the flags exactly as for a PostgreSQL notification (a ``Message`` has
+the same ``channel`` and ``payload``). Only a ``resync`` (messages may have
+been lost) is handled here: for wake-ups it does what an unknown payload
+does, both flags; for cancel it asks the database whether the running task is
+being canceled; the heartbeat timer needs nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select as _select
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from ... import get_backend, publish
+from ...backends.listener import Subscriber
+from ...message import Message
+from ...registry import CANCEL, WAKEUP
+from .sql import parse
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerCursor:
+    """Replaces ``PulpcoreWorker.cursor``: pub/sub SQL goes to the layer."""
+
+    def __init__(self, worker: Any, real: Any = None) -> None:
+        self.worker = worker
+        self.real = real
+
+    def execute(self, sql: Any, params: Sequence[Any] | None = None) -> Any:
+        statement = parse(sql, params)
+        if statement is None:
+            # Not messaging: pulpcore 3.123 sends none here, but a later
+            # harmless query should behave as it always did.
+            if self.real is None:
+                from django.db import connection
+
+                self.real = connection.cursor()
+            return self.real.execute(sql, params)
+        subscriber: Subscriber = self.worker.pubsub
+        if statement.verb == "listen":
+            subscriber.subscribe(statement.channel, self.worker.on_pubsub_message)
+        elif statement.verb == "unlisten":
+            subscriber.unsubscribe(statement.channel, self.worker.on_pubsub_message)
+        else:
+            publish(statement.channel, statement.payload)
+        return self
+
+    def close(self) -> None:
+        if self.real is not None:
+            self.real.close()
+            self.real = None
+
+
+class SelectShim:
+    """Stands in for the ``select`` module inside ``pulpcore.tasking.worker``.
+
+    With no subscriber attached (a stock worker class, the task process
+    forked from a worker) it is the plain ``select.select``.
+    """
+
+    def __init__(self) -> None:
+        self._subscriber: Subscriber | None = None
+        self._pid = 0
+
+    def attach(self, subscriber: Subscriber) -> None:
+        self._subscriber, self._pid = subscriber, os.getpid()
+
+    def detach(self, subscriber: Subscriber) -> None:
+        if self._subscriber is subscriber:
+            self._subscriber = None
+
+    def select(
+        self,
+        rlist: Sequence[Any],
+        wlist: Sequence[Any],
+        xlist: Sequence[Any],
+        timeout: float | None = None,
+    ) -> tuple[list[Any], list[Any], list[Any]]:
+        subscriber = self._subscriber
+        if subscriber is None or self._pid != os.getpid():
+            return _select.select(rlist, wlist, xlist, timeout)
+        fd = subscriber.fileno()
+        readable, writable, failed = _select.select([*rlist, fd], wlist, xlist, timeout)
+        if fd in readable:
+            subscriber.dispatch()
+            readable = [item for item in readable if not (isinstance(item, int) and item == fd)]
+        return readable, writable, failed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_select, name)
+
+
+#: The one shim; a worker process runs one worker.
+select_shim = SelectShim()
+
+
+class PubSubWorkerMixin:
+    """Mixed in front of ``PulpcoreWorker``; see the module docstring."""
+
+    # What pulpcore's class provides (declared for the type checker).
+    auxiliary: bool
+    task: Any
+    cursor: Any
+    wakeup_unblock: bool
+    wakeup_handle: bool
+    cancel_task: bool
+    _pg_notify_handler: Callable[[Any], None]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # pulpcore opened a real cursor for its LISTENs; it is never needed.
+        real, self.cursor = self.cursor, None
+        if real is not None:
+            real.close()
+        self.pubsub = get_backend().subscriber()
+        self.cursor = WorkerCursor(self)
+        select_shim.attach(self.pubsub)
+
+    def run(self, burst: bool = False) -> Any:
+        try:
+            return super().run(burst=burst)  # type: ignore[misc]
+        finally:
+            select_shim.detach(self.pubsub)
+            self.pubsub.close()
+            self.cursor.close()
+
+    def on_pubsub_message(self, message: Message) -> None:
+        if not message.resync:
+            self._pg_notify_handler(message)
+            return
+        if message.channel == WAKEUP:
+            logger.info("Wake-ups may have been missed (%s); looking for work.", message.channel)
+            self.wakeup_unblock = not self.auxiliary
+            self.wakeup_handle = True
+        elif message.channel == CANCEL and self.task is not None:
+            self.cancel_task = self.cancel_task or self._task_is_canceling()
+        # A missed metrics heartbeat only means this worker may report once more.
+
+    def _task_is_canceling(self) -> bool:
+        from pulpcore.app.models import Task
+        from pulpcore.constants import TASK_STATES
+
+        return bool(Task.objects.filter(pk=self.task.pk, state=TASK_STATES.CANCELING).exists())
+
+
+def make_worker_class(base: type) -> type:
+    """``base`` (pulpcore's ``PulpcoreWorker``) with the layer mixed in front."""
+    return type(
+        "PubSubPulpcoreWorker",
+        (PubSubWorkerMixin, base),
+        {"__module__": __name__, "__doc__": PubSubWorkerMixin.__doc__},
+    )
+
+
+def install(worker_module: Any) -> bool:
+    """Make ``worker_module.PulpcoreWorker`` the integrated class; idempotent.
+
+    ``pulpcore-worker`` imports the name only after ``django.setup()`` has run
+    our ``AppConfig.ready()``, so the stock command (``--reload``,
+    ``--burst``, ``--auxiliary`` included) runs this class.
+    """
+    current = worker_module.PulpcoreWorker
+    if issubclass(current, PubSubWorkerMixin):
+        return False
+    worker_module.PulpcoreWorker = make_worker_class(current)
+    worker_module.select = select_shim
+    return True
+
+
+def uninstall(worker_module: Any) -> None:
+    current = worker_module.PulpcoreWorker
+    if issubclass(current, PubSubWorkerMixin):
+        worker_module.PulpcoreWorker = next(
+            base for base in current.__mro__[1:] if not issubclass(base, PubSubWorkerMixin)
+        )
+    if worker_module.select is select_shim:
+        worker_module.select = _select

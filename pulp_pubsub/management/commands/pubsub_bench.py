@@ -1,0 +1,146 @@
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from dataclasses import replace
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from pulp_pubsub.bench import SCENARIOS, BenchError
+from pulp_pubsub.bench.progress import Progress
+from pulp_pubsub.bench.report import render_markdown, render_text
+from pulp_pubsub.bench.runner import QUICK, Params, run_benchmark
+from pulp_pubsub.bench.servers import ServerSet
+from pulp_pubsub.exceptions import PubSubError
+
+DEFAULTS = Params()
+
+
+class Command(BaseCommand):
+    help = (
+        "Benchmark the pub/sub backends side by side with their bare client libraries and with "
+        "Pulp's polling workers: " + ", ".join(SCENARIOS) + ". Starts throwaway PostgreSQL "
+        "and Redis servers unless given their URLs."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "scenarios",
+            nargs="*",
+            metavar="SCENARIO",
+            help=f"What to run (default: all): {', '.join(SCENARIOS)}.",
+        )
+        parser.add_argument(
+            "--backends",
+            default="postgres,redis",
+            help="Comma-separated backends (default: postgres,redis).",
+        )
+        add = parser.add_argument
+        add("--subscribers", type=int, help=f"N (default {DEFAULTS.subscribers}).")
+        add("--pings", type=int, help=f"Latency round trips (default {DEFAULTS.pings}).")
+        add("--rounds", type=int, help=f"Fanout publishes (default {DEFAULTS.rounds}).")
+        add("--window", type=float, help=f"Idle window, s (default {DEFAULTS.window:g}).")
+        add("--writers", type=int, help=f"Commit writers (default {DEFAULTS.writers}).")
+        add(
+            "--duration",
+            type=float,
+            help=f"Seconds per commit measurement (default {DEFAULTS.duration:g}).",
+        )
+        add(
+            "--poll-rounds",
+            type=int,
+            help=f"Wake-ups for the poll baseline (default {DEFAULTS.poll_rounds}).",
+        )
+        add(
+            "--quick",
+            action="store_true",
+            help="Tiny defaults for CI smoke runs: N=5, short windows (flags still win).",
+        )
+        add("--postgres-url", help="Use this PostgreSQL instead of a throwaway one.")
+        add("--redis-url", help="Use this Redis instead of a throwaway one.")
+        add(
+            "--server-url",
+            action="append",
+            default=[],
+            metavar="KIND=URL",
+            help="A server for another backend's adapter, e.g. nats=nats://127.0.0.1:4222.",
+        )
+        add("--json", metavar="FILE", help="Write the full result as JSON.")
+        add("--plot", metavar="FILE.png", help="Draw the result (needs matplotlib).")
+        add("--markdown", metavar="FILE", help="Write the tables as Markdown (for docs).")
+        add(
+            "--load",
+            metavar="FILE",
+            help="Run nothing: report, plot and convert an earlier --json result.",
+        )
+        add("--no-progress", action="store_true", help="No progress output.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            result = self._load(options) if options["load"] else self._run(options)
+            self._output(result, options)
+        except (BenchError, PubSubError, ImproperlyConfigured) as exc:
+            raise CommandError(str(exc)) from exc
+
+    def _run(self, options: dict[str, Any]) -> dict[str, Any]:
+        params = QUICK if options["quick"] else DEFAULTS
+        fields = ("subscribers", "pings", "rounds", "window", "writers", "duration", "poll_rounds")
+        params = replace(params, **{f: options[f] for f in fields if options[f] is not None})
+        chosen = options["scenarios"] or list(SCENARIOS)
+        backends = [b.strip() for b in options["backends"].split(",") if b.strip()]
+        if not backends and set(chosen) - {"poll"}:
+            raise CommandError("--backends names no backend.")
+        urls = {"postgres": options["postgres_url"], "redis": options["redis_url"]}
+        for item in options["server_url"]:
+            kind, sep, url = item.partition("=")
+            if not sep or not kind or not url:
+                raise CommandError(f"--server-url takes KIND=URL, not {item!r}.")
+            urls[kind] = url
+        stream = getattr(self.stderr, "_out", sys.stderr)
+        progress = Progress(stream, self.stderr.write, bars=not options["no_progress"])
+        if options["no_progress"]:
+            progress.write = lambda line: None
+        servers = ServerSet(urls, max_connections=100)
+        try:
+            return run_benchmark(params, chosen, backends, servers, progress, self._command_line())
+        finally:
+            servers.close()
+
+    @staticmethod
+    def _command_line() -> str:
+        argv = sys.argv[:]
+        if argv and argv[0].endswith("manage.py") and "pubsub_bench" in argv:
+            return "python manage.py " + shlex.join(argv[1:])
+        return "pubsub_bench (called from code)"
+
+    def _load(self, options: dict[str, Any]) -> dict[str, Any]:
+        try:
+            with open(options["load"]) as f:
+                return dict(json.load(f))
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"Cannot read {options['load']}: {exc}") from exc
+
+    def _output(self, result: dict[str, Any], options: dict[str, Any]) -> None:
+        self.stdout.write(render_text(result))
+        if options["json"] and not options["load"]:
+            with open(options["json"], "w") as f:
+                json.dump(result, f, indent=1)
+                f.write("\n")
+            self.stdout.write(f"JSON: {options['json']}")
+        if options["plot"]:
+            from pulp_pubsub.bench.plot import save_plot
+
+            save_plot(result, options["plot"])
+            self.stdout.write(f"Plot: {options['plot']}")
+        if options["markdown"]:
+            with open(options["markdown"], "w") as f:
+                f.write(render_markdown(result, plot=options["plot"]))
+            self.stdout.write(f"Markdown: {options['markdown']}")
+        missed = [t for t in result.get("targets", []) if t["met"] is False]
+        summary = (
+            f"{len(result.get('targets', [])) - len(missed)} targets met, {len(missed)} missed."
+        )
+        self.stdout.write(self.style.WARNING(summary) if missed else self.style.SUCCESS(summary))

@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from pulp_pubsub.chaos import ChaosConfig, run
+from pulp_pubsub.chaos.targets import PROXY_FAULTS, SERVER_FAULTS, TARGETS
+
+
+class Command(BaseCommand):
+    help = (
+        "Break a throwaway server on purpose while messages flow, then check that every "
+        "subscriber got every message or a later resync, that none stayed deaf and that no "
+        "publish hung; exits non-zero when the run fails. The server is always a new one of "
+        "the run's own on a free loopback port (never the configured PUBSUB_URL), started "
+        "with tests/servers.py: run this from the repository checkout."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--backend", choices=sorted(TARGETS), default="memory", help="Backend to break."
+        )
+        parser.add_argument(
+            "--duration",
+            type=float,
+            default=60.0,
+            help="Seconds of faults (extended until every fault kind has had a turn, at most "
+            "twice this).",
+        )
+        parser.add_argument("--subscribers", type=int, default=4, help="Subscriber processes.")
+        parser.add_argument("--channels", type=int, default=2, help="Channels to publish on.")
+        parser.add_argument("--rate", type=float, default=50.0, help="Messages per second.")
+        parser.add_argument("--max-faults", type=int, help="Stop after this many faults.")
+        parser.add_argument(
+            "--faults",
+            help="Comma-separated fault kinds (default: all the backend supports): "
+            + ", ".join(SERVER_FAULTS + PROXY_FAULTS),
+        )
+        parser.add_argument("--seed", type=int, help="Seed of the fault schedule.")
+        parser.add_argument("--workdir", help="Directory for the subscribers' logs.")
+        parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        for name in ("duration", "rate"):
+            if options[name] <= 0:
+                raise CommandError(f"--{name} must be positive.")
+        for name in ("subscribers", "channels"):
+            if options[name] < 1:
+                raise CommandError(f"--{name} must be at least 1.")
+        faults = None
+        if options["faults"]:
+            faults = tuple(kind.strip() for kind in options["faults"].split(",") if kind.strip())
+        config = ChaosConfig(
+            backend=options["backend"],
+            duration=options["duration"],
+            subscribers=options["subscribers"],
+            channels=options["channels"],
+            rate=options["rate"],
+            max_faults=options["max_faults"],
+            faults=faults,
+            seed=options["seed"],
+            workdir=options["workdir"],
+        )
+        quiet = options["json"] or options["verbosity"] < 1
+
+        def progress(text: str) -> None:
+            if not quiet:
+                self.stdout.write(text)
+                self.stdout.flush()
+
+        try:
+            report = run(config, progress)
+        except (ValueError, RuntimeError) as exc:
+            raise CommandError(f"The chaos run could not run: {exc}") from exc
+        if options["json"]:
+            self.stdout.write(json.dumps(report.as_dict(), indent=2))
+        else:
+            style = self.style.SUCCESS if report.ok else self.style.ERROR
+            self.stdout.write(style(report.format()))
+        if not report.ok:
+            raise CommandError(f"The chaos run on {config.backend} failed: see the report above.")

@@ -1,0 +1,184 @@
+"""Smoke tests of ``pubsub_bench``: every scenario runs, on every backend, and says something sane.
+
+No timing threshold is asserted anywhere (this machine is shared and CI is
+slower still); the tests hold the shape of the result and the figures that
+do not depend on speed: counts equal N, nothing lost, no errors.
+"""
+
+from __future__ import annotations
+
+import json
+from io import StringIO
+from typing import Any
+
+import psycopg
+import pytest
+from django.core.management import CommandError, call_command
+
+from pulp_pubsub.bench import SCENARIOS
+
+from .servers import PostgresServer, RedisServer
+
+N = 3
+BACKENDS = ("memory", "postgres", "redis")
+
+
+def bench(*args: str, blocker: Any) -> tuple[str, str]:
+    out, err = StringIO(), StringIO()
+    # The agents use Django's database connection (the benchmark's PostgreSQL, as a
+    # Pulp worker uses its own): they are forked from here, and inherit the unblocking.
+    with blocker.unblock():
+        call_command("pubsub_bench", *args, stdout=out, stderr=err)
+    return out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory: Any, django_db_blocker: Any) -> dict[str, Any]:
+    """One quick run of everything on throwaway servers the benchmark starts itself."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out, _ = bench(
+        "--backends",
+        ",".join(BACKENDS),
+        "--quick",
+        "--subscribers",
+        str(N),
+        "--json",
+        str(tmp / "result.json"),
+        "--plot",
+        str(tmp / "result.png"),
+        "--markdown",
+        str(tmp / "result.md"),
+        "--no-progress",
+        blocker=django_db_blocker,
+    )
+    result = json.loads((tmp / "result.json").read_text())
+    result["_out"], result["_tmp"] = out, tmp
+    return dict(result)
+
+
+pytestmark = [pytest.mark.backend, pytest.mark.servers]
+
+
+def test_every_scenario_reports_every_backend(full_run: dict[str, Any]) -> None:
+    assert full_run["meta"]["scenarios"] == list(SCENARIOS)
+    for scenario in ("latency", "fanout", "connections", "idle", "commit"):
+        assert sorted(full_run[scenario]) == sorted(BACKENDS), scenario
+    assert full_run["meta"]["params"]["subscribers"] == N
+    assert full_run["meta"]["machine"]["cpus"] >= 1
+
+
+def test_latency_compares_the_layer_with_the_raw_client(full_run: dict[str, Any]) -> None:
+    for backend, r in full_run["latency"].items():
+        assert r["layer"]["n"] > 0 and r["layer"]["lost"] == 0
+        assert 0 < r["layer"]["p50"] <= r["layer"]["p99"]
+        if backend == "memory":  # no client library to compare with
+            assert "raw" not in r and r["raw_client"] is None
+        else:
+            assert r["raw"]["n"] == r["layer"]["n"] and r["raw"]["lost"] == 0
+            assert r["ratio_p50"] > 0
+
+
+def test_fanout_reaches_every_subscriber_every_round(full_run: dict[str, Any]) -> None:
+    rounds = full_run["meta"]["params"]["rounds"]
+    for r in full_run["fanout"].values():
+        assert (r["subscribers"], r["lost"], r["resyncs"]) == (N, 0, 0)
+        assert r["per_subscriber"]["n"] == N * rounds
+        assert r["last"]["n"] == rounds
+        assert 0 < r["first"]["p50"] <= r["last"]["p50"]
+        cdf = r["per_subscriber_cdf"]
+        assert len(cdf) == 101 and cdf == sorted(cdf)
+
+
+def test_only_the_postgres_backend_holds_sessions(full_run: dict[str, Any]) -> None:
+    held = {b: r["pg_sessions"] for b, r in full_run["connections"].items()}
+    assert held == {"memory": 0, "postgres": N, "redis": 0}
+    assert full_run["connections"]["redis"]["redis_clients"] >= N
+    assert full_run["poll"]["pg_sessions"] == N
+
+
+def test_idle_measures_cpu_and_transactions(full_run: dict[str, Any]) -> None:
+    for backend, r in full_run["idle"].items():
+        assert r["subscribers"] == N and r["window_s"] > 0
+        assert r["cpu_s"] >= 0 and r["cpu_pct_of_core"] >= 0
+        assert r["pg_xacts"] >= 0
+        if backend != "postgres":  # its liveness probe is a query; the others touch no database
+            assert r["pg_xacts"] == 0, backend
+    # Polling is what the layer replaces: it queries all the time.
+    assert full_run["poll"]["idle"]["pg_xacts"] > 0
+
+
+def test_commit_counts_transactions_at_each_level(full_run: dict[str, Any]) -> None:
+    for r in full_run["commit"].values():
+        assert [level["subscribers"] for level in r["levels"]] == [0, N]
+        for level in r["levels"]:
+            assert level["commits_per_s"] > 0 and level["plain_commits_per_s"] > 0
+            assert level["errors"] == 0 and level["plain_errors"] == 0
+
+
+def test_poll_baseline_wakes_every_worker(full_run: dict[str, Any]) -> None:
+    poll = full_run["poll"]
+    assert (poll["workers"], poll["lost"]) == (N, 0)
+    assert poll["per_worker"]["n"] == N * poll["rounds"]
+    assert poll["period_ms"] == pytest.approx(N * 10)
+
+
+def test_report_has_tables_targets_plot_and_markdown(full_run: dict[str, Any]) -> None:
+    for title in ("Round trip", "reaching N", "Connections", "idle", "Commits/s", "Targets"):
+        assert title in full_run["_out"]
+    assert all(isinstance(t["met"], bool) for t in full_run["targets"])
+    assert (full_run["_tmp"] / "result.png").read_bytes().startswith(b"\x89PNG")
+    markdown = (full_run["_tmp"] / "result.md").read_text()
+    assert "| backend |" in markdown and "result.png" in markdown
+
+
+def test_load_redraws_without_running(full_run: dict[str, Any], django_db_blocker: Any) -> None:
+    tmp = full_run["_tmp"]
+    out, _ = bench(
+        "--load",
+        str(tmp / "result.json"),
+        "--plot",
+        str(tmp / "again.png"),
+        blocker=django_db_blocker,
+    )
+    assert "Targets" in out and (tmp / "again.png").exists()
+
+
+def test_given_servers_are_used_and_left_clean(django_db_blocker: Any) -> None:
+    with PostgresServer(max_connections=60) as pg, RedisServer() as rds:
+        bench(
+            "connections",
+            "--backends",
+            "postgres,redis",
+            "--quick",
+            "--no-progress",
+            "--postgres-url",
+            pg.url,
+            "--redis-url",
+            rds.url,
+            blocker=django_db_blocker,
+        )
+        with psycopg.connect(pg.url) as conn:
+            tables = conn.execute("SELECT to_regclass('pubsub_bench_event')").fetchone()
+        assert tables == (None,)  # the bench drops its tables from a server it was given
+
+
+def test_a_server_too_small_for_n_is_refused(django_db_blocker: Any) -> None:
+    with PostgresServer(max_connections=20) as pg, pytest.raises(CommandError, match="room for"):
+        bench(
+            "connections",
+            "--backends",
+            "redis",
+            "--subscribers",
+            "30",
+            "--no-progress",
+            "--postgres-url",
+            pg.url,
+            blocker=django_db_blocker,
+        )
+
+
+def test_unknown_scenario_and_backend_are_command_errors(django_db_blocker: Any) -> None:
+    with pytest.raises(CommandError, match="Unknown scenario"):
+        bench("nonsense", "--no-progress", blocker=django_db_blocker)
+    with pytest.raises(CommandError, match="No benchmark adapter"):
+        bench("latency", "--backends", "carrier-pigeon", "--no-progress", blocker=django_db_blocker)
