@@ -36,7 +36,7 @@ pytestmark = [pytest.mark.pulp, pytest.mark.backend, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> Report:
+def report() -> Report:
     lines: list[str] = []
     result = Run(Config(), lines.append).run()
     path = os.environ.get("PULP_PUBSUB_E2E_JSON")
@@ -63,9 +63,9 @@ def show_figures(report: Report, request: pytest.FixtureRequest) -> None:
     )
     if capture is not None:
         with capture.global_and_fixture_disabled():
-            print(text)  # noqa: T201  (the figures are the point of this test)
+            print(text)  # the figures are the point of this run
     else:
-        print(text)  # noqa: T201
+        print(text)
 
 
 def test_every_contract_check_passes_on_pulpcores_own_classes(report: Report) -> None:

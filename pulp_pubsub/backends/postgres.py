@@ -34,7 +34,7 @@ from .base import BaseBackend, Transport
 try:
     import psycopg
     from psycopg import pq, sql
-    from psycopg.conninfo import conninfo_to_dict
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
 except ImportError as exc:
     raise MissingDependency("postgres", "postgres", exc) from exc
 
@@ -80,10 +80,15 @@ class _ServerError(PubSubError):
 class _Session:
     """One autocommit connection whose every wait for the server has a deadline."""
 
-    def __init__(self, params: dict[str, Any], secret: str | None) -> None:
+    def __init__(
+        self, params: dict[str, Any], secret: str | None, deadline: float | None = None
+    ) -> None:
         self.secret = secret
         try:
-            self.conn = psycopg.connect(autocommit=True, **params)
+            if deadline is None:
+                self.conn = psycopg.connect(autocommit=True, **params)
+            else:
+                self.conn = _connect_by(params, deadline)
         except psycopg.Error as exc:
             raise ConnectionLost(f"could not connect: {scrub(exc, secret)}") from None
         self.pgconn = self.conn.pgconn
@@ -135,6 +140,31 @@ class _Session:
         # A connection inherited through fork() is the parent's: never touch it.
         if self.pid == os.getpid():
             self.conn.close()
+
+
+def _connect_by(params: dict[str, Any], deadline: float) -> psycopg.Connection[Any]:
+    """``psycopg.connect()`` that gives up at ``deadline``.
+
+    libpq's own ``connect_timeout`` counts whole seconds, at least 2, so a publish that has to
+    connect to a frozen server would outlast a shorter ``publish_timeout``.
+    """
+    pgconn = pq.PGconn.connect_start(make_conninfo("", **params).encode())
+    try:
+        while (status := pgconn.connect_poll()) != pq.PollingStatus.OK:
+            if status == pq.PollingStatus.FAILED:
+                raise psycopg.OperationalError(pgconn.get_error_message())
+            left = deadline - time.monotonic()
+            poller = select.poll()
+            writing = status == pq.PollingStatus.WRITING
+            poller.register(pgconn.socket, select.POLLOUT if writing else select.POLLIN)
+            if left <= 0 or not poller.poll(left * 1000):
+                raise _Timeout("the server did not answer the connection in time")
+    except BaseException:
+        pgconn.finish()
+        raise
+    conn = psycopg.Connection(pgconn)
+    conn.autocommit = True
+    return conn
 
 
 def _check(results: list[pq.abc.PGresult]) -> list[pq.abc.PGresult]:
@@ -374,7 +404,7 @@ class PostgresBackend(BaseBackend):
                 try:
                     if session is None:
                         session = self._publisher = _Session(
-                            self.connection_params(PUBLISHER_NAME), self.secret
+                            self.connection_params(PUBLISHER_NAME), self.secret, deadline
                         )
                     session.run(
                         NOTIFY_BOUND,

@@ -1,8 +1,11 @@
 """What the servers themselves say: PostgreSQL sessions and transactions, Redis clients.
 
-The monitor is one plain autocommit psycopg connection of the parent process;
-every statement it runs is a transaction of its own in ``pg_stat_database``,
-so it counts them and :meth:`Monitor.xacts_since` leaves them out.
+The monitor is a plain autocommit psycopg connection of the parent process.
+Transactions are read from a second connection to another database of the
+server (``template1``), so the reading itself adds nothing to the count. Where
+that database cannot be reached (a server given by URL may not allow it), the
+monitor reads from its own database and leaves its own statements out, which
+PostgreSQL's lazily published counters make exact only to a transaction or two.
 """
 
 from __future__ import annotations
@@ -38,19 +41,23 @@ class XactMark:
 
 class Monitor:
     def __init__(self, url: str) -> None:
-        import psycopg
+        from psycopg.conninfo import make_conninfo
 
         self.url = url
         try:
-            # Never prepared: preparing a statement is a transaction of its own.
-            self.conn = psycopg.connect(
-                url, autocommit=True, connect_timeout=10, prepare_threshold=None
-            )
-        except psycopg.Error as exc:
+            self.conn = _connect(url)
+        except Exception as exc:
             raise BenchError(f"Cannot connect to the benchmark's PostgreSQL: {exc}") from exc
         self.statements = 0
         self.version = str(self._one("SHOW server_version"))
+        self.dbname = str(self.conn.info.dbname)
         self._can_flush = self.conn.info.server_version >= 150000
+        self._reader: Any = None
+        for other in ("template1", "postgres"):
+            if other != self.dbname:
+                with contextlib.suppress(Exception):
+                    self._reader = _connect(make_conninfo(url, dbname=other))
+                    break
 
     def _one(self, query: str, params: Any = None) -> Any:
         self.statements += 1
@@ -106,13 +113,16 @@ class Monitor:
             self._one("SELECT pg_stat_force_next_flush()")
 
     def xact_mark(self) -> XactMark:
-        self._flush_own_stats()
+        if self._reader is None:
+            self._flush_own_stats()
         value = self._xacts()
         return XactMark(value, self.statements, time.monotonic())
 
     def xacts_since(self, mark: XactMark) -> tuple[int, float]:
         """Transactions of others on this database since ``mark``, and the seconds elapsed."""
         elapsed = time.monotonic() - mark.at
+        if self._reader is not None:
+            return max(0, self._xacts() - mark.value), elapsed
         self._flush_own_stats()
         value = self._xacts()
         # Ours in between: the read that made ``mark``, anything since, and the
@@ -121,18 +131,25 @@ class Monitor:
         return max(0, value - mark.value - own), elapsed
 
     def _xacts(self) -> int:
-        return int(
-            self._one(
-                "SELECT xact_commit + xact_rollback FROM pg_stat_database"
-                " WHERE datname = current_database()"
-            )
-        )
+        query = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = %s"
+        if self._reader is not None:
+            return int(self._reader.execute(query, [self.dbname]).fetchone()[0])
+        return int(self._one(query, [self.dbname]))
 
     def insert_task(self) -> int:
         return int(self._one(TASK_INSERT))
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
         self.conn.close()
+
+
+def _connect(url: str) -> Any:
+    import psycopg
+
+    # Never prepared: preparing a statement is a transaction of its own.
+    return psycopg.connect(url, autocommit=True, connect_timeout=10, prepare_threshold=None)
 
 
 class RedisMonitor:

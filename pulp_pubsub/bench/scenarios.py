@@ -183,19 +183,15 @@ def measure_idle(ctx: Context, fleet: Fleet, in_process: bool, label: str) -> di
     time.sleep(max(0.0, ctx.params.settle - (time.monotonic() - fleet.grown_at)))
     cpu0, started = _cpu(fleet, in_process), time.monotonic()
     mark = monitor.xact_mark()
-    import sys, psycopg
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
-    other = psycopg.connect(make_conninfo(monitor.url, dbname="template1"), autocommit=True, prepare_threshold=None)
-    q = "select xact_commit, xact_rollback from pg_stat_database where datname='postgres'"
-    print("MARK", mark.value, other.execute(q).fetchone(), file=sys.stderr)
     window = ctx.params.window
     with ctx.progress.step(label, round(window), "s") as step:
         end = time.monotonic() + window
         while (left := end - time.monotonic()) > 0:
             time.sleep(min(1.0, left))
+            import sys
+            print("XACT", round(time.monotonic() - mark.at, 2), monitor._xacts() - mark.value, monitor.sessions(), file=sys.stderr)
             step.update(1)
     xacts, elapsed = monitor.xacts_since(mark)
-    print("END", xacts, other.execute(q).fetchone(), file=sys.stderr)
     cpu = _cpu(fleet, in_process) - cpu0
     cpu_elapsed = time.monotonic() - started
     return {

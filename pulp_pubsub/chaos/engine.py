@@ -357,6 +357,8 @@ class Chaos:
             publish_limit=config.options["publish_timeout"] + PUBLISH_SLACK,
             final_seq=self.final_seq,
         )
+        with open(os.path.join(workdir, "report.json"), "w") as f:
+            json.dump(report.as_dict(), f, indent=2)
         return report
 
     def _inject_until_done(self, publisher: Publisher, collector: Collector, start: float) -> None:

@@ -118,7 +118,7 @@ class ChaosReport:
         for note in self.notes:
             lines.append(f"  note: {note}")
         if self.workdir:
-            lines.append(f"  logs: {self.workdir}")
+            lines.append(f"  logs and report.json: {self.workdir}")
         return "\n".join(lines)
 
 
