@@ -5,6 +5,7 @@ the backend defaults to ``memory`` so the demo runs on a machine with no
 server. A Django project of your own that sets nothing gets ``postgres``.
 """
 
+import os
 from pathlib import Path
 
 import environ
@@ -32,7 +33,11 @@ DATABASES = {
         "PUBSUB_TEST_DATABASE_URL", default="postgres://postgres@127.0.0.1:5432/postgres"
     ),
 }
-DATABASES["postgres"]["TEST"] = {"NAME": "test_pulp_pubsub"}
+# A name of the run's own, so test runs side by side never drop each other's database.
+DATABASES["postgres"]["TEST"] = {
+    "NAME": env("PUBSUB_TEST_DATABASE_NAME", default=f"test_pulp_pubsub_{os.getpid()}"),
+    "DEPENDENCIES": [],
+}
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -26,7 +26,6 @@ import logging
 import multiprocessing
 import os
 import re
-import select
 import socket
 import sys
 import threading
@@ -36,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from .backends.selfpipe import wait_readable
 from .exceptions import ConnectionLost, PublishError, PubSubError
 
 if TYPE_CHECKING:
@@ -293,7 +293,7 @@ class ControlClient:
             left = deadline - time.monotonic()
             if done() or left <= 0:
                 return
-            select.select([fd], [], [], left)
+            wait_readable([fd], left)
 
 
 def _parse_answer(payload: str, query_id: str, latency: float) -> Answer | None:

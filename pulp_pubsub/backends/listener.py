@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import select
 import threading
 import time
 import uuid
@@ -28,7 +27,7 @@ from ..exceptions import ConnectionLost, SubscriberClosed
 from ..introspection import CONTROL_CHANNEL, answer_query
 from ..message import Message
 from ..metrics import count, record_probe_rtt, track
-from .selfpipe import close_fds, drain, make_pipe, poke
+from .selfpipe import close_fds, drain, make_pipe, poke, wait_readable
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -162,7 +161,7 @@ class Subscriber:
         """
         self._check_usable()
         if timeout != 0 and not self._has_pending():
-            select.select([self._signal_r], [], [], timeout)
+            wait_readable([self._signal_r], timeout)
         batch = self._take_pending()
         for message in batch:
             with self._lock:
@@ -454,7 +453,7 @@ class Subscriber:
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            ready, _, _ = select.select([self._control_r], [], [], left)
+            ready = wait_readable([self._control_r], left)
             if ready:
                 drain(self._control_r)
                 # Nothing to subscribe on yet: release waiters now; the
@@ -473,7 +472,7 @@ class Subscriber:
         buffered = True
         while not self._closed.is_set():
             wait = 0.0 if buffered else (deadline if token else next_probe) - time.monotonic()
-            ready, _, _ = select.select([transport.fileno(), self._control_r], [], [], max(wait, 0))
+            ready = wait_readable([transport.fileno(), self._control_r], max(wait, 0))
             if self._closed.is_set():
                 return
             if self._control_r in ready:

@@ -6,7 +6,9 @@ listener's control channel, and the memory backend's connections.
 
 from __future__ import annotations
 
+import math
 import os
+import select
 
 
 def make_pipe() -> tuple[int, int]:
@@ -37,3 +39,17 @@ def close_fds(*fds: int) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+def wait_readable(fds: list[int], timeout: float | None) -> set[int]:
+    """The descriptors of ``fds`` that turn readable within ``timeout`` seconds.
+
+    ``poll()`` rather than ``select()``: a busy process (a Pulp API worker
+    with many sockets) may hand out descriptor numbers above select's 1023.
+    Hang-ups and errors count as readable, so the reader finds out.
+    """
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    millis = None if timeout is None else max(0, math.ceil(timeout * 1000))
+    return {fd for fd, _ in poller.poll(millis)}

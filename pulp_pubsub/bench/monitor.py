@@ -113,8 +113,8 @@ class Monitor:
             self._one("SELECT pg_stat_force_next_flush()")
 
     def xact_mark(self) -> XactMark:
-        if self._reader is None:
-            self._flush_own_stats()
+        # Publish our own counters now: left pending, they would land inside the window.
+        self._flush_own_stats()
         value = self._xacts()
         return XactMark(value, self.statements, time.monotonic())
 

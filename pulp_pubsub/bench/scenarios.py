@@ -188,8 +188,6 @@ def measure_idle(ctx: Context, fleet: Fleet, in_process: bool, label: str) -> di
         end = time.monotonic() + window
         while (left := end - time.monotonic()) > 0:
             time.sleep(min(1.0, left))
-            import sys
-            print("XACT", round(time.monotonic() - mark.at, 2), monitor._xacts() - mark.value, monitor.sessions(), file=sys.stderr)
             step.update(1)
     xacts, elapsed = monitor.xacts_since(mark)
     cpu = _cpu(fleet, in_process) - cpu0

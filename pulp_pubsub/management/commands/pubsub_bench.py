@@ -100,9 +100,12 @@ class Command(BaseCommand):
                 raise CommandError(f"--server-url takes KIND=URL, not {item!r}.")
             urls[kind] = url
         stream = getattr(self.stderr, "_out", sys.stderr)
-        progress = Progress(stream, self.stderr.write, bars=not options["no_progress"])
-        if options["no_progress"]:
-            progress.write = lambda line: None
+
+        def note(line: str) -> None:
+            if not options["no_progress"]:
+                self.stderr.write(line, style_func=str)
+
+        progress = Progress(stream, note, bars=not options["no_progress"])
         servers = ServerSet(urls, max_connections=100)
         try:
             return run_benchmark(params, chosen, backends, servers, progress, self._command_line())

@@ -65,8 +65,8 @@ class Command(BaseCommand):
             f"Backend {backend.name}: {workers} worker {'threads' if in_process else 'processes'}"
         )
         context = multiprocessing.get_context("fork")
-        reports = queue.Queue() if in_process else context.Queue()
-        ready = queue.Queue() if in_process else context.Queue()
+        reports: Any = queue.Queue() if in_process else context.Queue()
+        ready: Any = queue.Queue() if in_process else context.Queue()
         # A channel of this run's own tells its workers to stop.
         control = f"pubsub_demo_{uuid.uuid4().hex[:12]}"
         connections.close_all()  # a forked child must not share the parent's DB socket

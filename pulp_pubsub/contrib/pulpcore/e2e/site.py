@@ -37,7 +37,8 @@ RESULT_MARK = "E2E-RESULT "
 TEMPLATE_DB = "pulp_template"
 #: The PostgreSQL settings the transaction counter needs: every statement is
 #: logged with its database and virtual transaction id.
-LOG_CONF = {"log_statement": "all", "log_line_prefix": "%m|%d|%v|"}
+#: log_timezone is set because initdb takes it from $TZ, which Django sets.
+LOG_CONF = {"log_statement": "all", "log_line_prefix": "%m|%d|%v|", "log_timezone": "UTC"}
 _LOG_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC\|([^|]*)\|(\d+/\d+)\|LOG:  ")
 
 
