@@ -116,8 +116,10 @@ def test_stock_workers_behind_the_same_pgbouncer_are_measured_for_contrast(
     assert stock.stray_notifies  # stock pulpcore signals through PostgreSQL
 
 
-def test_mixed_fleet_runs_every_task_on_both_kinds_of_worker(report: Report) -> None:
-    mixed = report.outcomes["mixed"]
+@pytest.mark.parametrize("scenario", ["mixed", "rollout"])
+def test_a_mixed_fleet_runs_every_task_and_cancel(report: Report, scenario: str) -> None:
+    mixed = report.outcomes[scenario]
     assert mixed.tasks and mixed.finished == len(mixed.tasks)
     assert mixed.cancel is not None and mixed.cancel["state"] == "canceled"
     assert mixed.workers_used.get("pubsub", 0) > 0
+    assert all(n.endswith("canceled") for n in mixed.notes if n.startswith("cancel"))

@@ -370,3 +370,76 @@ def test_turning_the_integration_off_with_another_backend_warns(pulp_installed):
         assert [w.id for w in checks.check_pulpcore_mode()] == ["pulp_pubsub.W102"]
     with override_settings(PUBSUB_PULPCORE_INTEGRATION=False, PUBSUB_BACKEND="postgres"):
         assert checks.check_pulpcore_mode() == []
+
+
+# -- moving a fleet: also-NOTIFY and the bridge -------------------------------------
+
+
+class RecordingCursor:
+    def __init__(self) -> None:
+        self.executed: list[tuple[str, Any]] = []
+
+    def execute(self, sql: str, params: Any = None) -> None:
+        self.executed.append((sql, params))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def also_notify(monkeypatch):
+    """PUBSUB_PULPCORE_ALSO_NOTIFY, without override_settings (which rebuilds the backend)."""
+
+    def set_to(value: bool) -> None:
+        monkeypatch.setattr(publishers, "also_notify", lambda: value)
+        monkeypatch.setattr(worker_seam, "also_notify", lambda: value)
+
+    return set_to
+
+
+def test_also_notify_reads_its_setting():
+    assert publishers.also_notify() is False
+    with override_settings(PUBSUB_PULPCORE_ALSO_NOTIFY=True):
+        assert publishers.also_notify() is True
+
+
+@pytest.mark.parametrize("also", [False, True])
+def test_also_notify_sends_pulpcores_own_statement_as_well(heard, also_notify, also):
+    real = RecordingCursor()
+    sql, params = "SELECT pg_notify('pulp_worker_wakeup', %s)", ("unblock",)
+    also_notify(also)
+    publishers.TranslatingCursor(lambda: real).execute(sql, params)
+    assert heard() == [(WAKEUP, "unblock")]
+    assert real.executed == ([(sql, params)] if also else [])
+
+
+def test_also_notify_on_the_worker_sends_the_heartbeat_to_postgresql_too(
+    new_worker, heard, also_notify
+):
+    worker = new_worker()
+    worker.cursor.real = RecordingCursor()
+    sql = f"NOTIFY pulp_worker_metrics_heartbeat, '{STAMP}'"
+    also_notify(True)
+    worker.cursor.execute(sql)
+    assert heard() == [(METRICS_HEARTBEAT, STAMP)]
+    assert worker.cursor.real.executed == [(sql, None)]
+
+
+def test_the_bridge_forwards_messages_and_turns_a_resync_into_a_wakeup(heard):
+    from pulp_pubsub.contrib.pulpcore.bridge import Bridge
+
+    bridge = Bridge("postgresql://nobody@127.0.0.1:1/none")  # never connected here
+    task_id = str(uuid.uuid4())
+    bridge.forward(Message(CANCEL, task_id))
+    bridge.forward(Message(WAKEUP, "", resync=True))
+    bridge.forward(Message(CANCEL, "", resync=True))  # no ids to forward
+    assert heard() == [(CANCEL, task_id), (WAKEUP, "")]
+    assert bridge.forwarded == 1
+
+
+def test_the_bridge_refuses_to_forward_postgresql_onto_itself():
+    from pulp_pubsub.contrib.pulpcore.bridge import Bridge
+
+    elsewhere = {"PUBSUB_BACKEND": "postgres", "PUBSUB_URL": "postgresql://nobody@127.0.0.1:1/none"}
+    with override_settings(**elsewhere), pytest.raises(SystemExit):
+        Bridge("postgresql://nobody@127.0.0.1:1/none")

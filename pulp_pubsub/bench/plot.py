@@ -61,12 +61,13 @@ def _latency(ax: Any, data: dict[str, Any]) -> None:
     for i, b in enumerate(names):
         if data[b].get("ratio_p50"):
             ax.annotate(
-                f"{data[b]['ratio_p50']:.2f}x",
-                (i, data[b]["layer"]["p99"]),
+                f"layer/raw {data[b]['ratio_p50']:.2f}x",
+                (i, data[b]["layer"]["p50"]),
                 ha="center",
                 va="bottom",
                 textcoords="offset points",
                 xytext=(0, 4),
+                fontsize=9,
             )
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("ms")
@@ -131,7 +132,7 @@ def _bars(ax: Any, names: list[str], values: list[float], title: str, ylabel: st
     if not names:
         return _empty(ax, title)
     bars = ax.bar(names, values, color=[_colour(n) for n in names], edgecolor="black")
-    ax.bar_label(bars, labels=[f"{v:g}" for v in values], fontsize=9)
+    ax.bar_label(bars, labels=[f"{v:.3g}" for v in values], fontsize=9)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
 

@@ -26,10 +26,21 @@ from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Any
 
+from django.conf import settings
+
 from ... import publish
 from .sql import UntranslatableStatement, parse
 
 logger = logging.getLogger(__name__)
+
+
+#: During a rollout to another backend, also send pulpcore's own NOTIFY, so
+#: processes still on stock pulpcore (LISTEN) hear this one (docs/pulp.md).
+ALSO_NOTIFY = "PUBSUB_PULPCORE_ALSO_NOTIFY"
+
+
+def also_notify() -> bool:
+    return bool(getattr(settings, ALSO_NOTIFY, False))
 
 
 class TranslatingCursor:
@@ -59,6 +70,8 @@ class TranslatingCursor:
                 f"{sql!r}"
             )
         publish(statement.channel, statement.payload)
+        if also_notify():
+            self.real.execute(sql, params)  # the stock NOTIFY too, for a mixed fleet
         return self
 
     def close(self) -> None:

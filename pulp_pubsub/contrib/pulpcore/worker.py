@@ -38,6 +38,7 @@ from ... import get_backend, publish
 from ...backends.listener import Subscriber
 from ...message import Message
 from ...registry import CANCEL, WAKEUP
+from .publishers import also_notify
 from .sql import parse
 
 logger = logging.getLogger(__name__)
@@ -55,11 +56,7 @@ class WorkerCursor:
         if statement is None:
             # Not messaging: pulpcore 3.123 sends none here, but a later
             # harmless query should behave as it always did.
-            if self.real is None:
-                from django.db import connection
-
-                self.real = connection.cursor()
-            return self.real.execute(sql, params)
+            return self._real().execute(sql, params)
         subscriber: Subscriber = self.worker.pubsub
         if statement.verb == "listen":
             subscriber.subscribe(statement.channel, self.worker.on_pubsub_message)
@@ -67,7 +64,16 @@ class WorkerCursor:
             subscriber.unsubscribe(statement.channel, self.worker.on_pubsub_message)
         else:
             publish(statement.channel, statement.payload)
+            if also_notify():
+                self._real().execute(sql, params)  # the stock NOTIFY too (rollout)
         return self
+
+    def _real(self) -> Any:
+        if self.real is None:
+            from django.db import connection
+
+            self.real = connection.cursor()
+        return self.real
 
     def close(self) -> None:
         if self.real is not None:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import sys
 from dataclasses import replace
@@ -11,7 +12,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pulp_pubsub.bench import SCENARIOS, BenchError
 from pulp_pubsub.bench.progress import Progress
-from pulp_pubsub.bench.report import render_markdown, render_text
+from pulp_pubsub.bench.report import render_markdown, render_text, write_markdown
 from pulp_pubsub.bench.runner import QUICK, Params, run_benchmark
 from pulp_pubsub.bench.servers import ServerSet
 from pulp_pubsub.exceptions import PubSubError
@@ -70,7 +71,12 @@ class Command(BaseCommand):
         )
         add("--json", metavar="FILE", help="Write the full result as JSON.")
         add("--plot", metavar="FILE.png", help="Draw the result (needs matplotlib).")
-        add("--markdown", metavar="FILE", help="Write the tables as Markdown (for docs).")
+        add(
+            "--markdown",
+            metavar="FILE",
+            help="Write the tables as Markdown; in a file with the results markers, "
+            "only between them (docs/benchmark.md).",
+        )
         add(
             "--load",
             metavar="FILE",
@@ -139,8 +145,10 @@ class Command(BaseCommand):
             save_plot(result, options["plot"])
             self.stdout.write(f"Plot: {options['plot']}")
         if options["markdown"]:
-            with open(options["markdown"], "w") as f:
-                f.write(render_markdown(result, plot=options["plot"]))
+            plot = options["plot"]
+            if plot:  # as the page links it: relative to the page
+                plot = os.path.relpath(plot, os.path.dirname(os.path.abspath(options["markdown"])))
+            write_markdown(options["markdown"], render_markdown(result, plot=plot))
             self.stdout.write(f"Markdown: {options['markdown']}")
         missed = [t for t in result.get("targets", []) if t["met"] is False]
         summary = (

@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--venv", type=Path, default=None, help="the pulpcore virtualenv")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument("--keep-logs", type=Path, default=None, help="copy the logs here")
     args = parser.parse_args(argv)
     unknown = set(args.scenarios.split(",")) - set(defaults.scenarios)
     if unknown:
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         idle_seconds=args.idle_seconds,
         scenarios=tuple(name for name in args.scenarios.split(",") if name),
         venv=args.venv,
+        keep_logs=args.keep_logs,
     )
 
     def log(text: str) -> None:

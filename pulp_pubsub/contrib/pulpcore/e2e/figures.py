@@ -136,15 +136,21 @@ def verdicts(report: Report) -> list[Verdict]:
                 f"{_rate(ours)} vs {_rate(stock)}",
             )
         )
-    mixed = report.outcomes.get("mixed")
-    if mixed is not None:
-        out.append(
-            Verdict(
-                "mixed fleet: every task starts and finishes",
-                bool(mixed.tasks) and mixed.finished == len(mixed.tasks),
-                f"{mixed.finished}/{len(mixed.tasks)}; ran on {mixed.workers_used}",
+    for name, what in (("mixed", "stock and PostgreSQL-backend"), ("rollout", "bridge")):
+        mixed = report.outcomes.get(name)
+        if mixed is not None:
+            cancels = [note for note in mixed.notes if note.startswith("cancel")]
+            out.append(
+                Verdict(
+                    f"{name} fleet ({what}): every task starts and finishes, cancels arrive",
+                    bool(mixed.tasks)
+                    and mixed.finished == len(mixed.tasks)
+                    and (mixed.cancel or {}).get("state") == "canceled"
+                    and all(note.endswith("canceled") for note in cancels),
+                    f"{mixed.finished}/{len(mixed.tasks)}; ran on {mixed.workers_used}"
+                    + (f"; {'; '.join(cancels)}" if cancels else ""),
+                )
             )
-        )
     return out
 
 

@@ -1,23 +1,28 @@
 """The scenarios of the end-to-end run and the figures they produce.
 
 1. ``contract``: the worker contract on pulpcore's real classes (:mod:`.contract`).
-2. ``stock-direct``: stock pulpcore, LISTEN/NOTIFY on direct connections (the baseline).
-3. ``pubsub-redis-pgbouncer``: the integration on Redis; every worker's database
-   connection goes through PgBouncer in transaction pooling mode, with a pool
-   smaller than the number of workers.
-4. ``stock-pgbouncer``: stock pulpcore through that same PgBouncer, for contrast.
-5. ``mixed``: a stock API process (``pg_notify``), one stock worker (LISTEN on a direct
+2. ``head_to_head``, two fleets at once, their latency tasks alternating in rounds:
+   ``stock_direct``, stock pulpcore with LISTEN/NOTIFY on direct connections (the
+   baseline), and ``pubsub_redis``, the integration on Redis with every worker's
+   database connection going through PgBouncer in transaction pooling mode, with a
+   pool smaller than the number of workers.
+3. ``stock_pgbouncer``: stock pulpcore through that same PgBouncer, for contrast.
+4. ``mixed``: a stock API process (``pg_notify``), one stock worker (LISTEN on a direct
    connection) and integrated workers on the PostgreSQL backend (Django's
    connection through PgBouncer, the listener direct), all at once.
-6. ``redis-worker``: Pulp's own polling ``WORKER_TYPE = "redis"``, idle only.
+5. ``rollout``: half-way through a rolling move to Redis: a stock API and stock worker,
+   moved API and workers (Redis, ``PUBSUB_PULPCORE_ALSO_NOTIFY``), and the bridge.
+6. ``redis_worker``: Pulp's own polling ``WORKER_TYPE = "redis"``, idle only.
 
-Idle transactions are counted exactly from the server log over a window that
-starts once the workers are up, before any task (so every scenario's
-heartbeats are in the same phase).
+Idle transactions are counted exactly from the server log (every statement is
+logged with its virtual transaction id) over a window of two heartbeat periods
+that opens once the database has been quiet for a second after the last task.
 """
 
 from __future__ import annotations
 
+import contextlib
+import shutil
 import statistics
 import threading
 import time
@@ -29,6 +34,7 @@ from typing import Any
 from .site import LOG_CONF, Site, default_venv, ensure_venv
 
 LISTENER_NAME = "pulp-pubsub listener"
+BRIDGE_NAME = "pulp-pubsub bridge"
 FINAL_OK = "completed"
 
 
@@ -37,6 +43,8 @@ class Config:
     workers: int = 4
     pool_size: int = 2
     latency_tasks: int = 20
+    #: The latency tasks alternate between the fleets in this many rounds.
+    rounds: int = 4
     async_tasks: int = 5
     burst_tasks: int = 8
     #: Two heartbeat periods (WORKER_TTL / 3 = 10 s): every worker beats twice.
@@ -46,13 +54,15 @@ class Config:
     stock_pgbouncer_wait: float = 15.0
     scenarios: tuple[str, ...] = (
         "contract",
-        "stock_direct",
-        "pubsub_redis",
+        "head_to_head",
         "stock_pgbouncer",
         "mixed",
+        "rollout",
         "redis_worker",
     )
     venv: Path | None = None
+    #: Copy the server and process logs here before the throwaway servers go.
+    keep_logs: Path | None = None
 
 
 @dataclass
@@ -144,6 +154,8 @@ class Run:
                 getattr(self, name)()
                 self.report.seconds[name] = time.monotonic() - started
         finally:
+            if self.config.keep_logs is not None:
+                self.keep_logs(self.config.keep_logs, postgres, site)
             if site is not None:
                 site.cleanup()
             for server in (bouncer, redis_server, postgres):
@@ -151,6 +163,14 @@ class Run:
                     server.cleanup()
         self.report.total_seconds = time.monotonic() - began
         return self.report
+
+    @staticmethod
+    def keep_logs(where: Path, postgres: Any, site: Site | None) -> None:
+        where.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):
+            shutil.copy(postgres.log_path, where / "postgres.log")
+        if site is not None:
+            shutil.copytree(site.root / "logs", where / "processes", dirs_exist_ok=True)
 
     # -- pieces ------------------------------------------------------------------
 
@@ -186,20 +206,25 @@ class Run:
             site.wait(ready, 30, f"{db} workers subscribed")
 
     def idle(
-        self, outcome: Outcome, db: str, seconds: float | None = None, settle: bool = True
+        self, outcomes: dict[str, Outcome], seconds: float | None = None, settle: bool = True
     ) -> None:
-        """Count the transactions of idle workers, once the last task's echo has died down."""
+        """Count the transactions of idle fleets (one database each) over one window.
+
+        The window opens once the last task's echo has died down (``settle``).
+        """
         seconds = self.config.idle_seconds if seconds is None else seconds
         if seconds <= 0:
             return
         if settle:
-            self.site.wait_quiet(db)
-        self.log(f"  {outcome.name}: {seconds:.0f} s idle")
+            for db in outcomes:
+                self.site.wait_quiet(db)
+        self.log(f"  {', '.join(outcomes)}: {seconds:.0f} s idle")
         start = time.time()
         threading.Event().wait(seconds)  # a measuring window, not a synchronisation
         end = time.time()
-        outcome.idle_xacts = self.site.transactions(db, start, end)
-        outcome.idle_seconds = end - start
+        for db, outcome in outcomes.items():
+            outcome.idle_xacts = self.site.transactions(db, start, end)
+            outcome.idle_seconds = end - start
 
     def drive(self, outcome: Outcome, db: str, api: Path, **opts: Any) -> None:
         config = self.config
@@ -218,10 +243,13 @@ class Run:
                 if record.get("worker"):
                     kind = record["worker"].split("@")[0].rstrip("0123456789")
                     outcome.workers_used[kind] = outcome.workers_used.get(kind, 0) + 1
-        outcome.cancel = result.get("cancel")
-        outcome.cancel_waiting = result.get("cancel_waiting")
-        outcome.stray_notifies = result.get("stray_notifies")
-        outcome.integration = result.get("integration")
+        for key in ("cancel", "cancel_waiting", "integration"):
+            if key in result:
+                setattr(outcome, key, result[key])
+        stray = dict(outcome.stray_notifies or {})
+        for channel, n in result.get("stray_notifies", {}).items():
+            stray[channel] = stray.get(channel, 0) + n
+        outcome.stray_notifies = stray
 
     # -- the scenarios --------------------------------------------------------------
 
@@ -245,46 +273,59 @@ class Run:
         )
         self.report.contract = result["checks"]
 
-    def stock_direct(self) -> None:
-        k, db = self.config.workers, "stock_direct"
-        self.log(f"stock-direct: {k} stock workers, LISTEN/NOTIFY on direct connections")
-        outcome = Outcome(db, "stock pulpcore, LISTEN/NOTIFY", k, "direct")
-        workers = self.pulp_settings(f"{db}-worker", db, via_bouncer=False, OTEL_ENABLED=True)
-        api = self.pulp_settings(f"{db}-api", db, via_bouncer=False)
-        self.start_fleet(db, [(f"stock{i}", workers) for i in range(k)])
-        self.drive(outcome, db, api)
-        self.idle(outcome, db)
-        self.site.stop_all()
-        self.report.outcomes[db] = outcome
+    def head_to_head(self) -> None:
+        """Stock on direct connections against the integration behind PgBouncer.
 
-    def pubsub_redis(self) -> None:
-        k, db = self.config.workers, "pubsub_redis"
-        pool = self.config.pool_size
-        self.log(f"pubsub-redis: {k} integrated workers on Redis, PgBouncer pool of {pool}")
-        outcome = Outcome(db, "pulp-pubsub, Redis backend", k, f"PgBouncer txn, pool {pool}")
+        Both fleets run at once (each on its own database) and the latency
+        tasks alternate between them in rounds, so load from anything else on
+        the machine falls on both alike; their idle windows are the same window.
+        """
+        k, pool = self.config.workers, self.config.pool_size
+        self.log(
+            f"head to head: {k} stock workers (LISTEN/NOTIFY, direct) and {k} integrated "
+            f"workers (Redis; PgBouncer transaction pool of {pool})"
+        )
+        stock = Outcome("stock_direct", "stock pulpcore, LISTEN/NOTIFY", k, "direct")
+        ours = Outcome(
+            "pubsub_redis", "pulp-pubsub, Redis backend", k, f"PgBouncer txn, pool {pool}"
+        )
+        # Pulp's defaults (OTEL_ENABLED off): nothing but heartbeats while idle, so
+        # both fleets' idle counts are in lockstep. The metrics heartbeat has the
+        # contract, and the mixed and rollout fleets, which run with it on.
+        stock_workers = self.pulp_settings("stock_direct-worker", stock.name, via_bouncer=False)
+        stock_api = self.pulp_settings("stock_direct-api", stock.name, via_bouncer=False)
         layer = self.integrated(
-            PUBSUB_BACKEND="redis", PUBSUB_URL=self.redis_url, PUBSUB_CHANNEL_PREFIX=f"{db}."
+            PUBSUB_BACKEND="redis", PUBSUB_URL=self.redis_url, PUBSUB_CHANNEL_PREFIX="pubsub."
         )
-        workers = self.pulp_settings(
-            f"{db}-worker", db, via_bouncer=True, OTEL_ENABLED=True, **layer
+        our_workers = self.pulp_settings(
+            "pubsub_redis-worker", ours.name, via_bouncer=True, **layer
         )
-        api = self.pulp_settings(f"{db}-api", db, via_bouncer=True, **layer)
+        our_api = self.pulp_settings("pubsub_redis-api", ours.name, via_bouncer=True, **layer)
+        self.start_fleet(stock.name, [(f"stock{i}", stock_workers) for i in range(k)])
         self.start_fleet(
-            db,
-            [(f"pubsub{i}", workers) for i in range(k)],
-            ready=lambda: self.redis_subscribers(f"{db}.pulp_worker_wakeup") == k,
+            ours.name,
+            [(f"pubsub{i}", our_workers) for i in range(k)],
+            ready=lambda: self.redis_subscribers("pubsub.pulp_worker_wakeup") == k,
         )
-        self.drive(outcome, db, api)
-        self.idle(outcome, db)
+        rounds = max(1, min(self.config.rounds, self.config.latency_tasks))
+        per_round = -(-self.config.latency_tasks // rounds)
+        pairs = [(stock, stock_api), (ours, our_api)]
+        only_latency = {"async_tasks": 0, "burst_tasks": 0, "cancel": False}
+        for n in range(rounds):
+            for outcome, api in pairs if n % 2 == 0 else pairs[::-1]:
+                self.drive(outcome, outcome.name, api, latency_tasks=per_round, **only_latency)
+        for outcome, api in pairs:
+            self.drive(outcome, outcome.name, api, latency_tasks=0)
+        self.idle({stock.name: stock, ours.name: ours})
         self.site.stop_all()
-        self.report.outcomes[db] = outcome
+        self.report.outcomes.update({stock.name: stock, ours.name: ours})
 
     def stock_pgbouncer(self) -> None:
         k, db = self.config.workers, "stock_pgbouncer"
         pool = self.config.pool_size
         self.log(f"stock-pgbouncer: {k} stock workers through the same PgBouncer")
         outcome = Outcome(db, "stock pulpcore, LISTEN/NOTIFY", k, f"PgBouncer txn, pool {pool}")
-        workers = self.pulp_settings(f"{db}-worker", db, via_bouncer=True, OTEL_ENABLED=True)
+        workers = self.pulp_settings(f"{db}-worker", db, via_bouncer=True)
         api = self.pulp_settings(f"{db}-api", db, via_bouncer=True)
         self.start_fleet(db, [(f"stock{i}", workers) for i in range(k)])
         wait = self.config.stock_pgbouncer_wait
@@ -299,7 +340,7 @@ class Run:
             start_timeout=wait,
         )
         outcome.notes.append(f"waited {wait:.0f} s for tasks to start")
-        self.idle(outcome, db, self.config.contrast_idle_seconds)
+        self.idle({db: outcome}, self.config.contrast_idle_seconds)
         self.site.stop_all()
         self.report.outcomes[db] = outcome
 
@@ -321,6 +362,45 @@ class Run:
         self.site.stop_all()
         self.report.outcomes[db] = outcome
 
+    def rollout(self) -> None:
+        """Half-way through a rolling move to Redis: old and new processes, and the bridge."""
+        k, db = self.config.workers, "rollout"
+        moved = max(1, k - 2)
+        self.log(
+            f"rollout: stock API + {k - moved} stock worker(s) on LISTEN/NOTIFY, new API + "
+            f"{moved} worker(s) on Redis (also NOTIFY), one bridge"
+        )
+        outcome = Outcome(db, "rolling move to Redis, bridge", k, "mixed")
+        old = self.pulp_settings(f"{db}-old", db, via_bouncer=False, OTEL_ENABLED=True)
+        layer = self.integrated(
+            PUBSUB_BACKEND="redis",
+            PUBSUB_URL=self.redis_url,
+            PUBSUB_CHANNEL_PREFIX="rollout.",
+            PUBSUB_PULPCORE_ALSO_NOTIFY=True,
+            OTEL_ENABLED=True,
+        )
+        new = self.pulp_settings(f"{db}-new", db, via_bouncer=True, **layer)
+        fleet = [(f"stock{i}", old) for i in range(k - moved)]
+        fleet += [(f"pubsub{i}", new) for i in range(moved)]
+        bridge_settings = self.pulp_settings(f"{db}-bridge", db, via_bouncer=True, **layer)
+        self.site.start_bridge(f"{db}-bridge", bridge_settings, self.site.dsn(db))
+        self.start_fleet(
+            db,
+            fleet,
+            ready=lambda: (
+                self.redis_subscribers("rollout.pulp_worker_wakeup") == moved
+                and self.site.listener_sessions(BRIDGE_NAME) == 1
+            ),
+        )
+        for api in (old, new):  # each side's API dispatches and cancels
+            self.drive(outcome, db, api, async_tasks=0, burst_tasks=2 * k, burst_seconds=0.5)
+            outcome.notes.append(
+                f"cancel from the {'old' if api is old else 'new'} API: "
+                f"{(outcome.cancel or {}).get('state')}"
+            )
+        self.site.stop_all()
+        self.report.outcomes[db] = outcome
+
     def redis_worker(self) -> None:
         k, db = self.config.workers, "redis_worker"
         self.log(f"redis-worker: {k} of Pulp's polling redis workers, idle")
@@ -329,6 +409,6 @@ class Run:
             f"{db}-worker", db, via_bouncer=False, WORKER_TYPE="redis", REDIS_URL=self.redis_url
         )
         self.start_fleet(db, [(f"redis{i}", workers) for i in range(k)])
-        self.idle(outcome, db, self.config.contrast_idle_seconds, settle=False)  # it polls
+        self.idle({db: outcome}, self.config.contrast_idle_seconds, settle=False)  # it polls
         self.site.stop_all()
         self.report.outcomes[db] = outcome

@@ -219,10 +219,18 @@ class Site:
         )
 
     def start_worker(self, name: str, settings: Path, *args: str, **env: str) -> Process:
+        return self.start(name, settings, [self.bin("pulpcore-worker"), *args], **env)
+
+    def start_bridge(self, name: str, settings: Path, postgres_url: str) -> Process:
+        module = "pulp_pubsub.contrib.pulpcore.bridge"
+        argv = [self.bin("python"), "-m", module, "--postgres-url", postgres_url]
+        return self.start(name, settings, argv)
+
+    def start(self, name: str, settings: Path, argv: list[str], **env: str) -> Process:
         log_path = self.root / "logs" / f"{name}.log"
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
-                [self.bin("pulpcore-worker"), *args],
+                argv,
                 env=self.env(settings, **env),
                 cwd=self.root / "tmp",
                 stdin=subprocess.DEVNULL,
