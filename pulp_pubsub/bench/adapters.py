@@ -44,6 +44,8 @@ class Adapter:
     raw_client: ClassVar[Any] = None
     #: PUBSUB_OPTIONS for the run; the layer's defaults unless there is a reason.
     options: ClassVar[dict[str, Any]] = {}
+    #: The largest N the backend can be benchmarked with, if it has a limit.
+    max_subscribers: ClassVar[int | None] = None
 
     def layer_url(self, server_url: str | None) -> str | None:
         """PUBSUB_URL for the agents."""
@@ -70,6 +72,9 @@ class Adapter:
 class MemoryAdapter(Adapter):
     name = "memory"
     in_process = True
+    # Every subscriber is a few threads and pipes of this one process, and select()
+    # cannot watch a descriptor numbered 1024 or more.
+    max_subscribers = 100
 
 
 class PostgresAdapter(Adapter):

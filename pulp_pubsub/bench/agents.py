@@ -164,16 +164,17 @@ class Fleet:
         self,
         count: int,
         name: str,
-        role: Role,
+        make_role: Callable[[int], Role],
         *,
         in_process: bool,
         setup: Callable[[], None] | None = None,
     ) -> list[Agent]:
+        """Start ``count`` agents; ``make_role(i)`` is what agent ``i`` of the fleet does."""
         if not in_process:
             gc.freeze()
         new = [
-            spawn(f"{name}-{len(self.agents) + i}", role, in_process=in_process, setup=setup)
-            for i in range(count)
+            spawn(f"{name}-{i}", make_role(i), in_process=in_process, setup=setup)
+            for i in range(len(self.agents), len(self.agents) + count)
         ]
         self.agents += new
         self.grown_at = time.monotonic()
@@ -219,20 +220,26 @@ class Fleet:
                     raise BenchError(f"{agent.name} ended unexpectedly.")
         return got
 
-    def close(self, timeout: float = 20.0) -> None:
-        """Ask every agent to stop, then end what is left by its own pid."""
-        for agent in self.agents:
+    def shrink(self, count: int, timeout: float = 20.0) -> None:
+        """Stop the agents beyond the first ``count``."""
+        if count >= len(self.agents):
+            return
+        leaving, self.agents = self.agents[count:], self.agents[:count]
+        for agent in leaving:
             with contextlib.suppress(OSError):
                 agent.link.send({"cmd": "stop"})
         deadline = time.monotonic() + timeout
-        for agent in self.agents:
+        for agent in leaving:
             if agent.thread is not None:
                 agent.thread.join(max(0.1, deadline - time.monotonic()))
             elif agent.pid is not None:
                 _reap(agent.pid, deadline)
             _PARENT_ENDS.discard(agent.link.sock)
             agent.link.close()
-        self.agents.clear()
+
+    def close(self, timeout: float = 20.0) -> None:
+        """Ask every agent to stop, then end what is left by its own pid."""
+        self.shrink(0, timeout)
         gc.unfreeze()
 
 

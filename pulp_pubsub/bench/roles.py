@@ -21,6 +21,7 @@ from ..conf import PubSubSettings
 from ..handler import create_backend
 from ..message import Message
 from .agents import Link, Role
+from .board import Board
 from .monitor import EVENT_INSERT, TASK_MAX, TASK_POLL
 from .raw import RawClient
 
@@ -76,30 +77,29 @@ def _serve(link: Link, fd: int, on_readable: Callable[[], object]) -> None:
             return
 
 
-def subscriber(settings: PubSubSettings, channel: str) -> Role:
-    """An idle worker: reports each message it gets with the time it got it."""
+def subscriber(settings: PubSubSettings, channel: str, board: Board) -> Callable[[int], Role]:
+    """An idle worker: posts the round number of each message it gets, and when it got it."""
 
-    def role(link: Link) -> None:
-        backend = create_backend(settings)
-        got: list[Message] = []
-        with backend.subscriber() as sub:
-            sub.subscribe(channel, got.append)
-            connected = sub.wait_connected(CONNECT_WAIT)
-            link.send({"ready": connected, "pid": os.getpid(), "last_error": sub.last_error})
+    def make(slot: int) -> Role:
+        def role(link: Link) -> None:
+            backend = create_backend(settings)
 
-            def on_readable() -> None:
-                sub.dispatch()
-                now = time.monotonic()
-                for message in got:
-                    # received_at is wall-clock; the report needs the shared monotonic clock,
-                    # so the callback's time is taken right after dispatch() ran it.
-                    link.send({"got": message.payload, "t": now, "resync": message.resync})
-                got.clear()
+            def on_message(message: Message) -> None:
+                if message.resync:
+                    board.resync(slot)
+                elif message.payload.isdigit():
+                    board.post(slot, int(message.payload), time.monotonic())
 
-            _serve(link, sub.fileno(), on_readable)
-        backend.close()
+            with backend.subscriber() as sub:
+                sub.subscribe(channel, on_message)
+                connected = sub.wait_connected(CONNECT_WAIT)
+                link.send({"ready": connected, "pid": os.getpid(), "last_error": sub.last_error})
+                _serve(link, sub.fileno(), sub.dispatch)
+            backend.close()
 
-    return role
+        return role
+
+    return make
 
 
 def echo(settings: PubSubSettings, ping: str, pong: str) -> Role:
@@ -266,31 +266,34 @@ def writer(settings: PubSubSettings, channel: str) -> Role:
     return role
 
 
-def poller(period: float) -> Role:
+def poller(period: float, board: Board) -> Callable[[int], Role]:
     """Pulp's polling worker: sleep ``period``, query for new tasks, repeat."""
 
-    def role(link: Link) -> None:
-        from django.db import connection
+    def make(slot: int) -> Role:
+        def role(link: Link) -> None:
+            from django.db import connection
 
-        cursor = connection.cursor()
-        cursor.execute(TASK_MAX)
-        last = int(cursor.fetchone()[0])
-        link.send({"ready": True, "pid": os.getpid()})
-        # Workers start at different times: the phase of each one is random.
-        next_poll = time.monotonic() + random.uniform(0, period)
-        while True:
-            left = next_poll - time.monotonic()
-            if select.select([link.fileno()], [], [], max(0.0, left))[0]:
-                link.fill()
-                if not _commands(link):
-                    break
-                continue
-            cursor.execute(TASK_POLL, [last])
-            seen = time.monotonic()
-            for (task,) in cursor.fetchall():
-                link.send({"seen": task, "t": seen})
-                last = max(last, task)
-            next_poll = time.monotonic() + period
-        cursor.close()
+            cursor = connection.cursor()
+            cursor.execute(TASK_MAX)
+            last = int(cursor.fetchone()[0])
+            link.send({"ready": True, "pid": os.getpid()})
+            # Workers start at different times: the phase of each one is random.
+            next_poll = time.monotonic() + random.uniform(0, period)
+            while True:
+                left = next_poll - time.monotonic()
+                if select.select([link.fileno()], [], [], max(0.0, left))[0]:
+                    link.fill()
+                    if not _commands(link):
+                        break
+                    continue
+                cursor.execute(TASK_POLL, [last])
+                seen = time.monotonic()
+                for (task,) in cursor.fetchall():
+                    board.post(slot, task, seen)
+                    last = max(last, task)
+                next_poll = time.monotonic() + period
+            cursor.close()
 
-    return role
+        return role
+
+    return make

@@ -15,14 +15,18 @@ from ..handler import backend_class
 from . import SCENARIOS, BenchError, roles, scenarios
 from .adapters import Target, adapter_for, django_database
 from .agents import Fleet
+from .board import Board
 from .monitor import Monitor, RedisMonitor
 from .progress import Progress
 from .report import evaluate_targets
 from .servers import ServerSet, check_postgres_capacity
 
-#: The order scenarios run in for one backend: the subscriber fleet only grows
-#: (commit needs 0, 100, N; the rest N). Poll needs no backend and runs last.
-RUN_ORDER = ("latency", "commit", "connections", "idle", "fanout")
+#: The order scenarios run in for one backend. Idle comes before any wake-up reaches
+#: the subscribers: a PostgreSQL listener runs a transaction for each NOTIFY it is
+#: signalled about, and reports those only at its next command, which would be
+#: the liveness probe inside the idle window. Commit then shrinks the fleet N, 100, 0.
+#: Poll needs no backend and runs last.
+RUN_ORDER = ("latency", "connections", "idle", "fanout", "commit")
 
 
 @dataclass
@@ -42,7 +46,7 @@ class Params:
 
     @property
     def commit_levels(self) -> list[int]:
-        return sorted({0, min(100, self.subscribers), self.subscribers})
+        return sorted({0, min(100, self.subscribers), self.subscribers}, reverse=True)
 
     def check(self) -> None:
         for name in ("subscribers", "pings", "rounds", "writers", "poll_rounds"):
@@ -126,6 +130,27 @@ class BackendRun:
         self.ctx, self.target = ctx, target
         self.settings = target.settings_for("subscriber")
         self.fleet = Fleet()
+        # Made before any subscriber is forked: every one of them shares it.
+        self.board = Board(ctx.params.subscribers)
+        self._round = 0
+        self.writers = Fleet()
+
+    def start_writers(self) -> None:
+        """The commit scenario's writers, forked first: the subscribers of an in-process
+        backend are threads, and a fork should find no other thread in the parent."""
+        writer = roles.writer(self.target.settings_for("writer"), scenarios.COMMIT)
+        self.writers.spawn(
+            self.ctx.params.writers,
+            "writer",
+            lambda i: writer,
+            in_process=False,
+            setup=self.setup("writer", database=True),
+        )
+        scenarios._ready(self.writers, self.ctx, f"{self.target.name}: starting writers")
+
+    def next_round(self) -> int:
+        self._round += 1
+        return self._round
 
     @property
     def probe_interval(self) -> float:
@@ -155,23 +180,27 @@ class BackendRun:
             names.append(listener)
         return names
 
+    def shrink(self, count: int) -> None:
+        self.fleet.shrink(count)
+
     def grow(self, count: int) -> None:
         missing = count - len(self.fleet)
         if missing <= 0:
             return
-        role = roles.subscriber(self.settings, scenarios.WAKE)
         new = self.fleet.spawn(
             missing,
             "subscriber",
-            role,
+            roles.subscriber(self.settings, scenarios.WAKE, self.board),
             in_process=self.target.in_process,
             setup=self.setup("subscriber"),
         )
         scenarios._ready(self.fleet, self.ctx, f"{self.target.name}: starting subscribers", new)
 
     def close(self) -> None:
+        self.writers.close()
         self.fleet.close()
-        self.ctx.wait_gone("subscriber")
+        self.board.close()
+        self.ctx.wait_gone("writer", "subscriber")
 
 
 SCENARIO_FUNCTIONS = {name: getattr(scenarios, name) for name in RUN_ORDER}
@@ -192,6 +221,12 @@ def run_benchmark(
             f"Unknown scenario {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}."
         )
     adapters = [adapter_for(name) for name in backends]
+    for adapter in adapters:
+        if adapter.max_subscribers and params.subscribers > adapter.max_subscribers:
+            raise BenchError(
+                f"The {adapter.name} backend runs its subscribers as threads of this process: "
+                f"at most --subscribers {adapter.max_subscribers}."
+            )
     for adapter in adapters:
         backend_class(adapter.name)  # imports it now: agents share the code, errors come early
     if any(a.server == "postgres" for a in adapters) or set(chosen) - {"latency", "fanout"}:
@@ -218,6 +253,8 @@ def run_benchmark(
         for adapter in adapters:
             run = BackendRun(ctx, adapter.target(servers))
             try:
+                if "commit" in chosen:
+                    run.start_writers()
                 for name in RUN_ORDER:
                     if name in chosen:
                         result[name][adapter.name] = SCENARIO_FUNCTIONS[name](ctx, run)

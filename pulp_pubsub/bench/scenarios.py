@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import BenchError, roles
 from .agents import Fleet
+from .board import Board
 from .stats import quantiles_ms, ratio, summary_ms
 
 if TYPE_CHECKING:
@@ -31,6 +32,11 @@ ROUND_WAIT = 15.0
 
 def _channel(kind: str) -> str:
     return f"pubsub_bench_{kind}_{uuid.uuid4().hex[:8]}"
+
+
+def _fixed(role: roles.Role) -> Callable[[int], roles.Role]:
+    """The same role for every agent of a spawn."""
+    return lambda index: role
 
 
 def _ready(fleet: Fleet, ctx: Context, label: str, agents: list[Any] | None = None) -> None:
@@ -68,10 +74,18 @@ def latency(ctx: Context, run: BackendRun) -> dict[str, Any]:
     try:
         for kind, (echo, pinger) in kinds.items():
             fleet.spawn(
-                1, f"{kind}-echo", echo, in_process=target.in_process, setup=run.setup("echo")
+                1,
+                f"{kind}-echo",
+                _fixed(echo),
+                in_process=target.in_process,
+                setup=run.setup("echo"),
             )
             pingers[kind] = fleet.spawn(
-                1, f"{kind}-pinger", pinger, in_process=target.in_process, setup=run.setup("pinger")
+                1,
+                f"{kind}-pinger",
+                _fixed(pinger),
+                in_process=target.in_process,
+                setup=run.setup("pinger"),
             )
         _ready(fleet, ctx, f"latency {target.name}: connecting")
         rtts: dict[str, list[float]] = {kind: [] for kind in kinds}
@@ -109,36 +123,30 @@ def latency(ctx: Context, run: BackendRun) -> dict[str, Any]:
 def fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
     n, target = ctx.params.subscribers, run.target
     run.grow(n)
+    publisher = roles.publisher(target.settings_for("publisher"))
     pub = Fleet()
     pub.spawn(
         1,
         "publisher",
-        roles.publisher(target.settings_for("publisher")),
+        _fixed(publisher),
         in_process=target.in_process,
         setup=run.setup("publisher"),
     )
     per_subscriber: list[float] = []
     first: list[float] = []
     last: list[float] = []
-    lost = resyncs = 0
+    lost = 0
+    resyncs = run.board.resyncs(n)
     try:
         _ready(pub, ctx, f"fanout {target.name}: publisher")
         with ctx.progress.step(f"fanout {target.name} to {n}", ctx.params.rounds, "rounds") as step:
-            for i in range(ctx.params.rounds):
-                token = f"fanout-{i}-{uuid.uuid4().hex[:8]}"
-                seen_resync: list[int] = []
-
-                def accept(message: dict[str, Any], token: str = token, seen: Any = seen_resync):
-                    if message.get("resync"):
-                        seen.append(1)
-                    return message.get("got") == token
-
-                pub.send({"publish": token, "channel": WAKE})
+            for _ in range(ctx.params.rounds):
+                round_ = run.next_round()
+                pub.send({"publish": str(round_), "channel": WAKE})
                 [sent] = pub.gather(ROUND_WAIT, lambda m: "t0" in m).values()
-                got = run.fleet.gather(ROUND_WAIT, accept)
-                resyncs += len(seen_resync)
+                got = [t for t in run.board.collect(round_, n, ROUND_WAIT) if t is not None]
                 lost += n - len(got)
-                times = [m["t"] - sent["t0"] for m in got.values()]
+                times = [t - sent["t0"] for t in got]
                 if times:
                     per_subscriber += times
                     first.append(min(times))
@@ -152,7 +160,7 @@ def fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
         "subscribers": n,
         "rounds": ctx.params.rounds,
         "lost": lost,
-        "resyncs": resyncs,
+        "resyncs": run.board.resyncs(n) - resyncs,
         "last": summary_ms(last),
         "first": summary_ms(first),
         "per_subscriber": summary_ms(per_subscriber),
@@ -177,11 +185,15 @@ def connections(ctx: Context, run: BackendRun) -> dict[str, Any]:
 # -- 4. idle ------------------------------------------------------------------------
 
 
-def measure_idle(ctx: Context, fleet: Fleet, in_process: bool, label: str) -> dict[str, Any]:
-    """CPU of the fleet and transactions of the database over one window of doing nothing."""
+def measure_idle(
+    ctx: Context, fleet: Fleet, in_process: bool, label: str, servers: tuple[str, ...]
+) -> dict[str, Any]:
+    """CPU of the fleet (and of throwaway ``servers``) and the database's transactions
+    over one window of doing nothing."""
     monitor = ctx.monitor()
     time.sleep(max(0.0, ctx.params.settle - (time.monotonic() - fleet.grown_at)))
     cpu0, started = _cpu(fleet, in_process), time.monotonic()
+    server0 = {kind: ctx.servers.cpu_seconds(kind) for kind in servers}
     mark = monitor.xact_mark()
     window = ctx.params.window
     with ctx.progress.step(label, round(window), "s") as step:
@@ -190,6 +202,11 @@ def measure_idle(ctx: Context, fleet: Fleet, in_process: bool, label: str) -> di
             time.sleep(min(1.0, left))
             step.update(1)
     xacts, elapsed = monitor.xacts_since(mark)
+    server_pct = {}
+    for kind, before in server0.items():
+        after = ctx.servers.cpu_seconds(kind)
+        if before is not None and after is not None:
+            server_pct[kind] = round(100 * (after - before) / elapsed, 2)
     cpu = _cpu(fleet, in_process) - cpu0
     cpu_elapsed = time.monotonic() - started
     return {
@@ -199,6 +216,8 @@ def measure_idle(ctx: Context, fleet: Fleet, in_process: bool, label: str) -> di
         "cpu_pct_of_core": round(100 * cpu / cpu_elapsed, 3),
         "pg_xacts": xacts,
         "pg_xact_per_s": round(xacts / elapsed, 3),
+        # Throwaway servers only (their processes are ours to look at), % of one core.
+        "server_cpu_pct": server_pct,
     }
 
 
@@ -214,7 +233,10 @@ def _cpu(fleet: Fleet, in_process: bool) -> float:
 
 def idle(ctx: Context, run: BackendRun) -> dict[str, Any]:
     run.grow(ctx.params.subscribers)
-    result = measure_idle(ctx, run.fleet, run.target.in_process, f"idle {run.target.name}")
+    servers = ("postgres", run.target.adapter.server or "postgres")
+    result = measure_idle(
+        ctx, run.fleet, run.target.in_process, f"idle {run.target.name}", tuple(dict.fromkeys(servers))
+    )
     result["subscribers"] = result.pop("agents")
     result["probe_interval_s"] = run.probe_interval
     return result
@@ -224,53 +246,34 @@ def idle(ctx: Context, run: BackendRun) -> dict[str, Any]:
 
 
 def commit(ctx: Context, run: BackendRun) -> dict[str, Any]:
-    params, target = ctx.params, run.target
-    writers = Fleet()
+    """Commit rate of W writers with N, 100 and 0 idle subscribers (the fleet shrinks)."""
+    params, target, writers = ctx.params, run.target, run.writers
     levels = []
-    try:
-        # Writers first: an in-process backend's subscribers are threads, and a fork
-        # should find no other thread in the parent.
-        writers.spawn(
-            params.writers,
-            "writer",
-            roles.writer(target.settings_for("writer"), COMMIT),
-            in_process=False,
-            setup=run.setup("writer", database=True),
-        )
-        _ready(writers, ctx, f"commit {target.name}: writers")
-        for level in params.commit_levels:
-            run.grow(level)
-            row: dict[str, Any] = {"subscribers": level}
-            for publish in (True, False):
-                key = "commits_per_s" if publish else "plain_commits_per_s"
-                label = f"commit {target.name}, {level} idle subscribers" + (
-                    "" if publish else ", no publish"
-                )
-                with ctx.progress.step(label, 1, "runs") as step:
-                    writers.send({"run": params.duration, "publish": publish})
-                    got = writers.gather(params.duration + 60, lambda m: "commits" in m)
-                    step.update(1)
-                commits = sum(m["commits"] for m in got.values())
-                elapsed = max(m["elapsed"] for m in got.values())
-                row[key] = round(commits / elapsed, 1)
-                row["errors" if publish else "plain_errors"] = sum(
-                    m["errors"] for m in got.values()
-                )
-                errors = [m["first_error"] for m in got.values() if m["first_error"]]
-                if errors:
-                    row.setdefault("first_error", errors[0])
-            levels.append(row)
-    finally:
-        writers.close()
-        ctx.wait_gone("writer")
-    return {"writers": params.writers, "duration_s": params.duration, "levels": levels}
+    for level in params.commit_levels:
+        run.shrink(level)
+        run.grow(level)
+        row: dict[str, Any] = {"subscribers": level}
+        for publish in (True, False):
+            key = "commits_per_s" if publish else "plain_commits_per_s"
+            label = f"commit {target.name}, {level} idle subscribers" + (
+                "" if publish else ", no publish"
+            )
+            with ctx.progress.step(label, 1, "runs") as step:
+                writers.send({"run": params.duration, "publish": publish})
+                got = writers.gather(params.duration + 60, lambda m: "commits" in m)
+                step.update(1)
+            commits = sum(m["commits"] for m in got.values())
+            elapsed = max(m["elapsed"] for m in got.values())
+            row[key] = round(commits / elapsed, 1)
+            row["errors" if publish else "plain_errors"] = sum(m["errors"] for m in got.values())
+            errors = [m["first_error"] for m in got.values() if m["first_error"]]
+            if errors:
+                row.setdefault("first_error", errors[0])
+        levels.append(row)
+    return {"writers": params.writers, "duration_s": params.duration, "levels": levels[::-1]}
 
 
 # -- 6. poll baseline ---------------------------------------------------------------
-
-
-def _seen(task: int) -> Callable[[dict[str, Any]], bool]:
-    return lambda message: message.get("seen") == task
 
 
 def poll(ctx: Context) -> dict[str, Any]:
@@ -278,27 +281,31 @@ def poll(ctx: Context) -> dict[str, Any]:
     n = ctx.params.subscribers
     period = n * 0.01
     monitor = ctx.monitor()
-    fleet = Fleet()
+    fleet, board = Fleet(), Board(n)
     per_worker: list[float] = []
     first: list[float] = []
     last: list[float] = []
     lost = 0
     try:
         fleet.spawn(
-            n, "poller", roles.poller(period), in_process=False, setup=ctx.agent_setup("poller")
+            n,
+            "poller",
+            roles.poller(period, board),
+            in_process=False,
+            setup=ctx.agent_setup("poller"),
         )
         _ready(fleet, ctx, f"poll: starting {n} workers")
         sessions = monitor.sessions().get(ctx.application_name("poller"), 0)
-        idle_result = measure_idle(ctx, fleet, False, f"poll: {n} idle workers")
+        idle_result = measure_idle(ctx, fleet, False, f"poll: {n} idle workers", ("postgres",))
         with ctx.progress.step(
             f"poll: wake-ups, {n} workers", ctx.params.poll_rounds, "rounds"
         ) as step:
             for _ in range(ctx.params.poll_rounds):
                 started = time.monotonic()
                 task = monitor.insert_task()
-                got = fleet.gather(period * 2 + ROUND_WAIT, _seen(task))
+                got = [t for t in board.collect(task, n, period * 2 + ROUND_WAIT) if t is not None]
                 lost += n - len(got)
-                times = [m["t"] - started for m in got.values()]
+                times = [t - started for t in got]
                 if times:
                     per_worker += times
                     first.append(min(times))
@@ -306,6 +313,7 @@ def poll(ctx: Context) -> dict[str, Any]:
                 step.update(1)
     finally:
         fleet.close()
+        board.close()
         ctx.wait_gone("poller")
     return {
         "workers": n,

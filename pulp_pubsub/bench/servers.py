@@ -221,6 +221,13 @@ class ServerSet:
             self.urls[kind] = launched.url
         return self.urls[kind]
 
+    def cpu_seconds(self, kind: str) -> float | None:
+        """CPU used so far by a throwaway server and its children; None for a given one."""
+        launched = next((s for s in self._launched if s.kind == kind), None)
+        if launched is None:
+            return None
+        return process_tree_cpu(launched.proc.pid)
+
     def describe(self) -> dict[str, str]:
         return {
             kind: f"{hide_password(url)} ({'given' if kind in self.given else 'throwaway'})"
@@ -233,6 +240,30 @@ class ServerSet:
             with contextlib.suppress(ValueError):
                 _LIVE.remove(launched)
         self._launched.clear()
+
+
+def process_tree_cpu(root: int) -> float:
+    """User and system seconds of ``root`` and its live descendants, from /proc (Linux)."""
+    parents: dict[int, int] = {}
+    times: dict[int, int] = {}
+    for path in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            with open(path) as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        pid = int(path.split("/")[2])
+        parents[pid] = int(fields[1])
+        times[pid] = int(fields[11]) + int(fields[12])  # utime, stime
+    tree, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid in tree:
+            continue
+        tree.add(pid)
+        todo += [child for child, parent in parents.items() if parent == pid]
+    ticks = sum(times.get(pid, 0) for pid in tree)
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def check_postgres_capacity(monitor: Any, needed: int) -> None:

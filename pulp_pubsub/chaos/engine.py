@@ -291,7 +291,7 @@ class Chaos:
                 self._pause(frozen)
             finally:
                 target.thaw()
-            detail = f"SIGSTOP for {frozen:.1f} s"
+            detail = f"frozen for {frozen:.1f} s"
         else:
             roles = rng.choice([["subscriber"], ["publisher"], ["subscriber", "publisher"]])
             proxies = [target.proxies[role] for role in roles]

@@ -39,7 +39,13 @@ TEMPLATE_DB = "pulp_template"
 #: logged with its database and virtual transaction id.
 #: log_timezone is set because initdb takes it from $TZ, which Django sets.
 LOG_CONF = {"log_statement": "all", "log_line_prefix": "%m|%d|%v|", "log_timezone": "UTC"}
-_LOG_LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC\|([^|]*)\|(\d+/\d+)\|LOG:  ")
+_LOG_LINE = re.compile(
+    r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d+) UTC\|([^|]*)\|(\d+/\d+)\|LOG:  "
+    r"(?:statement|execute [^:]*): (.{0,40})"
+)
+#: PgBouncer's own health check of a pooled server connection (its default
+#: ``server_check_query``): the pooler's transaction, not the workers'.
+POOLER_CHECK = "select 1"
 
 
 def default_venv() -> Path:
@@ -323,7 +329,11 @@ class Site:
         Exact and without the up-to-10-second lag of pg_stat_database: every
         statement is logged with its virtual transaction id.
         """
-        return len({vxid for stamp, vxid in self.log.read(dbname) if start <= stamp < end})
+        statements: dict[str, set[str]] = {}
+        for stamp, vxid, text in self.log.read(dbname):
+            if start <= stamp < end:
+                statements.setdefault(vxid, set()).add(text.strip())
+        return sum(1 for texts in statements.values() if texts != {POOLER_CHECK})
 
     def wait_quiet(self, dbname: str, quiet: float = 1.0, timeout: float = 15.0) -> None:
         """Wait until ``dbname`` has seen no statement for ``quiet`` seconds."""
@@ -347,9 +357,9 @@ class StatementLog:
     def __init__(self, path: str) -> None:
         self.path = path
         self.offset = 0
-        self.entries: dict[str, list[tuple[float, str]]] = {}
+        self.entries: dict[str, list[tuple[float, str, str]]] = {}
 
-    def read(self, dbname: str) -> list[tuple[float, str]]:
+    def read(self, dbname: str) -> list[tuple[float, str, str]]:
         with open(self.path, "rb") as f:
             f.seek(self.offset)
             data = f.read()
@@ -359,7 +369,8 @@ class StatementLog:
             match = _LOG_LINE.match(line)
             if match:
                 stamp = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S.%f").replace(tzinfo=UTC)
-                self.entries.setdefault(match[2], []).append((stamp.timestamp(), match[3]))
+                entry = (stamp.timestamp(), match[3], match[4])
+                self.entries.setdefault(match[2], []).append(entry)
         return self.entries.get(dbname, [])
 
 
