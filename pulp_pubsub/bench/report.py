@@ -57,10 +57,11 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         )
         note = ""
         if r["pg_xacts"] and backend == "postgres":
-            expected = r["subscribers"] / r["probe_interval_s"]
+            n, every = r["subscribers"], r["probe_interval_s"]
             note = (
-                f"the liveness probe: one pg_notify per subscriber every "
-                f"{r['probe_interval_s']:g} s, {expected:.2f}/s expected"
+                f"the liveness probe: one pg_notify per subscriber every {every:g} s, and "
+                "PostgreSQL makes every listening session run a transaction for each NOTIFY: "
+                f"up to {n}x{n + 1}/{every:g} = {n * (n + 1) / every:.0f}/s"
             )
         out.append(
             _target(
@@ -219,6 +220,9 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
         headers = ["backend", "N", "PostgreSQL sessions", "Redis clients"]
         out.append(("3. Connections held by N idle subscribers", table(headers, rows, markdown)))
     if result.get("idle") or poll:
+        idle = list(result.get("idle", {}).items())
+        if poll:
+            idle.append(("poll (Pulp)", {**poll["idle"], "subscribers": poll["idle"]["agents"]}))
         rows = [
             [
                 b,
@@ -227,22 +231,21 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
                 r["cpu_s"],
                 r["cpu_pct_of_core"],
                 r["pg_xact_per_s"],
+                r.get("server_cpu_pct", {}).get("postgres"),
+                r.get("server_cpu_pct", {}).get("redis"),
             ]
-            for b, r in result.get("idle", {}).items()
+            for b, r in idle
         ]
-        if poll:
-            i = poll["idle"]
-            rows.append(
-                [
-                    "poll (Pulp)",
-                    i["agents"],
-                    i["window_s"],
-                    i["cpu_s"],
-                    i["cpu_pct_of_core"],
-                    i["pg_xact_per_s"],
-                ]
-            )
-        headers = ["backend", "N", "window s", "CPU s", "% of one core", "DB transactions/s"]
+        headers = [
+            "backend",
+            "N",
+            "window s",
+            "CPU s",
+            "% of one core",
+            "DB transactions/s",
+            "PostgreSQL CPU %",
+            "Redis CPU %",
+        ]
         out.append(("4. N idle subscribers", table(headers, rows, markdown)))
     if result.get("commit"):
         levels = next(iter(result["commit"].values()))["levels"]

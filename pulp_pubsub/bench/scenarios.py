@@ -235,7 +235,11 @@ def idle(ctx: Context, run: BackendRun) -> dict[str, Any]:
     run.grow(ctx.params.subscribers)
     servers = ("postgres", run.target.adapter.server or "postgres")
     result = measure_idle(
-        ctx, run.fleet, run.target.in_process, f"idle {run.target.name}", tuple(dict.fromkeys(servers))
+        ctx,
+        run.fleet,
+        run.target.in_process,
+        f"idle {run.target.name}",
+        tuple(dict.fromkeys(servers)),
     )
     result["subscribers"] = result.pop("agents")
     result["probe_interval_s"] = run.probe_interval
