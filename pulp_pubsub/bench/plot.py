@@ -147,12 +147,40 @@ def _sessions(ax: Any, data: dict[str, Any], poll: dict[str, Any] | None) -> Non
 
 
 def _idle(cpu_ax: Any, db_ax: Any, data: dict[str, Any], poll: dict[str, Any] | None) -> None:
-    names = list(data)
-    cpu = [data[b]["cpu_pct_of_core"] for b in names]
-    xact = [data[b]["pg_xact_per_s"] for b in names]
+    rows = list(data.items())
     if poll:
-        names.append("poll (Pulp)")
-        cpu.append(poll["idle"]["cpu_pct_of_core"])
-        xact.append(poll["idle"]["pg_xact_per_s"])
-    _bars(cpu_ax, names, cpu, "4. CPU of N idle subscribers", "% of one core")
+        rows.append(("poll (Pulp)", poll["idle"]))
+    names = [name for name, _ in rows]
+    title = "4. CPU while N subscribers are idle (% of one core)"
+    if not rows:
+        _empty(cpu_ax, title)
+    else:
+        mine = [r["cpu_pct_of_core"] for _, r in rows]
+        servers = [sum(r.get("server_cpu_pct", {}).values()) for _, r in rows]
+        xs = range(len(rows))
+        colours = [_colour(n) for n in names]
+        a = cpu_ax.bar(
+            [x - 0.2 for x in xs],
+            mine,
+            0.38,
+            color=colours,
+            edgecolor="black",
+            label="the subscribers",
+        )
+        b = cpu_ax.bar(
+            [x + 0.2 for x in xs],
+            servers,
+            0.38,
+            color=colours,
+            edgecolor="black",
+            hatch="//",
+            label="their servers",
+        )
+        for bars, values in ((a, mine), (b, servers)):
+            cpu_ax.bar_label(bars, labels=[f"{v:.2g}" for v in values], fontsize=8)
+        cpu_ax.set_xticks(list(xs), names)
+        cpu_ax.set_ylabel("% of one core")
+        cpu_ax.set_title(title)
+        cpu_ax.legend(fontsize=8)
+    xact = [r["pg_xact_per_s"] for _, r in rows]
     _bars(db_ax, names, xact, "4/6. Database transactions/s while idle", "transactions/s")

@@ -124,7 +124,7 @@ class Context:
 
 
 class BackendRun:
-    """One backend's run: its target and its growing fleet of idle subscribers."""
+    """One backend's run: its target, its fleet of idle subscribers, its writers."""
 
     def __init__(self, ctx: Context, target: Target) -> None:
         self.ctx, self.target = ctx, target
@@ -142,11 +142,11 @@ class BackendRun:
         self.writers.spawn(
             self.ctx.params.writers,
             "writer",
-            lambda i: writer,
+            scenarios.fixed(writer),
             in_process=False,
             setup=self.setup("writer", database=True),
         )
-        scenarios._ready(self.writers, self.ctx, f"{self.target.name}: starting writers")
+        scenarios.wait_ready(self.writers, self.ctx, f"{self.target.name}: starting writers")
 
     def next_round(self) -> int:
         self._round += 1
@@ -166,7 +166,7 @@ class BackendRun:
             return None
         if (
             database
-            or self.target.settings.backend == "postgres"
+            or self.target.adapter.server == "postgres"
             or "postgres" in self.ctx.servers.urls
         ):
             return self.ctx.agent_setup(role)
@@ -194,7 +194,7 @@ class BackendRun:
             in_process=self.target.in_process,
             setup=self.setup("subscriber"),
         )
-        scenarios._ready(self.fleet, self.ctx, f"{self.target.name}: starting subscribers", new)
+        scenarios.wait_ready(self.fleet, self.ctx, f"{self.target.name}: starting subscribers", new)
 
     def close(self) -> None:
         self.writers.close()

@@ -1,8 +1,8 @@
 """The six measurements. Each returns a plain dict for the JSON report.
 
 Backend scenarios take the run's :class:`~.runner.BackendRun`, whose fleet of
-idle subscribers only grows (commit needs 0, 100 and N of them; connections,
-idle and fanout then use all N), so 250 processes are started once per backend.
+idle subscribers is started once per backend: connections, idle and fanout use
+all N of them, then commit shrinks it to 100 and to 0.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ def _channel(kind: str) -> str:
     return f"pubsub_bench_{kind}_{uuid.uuid4().hex[:8]}"
 
 
-def _fixed(role: roles.Role) -> Callable[[int], roles.Role]:
+def fixed(role: roles.Role) -> Callable[[int], roles.Role]:
     """The same role for every agent of a spawn."""
     return lambda index: role
 
 
-def _ready(fleet: Fleet, ctx: Context, label: str, agents: list[Any] | None = None) -> None:
+def wait_ready(fleet: Fleet, ctx: Context, label: str, agents: list[Any] | None = None) -> None:
     agents = fleet.agents if agents is None else agents
     with ctx.progress.step(label, len(agents), "agents") as step:
         got = fleet.gather(ctx.connect_wait, lambda m: "ready" in m, agents, step.update)
@@ -76,18 +76,18 @@ def latency(ctx: Context, run: BackendRun) -> dict[str, Any]:
             fleet.spawn(
                 1,
                 f"{kind}-echo",
-                _fixed(echo),
+                fixed(echo),
                 in_process=target.in_process,
                 setup=run.setup("echo"),
             )
             pingers[kind] = fleet.spawn(
                 1,
                 f"{kind}-pinger",
-                _fixed(pinger),
+                fixed(pinger),
                 in_process=target.in_process,
                 setup=run.setup("pinger"),
             )
-        _ready(fleet, ctx, f"latency {target.name}: connecting")
+        wait_ready(fleet, ctx, f"latency {target.name}: connecting")
         rtts: dict[str, list[float]] = {kind: [] for kind in kinds}
         lost = dict.fromkeys(kinds, 0)
         per_block = max(1, ctx.params.pings // BLOCKS)
@@ -128,7 +128,7 @@ def fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
     pub.spawn(
         1,
         "publisher",
-        _fixed(publisher),
+        fixed(publisher),
         in_process=target.in_process,
         setup=run.setup("publisher"),
     )
@@ -138,7 +138,7 @@ def fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
     lost = 0
     resyncs = run.board.resyncs(n)
     try:
-        _ready(pub, ctx, f"fanout {target.name}: publisher")
+        wait_ready(pub, ctx, f"fanout {target.name}: publisher")
         with ctx.progress.step(f"fanout {target.name} to {n}", ctx.params.rounds, "rounds") as step:
             for _ in range(ctx.params.rounds):
                 round_ = run.next_round()
@@ -298,7 +298,7 @@ def poll(ctx: Context) -> dict[str, Any]:
             in_process=False,
             setup=ctx.agent_setup("poller"),
         )
-        _ready(fleet, ctx, f"poll: starting {n} workers")
+        wait_ready(fleet, ctx, f"poll: starting {n} workers")
         sessions = monitor.sessions().get(ctx.application_name("poller"), 0)
         idle_result = measure_idle(ctx, fleet, False, f"poll: {n} idle workers", ("postgres",))
         with ctx.progress.step(
