@@ -16,8 +16,9 @@ from typing import Any
 
 import psycopg
 
+from pulp_pubsub.testing import PostgresServer
+
 from .harness import Harness
-from .servers import PostgresServer
 
 #: The stop modes of the other harnesses, in PostgreSQL's words.
 MODES = {"graceful": "fast", "kill": "immediate"}

@@ -8,8 +8,9 @@ from typing import Any
 
 import redis
 
+from pulp_pubsub.testing import RedisServer
+
 from .harness import Harness
-from .servers import RedisServer
 
 #: The stop modes of the other harnesses, in RedisServer's words.
 MODES = {"fast": "graceful", "smart": "graceful", "immediate": "kill"}

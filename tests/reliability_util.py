@@ -15,9 +15,9 @@ from pulp_pubsub.backends.base import BaseBackend
 from pulp_pubsub.backends.listener import Subscriber
 from pulp_pubsub.conf import PubSubSettings
 from pulp_pubsub.handler import create_backend
+from pulp_pubsub.testing import free_port
 
 from .harness import Harness
-from .servers import free_port
 
 #: Short probe, backoff and timeouts, so that faults are noticed and recovered from in seconds.
 FAST: dict[str, Any] = {

@@ -16,8 +16,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from pulp_pubsub.bench import SCENARIOS
-
-from .servers import PostgresServer, RedisServer
+from pulp_pubsub.testing import PostgresServer, RedisServer
 
 N = 3
 BACKENDS = ("memory", "postgres", "redis")

@@ -34,8 +34,8 @@ from pulp_pubsub.introspection import (
     parse_query,
     process_name,
 )
+from pulp_pubsub.testing import free_port
 
-from .servers import free_port
 from .test_subscriber import MEMORY
 from .util import wait_until
 

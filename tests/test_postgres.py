@@ -35,9 +35,9 @@ from pulp_pubsub import Message, get_backend, publish
 from pulp_pubsub.backends.listener import Subscriber
 from pulp_pubsub.backends.postgres import PostgresBackend
 from pulp_pubsub.exceptions import InvalidChannel, InvalidPayload, PublishError
+from pulp_pubsub.testing import PostgresServer, TcpProxy
 
 from .harness_postgres import PostgresHarness
-from .servers import PostgresServer, TcpProxy
 from .util import wait_until
 
 pytestmark = pytest.mark.backend

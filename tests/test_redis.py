@@ -29,8 +29,8 @@ from pulp_pubsub import Message, get_backend, publish
 from pulp_pubsub.backends.listener import Subscriber
 from pulp_pubsub.backends.redis import RedisBackend
 from pulp_pubsub.exceptions import MissingDependency, PublishError
+from pulp_pubsub.testing import RedisServer, SentinelCluster, TcpProxy
 
-from .servers import RedisServer, SentinelCluster, TcpProxy
 from .util import wait_until
 
 REDIS_CLI = "/usr/bin/redis-cli"

@@ -25,10 +25,10 @@ from django.test import override_settings
 
 from demo.models import Event
 from pulp_pubsub import get_backend, publish
+from pulp_pubsub.testing import PostgresServer, RedisServer
 
 from .conftest import CONTRACT_BACKENDS
 from .reliability_util import FAST, Inbox, dead_url
-from .servers import PostgresServer, RedisServer
 
 # '/', '@' and ':' must be quoted in a URL. The scan looks for the password in both
 # spellings and for each piece between those characters, so that a URL parser that stops

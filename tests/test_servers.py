@@ -15,7 +15,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .servers import PgBouncerServer, PostgresServer, RedisServer, TcpProxy, free_port
+from pulp_pubsub.testing import PgBouncerServer, PostgresServer, RedisServer, TcpProxy, free_port
 
 pytestmark = pytest.mark.servers
 

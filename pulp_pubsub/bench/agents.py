@@ -118,6 +118,8 @@ def _run(role: Role, sock: socket.socket) -> int:
         with contextlib.suppress(OSError):
             link.send({"error": traceback.format_exc(limit=8)})
         return 1
+    finally:
+        link.close()
 
 
 def spawn(name: str, role: Role, *, in_process: bool, setup: Callable[[], None] | None) -> Agent:

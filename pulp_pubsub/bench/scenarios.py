@@ -25,7 +25,7 @@ WAKE = "pubsub_bench_wake"
 COMMIT = "pubsub_bench_commit"
 #: Round trips before measuring (connections warm, code paths hot), then blocks that
 #: alternate layer and raw, so a change in the machine's load hits both alike.
-WARMUP, BLOCKS = 50, 5
+WARMUP, BLOCKS = 50, 20
 #: Seconds for one reply from every agent before the round counts what it has.
 ROUND_WAIT = 15.0
 
@@ -186,21 +186,26 @@ def connections(ctx: Context, run: BackendRun) -> dict[str, Any]:
 
 
 def measure_idle(
-    ctx: Context, fleet: Fleet, in_process: bool, label: str, servers: tuple[str, ...]
+    ctx: Context,
+    fleet: Fleet,
+    in_process: bool,
+    label: str,
+    servers: tuple[str, ...],
+    settle: float,
 ) -> dict[str, Any]:
     """CPU of the fleet (and of throwaway ``servers``) and the database's transactions
-    over one window of doing nothing."""
+    over one window of doing nothing, ``settle`` seconds or more after the fleet started."""
     monitor = ctx.monitor()
-    time.sleep(max(0.0, ctx.params.settle - (time.monotonic() - fleet.grown_at)))
+    wait = settle - (time.monotonic() - fleet.grown_at)
+    if wait > 0:
+        with ctx.progress.step(f"{label}: settling", round(wait), "s") as step:
+            _sleep(wait, step.update)
     cpu0, started = _cpu(fleet, in_process), time.monotonic()
     server0 = {kind: ctx.servers.cpu_seconds(kind) for kind in servers}
     mark = monitor.xact_mark()
     window = ctx.params.window
     with ctx.progress.step(label, round(window), "s") as step:
-        end = time.monotonic() + window
-        while (left := end - time.monotonic()) > 0:
-            time.sleep(min(1.0, left))
-            step.update(1)
+        _sleep(window, step.update)
     xacts, elapsed = monitor.xacts_since(mark)
     server_pct = {}
     for kind, before in server0.items():
@@ -221,6 +226,13 @@ def measure_idle(
     }
 
 
+def _sleep(seconds: float, tick: Callable[[int], None]) -> None:
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        time.sleep(min(1.0, left))
+        tick(1)
+
+
 def _cpu(fleet: Fleet, in_process: bool) -> float:
     if in_process:  # threads of this process: its own clock covers them
         return time.process_time()
@@ -233,14 +245,12 @@ def _cpu(fleet: Fleet, in_process: bool) -> float:
 
 def idle(ctx: Context, run: BackendRun) -> dict[str, Any]:
     run.grow(ctx.params.subscribers)
-    servers = ("postgres", run.target.adapter.server or "postgres")
-    result = measure_idle(
-        ctx,
-        run.fleet,
-        run.target.in_process,
-        f"idle {run.target.name}",
-        tuple(dict.fromkeys(servers)),
-    )
+    servers = tuple(dict.fromkeys(("postgres", run.target.adapter.server or "postgres")))
+    settle = ctx.params.settle
+    if ctx.params.steady:
+        settle = max(settle, run.probe_interval + 1)
+    label = f"idle {run.target.name}"
+    result = measure_idle(ctx, run.fleet, run.target.in_process, label, servers, settle)
     result["subscribers"] = result.pop("agents")
     result["probe_interval_s"] = run.probe_interval
     return result
@@ -300,7 +310,8 @@ def poll(ctx: Context) -> dict[str, Any]:
         )
         wait_ready(fleet, ctx, f"poll: starting {n} workers")
         sessions = monitor.sessions().get(ctx.application_name("poller"), 0)
-        idle_result = measure_idle(ctx, fleet, False, f"poll: {n} idle workers", ("postgres",))
+        label = f"poll: {n} idle workers"
+        idle_result = measure_idle(ctx, fleet, False, label, ("postgres",), ctx.params.settle)
         with ctx.progress.step(
             f"poll: wake-ups, {n} workers", ctx.params.poll_rounds, "rounds"
         ) as step:

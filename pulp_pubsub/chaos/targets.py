@@ -2,42 +2,22 @@
 
 A real server is always a throwaway one of the run's own, with a password, on a free loopback
 port, behind two fault-injecting TCP proxies (one for the subscribers, one for the publisher),
-so that no other test or process is ever touched. The launchers are those of the test suite,
-``tests/servers.py``, which ships with the repository checkout and not with the package: the
-chaos run therefore works from a checkout only, and says so when it cannot import them.
-(The benchmark's launcher, :mod:`pulp_pubsub.bench.servers`, is installed but deliberately
-never restarts, freezes or cuts a server and sets no password, which is all a chaos run does.)
+so that no other test or process is ever touched. The launchers are those the test suite
+uses, :mod:`pulp_pubsub.testing`.
 """
 
 from __future__ import annotations
 
-import importlib
 import secrets
-from types import ModuleType
 from typing import Any, ClassVar
 
 from django.core.management.base import CommandError
 
+from ..testing import PostgresServer, RedisServer, TcpProxy
+
 #: Fault kinds, in the order the report lists them.
 SERVER_FAULTS = ("restart_graceful", "restart_kill", "kill_connections", "freeze")
 PROXY_FAULTS = ("proxy_cut", "proxy_stall", "proxy_slow")
-
-
-class ServersUnavailable(CommandError):
-    """The throwaway-server launchers of the repository checkout cannot be imported."""
-
-
-def servers_module() -> ModuleType:
-    try:
-        servers = importlib.import_module("tests.servers")
-    except ImportError as exc:
-        raise ServersUnavailable(
-            "The chaos run starts throwaway servers with tests/servers.py, which is part of "
-            "the pulp-pubsub repository checkout, not of the installed package. Run it from "
-            f"the checkout's top directory (cd pulp-pubsub && python manage.py pubsub_chaos "
-            f"...). Import error: {exc}"
-        ) from exc
-    return servers
 
 
 def make_password() -> str:
@@ -140,9 +120,8 @@ class _ServerTarget(Target):
     server: Any = None
 
     def _with_proxies(self) -> None:
-        servers = servers_module()
         for role in ("subscriber", "publisher"):
-            self.proxies[role] = servers.TcpProxy(self.server.host, self.server.port).start()
+            self.proxies[role] = TcpProxy(self.server.host, self.server.port).start()
 
     def stop_server(self, mode: str) -> None:
         if mode == "kill":
@@ -178,10 +157,7 @@ class PostgresTarget(_ServerTarget):
         self.max_connections = max(100, 2 * subscribers + 20)
 
     def start(self) -> None:
-        servers = servers_module()
-        self.server = servers.PostgresServer(
-            max_connections=self.max_connections, password=self.password
-        )
+        self.server = PostgresServer(max_connections=self.max_connections, password=self.password)
         self.server.start()
         self._with_proxies()
 
@@ -209,8 +185,7 @@ class RedisTarget(_ServerTarget):
     name = "redis"
 
     def start(self) -> None:
-        servers = servers_module()
-        self.server = servers.RedisServer(password=self.password)
+        self.server = RedisServer(password=self.password)
         self.server.start()
         self._with_proxies()
 

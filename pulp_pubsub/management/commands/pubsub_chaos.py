@@ -14,8 +14,7 @@ class Command(BaseCommand):
         "Break a throwaway server on purpose while messages flow, then check that every "
         "subscriber got every message or a later resync, that none stayed deaf and that no "
         "publish hung; exits non-zero when the run fails. The server is always a new one of "
-        "the run's own on a free loopback port (never the configured PUBSUB_URL), started "
-        "with tests/servers.py: run this from the repository checkout."
+        "the run's own on a free loopback port (never the configured PUBSUB_URL)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:

@@ -1,6 +1,6 @@
 """``python -m pulp_pubsub.contrib.pulpcore.e2e``: run the scenarios, print the figures.
 
-Run it from a checkout (it starts throwaway servers with ``tests/servers.py``).
+Run it from a checkout (it starts throwaway servers with :mod:`pulp_pubsub.testing`).
 Exits 1 when a verdict fails.
 """
 

@@ -129,7 +129,7 @@ class Run:
     # -- the whole run -----------------------------------------------------------
 
     def run(self) -> Report:
-        from tests.servers import PgBouncerServer, PostgresServer, RedisServer
+        from pulp_pubsub.testing import PgBouncerServer, PostgresServer, RedisServer
 
         began = time.monotonic()
         venv = ensure_venv(self.config.venv or default_venv(), self.log)

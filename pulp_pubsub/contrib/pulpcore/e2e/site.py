@@ -116,7 +116,7 @@ class Site:
     """One Pulp deployment's files, beside a throwaway PostgreSQL."""
 
     venv: Path
-    postgres: Any  # tests.servers.PostgresServer, started with LOG_CONF
+    postgres: Any  # pulp_pubsub.testing.PostgresServer, started with LOG_CONF
     root: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="pulp-e2e-")))
     processes: list[Process] = field(default_factory=list)
     _log: StatementLog | None = None
