@@ -57,7 +57,14 @@ def _latency(ax: Any, data: dict[str, Any]) -> None:
         p99 = [data[b][kind]["p99"] for b in names if kind in data[b]]
         colours = [_colour(b) for b in names if kind in data[b]]
         ax.bar(xs, p50, 0.38, color=colours, hatch=hatch, edgecolor="black", label=f"{kind} p50")
-        ax.scatter(xs, p99, marker="_", s=300, color="black", label=f"{kind} p99" if xs else None)
+        ax.scatter(
+            xs,
+            p99,
+            marker="_",
+            s=300,
+            color="black",
+            label="p99" if kind == "layer" and xs else None,
+        )
     for i, b in enumerate(names):
         if data[b].get("ratio_p50"):
             ax.annotate(

@@ -83,7 +83,9 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 "than PostgreSQL backend",
                 "redis/postgres",
                 f"{redis_top['commits_per_s']:.0f}/s vs {pg_top['commits_per_s']:.0f}/s "
-                f"= {factor}x",
+                f"= {factor:.2f}x"
+                if factor
+                else "-",
                 bool(factor and factor > 1),
             )
         )
@@ -98,7 +100,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                     f"wake-up latency at N={r['subscribers']} beats the poll baseline by >= "
                     f"{POLL_RATIO:g}x (p50 per subscriber)",
                     backend,
-                    f"{mine} ms vs {base} ms = {factor}x",
+                    f"{mine:.2f} ms vs {base:.1f} ms = {factor:.0f}x" if factor else "-",
                     bool(factor and factor >= POLL_RATIO),
                 )
             )

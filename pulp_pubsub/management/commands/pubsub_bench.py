@@ -12,7 +12,12 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pulp_pubsub.bench import SCENARIOS, BenchError
 from pulp_pubsub.bench.progress import Progress
-from pulp_pubsub.bench.report import render_markdown, render_text, write_markdown
+from pulp_pubsub.bench.report import (
+    evaluate_targets,
+    render_markdown,
+    render_text,
+    write_markdown,
+)
 from pulp_pubsub.bench.runner import QUICK, Params, run_benchmark
 from pulp_pubsub.bench.servers import ServerSet
 from pulp_pubsub.exceptions import PubSubError
@@ -121,16 +126,19 @@ class Command(BaseCommand):
     @staticmethod
     def _command_line() -> str:
         argv = sys.argv[:]
-        if argv and argv[0].endswith("manage.py") and "pubsub_bench" in argv:
-            return "python manage.py " + shlex.join(argv[1:])
-        return "pubsub_bench (called from code)"
+        if "pubsub_bench" not in argv[1:]:
+            return "pubsub_bench (called from code)"
+        program = "python manage.py" if argv[0].endswith("manage.py") else os.path.basename(argv[0])
+        return f"{program} {shlex.join(argv[1:])}"
 
     def _load(self, options: dict[str, Any]) -> dict[str, Any]:
         try:
             with open(options["load"]) as f:
-                return dict(json.load(f))
+                result = dict(json.load(f))
         except (OSError, ValueError) as exc:
             raise CommandError(f"Cannot read {options['load']}: {exc}") from exc
+        result["targets"] = evaluate_targets(result)  # judged by this version's rules
+        return result
 
     def _output(self, result: dict[str, Any], options: dict[str, Any]) -> None:
         self.stdout.write(render_text(result))
