@@ -17,7 +17,7 @@ import threading
 import urllib.parse
 from typing import Any
 
-from .processes import LOOPBACK, _as_postgres, _own, _scratch_base, _Server
+from .processes import LOOPBACK, ServerProcess, _as_postgres, _own, _scratch_base
 
 
 def _pg_bin(name: str) -> str:
@@ -71,7 +71,7 @@ def _pg_value(v: object) -> str:
     return "'" + str(v).replace("'", "''") + "'"
 
 
-class PostgresServer(_Server):
+class PostgresServer(ServerProcess):
     """A private cluster: trust on 127.0.0.1, or scram-sha-256 when ``password`` is given."""
 
     kind = "postgres"
@@ -151,7 +151,7 @@ class PostgresServer(_Server):
         }
 
 
-class PgBouncerServer(_Server):
+class PgBouncerServer(ServerProcess):
     """PgBouncer in front of a PostgresServer; ``admin_url`` reaches SHOW POOLS and friends."""
 
     kind = "pgbouncer"

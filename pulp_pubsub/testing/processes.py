@@ -20,8 +20,8 @@ import time
 from typing import Any, TypeVar
 
 LOOPBACK = "127.0.0.1"
-_LIVE: set[_Server] = set()
-_S = TypeVar("_S", bound="_Server")
+_LIVE: set[ServerProcess] = set()
+_S = TypeVar("_S", bound="ServerProcess")
 
 
 def free_port() -> int:
@@ -82,7 +82,7 @@ def _signal_all(pids: list[int], sig: int) -> None:
             os.kill(p, sig)
 
 
-class _Server:
+class ServerProcess:
     """Shared lifecycle: spawn, probe the real protocol until ready, stop, freeze, clean up."""
 
     kind = "server"
@@ -108,6 +108,15 @@ class _Server:
     def _probe(self) -> bool:
         """Hook: one readiness check; True once the server answers its protocol."""
         raise NotImplementedError
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError("subclasses of ServerProcess must provide url")
+
+    @property
+    def pid(self) -> int | None:
+        """The server's main process, for measuring what it and its children use."""
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def running(self) -> bool:

@@ -12,7 +12,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from .processes import LOOPBACK, _Server
+from .processes import LOOPBACK, ServerProcess
 
 
 def _make_certs(directory: str) -> tuple[str, str, str]:
@@ -65,7 +65,7 @@ def _make_certs(directory: str) -> tuple[str, str, str]:
     return ca, crt, pkey
 
 
-class RedisServer(_Server):
+class RedisServer(ServerProcess):
     """A private redis-server without persistence; optional password, ACL file and TLS."""
 
     kind = "redis"
@@ -142,7 +142,7 @@ class RedisServer(_Server):
         return f"{'rediss' if self.tls else 'redis'}://{auth}{self.host}:{self.port}/0"
 
 
-class SentinelServer(_Server):
+class SentinelServer(ServerProcess):
     """One redis-server in sentinel mode watching ``service_name`` (added for the redis tests)."""
 
     kind = "sentinel"
