@@ -22,6 +22,7 @@ import re
 import select
 import threading
 import time
+from collections import deque
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -44,8 +45,10 @@ PUBLISHER_NAME = "pulp-pubsub publisher"
 ADMIN_NAME = "pulp-pubsub admin"
 NOTIFY = "SELECT pg_notify(%s, %s)"
 NOTIFY_BOUND = b"SELECT pg_notify($1, $2)"
-#: The probe also reads how full the server's notification queue is, for free.
-PROBE = b"SELECT pg_notify($1, $2), pg_notification_queue_usage()"
+#: Now and then a probe also reads how full the server's notification queue is.
+QUEUE_USAGE = b"SELECT pg_notification_queue_usage()"
+#: Seconds between those reads, per subscriber: each is a (read-only) transaction.
+QUEUE_CHECK_INTERVAL = 300.0
 COUNT = (
     b"SELECT (SELECT count(*) FROM pg_stat_activity"
     b" WHERE datname = current_database() AND application_name = $1),"
@@ -57,7 +60,7 @@ _PYTHON_ONLY = ("cursor_factory", "context", "prepare_threshold", "row_factory",
 # Up to the last '@': a password with an unquoted '@' must not leave its tail behind.
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK)
+_OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.PIPELINE_SYNC)
 
 
 def scrub(text: object, secret: str | None = None) -> str:
@@ -93,18 +96,60 @@ class _Session:
             raise ConnectionLost(f"could not connect: {scrub(exc, secret)}") from None
         self.pgconn = self.conn.pgconn
         self.pid = os.getpid()
+        # A command, or a pipeline Sync, is in flight.
         self.busy = False
+        # In pipeline mode, waiting for the answer to a Sync.
+        self.syncing = False
+        # Results of a command finished early to make way for the next one.
+        self.held: list[pq.abc.PGresult] = []
+
+    def _settle(self, deadline: float) -> None:
+        """Finish the command in flight, keeping its results for :meth:`collect`.
+
+        libpq runs one command at a time; its results (errors too) are not
+        the next command's, and not to be dropped either.
+        """
+        if self.busy:
+            self.held.extend(self.results(deadline))
 
     def send(self, query: bytes, params: Sequence[bytes] | None, deadline: float) -> None:
-        if self.busy:  # libpq runs one command at a time: finish the last one first
-            self.results(deadline)
+        self._settle(deadline)
         if params is None:
             self.pgconn.send_query(query)
         else:
             self.pgconn.send_query_params(query, list(params))
         self.busy = True
+        self._flush(deadline)
+
+    def sync(self, deadline: float, query: bytes | None = None) -> None:
+        """Send a protocol Sync in pipeline mode, after ``query`` if given.
+
+        With no query, a Sync starts no transaction on the server, which just
+        answers ReadyForQuery: a PIPELINE_SYNC result, a round trip of this
+        very session that costs the server nothing.
+        """
+        self._settle(deadline)
+        self.pgconn.enter_pipeline_mode()
+        try:
+            if query is not None:
+                self.pgconn.send_query_params(query, None)
+            self.pgconn.pipeline_sync()
+        except BaseException:
+            if not self.busy:
+                self.pgconn.exit_pipeline_mode()
+            raise
+        self.busy = self.syncing = True
+        self._flush(deadline)
+
+    def _flush(self, deadline: float) -> None:
         while self.pgconn.flush():
             self._wait(deadline, write=True)
+
+    def collect(self) -> list[pq.abc.PGresult]:
+        """Results held back by :meth:`_settle`, then those that have arrived."""
+        out, self.held = self.held, []
+        out.extend(self.results(None))
+        return out
 
     def results(self, deadline: float | None) -> list[pq.abc.PGresult]:
         """The results of the command in flight; with no deadline, only what has arrived."""
@@ -117,9 +162,16 @@ class _Session:
                 self.pgconn.consume_input()
             result = self.pgconn.get_result()
             if result is None:
-                self.busy = False
-            else:
-                out.append(result)
+                if not self.syncing:
+                    self.busy = False
+                elif self.pgconn.status != pq.ConnStatus.OK:
+                    raise psycopg.OperationalError("the connection to PostgreSQL is gone")
+                # In a pipeline a None only ends one query's results.
+                continue
+            out.append(result)
+            if result.status == pq.ExecStatus.PIPELINE_SYNC:
+                self.pgconn.exit_pipeline_mode()
+                self.busy = self.syncing = False
         return out
 
     def run(self, query: bytes, params: Sequence[bytes] | None, timeout: float) -> list[Any]:
@@ -183,12 +235,35 @@ def _text(value: bytes | None) -> str:
     return (value or b"").decode("utf-8", "replace")
 
 
+def _notify_on(connection: Any, channel: str, payload: str) -> None:
+    """NOTIFY on Django's ``connection``: its session, in its transaction if any.
+
+    Straight through the underlying psycopg connection, with the checks that
+    Django's cursor makes; its cursor wrapper would cost about as much again
+    as the round trip itself. Django's cursor is still used when it has work
+    to do: execute wrappers to run, or queries to log.
+    """
+    if connection.execute_wrappers or connection.queries_logged:
+        with connection.cursor() as cursor:
+            cursor.execute(NOTIFY, [channel, payload])
+        return
+    connection.close_if_health_check_failed()
+    connection.ensure_connection()
+    connection.validate_thread_sharing()
+    connection.validate_no_broken_transaction()
+    with connection.wrap_database_errors:
+        connection.connection.execute(NOTIFY, [channel, payload]).close()
+
+
 class PostgresTransport(Transport):
     backend: PostgresBackend
 
     def __init__(self, backend: PostgresBackend) -> None:
         super().__init__(backend)
         self._session = _Session(backend.connection_params(backend.listener_name), backend.secret)
+        # The (channel, token) of each probe whose Sync is unanswered, oldest first.
+        self._probes: deque[tuple[str, str]] = deque()
+        self._queue_check_at = time.monotonic()
 
     def fileno(self) -> int:
         return self._session.pgconn.socket
@@ -215,14 +290,21 @@ class PostgresTransport(Transport):
         pgconn = self._session.pgconn
         try:
             pgconn.consume_input()
-            results = self._session.results(None)
+            results = self._session.collect()
         except psycopg.Error as exc:
             raise ConnectionLost(scrub(exc, self.backend.secret).strip()) from None
-        for result in _check(results):
-            # Only the probe runs between reads; it reports the queue usage.
-            if result.status == pq.ExecStatus.TUPLES_OK and result.ntuples:
-                self.backend.observe_queue_usage(float(_text(result.get_value(0, 1)) or 0))
         items = []
+        for result in _check(results):
+            if result.status == pq.ExecStatus.PIPELINE_SYNC:
+                # The server answered a probe: hand the listener its token back.
+                if self._probes:
+                    items.append(self._probes.popleft())
+            elif (
+                result.status == pq.ExecStatus.TUPLES_OK
+                and result.ntuples
+                and result.fname(0) == b"pg_notification_queue_usage"
+            ):
+                self.backend.observe_queue_usage(float(_text(result.get_value(0, 0)) or 0))
         while (notify := pgconn.notifies()) is not None:
             items.append((_text(notify.relname), _text(notify.extra)))
         if pgconn.status != pq.ConnStatus.OK:
@@ -230,13 +312,29 @@ class PostgresTransport(Transport):
         return items
 
     def probe(self, channel: str, payload: str) -> None:
-        # On this very session: a session receives its own notifications, so
-        # the probe proves that this connection, not another one, still works.
-        deadline = time.monotonic() + self.backend.config["probe_timeout"]
+        # A round trip of this very session, so it proves that this connection,
+        # not another one, still works. No NOTIFY: PostgreSQL wakes every
+        # listening session of the database on each one, so N subscribers
+        # probing that way would cost the server N² transactions per interval.
+        # A bare Sync costs none; the queue usage is read only now and then.
+        now = time.monotonic()
+        query = None
+        if now >= self._queue_check_at:
+            query, self._queue_check_at = QUEUE_USAGE, now + QUEUE_CHECK_INTERVAL
         try:
-            self._session.send(PROBE, [channel.encode(), payload.encode()], deadline)
+            self._session.sync(now + self.backend.config["probe_timeout"], query)
         except psycopg.Error as exc:
             raise ConnectionLost(f"probe failed: {scrub(exc, self.backend.secret)}") from None
+        self._probes.append((channel, payload))
+
+    def send_from_listener(self, channel: str, payload: str) -> None:
+        # A real NOTIFY (an introspection answer), sent without waiting: read()
+        # checks its result when it arrives.
+        deadline = time.monotonic() + self.backend.config["publish_timeout"]
+        try:
+            self._session.send(NOTIFY_BOUND, [channel.encode(), payload.encode()], deadline)
+        except psycopg.Error as exc:
+            raise ConnectionLost(f"send failed: {scrub(exc, self.backend.secret)}") from None
 
     def close(self) -> None:
         self._session.close()
@@ -372,8 +470,7 @@ class PostgresBackend(BaseBackend):
         connection = connections[self.database_alias]
         had_connection = connection.connection is not None
         try:
-            with connection.cursor() as cursor:
-                cursor.execute(NOTIFY, [channel, payload])
+            _notify_on(connection, channel, payload)
             return
         except DatabaseError as exc:
             raw = connection.connection
@@ -384,8 +481,7 @@ class PostgresBackend(BaseBackend):
         # timeout). Outside a transaction a fresh one loses nothing.
         connection.close()
         try:
-            with connection.cursor() as cursor:
-                cursor.execute(NOTIFY, [channel, payload])
+            _notify_on(connection, channel, payload)
         except DatabaseError as exc:
             raise PublishError(self._failure(channel, exc)) from exc
 
