@@ -184,6 +184,24 @@ def test_queue_over_half_full_is_warned_once(caplog):
     assert [r.getMessage().split("%")[0][-2:] for r in warnings] == ["60", "90"]
 
 
+@pytest.mark.parametrize("value", [0, -5, "300", True])
+def test_a_bad_queue_check_interval_is_refused(value):
+    with pytest.raises(ImproperlyConfigured, match="queue_check_interval"):
+        PostgresBackend(url="postgresql://u@h/db", options={"queue_check_interval": value})
+
+
+def test_subscribers_read_the_queue_usage_only_when_asked_to(pg):
+    with pg.configured(probe_interval=0.05) as quiet, quiet.subscriber() as sub:
+        sub.subscribe("queue.quiet", lambda m: None)
+        wait_until(lambda: sub.probe_rtt is not None, what="a probe round trip")
+        assert quiet.queue_usage is None
+    with pg.configured(probe_interval=0.05, queue_check_interval=0.05) as checking:
+        with checking.subscriber() as sub:
+            sub.subscribe("queue.checked", lambda m: None)
+            wait_until(lambda: checking.queue_usage is not None, what="a queue usage read")
+            assert 0 <= checking.queue_usage < 0.5
+
+
 # -- native NOTIFY on Django's connection ----------------------------------------
 
 # "default" too: Django makes every other alias depend on it unless TEST["DEPENDENCIES"] says not.

@@ -45,10 +45,9 @@ PUBLISHER_NAME = "pulp-pubsub publisher"
 ADMIN_NAME = "pulp-pubsub admin"
 NOTIFY = "SELECT pg_notify(%s, %s)"
 NOTIFY_BOUND = b"SELECT pg_notify($1, $2)"
-#: Now and then a probe also reads how full the server's notification queue is.
+#: With the ``queue_check_interval`` option, a probe now and then also reads
+#: how full the server's notification queue is (a read-only transaction).
 QUEUE_USAGE = b"SELECT pg_notification_queue_usage()"
-#: Seconds between those reads, per subscriber: each is a (read-only) transaction.
-QUEUE_CHECK_INTERVAL = 300.0
 COUNT = (
     b"SELECT (SELECT count(*) FROM pg_stat_activity"
     b" WHERE datname = current_database() AND application_name = $1),"
@@ -316,11 +315,12 @@ class PostgresTransport(Transport):
         # not another one, still works. No NOTIFY: PostgreSQL wakes every
         # listening session of the database on each one, so N subscribers
         # probing that way would cost the server N² transactions per interval.
-        # A bare Sync costs none; the queue usage is read only now and then.
+        # A bare Sync costs none; the queue usage is read only when asked for.
         now = time.monotonic()
         query = None
-        if now >= self._queue_check_at:
-            query, self._queue_check_at = QUEUE_USAGE, now + QUEUE_CHECK_INTERVAL
+        interval = self.backend.config["queue_check_interval"]
+        if interval and now >= self._queue_check_at:
+            query, self._queue_check_at = QUEUE_USAGE, now + interval
         try:
             self._session.sync(now + self.backend.config["probe_timeout"], query)
         except psycopg.Error as exc:
@@ -359,6 +359,10 @@ class PostgresBackend(BaseBackend):
         "keepalives_interval": 10,
         "keepalives_count": 3,
         "tcp_user_timeout": 30.0,
+        # Seconds between a subscriber's reads of the notification queue usage
+        # (logged when over half full); None: never, so idle subscribers cost
+        # the database no transactions. pubsub_channels reads it regardless.
+        "queue_check_interval": None,
     }
 
     def __init__(
@@ -371,6 +375,14 @@ class PostgresBackend(BaseBackend):
         super().__init__(url, options, channel_prefix, publish_on_commit)
         self.database_alias = self._check_alias(self.config["database"])
         self.listener_name = self._check_application_name(self.config["application_name"])
+        interval = self.config["queue_check_interval"]
+        if interval is not None and (
+            isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0
+        ):
+            raise ImproperlyConfigured(
+                "Option 'queue_check_interval' for PostgresBackend must be a positive number "
+                f"of seconds or None, not {interval!r}."
+            )
         # PostgreSQL defers a NOTIFY to commit only on the transaction's own
         # connection; a PUBSUB_URL server publishes on a connection of ours.
         self.defers_natively = url is None
