@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
-from .conf import get_settings
+from .conf import ALIASES, get_settings
 from .exceptions import InvalidBackendError, InvalidChannel, MissingDependency
 from .handler import backend_class
 from .validation import validate_prefix
@@ -32,7 +32,7 @@ def check_backend(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
         return [
             Error(
                 str(exc),
-                hint="Set PUBSUB_BACKEND to memory, postgres, redis, nats, etcd, relay, "
+                hint=f"Set PUBSUB_BACKEND to {', '.join(ALIASES)}, "
                 "or the dotted path of a BaseBackend subclass.",
                 id=E001,
             )
@@ -87,7 +87,7 @@ def check_production_backend(app_configs: Any = None, **kwargs: Any) -> list[Che
             Warning(
                 "PUBSUB_BACKEND is 'memory': messages never leave the process, so "
                 "separate workers cannot wake each other.",
-                hint="Use postgres, redis, nats, etcd or relay in production.",
+                hint="Use postgres or redis in production.",
                 id=W001,
             )
         ]

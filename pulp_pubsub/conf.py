@@ -17,9 +17,6 @@ ALIASES: dict[str, str] = {
     "memory": "pulp_pubsub.backends.memory.MemoryBackend",
     "postgres": "pulp_pubsub.backends.postgres.PostgresBackend",
     "redis": "pulp_pubsub.backends.redis.RedisBackend",
-    "nats": "pulp_pubsub.backends.nats.NatsBackend",
-    "etcd": "pulp_pubsub.backends.etcd.EtcdBackend",
-    "relay": "pulp_pubsub.backends.relay.RelayBackend",
 }
 
 DEFAULT_BACKEND = "postgres"

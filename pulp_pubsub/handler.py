@@ -21,8 +21,6 @@ from .exceptions import InvalidBackendError, MissingDependency
 EXTRAS: dict[str, tuple[str, str]] = {
     "postgres": ("psycopg", "postgres"),
     "redis": ("redis", "redis"),
-    "nats": ("nats", "nats"),
-    "etcd": ("etcd3", "etcd"),
 }
 
 
