@@ -11,7 +11,7 @@ from django.test import override_settings
 
 from pulp_pubsub import Message, get_backend, publish
 from pulp_pubsub.backends import memory
-from pulp_pubsub.exceptions import SubscriberClosed
+from pulp_pubsub.exceptions import InvalidChannel, SubscriberClosed
 
 from .util import wait_until
 
@@ -235,6 +235,13 @@ def test_close_stops_the_threads_and_releases_descriptors(backend):
         sub.subscribe("a", lambda m: None)
     with pytest.raises(SubscriberClosed):
         sub.dispatch()
+
+
+@pytest.mark.parametrize("name", ["pubsub_control", "pubsub_probe_abc", "pubsub_reply_0123abcd"])
+def test_the_layers_private_channels_cannot_be_subscribed(sub, name):
+    with pytest.raises(InvalidChannel, match="reserved"):
+        sub.subscribe(name, lambda m: None)
+    assert sub.channels == []
 
 
 def test_callback_must_be_callable(sub):

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ConnectionLost, SubscriberClosed
-from ..introspection import CONTROL_CHANNEL, answer_query
+from ..exceptions import ConnectionLost, InvalidChannel, SubscriberClosed
+from ..introspection import CONTROL_CHANNEL, REPLY_PREFIX, answer_query
 from ..message import Message
 from ..metrics import count, record_probe_rtt, track
 from .selfpipe import close_fds, drain, make_pipe, poke, wait_readable
@@ -39,6 +39,8 @@ logger = logging.getLogger(__name__)
 Callback = Callable[[Message], Any]
 
 PROBE_PREFIX = "pubsub_probe_"
+#: Private channels of the layer; a callback there would never be called.
+RESERVED_PREFIXES = (PROBE_PREFIX, REPLY_PREFIX)
 #: At most one WARNING about a lost connection per subscriber in this many
 #: seconds, so a flapping connection or a long outage does not flood the log.
 OUTAGE_LOG_INTERVAL = 60.0
@@ -98,6 +100,11 @@ class Subscriber:
         """
         self._check_usable()
         wire = self.backend.wire_name(channel)
+        if channel == CONTROL_CHANNEL or channel.startswith(RESERVED_PREFIXES):
+            raise InvalidChannel(
+                f"The channel name {channel!r} is reserved for the layer's own probes and "
+                "introspection."
+            )
         if not callable(callback):
             raise TypeError(f"callback must be callable, not {type(callback).__name__}")
         with self._lock:
