@@ -7,10 +7,8 @@ a stock Pulp process and this layer therefore see each other's messages.
 Each subscriber LISTENs on a dedicated autocommit connection of its own,
 never on Django's, so an ORM query can never swallow a notification.
 
-psycopg's ``execute()`` waits for the server without any bound, and a frozen
-server (or a silent network) would hang it forever. Every connection opened
-here is therefore driven through libpq's non-blocking calls, and every wait
-has a deadline.
+Every connection the backend opens itself goes through
+:mod:`pulp_pubsub.backends.pgsession`, where each wait has a deadline.
 """
 
 from __future__ import annotations
@@ -18,12 +16,10 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
-import select
 import threading
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Collection
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -35,9 +31,11 @@ from .base import BaseBackend, Transport
 try:
     import psycopg
     from psycopg import pq, sql
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from psycopg.conninfo import conninfo_to_dict
 except ImportError as exc:
     raise MissingDependency("postgres", "postgres", exc) from exc
+
+from .pgsession import ServerError, Session, Timeout, check, scrub, text
 
 logger = logging.getLogger(__name__)
 
@@ -56,182 +54,6 @@ COUNT = (
 QUEUE_WARNING = 0.5
 #: Keys of Django's connection parameters that are psycopg's, not libpq's.
 _PYTHON_ONLY = ("cursor_factory", "context", "prepare_threshold", "row_factory", "autocommit")
-# Up to the last '@': a password with an unquoted '@' must not leave its tail behind.
-_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
-_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.PIPELINE_SYNC)
-
-
-def scrub(text: object, secret: str | None = None) -> str:
-    """``text`` without the password of a URL or conninfo string in it."""
-    out = str(text)
-    if secret and len(secret) >= 4:
-        out = out.replace(secret, "***")
-    out = _URL_PASSWORD.sub(r"\1***@", out)
-    return _KEYWORD_PASSWORD.sub(r"\1***", out)
-
-
-class _Timeout(ConnectionLost):
-    """The server did not answer in time: it may be frozen, so never retry at once."""
-
-
-class _ServerError(PubSubError):
-    """The server answered with an error: the connection itself is fine."""
-
-
-class _Session:
-    """One autocommit connection whose every wait for the server has a deadline."""
-
-    def __init__(
-        self, params: dict[str, Any], secret: str | None, deadline: float | None = None
-    ) -> None:
-        self.secret = secret
-        try:
-            if deadline is None:
-                self.conn = psycopg.connect(autocommit=True, **params)
-            else:
-                self.conn = _connect_by(params, deadline)
-        except psycopg.Error as exc:
-            raise ConnectionLost(f"could not connect: {scrub(exc, secret)}") from None
-        self.pgconn = self.conn.pgconn
-        self.pid = os.getpid()
-        # A command, or a pipeline Sync, is in flight.
-        self.busy = False
-        # In pipeline mode, waiting for the answer to a Sync.
-        self.syncing = False
-        # Results of a command finished early to make way for the next one.
-        self.held: list[pq.abc.PGresult] = []
-
-    def _settle(self, deadline: float) -> None:
-        """Finish the command in flight, keeping its results for :meth:`collect`.
-
-        libpq runs one command at a time; its results (errors too) are not
-        the next command's, and not to be dropped either.
-        """
-        if self.busy:
-            self.held.extend(self.results(deadline))
-
-    def send(self, query: bytes, params: Sequence[bytes] | None, deadline: float) -> None:
-        self._settle(deadline)
-        if params is None:
-            self.pgconn.send_query(query)
-        else:
-            self.pgconn.send_query_params(query, list(params))
-        self.busy = True
-        self._flush(deadline)
-
-    def sync(self, deadline: float, query: bytes | None = None) -> None:
-        """Send a protocol Sync in pipeline mode, after ``query`` if given.
-
-        With no query, a Sync starts no transaction on the server, which just
-        answers ReadyForQuery: a PIPELINE_SYNC result, a round trip of this
-        very session that costs the server nothing.
-        """
-        self._settle(deadline)
-        self.pgconn.enter_pipeline_mode()
-        try:
-            if query is not None:
-                self.pgconn.send_query_params(query, None)
-            self.pgconn.pipeline_sync()
-        except BaseException:
-            if not self.busy:
-                self.pgconn.exit_pipeline_mode()
-            raise
-        self.busy = self.syncing = True
-        self._flush(deadline)
-
-    def _flush(self, deadline: float) -> None:
-        while self.pgconn.flush():
-            self._wait(deadline, write=True)
-
-    def collect(self) -> list[pq.abc.PGresult]:
-        """Results held back by :meth:`_settle`, then those that have arrived."""
-        out, self.held = self.held, []
-        out.extend(self.results(None))
-        return out
-
-    def results(self, deadline: float | None) -> list[pq.abc.PGresult]:
-        """The results of the command in flight; with no deadline, only what has arrived."""
-        out: list[pq.abc.PGresult] = []
-        while self.busy:
-            while self.pgconn.is_busy():
-                if deadline is None:
-                    return out
-                self._wait(deadline)
-                self.pgconn.consume_input()
-            result = self.pgconn.get_result()
-            if result is None:
-                if not self.syncing:
-                    self.busy = False
-                elif self.pgconn.status != pq.ConnStatus.OK:
-                    raise psycopg.OperationalError("the connection to PostgreSQL is gone")
-                # In a pipeline a None only ends one query's results.
-                continue
-            out.append(result)
-            if result.status == pq.ExecStatus.PIPELINE_SYNC:
-                self.pgconn.exit_pipeline_mode()
-                self.busy = self.syncing = False
-        return out
-
-    def run(self, query: bytes, params: Sequence[bytes] | None, timeout: float) -> list[Any]:
-        deadline = time.monotonic() + timeout
-        self.send(query, params, deadline)
-        return _check(self.results(deadline))
-
-    def _wait(self, deadline: float, write: bool = False) -> None:
-        left = deadline - time.monotonic()
-        if left > 0:
-            poller = select.poll()
-            poller.register(self.pgconn.socket, select.POLLOUT if write else select.POLLIN)
-            if poller.poll(left * 1000):
-                return
-        raise _Timeout("the server did not answer in time")
-
-    def close(self) -> None:
-        # A connection inherited through fork() is the parent's: never touch it.
-        if self.pid == os.getpid():
-            self.conn.close()
-
-
-def _connect_by(params: dict[str, Any], deadline: float) -> psycopg.Connection[Any]:
-    """``psycopg.connect()`` that gives up at ``deadline``.
-
-    libpq's own ``connect_timeout`` counts whole seconds, at least 2, so a publish that has to
-    connect to a frozen server would outlast a shorter ``publish_timeout``.
-    """
-    pgconn = pq.PGconn.connect_start(make_conninfo("", **params).encode())
-    try:
-        while (status := pgconn.connect_poll()) != pq.PollingStatus.OK:
-            if status == pq.PollingStatus.FAILED:
-                raise psycopg.OperationalError(pgconn.get_error_message())
-            left = deadline - time.monotonic()
-            poller = select.poll()
-            writing = status == pq.PollingStatus.WRITING
-            poller.register(pgconn.socket, select.POLLOUT if writing else select.POLLIN)
-            if left <= 0 or not poller.poll(left * 1000):
-                raise _Timeout("the server did not answer the connection in time")
-    except BaseException:
-        pgconn.finish()
-        raise
-    conn = psycopg.Connection(pgconn)
-    conn.autocommit = True
-    return conn
-
-
-def _check(results: list[pq.abc.PGresult]) -> list[pq.abc.PGresult]:
-    for result in results:
-        if result.status not in _OK:
-            message = result.error_message.decode("utf-8", "replace").strip()
-            raise _ServerError(
-                message or f"the server answered {pq.ExecStatus(result.status).name}"
-            )
-    return results
-
-
-def _text(value: bytes | None) -> str:
-    # The connection's client_encoding is UTF8; "replace" keeps one odd byte
-    # from a SQL_ASCII database from killing the connection over and over.
-    return (value or b"").decode("utf-8", "replace")
 
 
 def _notify_on(connection: Any, channel: str, payload: str) -> None:
@@ -259,7 +81,7 @@ class PostgresTransport(Transport):
 
     def __init__(self, backend: PostgresBackend) -> None:
         super().__init__(backend)
-        self._session = _Session(backend.connection_params(backend.listener_name), backend.secret)
+        self._session = Session(backend.connection_params(backend.listener_name), backend.secret)
         # The (channel, token) of each probe whose Sync is unanswered, oldest first.
         self._probes: deque[tuple[str, str]] = deque()
         self._queue_check_at = time.monotonic()
@@ -293,7 +115,7 @@ class PostgresTransport(Transport):
         except psycopg.Error as exc:
             raise ConnectionLost(scrub(exc, self.backend.secret).strip()) from None
         items = []
-        for result in _check(results):
+        for result in check(results):
             if result.status == pq.ExecStatus.PIPELINE_SYNC:
                 # The server answered a probe: hand the listener its token back.
                 if self._probes:
@@ -303,9 +125,9 @@ class PostgresTransport(Transport):
                 and result.ntuples
                 and result.fname(0) == b"pg_notification_queue_usage"
             ):
-                self.backend.observe_queue_usage(float(_text(result.get_value(0, 0)) or 0))
+                self.backend.observe_queue_usage(float(text(result.get_value(0, 0)) or 0))
         while (notify := pgconn.notifies()) is not None:
-            items.append((_text(notify.relname), _text(notify.extra)))
+            items.append((text(notify.relname), text(notify.extra)))
         if pgconn.status != pq.ConnStatus.OK:
             raise ConnectionLost("the connection to PostgreSQL is gone")
         return items
@@ -391,8 +213,8 @@ class PostgresBackend(BaseBackend):
         self._queue_warned = False
         self._pid = os.getpid()
         self._publish_lock = threading.Lock()
-        self._publisher: _Session | None = None
-        self._inherited: list[_Session] = []
+        self._publisher: Session | None = None
+        self._inherited: list[Session] = []
 
     # -- configuration -------------------------------------------------------
 
@@ -511,7 +333,7 @@ class PostgresBackend(BaseBackend):
                 session, reused = self._publisher, self._publisher is not None
                 try:
                     if session is None:
-                        session = self._publisher = _Session(
+                        session = self._publisher = Session(
                             self.connection_params(PUBLISHER_NAME), self.secret, deadline
                         )
                     session.run(
@@ -520,11 +342,11 @@ class PostgresBackend(BaseBackend):
                         deadline - time.monotonic(),
                     )
                     return
-                except _ServerError as exc:
+                except ServerError as exc:
                     raise PublishError(self._failure(channel, exc)) from None
                 except (ConnectionLost, psycopg.Error) as exc:
                     self._drop_publisher()
-                    if not (reused and time.monotonic() < deadline) or isinstance(exc, _Timeout):
+                    if not (reused and time.monotonic() < deadline) or isinstance(exc, Timeout):
                         raise PublishError(self._failure(channel, exc)) from None
                     # The cached connection had died while idle: one fresh try.
         finally:
@@ -587,15 +409,15 @@ class PostgresBackend(BaseBackend):
             params = self.connection_params(ADMIN_NAME)
             info["server"] = f"{params.get('host', '')}:{params.get('port', '')}"
             info["dbname"] = params.get("dbname")
-            session = _Session(params, self.secret)
+            session = Session(params, self.secret)
             try:
                 [result] = session.run(
                     COUNT, [self.listener_name.encode()], self.config["publish_timeout"]
                 )
             finally:
                 session.close()
-            info["listeners"] = int(_text(result.get_value(0, 0)))
-            info["notification_queue_usage"] = usage = float(_text(result.get_value(0, 1)))
+            info["listeners"] = int(text(result.get_value(0, 0)))
+            info["notification_queue_usage"] = usage = float(text(result.get_value(0, 1)))
             info["listeners_note"] = (
                 "PostgreSQL cannot tell which channels a session listens on: this counts the "
                 f"sessions of this database named {self.listener_name!r}, one per subscriber."

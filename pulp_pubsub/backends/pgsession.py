@@ -1,0 +1,198 @@
+"""libpq sessions driven through non-blocking calls, every wait with a deadline.
+
+psycopg's ``execute()`` waits for the server without any bound, so a frozen
+server (or a silent network) would hang it forever; the PostgreSQL backend's
+own connections (listener, publisher, introspection) go through this instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import time
+from collections.abc import Sequence
+from typing import Any
+
+# Imported only by the postgres backend, which has already turned a missing
+# psycopg into the error that names the pip extra.
+import psycopg
+from psycopg import pq
+from psycopg.conninfo import make_conninfo
+
+from ..exceptions import ConnectionLost, PubSubError
+
+# Up to the last '@': a password with an unquoted '@' must not leave its tail behind.
+_URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
+_KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
+_OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.PIPELINE_SYNC)
+
+
+def scrub(text: object, secret: str | None = None) -> str:
+    """``text`` without the password of a URL or conninfo string in it."""
+    out = str(text)
+    if secret and len(secret) >= 4:
+        out = out.replace(secret, "***")
+    out = _URL_PASSWORD.sub(r"\1***@", out)
+    return _KEYWORD_PASSWORD.sub(r"\1***", out)
+
+
+class Timeout(ConnectionLost):
+    """The server did not answer in time: it may be frozen, so never retry at once."""
+
+
+class ServerError(PubSubError):
+    """The server answered with an error: the connection itself is fine."""
+
+
+class Session:
+    """One autocommit connection whose every wait for the server has a deadline."""
+
+    def __init__(
+        self, params: dict[str, Any], secret: str | None, deadline: float | None = None
+    ) -> None:
+        self.secret = secret
+        try:
+            if deadline is None:
+                self.conn = psycopg.connect(autocommit=True, **params)
+            else:
+                self.conn = connect_by(params, deadline)
+        except psycopg.Error as exc:
+            raise ConnectionLost(f"could not connect: {scrub(exc, secret)}") from None
+        self.pgconn = self.conn.pgconn
+        self.pid = os.getpid()
+        # A command, or a pipeline Sync, is in flight.
+        self.busy = False
+        # In pipeline mode, waiting for the answer to a Sync.
+        self.syncing = False
+        # Results of a command finished early to make way for the next one.
+        self.held: list[pq.abc.PGresult] = []
+
+    def _settle(self, deadline: float) -> None:
+        """Finish the command in flight, keeping its results for :meth:`collect`.
+
+        libpq runs one command at a time; its results (errors too) are not
+        the next command's, and not to be dropped either.
+        """
+        if self.busy:
+            self.held.extend(self.results(deadline))
+
+    def send(self, query: bytes, params: Sequence[bytes] | None, deadline: float) -> None:
+        self._settle(deadline)
+        if params is None:
+            self.pgconn.send_query(query)
+        else:
+            self.pgconn.send_query_params(query, list(params))
+        self.busy = True
+        self._flush(deadline)
+
+    def sync(self, deadline: float, query: bytes | None = None) -> None:
+        """Send a protocol Sync in pipeline mode, after ``query`` if given.
+
+        With no query, a Sync starts no transaction on the server, which just
+        answers ReadyForQuery: a PIPELINE_SYNC result, a round trip of this
+        very session that costs the server nothing.
+        """
+        self._settle(deadline)
+        self.pgconn.enter_pipeline_mode()
+        try:
+            if query is not None:
+                self.pgconn.send_query_params(query, None)
+            self.pgconn.pipeline_sync()
+        except BaseException:
+            if not self.busy:
+                self.pgconn.exit_pipeline_mode()
+            raise
+        self.busy = self.syncing = True
+        self._flush(deadline)
+
+    def _flush(self, deadline: float) -> None:
+        while self.pgconn.flush():
+            self._wait(deadline, write=True)
+
+    def collect(self) -> list[pq.abc.PGresult]:
+        """Results held back by :meth:`_settle`, then those that have arrived."""
+        out, self.held = self.held, []
+        out.extend(self.results(None))
+        return out
+
+    def results(self, deadline: float | None) -> list[pq.abc.PGresult]:
+        """The results of the command in flight; with no deadline, only what has arrived."""
+        out: list[pq.abc.PGresult] = []
+        while self.busy:
+            while self.pgconn.is_busy():
+                if deadline is None:
+                    return out
+                self._wait(deadline)
+                self.pgconn.consume_input()
+            result = self.pgconn.get_result()
+            if result is None:
+                if not self.syncing:
+                    self.busy = False
+                elif self.pgconn.status != pq.ConnStatus.OK:
+                    raise psycopg.OperationalError("the connection to PostgreSQL is gone")
+                # In a pipeline a None only ends one query's results.
+                continue
+            out.append(result)
+            if result.status == pq.ExecStatus.PIPELINE_SYNC:
+                self.pgconn.exit_pipeline_mode()
+                self.busy = self.syncing = False
+        return out
+
+    def run(self, query: bytes, params: Sequence[bytes] | None, timeout: float) -> list[Any]:
+        deadline = time.monotonic() + timeout
+        self.send(query, params, deadline)
+        return check(self.results(deadline))
+
+    def _wait(self, deadline: float, write: bool = False) -> None:
+        left = deadline - time.monotonic()
+        if left > 0:
+            poller = select.poll()
+            poller.register(self.pgconn.socket, select.POLLOUT if write else select.POLLIN)
+            if poller.poll(left * 1000):
+                return
+        raise Timeout("the server did not answer in time")
+
+    def close(self) -> None:
+        # A connection inherited through fork() is the parent's: never touch it.
+        if self.pid == os.getpid():
+            self.conn.close()
+
+
+def connect_by(params: dict[str, Any], deadline: float) -> psycopg.Connection[Any]:
+    """``psycopg.connect()`` that gives up at ``deadline``.
+
+    libpq's own ``connect_timeout`` counts whole seconds, at least 2, so a publish that has to
+    connect to a frozen server would outlast a shorter ``publish_timeout``.
+    """
+    pgconn = pq.PGconn.connect_start(make_conninfo("", **params).encode())
+    try:
+        while (status := pgconn.connect_poll()) != pq.PollingStatus.OK:
+            if status == pq.PollingStatus.FAILED:
+                raise psycopg.OperationalError(pgconn.get_error_message())
+            left = deadline - time.monotonic()
+            poller = select.poll()
+            writing = status == pq.PollingStatus.WRITING
+            poller.register(pgconn.socket, select.POLLOUT if writing else select.POLLIN)
+            if left <= 0 or not poller.poll(left * 1000):
+                raise Timeout("the server did not answer the connection in time")
+    except BaseException:
+        pgconn.finish()
+        raise
+    conn = psycopg.Connection(pgconn)
+    conn.autocommit = True
+    return conn
+
+
+def check(results: list[pq.abc.PGresult]) -> list[pq.abc.PGresult]:
+    for result in results:
+        if result.status not in _OK:
+            message = result.error_message.decode("utf-8", "replace").strip()
+            raise ServerError(message or f"the server answered {pq.ExecStatus(result.status).name}")
+    return results
+
+
+def text(value: bytes | None) -> str:
+    # The connection's client_encoding is UTF8; "replace" keeps one odd byte
+    # from a SQL_ASCII database from killing the connection over and over.
+    return (value or b"").decode("utf-8", "replace")
