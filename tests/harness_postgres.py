@@ -78,9 +78,5 @@ class PostgresHarness(Harness):
 
 @contextlib.contextmanager
 def make_harness(tmp_path_factory: Any) -> Iterator[PostgresHarness]:
-    server = PostgresServer()
-    try:
-        server.start()
+    with PostgresServer() as server:
         yield PostgresHarness(server)
-    finally:
-        server.cleanup()

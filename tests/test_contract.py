@@ -15,7 +15,7 @@ from django.db import transaction
 from pulp_pubsub import Message, publish
 from pulp_pubsub.exceptions import InvalidChannel, InvalidPayload
 
-from .util import wait_until
+from .util import dispatch_until, wait_until
 
 pytestmark = pytest.mark.backend
 
@@ -26,18 +26,6 @@ def collect(sub, channel: str) -> list[Message]:
     got: list[Message] = []
     sub.subscribe(channel, got.append)
     return got
-
-
-def dispatch_until(sub, predicate, timeout: float = 15) -> None:
-    """Dispatch until ``predicate()`` holds; fail (never pass) on timeout."""
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"not delivered within {timeout} s")
-        sub.dispatch(timeout=left)
 
 
 def payloads(messages: list[Message]) -> list[str]:

@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -29,7 +28,7 @@ from pulp_pubsub.backends import listener, memory
 from pulp_pubsub.exceptions import PubSubError
 
 from .test_subscriber import MEMORY
-from .util import wait_until
+from .util import dispatch_until, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SENT = "messaging.client.sent.messages"
@@ -94,16 +93,6 @@ def break_connection_of(backend: Any, channel: str) -> None:
     assert victims
     for transport in victims:
         transport.kill()
-
-
-def dispatch_until(sub: Any, predicate: Any, timeout: float = 10) -> None:
-    """Dispatch until ``predicate()`` holds; fail (never pass) on timeout."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise AssertionError(f"not delivered within {timeout} s")
-        sub.dispatch(timeout=left)
 
 
 def test_known_traffic_is_counted_per_channel(reader, backend, channel):

@@ -107,23 +107,15 @@ def bare_notifies(conn: psycopg.Connection[Any], count: int) -> list[tuple[str, 
 @pytest.fixture(scope="module")
 def pg(tmp_path_factory: Any) -> Iterator[PostgresHarness]:
     """A throwaway server shared by this module's tests that do not break it."""
-    server = PostgresServer()
-    try:
-        server.start()
+    with PostgresServer() as server:
         yield PostgresHarness(server)
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture
 def broken() -> Iterator[PostgresHarness]:
     """A throwaway server of the test's own, to restart, freeze or cut."""
-    server = PostgresServer()
-    try:
-        server.start()
+    with PostgresServer() as server:
         yield PostgresHarness(server)
-    finally:
-        server.cleanup()
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 10, what: str = "") -> None:
@@ -16,3 +17,13 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10, what: str =
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
         pause.wait(0.01)
+
+
+def dispatch_until(sub: Any, predicate: Callable[[], object], timeout: float = 15) -> None:
+    """Dispatch until ``predicate()`` holds; fail (never pass) on timeout."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise AssertionError(f"not delivered within {timeout} s")
+        sub.dispatch(timeout=left)
