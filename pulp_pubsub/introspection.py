@@ -288,7 +288,7 @@ class ControlClient:
             # read() never blocks, and the client library may hold messages
             # that no longer make the socket readable: read before waiting.
             for wire, payload in self._transport.read():
-                if wire == self._reply_wire:
+                if wire == self._reply_wire and payload is not None:
                     take(payload)
             left = deadline - time.monotonic()
             if done() or left <= 0:

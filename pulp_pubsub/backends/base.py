@@ -70,9 +70,33 @@ class Transport:
     def unlisten(self, channels: Collection[str]) -> None:
         raise NotImplementedError("subclasses of Transport must provide unlisten()")
 
-    def read(self) -> Iterable[tuple[str, str]]:
-        """Return the (wire channel, payload) pairs that have arrived."""
+    def read(self) -> Iterable[tuple[str, str | None]]:
+        """Return the (wire channel, payload) pairs that have arrived.
+
+        A payload of None means "what this channel missed is gone": the
+        listener turns it into a resync (a replaying transport whose history
+        no longer reaches back far enough says so this way).
+        """
         raise NotImplementedError("subclasses of Transport must provide read()")
+
+    # Replay. Engines that keep history (etcd revisions, JetStream sequences)
+    # can hand a reconnecting subscriber what it missed, in order, instead of
+    # a resync. The listener keeps the position across transports; the
+    # defaults below are those of an engine without history.
+
+    def position(self) -> Any:
+        """Where this transport's stream stands after the last read(); None without history."""
+        return None
+
+    def resume(self, position: Any) -> bool:
+        """Start from ``position`` (an earlier transport's) instead of from now.
+
+        Called on a new transport before its first listen(). Return True when
+        listen() will deliver every message after ``position`` on the channels
+        it is given, so the listener sends no resync for them; a channel whose
+        history is gone is then reported by read() yielding ``(wire, None)``.
+        """
+        return False
 
     def probe(self, channel: str, payload: str) -> None:
         """Send the liveness probe; by default through the backend's publish path."""

@@ -87,6 +87,8 @@ class Subscriber:
         self._outage_warned = False
         self._warned_at: float | None = None
         self._quiet_outages = 0
+        # The replay position of the last transport (None: the engine keeps no history).
+        self._position: Any = None
         track(self)
 
     # -- the public contract -------------------------------------------------
@@ -382,13 +384,18 @@ class Subscriber:
             transport: Transport | None = None
             try:
                 transport = self.backend.open_transport()
+                # An engine with history replays the gap itself: no resync owed.
+                replaying = self._position is not None and transport.resume(self._position)
                 listening: set[str] = set()
                 # Channels whose subscribe() is waiting right now missed
                 # nothing; every other channel may have, so it gets a resync.
                 fresh = {r.channel for r in self._requests}
                 self._answer_requests(transport, listening)
                 attempt = 0
-                self._on_connected(listening - fresh - {self._probe_channel, self._control_channel})
+                missed = listening - fresh - {self._probe_channel, self._control_channel}
+                if replaying:
+                    count(self.stats, "replays", self.backend.name)
+                self._on_connected(set() if replaying else missed)
                 self._serve(transport, listening)
             except Exception as exc:
                 if self._closed.is_set():
@@ -417,11 +424,14 @@ class Subscriber:
         self.connected_since = time.time()
         self._connected.set()
         for wire in sorted(missed):
-            channel = self.backend.channel_name(wire)
-            if channel is not None:
-                count(self.stats, "resyncs", self.backend.name, channel)
-                self.last_resync_at = time.time()
-                self._enqueue(Message(channel, "", resync=True))
+            self._resync(wire)
+
+    def _resync(self, wire: str) -> None:
+        channel = self.backend.channel_name(wire)
+        if channel is not None:
+            count(self.stats, "resyncs", self.backend.name, channel)
+            self.last_resync_at = time.time()
+            self._enqueue(Message(channel, "", resync=True))
 
     def _on_disconnected(self, exc: BaseException) -> None:
         cause = f"{type(exc).__name__}: {exc}".strip()
@@ -489,6 +499,10 @@ class Subscriber:
             if buffered or transport.fileno() in ready:
                 buffered = False
                 for wire, payload in transport.read():
+                    if payload is None:
+                        # A replaying transport whose history no longer reaches back.
+                        self._resync(wire)
+                        continue
                     if wire == self._probe_channel:
                         if payload == token:
                             self.probe_rtt = time.monotonic() - sent_at
@@ -501,6 +515,9 @@ class Subscriber:
                     channel = self.backend.channel_name(wire)
                     if channel is not None:
                         self._enqueue(Message(channel, payload))
+                position = transport.position()
+                if position is not None:
+                    self._position = position
             now = time.monotonic()
             if token and now >= deadline:
                 count(self.stats, "probe_failures", self.backend.name)
