@@ -31,7 +31,14 @@ def get_backend() -> BaseBackend:
     return backends.get()
 
 
-def publish(channel: str, payload: str = "") -> None:
-    """Send ``payload`` on ``channel``; inside ``transaction.atomic()``, at commit."""
+def publish(
+    channel: str, payload: str = "", *, group: str | None = None, receivers: int = 1
+) -> None:
+    """Send ``payload`` on ``channel``; inside ``transaction.atomic()``, at commit.
+
+    With ``group``: targeted delivery, to ``receivers`` members of that group
+    instead of every subscriber (a broadcast where the backend cannot target).
+    """
     registry.check_payload(channel, payload)
-    backends.get().publish(channel, payload)
+    registry.check_group(channel, group)
+    backends.get().publish(channel, payload, group=group, receivers=receivers)

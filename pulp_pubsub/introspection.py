@@ -287,9 +287,10 @@ class ControlClient:
         while True:
             # read() never blocks, and the client library may hold messages
             # that no longer make the socket readable: read before waiting.
-            for wire, payload in self._transport.read():
-                if wire == self._reply_wire and payload is not None:
-                    take(payload)
+            for item in self._transport.read():
+                # A transport that never joined a group is never handed a message.
+                if isinstance(item, tuple) and item[0] == self._reply_wire and item[1] is not None:
+                    take(item[1])
             left = deadline - time.monotonic()
             if done() or left <= 0:
                 return

@@ -19,10 +19,14 @@ from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import autodiscover_modules
 
 from .backends.listener import Callback, Subscriber
-from .exceptions import InvalidPayload
-from .validation import validate_channel
+from .exceptions import InvalidChannel, InvalidPayload
+from .validation import validate_channel, validate_group
 
 WAKEUP = "pulp_worker_wakeup"
+#: The targeted-delivery groups of WAKEUP: who may unblock tasks (not the
+#: auxiliary workers), and who may run them.
+UNBLOCKERS = "unblock"
+RUNNERS = "handle"
 CANCEL = "pulp_worker_cancel"
 METRICS_HEARTBEAT = "pulp_worker_metrics_heartbeat"
 
@@ -57,6 +61,8 @@ class Channel:
     description: str = ""
     check: PayloadCheck | None = field(default=None, compare=False)
     check_doc: str = ""
+    #: The groups its messages may be targeted to (empty: broadcast only).
+    groups: tuple[str, ...] = ()
 
 
 class Registry:
@@ -71,7 +77,13 @@ class Registry:
         with self._lock:
             self._channels.clear()
             self._handlers.clear()
-            self.declare(WAKEUP, "Wakes task workers.", _is_wakeup_reason, "unblock or handle")
+            self.declare(
+                WAKEUP,
+                "Wakes task workers.",
+                _is_wakeup_reason,
+                "unblock or handle",
+                groups=(UNBLOCKERS, RUNNERS),
+            )
             self.declare(CANCEL, "Cancels the task with this id.", _is_uuid, "a task UUID")
             self.declare(
                 METRICS_HEARTBEAT,
@@ -86,9 +98,13 @@ class Registry:
         description: str = "",
         check: PayloadCheck | None = None,
         check_doc: str = "",
+        groups: tuple[str, ...] = (),
     ) -> Channel:
+        """Declare a channel; ``groups`` names the targeted-delivery groups it uses."""
         validate_channel(name)
-        channel = Channel(name, description, check, check_doc)
+        for group in groups:
+            validate_group(group)
+        channel = Channel(name, description, check, check_doc, tuple(groups))
         with self._lock:
             existing = self._channels.get(name)
             if existing is not None and (existing, existing.check) != (channel, check):
@@ -136,6 +152,16 @@ class Registry:
                 f"Channel {channel!r} expects {declared.check_doc or 'another payload'}, "
                 f"not {payload[:80]!r}."
             )
+
+    def check_group(self, channel: str, group: str | None) -> None:
+        """A declared channel takes targeted messages only for the groups it declares."""
+        declared = self._channels.get(channel)
+        if group is None or declared is None or group in declared.groups:
+            return
+        raise InvalidChannel(
+            f"Channel {channel!r} declares no group {group!r} "
+            f"(its groups: {', '.join(declared.groups) or 'none, broadcast only'})."
+        )
 
     def connect(self, subscriber: Subscriber) -> list[str]:
         """Subscribe ``subscriber`` to every channel that has handlers."""

@@ -66,3 +66,32 @@ def encode_payload(payload: object, *, limit: int | None, allow_nul: bool, backe
             f"The payload is {len(data)} bytes; the {backend} backend's limit is {limit} bytes."
         )
     return data
+
+
+#: Most receivers one targeted message may name (each is one queue entry on the server).
+MAX_RECEIVERS = 1000
+_GROUP_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")
+
+
+def validate_group(group: object) -> str:
+    """A targeted-delivery group: 1 to 63 ASCII letters, digits, ``_``, ``.`` or ``-``.
+
+    Narrower than a channel name on purpose: a backend builds its queue's
+    name from the channel and the group with a separator no group contains.
+    """
+    if not isinstance(group, str):
+        raise InvalidChannel(f"A group name must be a str, not {type(group).__name__}.")
+    if not 1 <= len(group) <= MAX_CHANNEL_BYTES or not set(group) <= _GROUP_CHARACTERS:
+        raise InvalidChannel(
+            f"The group name {group[:70]!r} must be 1 to {MAX_CHANNEL_BYTES} ASCII letters, "
+            "digits, '_', '.' or '-'."
+        )
+    return group
+
+
+def validate_receivers(receivers: object) -> int:
+    if isinstance(receivers, bool) or not isinstance(receivers, int):
+        raise InvalidPayload(f"receivers must be an int, not {type(receivers).__name__}.")
+    if not 1 <= receivers <= MAX_RECEIVERS:
+        raise InvalidPayload(f"receivers must be from 1 to {MAX_RECEIVERS}, not {receivers}.")
+    return receivers

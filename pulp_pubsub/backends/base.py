@@ -6,6 +6,11 @@ the rest (validation, publish-on-commit, the listener thread, the pending
 queue, reconnecting and resyncing, the liveness probe) is shared and lives in
 this module and in :mod:`pulp_pubsub.backends.listener`, so a new backend is
 one short module that knows only its server.
+
+Targeted (work-queue) delivery is optional: a backend that can hand a message
+to a bounded number of a group's members sets ``targets = True`` and supplies
+``send_targeted()`` and the transport's ``want()``/``ack()``/``release()``;
+every other backend sends a targeted publish as a broadcast (the default here).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import threading
 import weakref
 from collections import Counter
 from collections.abc import Collection, Iterable
+from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -25,7 +31,13 @@ from django.utils.connection import ConnectionDoesNotExist
 from ..conf import hide_password
 from ..exceptions import PublishError, PubSubError
 from ..metrics import count
-from ..validation import encode_payload, validate_channel, validate_prefix
+from ..validation import (
+    encode_payload,
+    validate_channel,
+    validate_group,
+    validate_prefix,
+    validate_receivers,
+)
 
 if TYPE_CHECKING:
     from .listener import Subscriber
@@ -45,7 +57,27 @@ COMMON_OPTIONS: dict[str, Any] = {
     # Messages waiting for dispatch() per subscriber before new ones are dropped
     # (a dropped message is replaced by a resync for its channel, never lost silently).
     "max_pending": 1000,
+    # Targeted delivery: a message handed to a member that has not acknowledged it
+    # within this many seconds (it died, hangs or is busy) goes to another member.
+    "claim_timeout": 4.0,
 }
+
+BROADCAST = "broadcast"
+TARGETED = "targeted"
+
+
+@dataclass(frozen=True, slots=True)
+class Handed:
+    """A targeted message handed to this subscriber alone, until acked or released.
+
+    ``token`` is the backend's name for this hand-over (a stream entry id);
+    the listener gives it back to ``Transport.ack()`` or ``release()``.
+    """
+
+    wire: str
+    group: str
+    payload: str
+    token: str
 
 
 class Transport:
@@ -70,14 +102,42 @@ class Transport:
     def unlisten(self, channels: Collection[str]) -> None:
         raise NotImplementedError("subclasses of Transport must provide unlisten()")
 
-    def read(self) -> Iterable[tuple[str, str | None]]:
+    def read(self) -> Iterable[tuple[str, str | None] | Handed]:
         """Return the (wire channel, payload) pairs that have arrived.
 
         A payload of None means "what this channel missed is gone": the
         listener turns it into a resync (a replaying transport whose history
-        no longer reaches back far enough says so this way).
+        no longer reaches back far enough says so this way). A targeting
+        transport also returns the :class:`Handed` messages it was given.
         """
         raise NotImplementedError("subclasses of Transport must provide read()")
+
+    def filenos(self) -> list[int]:
+        """Every descriptor whose readability means read() has something to do."""
+        return [self.fileno()]
+
+    # Targeted delivery; used only when the backend sets ``targets = True``.
+    # The listener calls want() on every turn of its loop: with the
+    # (wire, group) pairs this subscriber takes messages from now, or with
+    # nothing while it holds a message it has not acked. Between two calls a
+    # transport hands over at most one message per group, and it takes no
+    # further one until want() is called again, so a member that is busy with
+    # one message is never given a second.
+
+    def join(self, members: Collection[tuple[str, str]]) -> None:
+        """Make these (wire, group) queues exist, so a publish from now on reaches them."""
+        raise NotImplementedError("subclasses of Transport must provide join() to target")
+
+    def want(self, members: frozenset[tuple[str, str]], consumer: str) -> None:
+        raise NotImplementedError("subclasses of Transport must provide want() to target")
+
+    def ack(self, handed: Collection[Handed]) -> None:
+        """The member acted on these: the server may forget them."""
+        raise NotImplementedError("subclasses of Transport must provide ack() to target")
+
+    def release(self, handed: Collection[Handed]) -> None:
+        """Give these back at once, for another member (closing, paused, unsubscribed)."""
+        raise NotImplementedError("subclasses of Transport must provide release() to target")
 
     # Replay. Engines that keep history (etcd revisions, JetStream sequences)
     # can hand a reconnecting subscriber what it missed, in order, instead of
@@ -129,6 +189,9 @@ class BaseBackend:
     database_alias: str = DEFAULT_DB_ALIAS
     #: Backend-specific options and their defaults.
     options: ClassVar[dict[str, Any]] = {}
+    #: True when the backend delivers targeted messages itself; otherwise a
+    #: targeted publish is a broadcast (every subscriber of the channel gets it).
+    targets: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -186,26 +249,47 @@ class BaseBackend:
 
     # -- publishing ----------------------------------------------------------
 
-    def publish(self, channel: str, payload: str = "") -> None:
-        """Send ``payload`` to ``channel``, at commit when inside ``atomic()``."""
+    def publish(
+        self, channel: str, payload: str = "", *, group: str | None = None, receivers: int = 1
+    ) -> None:
+        """Send ``payload`` to ``channel``, at commit when inside ``atomic()``.
+
+        With ``group``, the message is targeted: it goes to ``receivers``
+        members of that group among the channel's subscribers (each to a
+        different member while there are enough of them), not to everyone.
+        A backend that cannot target broadcasts it once instead.
+        """
         wire = self.wire_name(channel)
         encode_payload(
             payload, limit=self.payload_limit, allow_nul=self.allows_nul, backend=self.name
         )
+        if group is not None:
+            validate_group(group)
+            validate_receivers(receivers)
         if self.publish_on_commit and not self.defers_natively and self.in_atomic_block():
             transaction.on_commit(
-                partial(self._send_deferred, wire, payload), using=self.database_alias
+                partial(self._send_deferred, wire, payload, group, receivers),
+                using=self.database_alias,
             )
             return
-        self._send_now(wire, payload)
+        self._send_now(wire, payload, group, receivers)
+
+    def delivery(self, group: str | None) -> str:
+        """What a publish to ``group`` gets here: ``"targeted"`` or ``"broadcast"``."""
+        return TARGETED if group is not None and self.targets else BROADCAST
 
     def in_atomic_block(self) -> bool:
         """Whether the caller is inside ``atomic()`` on :attr:`database_alias`."""
         return _in_atomic_block(self.database_alias)
 
-    def _send_now(self, wire: str, payload: str) -> None:
+    def _send_now(
+        self, wire: str, payload: str, group: str | None = None, receivers: int = 1
+    ) -> None:
         try:
-            self.send(wire, payload)
+            if group is not None and self.targets:
+                self.send_targeted(wire, payload, group, receivers)
+            else:
+                self.send(wire, payload)
         except PublishError as exc:
             count(self.stats, "publish_errors", self.name, self.channel_name(wire), error=exc)
             raise
@@ -216,11 +300,13 @@ class BaseBackend:
             raise PublishError(f"{self.name} backend could not publish: {exc}") from exc
         count(self.stats, "published", self.name, self.channel_name(wire))
 
-    def _send_deferred(self, wire: str, payload: str) -> None:
+    def _send_deferred(
+        self, wire: str, payload: str, group: str | None = None, receivers: int = 1
+    ) -> None:
         # The transaction has committed: raising here would hide the commit
         # from the caller, so the failure is logged and counted instead.
         try:
-            self._send_now(wire, payload)
+            self._send_now(wire, payload, group, receivers)
         except PubSubError as exc:
             count(self.stats, "deferred_failures", self.name, self.channel_name(wire), error=exc)
             logger.error("Publish to %r after commit failed: %s", wire, exc)
@@ -229,15 +315,22 @@ class BaseBackend:
         """Hand one message to the server now; ``channel`` is the wire name."""
         raise NotImplementedError("subclasses of BaseBackend must provide send()")
 
+    def send_targeted(self, channel: str, payload: str, group: str, receivers: int) -> None:
+        """Queue ``receivers`` copies for ``group`` on ``channel`` (a wire name)."""
+        raise NotImplementedError(
+            "subclasses of BaseBackend that set targets = True must provide send_targeted()"
+        )
+
     # -- subscribing ---------------------------------------------------------
 
     def open_transport(self) -> Transport:
         raise NotImplementedError("subclasses of BaseBackend must provide open_transport()")
 
-    def subscriber(self) -> Subscriber:
+    def subscriber(self, manual_ack: bool = False) -> Subscriber:
+        """A new subscriber; see :class:`~pulp_pubsub.backends.listener.Subscriber`."""
         from .listener import Subscriber
 
-        sub = Subscriber(self)
+        sub = Subscriber(self, manual_ack=manual_ack)
         self._subscribers.add(sub)
         return sub
 

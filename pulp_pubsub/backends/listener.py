@@ -8,6 +8,13 @@ owner runs ``dispatch()`` (Pulp's worker does, when ``fileno()`` turns
 readable in its ``select()``) or until the optional dispatcher thread started
 by ``start()`` does. Callbacks therefore never run on the listener thread,
 so a slow handler cannot starve the connection or its probe.
+
+Targeted messages (a member of a group is handed one, see base.py) are held
+until acknowledged: after their callbacks return, or with ``manual_ack`` when
+the owner calls :meth:`Subscriber.ack` (it has finished the turn the message
+started). While a subscriber holds one, it takes no other, so a busy member
+leaves the next message to an idle one; a paused group's messages, and
+whatever is held at close() or unsubscribe(), are given back at once.
 """
 
 from __future__ import annotations
@@ -23,10 +30,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ConnectionLost, InvalidChannel, SubscriberClosed
+from ..exceptions import ConnectionLost, InvalidChannel, PubSubError, SubscriberClosed
 from ..introspection import CONTROL_CHANNEL, REPLY_PREFIX, answer_query
 from ..message import Message
 from ..metrics import count, record_probe_rtt, track
+from ..validation import validate_group
+from .base import Handed
 from .selfpipe import close_fds, drain, make_pipe, poke, wait_readable
 
 if TYPE_CHECKING:
@@ -56,8 +65,10 @@ class _Request:
 
 
 class Subscriber:
-    def __init__(self, backend: BaseBackend) -> None:
+    def __init__(self, backend: BaseBackend, manual_ack: bool = False) -> None:
         self.backend = backend
+        #: Targeted messages wait for :meth:`ack` instead of being acked after their callbacks.
+        self.manual_ack = manual_ack
         self.stats: Counter[str] = Counter()
         self.last_error: str | None = None
         self.connected_since: float | None = None
@@ -67,7 +78,9 @@ class Subscriber:
         self._config = backend.config
         self._lock = threading.RLock()
         self._callbacks: dict[str, list[Callback]] = {}
-        self._pending: OrderedDict[tuple[str, str, bool], Message] = OrderedDict()
+        # Keyed by (channel, payload, resync, token): a targeted message has a
+        # token of its own, so it is never folded into another.
+        self._pending: OrderedDict[tuple[str, str, bool, str | None], Message] = OrderedDict()
         self._overflowed: set[str] = set()
         # How many of the pending messages each channel holds, to know who floods.
         self._queued: Counter[str] = Counter()
@@ -89,12 +102,30 @@ class Subscriber:
         self._quiet_outages = 0
         # The replay position of the last transport (None: the engine keeps no history).
         self._position: Any = None
+        # Targeted delivery: the groups joined per channel, the paused ones,
+        # what is handed to us and not yet acked (by token), what dispatch()
+        # ran and manual ack still waits for, and what the listener must ack
+        # or give back on its next turn.
+        self._groups: dict[str, set[str]] = {}
+        self._paused: set[tuple[str, str]] = set()
+        self._held: dict[str, Handed] = {}
+        self._dispatched: list[Handed] = []
+        self._to_ack: list[Handed] = []
+        self._to_release: list[Handed] = []
+        self._consumer = uuid.uuid4().hex
+        self._joined: set[tuple[str, str]] = set()
         track(self)
 
     # -- the public contract -------------------------------------------------
 
-    def subscribe(self, channel: str, callback: Callback) -> None:
+    def subscribe(self, channel: str, callback: Callback, *, group: str | None = None) -> None:
         """Call ``callback(message)`` for every message on ``channel``.
+
+        With ``group``, this subscriber also joins that targeted-delivery
+        group of the channel (call again to join several): it then gets, besides
+        the channel's broadcasts, the targeted messages handed to it as one of
+        the group's members. On a backend that cannot target, the group's
+        messages arrive as broadcasts anyway.
 
         Returns once the server has confirmed the subscription, or, when the
         server cannot be reached within ``connect_timeout``, at once: the
@@ -102,6 +133,8 @@ class Subscriber:
         """
         self._check_usable()
         wire = self.backend.wire_name(channel)
+        if group is not None:
+            validate_group(group)
         if channel == CONTROL_CHANNEL or channel.startswith(RESERVED_PREFIXES):
             raise InvalidChannel(
                 f"The channel name {channel!r} is reserved for the layer's own probes and "
@@ -114,7 +147,10 @@ class Subscriber:
             is_new = not callbacks
             if callback not in callbacks:
                 callbacks.append(callback)
-        if is_new:
+            joins = group is not None and group not in self._groups.get(channel, ())
+            if group is not None:
+                self._groups.setdefault(channel, set()).add(group)
+        if is_new or (joins and self.backend.targets):
             self._request(wire)
 
     def unsubscribe(self, channel: str, callback: Callback | None = None) -> None:
@@ -130,12 +166,58 @@ class Subscriber:
             if callbacks:
                 return
             self._callbacks.pop(channel, None)
+            self._groups.pop(channel, None)
+            self._paused = {pair for pair in self._paused if pair[0] != channel}
             for key in [key for key in self._pending if key[0] == channel]:
                 del self._pending[key]
+            self._give_back([h for h in self._held.values() if h.wire == wire])
             self._queued.pop(channel, None)
             self._overflowed.discard(channel)
         if self._listener is not None:
             self._request(wire)
+
+    def set_accepting(self, channel: str, group: str, accepting: bool) -> None:
+        """Take targeted messages of ``group`` on ``channel`` or not (busy).
+
+        While not accepting, the subscriber stays a member but takes no new
+        message of the group, and gives back at once any that reach it, so
+        the group's other members get them.
+        """
+        self._check_usable()
+        validate_group(group)
+        with self._lock:
+            pair = (channel, group)
+            if accepting == (pair not in self._paused):
+                return
+            if accepting:
+                self._paused.discard(pair)
+            else:
+                self._paused.add(pair)
+        poke(self._control_w)
+
+    def ack(self) -> int:
+        """Acknowledge the targeted messages dispatched so far (``manual_ack``).
+
+        Call it when the work they started is done or taken (Pulp's worker:
+        back in its wait); a member that dies before that leaves them to be
+        handed to another member after ``claim_timeout``. Returns how many.
+        """
+        self._check_usable()
+        with self._lock:
+            done, self._dispatched = self._dispatched, []
+            if not done:
+                return 0
+            for handed in done:
+                self._held.pop(handed.token, None)
+            self._to_ack.extend(done)
+        poke(self._control_w)
+        return len(done)
+
+    @property
+    def holding(self) -> int:
+        """Targeted messages handed to this subscriber and not yet acknowledged."""
+        with self._lock:
+            return len(self._held)
 
     @property
     def channels(self) -> list[str]:
@@ -172,9 +254,16 @@ class Subscriber:
         if timeout != 0 and not self._has_pending():
             wait_readable([self._signal_r], timeout)
         batch = self._take_pending()
-        for message in batch:
+        settled = False
+        for message, token in batch:
             with self._lock:
                 callbacks = list(self._callbacks.get(message.channel, ()))
+                handed = self._held.get(token) if token is not None else None
+                if handed is not None and (message.channel, handed.group) in self._paused:
+                    # Busy: the group's other members get it.
+                    self._give_back([handed])
+                    settled = True
+                    continue
             for callback in callbacks:
                 try:
                     callback(message)
@@ -188,6 +277,15 @@ class Subscriber:
                         message.channel,
                     )
             count(self.stats, "delivered", self.backend.name, message.channel)
+            if handed is not None:
+                with self._lock:
+                    if self.manual_ack:
+                        self._dispatched.append(handed)
+                    elif self._held.pop(handed.token, None) is not None:
+                        self._to_ack.append(handed)
+                        settled = True
+        if settled:
+            poke(self._control_w)
         return len(batch)
 
     def start(self) -> Subscriber:
@@ -244,11 +342,34 @@ class Subscriber:
         with self._lock:
             return bool(self._pending or self._overflowed)
 
-    def _enqueue(self, message: Message) -> None:
-        key = (message.channel, message.payload, message.resync)
+    def _give_back(self, handed: list[Handed]) -> None:
+        """Hand these back to their group on the listener's next turn (lock held)."""
+        for item in handed:
+            if self._held.pop(item.token, None) is not None:
+                self._to_release.append(item)
+        self._dispatched = [item for item in self._dispatched if item.token in self._held]
+
+    def _take(self, handed: Handed) -> None:
+        """A targeted message handed to us: queue it for dispatch, or give it back."""
+        channel = self.backend.channel_name(handed.wire)
+        with self._lock:
+            if handed.token in self._held:
+                return  # handed again after a reconnect: we already hold it
+            self._held[handed.token] = handed
+            if channel is None or not self._enqueue(
+                Message(channel, handed.payload, group=handed.group), handed.token
+            ):
+                self._give_back([handed])
+                poke(self._control_w)
+
+    def _enqueue(self, message: Message, token: str | None = None) -> bool:
+        """Queue ``message`` for dispatch; False when it was not queued."""
+        key = (message.channel, message.payload, message.resync, token)
         with self._lock:
             if self._closed.is_set() or message.channel not in self._callbacks:
-                return
+                return False
+            if token is not None and len(self._pending) >= self._config["max_pending"]:
+                return False  # never dropped: given back, for another member
             if key in self._pending:
                 # Wake-ups are idempotent: an identical message already
                 # waiting carries the same news.
@@ -257,8 +378,8 @@ class Subscriber:
                 # Full. The channel holding the most waiting messages pays, so a flood on
                 # one channel (its handler stuck, say) cannot crowd out the others.
                 [(hog, held)] = self._queued.most_common(1)
-                if held > self._queued[message.channel]:
-                    victim = next(k for k in self._pending if k[0] == hog)
+                victim = next((k for k in self._pending if k[0] == hog and k[3] is None), None)
+                if victim is not None and held > self._queued[message.channel]:
                     del self._pending[victim]
                     self._queued[hog] -= 1
                     self._drop(hog)
@@ -274,6 +395,7 @@ class Subscriber:
             if not self._signalled:
                 self._signalled = True
                 poke(self._signal_w)
+        return True
 
     def _drop(self, channel: str) -> None:
         """Count a message of ``channel`` dropped; it gets a resync instead (lock held)."""
@@ -287,14 +409,14 @@ class Subscriber:
             )
         self._overflowed.add(channel)
 
-    def _take_pending(self) -> list[Message]:
+    def _take_pending(self) -> list[tuple[Message, str | None]]:
         with self._lock:
-            batch = list(self._pending.values())
+            batch = [(message, key[3]) for key, message in self._pending.items()]
             self._pending.clear()
             self._queued.clear()
             for channel in sorted(self._overflowed):
-                if not any(m.channel == channel and m.resync for m in batch):
-                    batch.append(Message(channel, "", resync=True))
+                if not any(m.channel == channel and m.resync for m, _ in batch):
+                    batch.append((Message(channel, "", resync=True), None))
                     count(self.stats, "resyncs", self.backend.name, channel)
             self._overflowed.clear()
             if self._signalled:
@@ -364,6 +486,7 @@ class Subscriber:
                     transport.unlisten(sorted(listening - wanted))
                 listening.clear()
                 listening.update(wanted)
+                self._join(transport)
                 applied = True
         finally:
             # Also when listen() fails: these requests have left the queue,
@@ -387,6 +510,7 @@ class Subscriber:
                 # An engine with history replays the gap itself: no resync owed.
                 replaying = self._position is not None and transport.resume(self._position)
                 listening: set[str] = set()
+                self._joined = set()
                 # Channels whose subscribe() is waiting right now missed
                 # nothing; every other channel may have, so it gets a resync.
                 fresh = {r.channel for r in self._requests}
@@ -397,6 +521,8 @@ class Subscriber:
                     count(self.stats, "replays", self.backend.name)
                 self._on_connected(set() if replaying else missed)
                 self._serve(transport, listening)
+                if self.backend.targets:
+                    self._farewell(transport)
             except Exception as exc:
                 if self._closed.is_set():
                     break
@@ -412,6 +538,60 @@ class Subscriber:
                 break
             self._backoff(attempt)
             attempt += 1
+
+    # -- targeted delivery (listener thread) -------------------------------------
+
+    def _join(self, transport: Transport) -> None:
+        """Make the server know this subscriber's groups before subscribe() returns."""
+        if not self.backend.targets:
+            return
+        with self._lock:
+            pairs = {
+                (self.backend.wire_name(channel), group)
+                for channel, groups in self._groups.items()
+                for group in groups
+            }
+        if pairs - self._joined:
+            transport.join(sorted(pairs - self._joined))
+            self._joined |= pairs
+
+    def _settle(self, transport: Transport) -> None:
+        """Send the acks and give-backs dispatch() asked for; take the next messages."""
+        with self._lock:
+            acks, releases = list(self._to_ack), list(self._to_release)
+        if acks:
+            transport.ack(acks)
+        if releases:
+            transport.release(releases)
+            count(self.stats, "released", self.backend.name)
+        with self._lock:
+            # Only now: a failure above leaves them for the next connection.
+            del self._to_ack[: len(acks)]
+            del self._to_release[: len(releases)]
+            if self._held:
+                members: frozenset[tuple[str, str]] = frozenset()
+            else:
+                members = frozenset(
+                    (self.backend.wire_name(channel), group)
+                    for channel, groups in self._groups.items()
+                    for group in groups
+                    if (channel, group) not in self._paused
+                )
+        transport.want(members, self._consumer)
+
+    def _farewell(self, transport: Transport) -> None:
+        """Closing: give back what we hold, so no member waits for a claim timeout."""
+        try:
+            with self._lock:
+                self._give_back(list(self._held.values()))
+                self._paused = {(c, g) for c, gs in self._groups.items() for g in gs}
+            self._settle(transport)
+        except PubSubError as exc:
+            logger.warning(
+                "Closing: could not give back targeted messages (%s); other members "
+                "take them after claim_timeout.",
+                exc,
+            )
 
     def _on_connected(self, missed: set[str]) -> None:
         if self.last_error is not None:
@@ -487,18 +667,24 @@ class Subscriber:
         # have read messages along with it into its client library's buffer;
         # its socket is then no longer readable, so read once without waiting.
         buffered = True
+        targets = self.backend.targets
+        fds = transport.filenos()
         while not self._closed.is_set():
             wait = 0.0 if buffered else (deadline if token else next_probe) - time.monotonic()
-            ready = wait_readable([transport.fileno(), self._control_r], max(wait, 0))
+            ready = wait_readable([*fds, self._control_r], max(wait, 0))
             if self._closed.is_set():
                 return
             if self._control_r in ready:
                 drain(self._control_r)
                 self._answer_requests(transport, listening)
                 buffered = True
-            if buffered or transport.fileno() in ready:
+            if buffered or any(fd in ready for fd in fds):
                 buffered = False
-                for wire, payload in transport.read():
+                for item in transport.read():
+                    if isinstance(item, Handed):
+                        self._take(item)
+                        continue
+                    wire, payload = item
                     if payload is None:
                         # A replaying transport whose history no longer reaches back.
                         self._resync(wire)
@@ -518,6 +704,8 @@ class Subscriber:
                 position = transport.position()
                 if position is not None:
                     self._position = position
+            if targets:
+                self._settle(transport)
             now = time.monotonic()
             if token and now >= deadline:
                 count(self.stats, "probe_failures", self.backend.name)
