@@ -668,8 +668,9 @@ class Subscriber:
         # its socket is then no longer readable, so read once without waiting.
         buffered = True
         targets = self.backend.targets
-        fds = transport.filenos()
         while not self._closed.is_set():
+            # Asked each turn: a targeting transport opens its second connection on join.
+            fds = transport.filenos()
             wait = 0.0 if buffered else (deadline if token else next_probe) - time.monotonic()
             ready = wait_readable([*fds, self._control_r], max(wait, 0))
             if self._closed.is_set():

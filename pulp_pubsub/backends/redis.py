@@ -30,12 +30,24 @@ database number suggests otherwise.
 An ACL user needs ``+publish +subscribe +unsubscribe +pubsub|numsub`` and
 the channels ``&<prefix>*`` (the liveness probe uses a channel under the
 prefix too).
+
+Targeted delivery uses one stream per (channel, group), ``<wire channel>#<group>``,
+with one consumer group in it. A publish adds ``receivers`` entries; each
+member blocks in ``XREADGROUP`` on its own second connection, taking one entry
+at a time, and acknowledges it (``XACK`` + ``XDEL``) when the subscriber says
+so. A member that takes nothing for ``claim_timeout / 2`` seconds looks for
+entries another member has held longer than ``claim_timeout`` (``XAUTOCLAIM``),
+so an entry whose member died or hangs reaches a live one. For this an ACL
+user also needs ``+xadd +xack +xdel +xreadgroup +xautoclaim +xgroup|create
++client|id +client|unblock`` and the keys ``~<prefix>*``.
 """
 
 from __future__ import annotations
 
 import os
+import random
 import time
+from collections import deque
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, cast
@@ -46,7 +58,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ..conf import hide_password
 from ..exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
-from .base import BaseBackend, Transport
+from .base import BaseBackend, Handed, Transport
 
 try:
     import redis
@@ -64,6 +76,17 @@ except ImportError as exc:
     raise MissingDependency("redis", "redis", exc) from exc
 
 DEFAULT_URL = "redis://localhost:6379/0"
+#: The consumer group inside every targeted-delivery stream.
+CONSUMER_GROUP = "pulp-pubsub"
+#: Entries a targeted-delivery stream keeps at most (unread ones; acked ones are deleted).
+STREAM_MAXLEN = 10000
+
+
+def stream_key(wire: str, group: str) -> str:
+    """The stream of one (channel, group); unique because a group name has no ``#``."""
+    return f"{wire}#{group}"
+
+
 SENTINEL_PORT = 26379
 _SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}
 _TLS_OPTIONS = (
@@ -149,6 +172,7 @@ class RedisTransport(Transport):
         if sock is None:  # connect() returned without a socket: never expected
             raise ConnectionLost(f"could not connect to {backend.where()}")
         self._fd: int = sock.fileno()
+        self._reader: _GroupReader | None = None
 
     def fileno(self) -> int:
         return self._fd
@@ -184,7 +208,7 @@ class RedisTransport(Transport):
         # Its confirmation is skipped by read(): nothing waits for it.
         self._send("UNSUBSCRIBE", *sorted(channels))
 
-    def read(self) -> list[tuple[str, str]]:
+    def _read_pubsub(self) -> list[tuple[str, str]]:
         items, self._early = self._early, []
         conn = self._conn
         while True:
@@ -205,14 +229,234 @@ class RedisTransport(Transport):
                 items.append((name, payload))
         return items
 
+    # -- targeted delivery --------------------------------------------------------
+
+    def filenos(self) -> list[int]:
+        reader = self._reader
+        return [self._fd] if reader is None else [self._fd, reader.fd]
+
+    def join(self, members: Collection[tuple[str, str]]) -> None:
+        publisher = self.backend.clients().publisher
+        for wire, group in members:
+            try:
+                publisher.xgroup_create(stream_key(wire, group), CONSUMER_GROUP, "$", mkstream=True)
+            except redis.ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise ConnectionLost(f"Redis refused XGROUP CREATE: {explain(exc)}") from exc
+            except redis.RedisError as exc:
+                raise ConnectionLost(f"XGROUP CREATE failed: {explain(exc)}") from exc
+        if self._reader is None:
+            self._reader = _GroupReader(self)
+
+    def want(self, members: frozenset[tuple[str, str]], consumer: str) -> None:
+        if self._reader is not None:
+            self._reader.want(members, consumer)
+
+    def ack(self, handed: Collection[Handed]) -> None:
+        pipe = self.backend.clients().publisher.pipeline(transaction=False)
+        for item in handed:
+            key = stream_key(item.wire, item.group)
+            pipe.xack(key, CONSUMER_GROUP, item.token)
+            pipe.xdel(key, item.token)
+        self._execute(pipe, "XACK")
+
+    def release(self, handed: Collection[Handed]) -> None:
+        # A fresh entry for the group and the old one acked, in one MULTI.
+        pipe = self.backend.clients().publisher.pipeline(transaction=True)
+        for item in handed:
+            key = stream_key(item.wire, item.group)
+            pipe.xadd(key, {"p": item.payload}, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.xack(key, CONSUMER_GROUP, item.token)
+            pipe.xdel(key, item.token)
+        self._execute(pipe, "give back")
+
+    def _execute(self, pipe: Any, what: str) -> None:
+        try:
+            pipe.execute()
+        except redis.RedisError as exc:
+            raise ConnectionLost(
+                f"{what} failed: {explain(exc, self.backend.channel_prefix)}"
+            ) from exc
+
+    def read(self) -> list[tuple[str, str] | Handed]:
+        items: list[tuple[str, str] | Handed] = list(self._read_pubsub())
+        if self._reader is not None:
+            items.extend(self._reader.read())
+        return items
+
     def close(self) -> None:
         self._conn.disconnect()
+        if self._reader is not None:
+            self._reader.close()
 
     def _send(self, *args: str) -> None:
         try:
             self._conn.send_command(*args, check_health=False)
         except redis.RedisError as exc:
             raise ConnectionLost(explain(exc)) from exc
+
+
+class _GroupReader:
+    """The second connection of a targeting transport: blocking group reads.
+
+    One command at a time is outstanding: a blocking ``XREADGROUP`` over the
+    wanted streams, or the ``XAUTOCLAIM`` sweep, or the first read of this
+    consumer's own pending entries (taken before a reconnect and never seen).
+    A changed wish interrupts a blocked read with ``CLIENT UNBLOCK`` from the
+    publish connection; the nil reply then makes way for the new read.
+    """
+
+    def __init__(self, transport: RedisTransport) -> None:
+        self.transport = transport
+        backend = transport.backend
+        self.claim_ms = max(1, int(backend.config["claim_timeout"] * 1000))
+        self.probe_timeout = backend.config["probe_timeout"]
+        self.conn = cast(AbstractConnection, transport._pool.make_connection())
+        try:
+            self.conn.connect()
+            self.conn.send_command("CLIENT", "ID", check_health=False)
+            self.client_id = int(self.conn.read_response())
+        except redis.RedisError as exc:
+            self.conn.disconnect()
+            raise ConnectionLost(f"could not connect to {backend.where()}: {explain(exc)}") from exc
+        sock = self.conn._sock
+        if sock is None:
+            raise ConnectionLost(f"could not connect to {backend.where()}")
+        self.fd: int = sock.fileno()
+        # What each outstanding reply is: ("read", streams) or ("claim", key).
+        self.expect: deque[tuple[str, Any]] = deque()
+        self.reading: frozenset[tuple[str, str]] | None = None
+        # When the outstanding command should have answered by.
+        self.block_until: float = 0.0
+        self.unblocking: bool = False
+        self.history_read: bool = False
+        self.next_sweep: float = time.monotonic()
+        self.consumer: str = ""
+
+    def want(self, members: frozenset[tuple[str, str]], consumer: str) -> None:
+        self.consumer = consumer
+        if self.expect:
+            if self.reading is not None and self.reading != members and not self.unblocking:
+                self.unblocking = True
+                try:
+                    self.transport.backend.clients().publisher.client_unblock(self.client_id)
+                except redis.RedisError as exc:
+                    raise ConnectionLost(f"CLIENT UNBLOCK failed: {explain(exc)}") from exc
+            elif time.monotonic() > self.block_until + self.probe_timeout:
+                raise ConnectionLost(
+                    f"Redis did not answer a group read within {self.probe_timeout} s of its end"
+                )
+            return
+        if not members:
+            return
+        keys = sorted(stream_key(wire, group) for wire, group in members)
+        now = time.monotonic()
+        if not self.history_read:
+            # Entries handed to this consumer on a connection that then died.
+            self._send(
+                "read",
+                members,
+                "XREADGROUP",
+                "GROUP",
+                CONSUMER_GROUP,
+                consumer,
+                "COUNT",
+                "1",
+                "STREAMS",
+                *keys,
+                *["0"] * len(keys),
+            )
+            self.history_read = True
+        elif now >= self.next_sweep:
+            for key in keys:
+                self._send(
+                    "claim",
+                    key,
+                    "XAUTOCLAIM",
+                    key,
+                    CONSUMER_GROUP,
+                    consumer,
+                    str(self.claim_ms),
+                    "0-0",
+                    "COUNT",
+                    "1",
+                )
+            self.next_sweep = now + self._sweep_interval()
+        else:
+            block = max(1, int((self.next_sweep - now) * 1000))
+            self._send(
+                "read",
+                members,
+                "XREADGROUP",
+                "GROUP",
+                CONSUMER_GROUP,
+                consumer,
+                "COUNT",
+                "1",
+                "BLOCK",
+                str(block),
+                "STREAMS",
+                *keys,
+                *[">"] * len(keys),
+            )
+            self.reading = members
+            self.block_until = now + block / 1000
+
+    def _sweep_interval(self) -> float:
+        return self.claim_ms / 2000 * random.uniform(0.8, 1.0)
+
+    def _send(self, kind: str, what: Any, *args: str) -> None:
+        try:
+            self.conn.send_command(*args, check_health=False)
+        except redis.RedisError as exc:
+            raise ConnectionLost(explain(exc)) from exc
+        self.expect.append((kind, what))
+        self.block_until = time.monotonic()
+
+    def read(self) -> list[Handed]:
+        handed: list[Handed] = []
+        while self.expect:
+            try:
+                if not self.conn.can_read(timeout=0):
+                    break
+                reply = self.conn.read_response(timeout=0, disconnect_on_error=False)
+            except redis.TimeoutError:
+                break
+            except redis.ResponseError as exc:
+                # NOGROUP: the stream is gone (a restart without persistence).
+                raise ConnectionLost(f"Redis refused a group read: {explain(exc)}") from exc
+            except redis.RedisError as exc:
+                raise ConnectionLost(explain(exc)) from exc
+            kind, what = self.expect.popleft()
+            if kind == "read":
+                self.reading = None
+                self.unblocking = False
+                if isinstance(reply, list):
+                    for key, entries in reply:
+                        handed.extend(self._entries(_text(key), entries))
+            elif isinstance(reply, list) and len(reply) >= 2:
+                handed.extend(self._entries(what, reply[1]))
+        return handed
+
+    @staticmethod
+    def _entries(key: str, entries: Any) -> list[Handed]:
+        wire, _, group = key.rpartition("#")
+        found = []
+        for entry in entries or ():
+            if not entry or entry[1] is None:
+                continue  # deleted while pending (trimmed)
+            entry_id, fields = entry
+            values = dict(zip(fields[::2], fields[1::2], strict=False))
+            payload = values.get(b"p", b"")
+            found.append(Handed(wire, group, _text(payload), _text(entry_id)))
+        return found
+
+    def close(self) -> None:
+        self.conn.disconnect()
+
+
+def _text(value: object) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _frame(frame: object) -> tuple[bytes, str, str]:
@@ -226,6 +470,7 @@ def _frame(frame: object) -> tuple[bytes, str, str]:
 
 class RedisBackend(BaseBackend):
     name = "redis"
+    targets = True
     options: ClassVar[dict[str, Any]] = {
         # Override the credentials of the URL (so a password can stay out of it).
         "username": None,
@@ -371,6 +616,19 @@ class RedisBackend(BaseBackend):
     def send(self, channel: str, payload: str) -> None:
         try:
             self.clients().publisher.publish(channel, payload)
+        except redis.RedisError as exc:
+            raise PublishError(
+                f"redis backend could not publish to {self.where()}: "
+                f"{explain(exc, self.channel_prefix)}"
+            ) from exc
+
+    def send_targeted(self, channel: str, payload: str, group: str, receivers: int) -> None:
+        key = stream_key(channel, group)
+        pipe = self.clients().publisher.pipeline(transaction=False)
+        for _ in range(receivers):
+            pipe.xadd(key, {"p": payload}, maxlen=STREAM_MAXLEN, approximate=True)
+        try:
+            pipe.execute()
         except redis.RedisError as exc:
             raise PublishError(
                 f"redis backend could not publish to {self.where()}: "
