@@ -15,6 +15,7 @@ import os
 import select
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -657,3 +658,32 @@ def test_a_layer_publish_reaches_redis_cli_subscribe(server):
     finally:
         proc.kill()
         proc.wait()
+
+
+# -- publishes deferred to commit ---------------------------------------------------------
+
+
+@backend_test
+@pytest.mark.django_db(transaction=True)
+def test_publishes_at_commit_leave_the_committing_thread_in_order(server):
+    with override_settings(
+        PUBSUB_BACKEND="redis", PUBSUB_URL=server.url, PUBSUB_OPTIONS={}, PUBSUB_CHANNEL_PREFIX=""
+    ):
+        backend = get_backend()
+        sent_from: set[int] = set()
+        real = backend._send_batch
+
+        def spy(batch):
+            sent_from.add(threading.get_ident())
+            real(batch)
+
+        backend._send_batch = spy
+        with subscribed(backend, "after") as inbox:
+            for n in range(50):
+                with transaction.atomic():
+                    publish("after", str(n))
+            assert backend.flush(timeout=10)
+            inbox.wait_for(lambda box: len(box.payloads()) == 50)
+        assert inbox.payloads() == [str(n) for n in range(50)]
+        assert sent_from and threading.get_ident() not in sent_from
+        assert backend.stats["published"] == 50

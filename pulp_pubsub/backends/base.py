@@ -311,6 +311,13 @@ class BaseBackend:
             count(self.stats, "deferred_failures", self.name, self.channel_name(wire), error=exc)
             logger.error("Publish to %r after commit failed: %s", wire, exc)
 
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until publishes deferred to commit have been sent or have failed.
+
+        Backends that send them on the committing thread have nothing to wait for.
+        """
+        return True
+
     def send(self, channel: str, payload: str) -> None:
         """Hand one message to the server now; ``channel`` is the wire name."""
         raise NotImplementedError("subclasses of BaseBackend must provide send()")

@@ -44,6 +44,7 @@ user also needs ``+xadd +xack +xdel +xreadgroup +xautoclaim +xgroup|create
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import time
@@ -58,6 +59,8 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ..conf import hide_password
 from ..exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
+from ..metrics import count
+from .aftercommit import AfterCommitSender, Deferred
 from .base import BaseBackend, Handed, Transport
 
 try:
@@ -74,6 +77,8 @@ try:
     from redis.utils import HIREDIS_AVAILABLE
 except ImportError as exc:
     raise MissingDependency("redis", "redis", exc) from exc
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "redis://localhost:6379/0"
 #: The consumer group inside every targeted-delivery stream.
@@ -490,6 +495,7 @@ class RedisBackend(BaseBackend):
         super().__init__(*args, **kwargs)
         self.target = self._resolve()
         self._clients: _ProcessClients | None = None
+        self._sender: AfterCommitSender | None = None
         # Clients inherited through fork(): kept, never used or closed, since
         # their sockets belong to the parent.
         self._inherited: list[_ProcessClients] = []
@@ -622,6 +628,52 @@ class RedisBackend(BaseBackend):
                 f"{explain(exc, self.channel_prefix)}"
             ) from exc
 
+    # -- publishing after commit -------------------------------------------------
+
+    def _send_deferred(
+        self, wire: str, payload: str, group: str | None = None, receivers: int = 1
+    ) -> None:
+        # Off the committing thread: its failure cannot reach the caller anyway.
+        sender = self._sender
+        if sender is None or sender.pid != os.getpid():
+            sender = self._sender = AfterCommitSender(
+                self._send_batch, self.config["publish_timeout"] * 2
+            )
+        if not sender.put(Deferred(wire, payload, group, receivers)):
+            super()._send_deferred(wire, payload, group, receivers)
+
+    def _send_batch(self, batch: list[Deferred]) -> None:
+        """Everything one round trip; every message of a failed batch counts as failed."""
+        try:
+            pipe = self.clients().publisher.pipeline(transaction=False)
+            for item in batch:
+                if item.group is None:
+                    pipe.publish(item.wire, item.payload)
+                else:
+                    key = stream_key(item.wire, item.group)
+                    for _ in range(item.receivers):
+                        pipe.xadd(key, {"p": item.payload}, maxlen=STREAM_MAXLEN, approximate=True)
+            pipe.execute()
+        except redis.RedisError as exc:
+            error = PublishError(
+                f"redis backend could not publish to {self.where()}: "
+                f"{explain(exc, self.channel_prefix)}"
+            )
+            for item in batch:
+                channel = self.channel_name(item.wire)
+                count(self.stats, "publish_errors", self.name, channel, error=error)
+                count(self.stats, "deferred_failures", self.name, channel, error=error)
+            logger.error("Publish of %d message(s) after commit failed: %s", len(batch), error)
+            return
+        for item in batch:
+            count(self.stats, "published", self.name, self.channel_name(item.wire))
+
+    def flush(self, timeout: float | None = None) -> bool:
+        sender = self._sender
+        if sender is None or sender.pid != os.getpid():
+            return True
+        return sender.flush(timeout)
+
     def send_targeted(self, channel: str, payload: str, group: str, receivers: int) -> None:
         key = stream_key(channel, group)
         pipe = self.clients().publisher.pipeline(transaction=False)
@@ -683,6 +735,9 @@ class RedisBackend(BaseBackend):
         return info
 
     def close(self) -> None:
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close()
         super().close()
         clients, self._clients = self._clients, None
         if clients is not None and clients.pid == os.getpid():
