@@ -6,6 +6,7 @@ import os
 import pytest
 
 from pulp_pubsub import registry
+from pulp_pubsub.backends import memory
 from pulp_pubsub.handler import backends
 
 #: Backends the contract tests run on; each has tests/harness_<name>.py.
@@ -22,6 +23,7 @@ def _fresh_backend():
     backends.reset()
     yield
     backends.reset()
+    memory.forget_queues()  # targeted messages a test left waiting are not the next one's
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from pulp_pubsub import CANCEL, METRICS_HEARTBEAT, WAKEUP, Message, get_backend, registry
+from pulp_pubsub.registry import RUNNERS, UNBLOCKERS
 from pulp_pubsub.contrib import pulpcore as integration
 from pulp_pubsub.contrib.pulpcore import checks, compat, publishers
 from pulp_pubsub.contrib.pulpcore import worker as worker_seam
@@ -41,8 +42,13 @@ def heard(backend):
     """Every message published on pulpcore's channels, as (channel, payload)."""
     got: list[tuple[str, str]] = []
     with backend.subscriber() as sub:
+        def note(message: Message) -> None:
+            got.append((message.channel, message.payload))
+
         for channel in (WAKEUP, CANCEL, METRICS_HEARTBEAT):
-            sub.subscribe(channel, lambda m: got.append((m.channel, m.payload)))
+            sub.subscribe(channel, note)
+        for group in (UNBLOCKERS, RUNNERS):  # a member of both: it hears targeted wake-ups too
+            sub.subscribe(WAKEUP, note, group=group)
 
         def take(wait: float = 2.0) -> list[tuple[str, str]]:
             sub.dispatch(timeout=wait)
@@ -213,6 +219,7 @@ def new_worker(backend, worker_class):
 
     def make(**kwargs: Any) -> Any:
         worker = worker_class(**kwargs)
+        worker.runners_wanted = lambda: 1  # pulpcore's Task query, which needs pulpcore
         made.append(worker)
         return worker
 
@@ -443,3 +450,86 @@ def test_the_bridge_refuses_to_forward_postgresql_onto_itself():
     elsewhere = {"PUBSUB_BACKEND": "postgres", "PUBSUB_URL": "postgresql://nobody@127.0.0.1:1/none"}
     with override_settings(**elsewhere), pytest.raises(SystemExit):
         Bridge("postgresql://nobody@127.0.0.1:1/none")
+
+
+# -- targeted wake-ups ----------------------------------------------------------------
+
+
+def wakeup(payload: str) -> None:
+    """What pulpcore's wakeup_worker() sends, through the publishing seam."""
+    with publishers.NotifyingConnection(Untouchable()).connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify('pulp_worker_wakeup', %s)", (payload,))
+
+
+def wakeups(workers: list[Any]) -> list[list[str]]:
+    """Dispatch every worker until the broadcast marker, then what each was handed."""
+    wakeup("")  # a broadcast: every worker gets it, after anything targeted before it
+    for worker in workers:
+        while not any(m.payload == "" for m in worker.handled):
+            worker.pubsub.dispatch(timeout=5)
+    return [[m.payload for m in w.handled if m.payload] for w in workers]
+
+
+def listening(new_worker, **kwargs: Any) -> Any:
+    worker = new_worker(**kwargs)
+    worker.cursor.execute("LISTEN pulp_worker_wakeup")
+    return worker
+
+
+def test_unblock_goes_to_one_non_auxiliary_worker(new_worker):
+    workers = [listening(new_worker) for _ in range(3)]
+    auxiliary = listening(new_worker, auxiliary=True)
+    wakeup("unblock")
+    got = wakeups([*workers, auxiliary])
+    assert sorted(got[:3]) == [[], [], ["unblock"]]
+    assert got[3] == []
+
+
+def test_handle_goes_to_as_many_idle_workers_as_tasks_are_ready(new_worker):
+    workers = [listening(new_worker) for _ in range(4)]
+    workers[0].runners_wanted = lambda: 2  # two tasks ready to run
+    workers[0].cursor.execute("SELECT pg_notify('pulp_worker_wakeup', %s)", ("handle",))
+    got = wakeups(workers)
+    assert sorted(got) == [[], [], ["handle"], ["handle"]]
+
+
+def test_cancels_and_empty_wakeups_stay_broadcasts(new_worker):
+    workers = [listening(new_worker) for _ in range(2)]
+    task_id = str(uuid.uuid4())
+    for worker in workers:
+        worker.cursor.execute("LISTEN pulp_worker_cancel")
+    with publishers.NotifyingConnection(Untouchable()).cursor() as cursor:
+        cursor.execute("SELECT pg_notify('pulp_worker_cancel', %s)", (task_id,))
+    assert wakeups(workers) == [[task_id]] * 2  # and the empty wake-up reached both
+
+
+def test_a_busy_worker_leaves_handle_to_an_idle_one(new_worker):
+    busy, idle = listening(new_worker), listening(new_worker)
+    busy.task = types.SimpleNamespace(pk=uuid.uuid4())
+    worker_seam.select_shim.attach(busy.pubsub, busy)
+    worker_seam.select_shim.select([], [], [], 0)  # the busy worker's supervise loop
+    for _ in range(3):
+        wakeup("handle")
+    while len([m for m in idle.handled if m.payload == "handle"]) < 3:
+        idle.pubsub.dispatch(timeout=5)
+        idle.pubsub.ack()
+    assert wakeups([busy, idle])[0] == []
+
+
+def test_a_wakeup_is_acknowledged_when_the_worker_is_back_in_its_wait(new_worker):
+    worker = listening(new_worker)
+    sentinel_r, _ = os.pipe()
+    wakeup("handle")
+    while not worker.wakeup_handle:
+        worker_seam.select_shim.select([sentinel_r], [], [], 5)
+    assert worker.pubsub.holding == 1  # until it has acted on it
+    worker_seam.select_shim.select([sentinel_r], [], [], 0)
+    assert worker.pubsub.holding == 0
+
+
+@pytest.mark.parametrize("setting", [False])
+def test_with_targeting_off_every_worker_gets_every_wakeup(new_worker, setting):
+    with override_settings(PUBSUB_PULPCORE_TARGETED=setting):
+        workers = [listening(new_worker) for _ in range(2)]
+        wakeup("unblock")
+        assert wakeups(workers) == [["unblock"]] * 2

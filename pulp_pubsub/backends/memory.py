@@ -88,6 +88,15 @@ def drop_connections() -> int:
     return len(victims)
 
 
+def forget_queues() -> None:
+    """Empty every targeted-delivery queue, as a fresh server would be (test isolation)."""
+    with _hub.lock:
+        for queue in _hub.queues.values():
+            for _, _, timer in queue.handed.values():
+                timer.cancel()
+        _hub.queues.clear()
+
+
 def set_server_down(down: bool) -> None:
     """While down, connecting and publishing fail; existing connections drop."""
     _hub.down = down

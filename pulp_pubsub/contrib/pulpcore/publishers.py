@@ -17,6 +17,11 @@ Every caller, including modules that imported ``cancel_task`` or
 ``dispatch`` by name before we ran, keeps calling pulpcore's own function.
 A publish inside ``transaction.atomic()`` goes out at commit, as the NOTIFY
 did, and touches no database on a non-PostgreSQL backend.
+
+Wake-ups are targeted (:func:`target`): ``unblock`` goes to one worker of the
+``unblock`` group (the non-auxiliary workers: only one can hold the unblocking
+lock anyway), ``handle`` to idle workers of the ``handle`` group; any other
+payload, cancels and heartbeats stay broadcasts.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from typing import Any
 from django.conf import settings
 
 from ... import publish
+from ...registry import RUNNERS, UNBLOCKERS, WAKEUP
 from .sql import UntranslatableStatement, parse
 
 logger = logging.getLogger(__name__)
@@ -41,6 +47,25 @@ ALSO_NOTIFY = "PUBSUB_PULPCORE_ALSO_NOTIFY"
 
 def also_notify() -> bool:
     return bool(getattr(settings, ALSO_NOTIFY, False))
+
+
+#: Targeted wake-ups; False sends every wake-up to every worker, as stock
+#: pulpcore does (needed while workers of an older pulp-pubsub, which join no
+#: group, are still running: docs/pulp.md).
+TARGETED = "PUBSUB_PULPCORE_TARGETED"
+#: The wake-up payloads that name a group, and that group.
+GROUPS = {"unblock": UNBLOCKERS, "handle": RUNNERS}
+
+
+def targeted() -> bool:
+    return bool(getattr(settings, TARGETED, True))
+
+
+def target(channel: str, payload: str) -> str | None:
+    """The group a pulpcore message goes to, or None for a broadcast."""
+    if channel != WAKEUP or not targeted():
+        return None
+    return GROUPS.get(payload)
 
 
 class TranslatingCursor:
@@ -69,7 +94,11 @@ class TranslatingCursor:
                 f"{statement.verb.upper()} outside the worker is not expected from pulpcore: "
                 f"{sql!r}"
             )
-        publish(statement.channel, statement.payload)
+        publish(
+            statement.channel,
+            statement.payload,
+            group=target(statement.channel, statement.payload),
+        )
         if also_notify():
             self.real.execute(sql, params)  # the stock NOTIFY too, for a mixed fleet
         return self

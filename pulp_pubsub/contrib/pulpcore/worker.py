@@ -18,6 +18,15 @@ two seams and copies no method of pulpcore:
   returning, so the handlers set the worker's flags in the worker's thread
   and the unchanged loop acts on them in the same turn.
 
+Wake-ups are targeted (docs/pulp.md, "No thundering herd"): the worker joins
+the ``handle`` group of the wake-up channel, and the ``unblock`` group unless
+it is auxiliary. Its subscriber acknowledges a wake-up only when the worker
+is back in ``select()`` (it has acted on it: taken a task, or found none),
+and takes no ``handle`` while it runs a task, so a wake-up never waits for a
+busy or dead worker: it is given back, or handed to another after
+``claim_timeout``. The ``handle`` the unblocking worker sends goes to as many
+idle workers as there are tasks ready to run.
+
 Each message then goes to pulpcore's own ``_pg_notify_handler``, which maps
 it to the flags exactly as for a PostgreSQL notification (a ``Message`` has
 the same ``channel`` and ``payload``). Only a ``resync`` (messages may have
@@ -37,8 +46,9 @@ from typing import Any
 from ... import get_backend, publish
 from ...backends.listener import Subscriber
 from ...message import Message
-from ...registry import CANCEL, WAKEUP
-from .publishers import also_notify
+from ...registry import CANCEL, RUNNERS, UNBLOCKERS, WAKEUP
+from ...validation import MAX_RECEIVERS
+from .publishers import also_notify, target, targeted
 from .sql import parse
 
 logger = logging.getLogger(__name__)
@@ -60,10 +70,18 @@ class WorkerCursor:
         subscriber: Subscriber = self.worker.pubsub
         if statement.verb == "listen":
             subscriber.subscribe(statement.channel, self.worker.on_pubsub_message)
+            if statement.channel == WAKEUP and targeted():
+                for group in self.worker.wakeup_groups():
+                    subscriber.subscribe(WAKEUP, self.worker.on_pubsub_message, group=group)
         elif statement.verb == "unlisten":
             subscriber.unsubscribe(statement.channel, self.worker.on_pubsub_message)
         else:
-            publish(statement.channel, statement.payload)
+            group = target(statement.channel, statement.payload)
+            receivers = 1
+            if group == RUNNERS and subscriber.backend.targets:
+                # pulpcore sends one "handle" after unblocking: one worker per ready task.
+                receivers = max(1, min(self.worker.runners_wanted(), MAX_RECEIVERS))
+            publish(statement.channel, statement.payload, group=group, receivers=receivers)
             if also_notify():
                 self._real().execute(sql, params)  # the stock NOTIFY too (rollout)
         return self
@@ -90,10 +108,11 @@ class SelectShim:
 
     def __init__(self) -> None:
         self._subscriber: Subscriber | None = None
+        self._worker: Any = None
         self._pid = 0
 
-    def attach(self, subscriber: Subscriber) -> None:
-        self._subscriber, self._pid = subscriber, os.getpid()
+    def attach(self, subscriber: Subscriber, worker: Any = None) -> None:
+        self._subscriber, self._worker, self._pid = subscriber, worker, os.getpid()
 
     def detach(self, subscriber: Subscriber) -> None:
         if self._subscriber is subscriber:
@@ -109,6 +128,11 @@ class SelectShim:
         subscriber = self._subscriber
         if subscriber is None or self._pid != os.getpid():
             return _select.select(rlist, wlist, xlist, timeout)
+        if self._worker is not None:
+            # Back in its wait, the worker has acted on the wake-ups it was
+            # handed; while it runs a task, "handle" is for the idle ones.
+            subscriber.set_accepting(WAKEUP, RUNNERS, self._worker.task is None)
+            subscriber.ack()
         fd = subscriber.fileno()
         readable, writable, failed = _select.select([*rlist, fd], wlist, xlist, timeout)
         if fd in readable:
@@ -142,9 +166,9 @@ class PubSubWorkerMixin:
         real, self.cursor = self.cursor, None
         if real is not None:
             real.close()
-        self.pubsub = get_backend().subscriber()
+        self.pubsub = get_backend().subscriber(manual_ack=True)
         self.cursor = WorkerCursor(self)
-        select_shim.attach(self.pubsub)
+        select_shim.attach(self.pubsub, self)
 
     def run(self, burst: bool = False) -> Any:
         try:
@@ -153,6 +177,21 @@ class PubSubWorkerMixin:
             select_shim.detach(self.pubsub)
             self.pubsub.close()
             self.cursor.close()
+
+    def wakeup_groups(self) -> tuple[str, ...]:
+        """Only non-auxiliary workers unblock tasks."""
+        return (RUNNERS,) if self.auxiliary else (UNBLOCKERS, RUNNERS)
+
+    def runners_wanted(self) -> int:
+        """Tasks ready for a worker: pulpcore's own test for sending "handle", counted."""
+        from pulpcore.app.models import Task
+        from pulpcore.constants import TASK_INCOMPLETE_STATES
+
+        return int(
+            Task.objects.filter(state__in=TASK_INCOMPLETE_STATES, app_lock=None)
+            .exclude(unblocked_at=None)
+            .count()
+        )
 
     def on_pubsub_message(self, message: Message) -> None:
         if not message.resync:
