@@ -21,11 +21,11 @@ from django.test import override_settings
 from django.utils import timezone
 
 from pulp_pubsub import CANCEL, METRICS_HEARTBEAT, WAKEUP, Message, get_backend, registry
-from pulp_pubsub.registry import RUNNERS, UNBLOCKERS
 from pulp_pubsub.contrib import pulpcore as integration
 from pulp_pubsub.contrib.pulpcore import checks, compat, publishers
 from pulp_pubsub.contrib.pulpcore import worker as worker_seam
 from pulp_pubsub.contrib.pulpcore.sql import Statement, UntranslatableStatement, parse
+from pulp_pubsub.registry import RUNNERS, UNBLOCKERS
 
 STAMP = "2026-11-26 22:02:04.317465+00:00"
 MEMORY = {"PUBSUB_BACKEND": "memory", "PUBSUB_URL": None, "PUBSUB_CHANNEL_PREFIX": ""}
@@ -42,6 +42,7 @@ def heard(backend):
     """Every message published on pulpcore's channels, as (channel, payload)."""
     got: list[tuple[str, str]] = []
     with backend.subscriber() as sub:
+
         def note(message: Message) -> None:
             got.append((message.channel, message.payload))
 
