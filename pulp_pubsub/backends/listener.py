@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import socket
 import threading
 import time
 import uuid
@@ -112,7 +113,9 @@ class Subscriber:
         self._dispatched: list[Handed] = []
         self._to_ack: list[Handed] = []
         self._to_release: list[Handed] = []
-        self._consumer = uuid.uuid4().hex
+        # Named after the process, so an operator (and the fault run) can tell
+        # whose consumer holds a message; unique per subscriber.
+        self._consumer = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._joined: set[tuple[str, str]] = set()
         track(self)
 

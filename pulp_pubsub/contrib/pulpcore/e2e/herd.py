@@ -1,0 +1,399 @@
+"""The herd run (issue 15): targeted wake-ups against stock pulpcore, real workers.
+
+    python -m pulp_pubsub.contrib.pulpcore.e2e.herd --sizes 4,16,32 --json herd.json
+
+For each fleet size K, one stock fleet (LISTEN/NOTIFY) and one integrated
+fleet (Redis, targeted wake-ups), both on direct database connections, each
+on a database of its own, one after the other (alternating which goes first):
+
+* ``sequential``: T tasks dispatched one at a time. Database transactions in
+  the fleet's database from the server log (every statement is logged with its
+  virtual transaction id), leaving out the dispatcher's own sessions, per
+  task; also with the fleet's idle rate (heartbeats) subtracted. And
+  created->started p50/p95.
+* ``burst``: B tasks dispatched at once onto the burst fleet size; time from the
+  first created to the last started.
+* ``faults`` (integrated only): a worker SIGKILLed right after it was handed
+  the ``unblock`` wake-up (all workers are stopped with SIGSTOP, the holder is
+  found in Redis, killed, the others continued): time until the task starts on
+  another; and Redis restarted (killed and started again) during a spaced burst:
+  how many tasks started.
+
+It prints the tables and writes everything as JSON (``--json``), from which
+``--markdown`` renders the README table without running anything (``--load``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .scenarios import Config, Run
+from .site import POOLER_CHECK, RESULT_MARK
+
+KINDS = ("stock", "pubsub")
+WAKEUP = "pulp_worker_wakeup"
+
+
+@dataclass
+class HerdConfig:
+    sizes: tuple[int, ...] = (4, 16, 32)
+    tasks: int = 20
+    burst_tasks: int = 64
+    burst_workers: int = 16
+    burst_seconds: float = 0.5
+    idle_seconds: float = 10.0
+    faults: bool = True
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+class HerdRun(Run):
+    def __init__(self, herd: HerdConfig, log: Any) -> None:
+        biggest = max((*herd.sizes, herd.burst_workers))
+        super().__init__(Config(workers=biggest, scenarios=("herd",)), log)
+        self.herd_config = herd
+        self.result: dict[str, Any] = {"config": herd.__dict__, "sizes": {}, "burst": {}}
+
+    # -- pieces ----------------------------------------------------------------------
+
+    def herd_agent(
+        self, settings: Path, command: str, opts: dict[str, Any], wait: bool = True
+    ) -> Any:
+        argv = [
+            self.site.bin("python"),
+            "-m",
+            "pulp_pubsub.contrib.pulpcore.e2e.herd_agent",
+            command,
+            json.dumps(opts),
+        ]
+        popen = subprocess.Popen(
+            argv,
+            env=self.site.env(settings),
+            cwd=self.site.root / "tmp",
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        return self.agent_result(popen) if wait else popen
+
+    @staticmethod
+    def agent_result(popen: subprocess.Popen[str], timeout: float = 300) -> dict[str, Any]:
+        out, err = popen.communicate(timeout=timeout)
+        for line in reversed(out.splitlines()):
+            if line.startswith(RESULT_MARK):
+                result: dict[str, Any] = json.loads(line[len(RESULT_MARK) :])
+                return result
+        raise RuntimeError(f"herd agent gave no result (exit {popen.returncode}):\n{err[-3000:]}")
+
+    def fleet(self, kind: str, k: int, tag: str, redis_url: str | None = None) -> tuple[str, Path]:
+        """Start K workers of ``kind``; return their database and the dispatcher's settings."""
+        db = f"{tag}_{kind}_{k}"
+        values: dict[str, Any] = {}
+        ready = None
+        if kind == "pubsub":
+            prefix = f"{db}."
+            url = redis_url or self.redis_url
+            values = self.integrated(
+                PUBSUB_BACKEND="redis", PUBSUB_URL=url, PUBSUB_CHANNEL_PREFIX=prefix
+            )
+
+            def ready() -> bool:
+                return self.subscribers(url, prefix + WAKEUP) == k
+
+        workers = self.pulp_settings(f"{db}-worker", db, via_bouncer=False, **values)
+        api = self.pulp_settings(f"{db}-api", db, via_bouncer=False, **values)
+        self.start_fleet(db, [(f"{kind}{i}", workers) for i in range(k)], ready=ready)
+        return db, api
+
+    @staticmethod
+    def subscribers(url: str, channel: str) -> int:
+        import redis
+
+        client = redis.Redis.from_url(url)
+        try:
+            return int(dict(client.pubsub_numsub(channel)).get(channel.encode(), 0))
+        finally:
+            client.close()
+
+    def count(self, db: str, window: list[float], leave_out: list[str]) -> int:
+        """Transactions in ``db`` within ``window``, without the given backends' own."""
+        seen: dict[str, set[str]] = {}
+        for stamp, vxid, text in self.site.log.read(db):
+            if window[0] <= stamp < window[1] and vxid.split("/")[0] not in leave_out:
+                seen.setdefault(vxid, set()).add(text.strip())
+        return sum(1 for texts in seen.values() if texts != {POOLER_CHECK})
+
+    # -- the scenarios ---------------------------------------------------------------
+
+    def herd(self) -> None:
+        config = self.herd_config
+        for n, k in enumerate(config.sizes):
+            row: dict[str, Any] = {}
+            for kind in KINDS if n % 2 == 0 else KINDS[::-1]:
+                self.log(f"herd: K={k} {kind}: {config.tasks} sequential tasks")
+                row[kind] = self.sequential(kind, k)
+                self.site.stop_all()
+            self.result["sizes"][str(k)] = row
+        k = config.burst_workers
+        for kind in KINDS:
+            self.log(f"burst: {config.burst_tasks} tasks onto {k} {kind} workers")
+            db, api = self.fleet(kind, k, "burst")
+            res = self.herd_agent(
+                api,
+                "burst",
+                {
+                    "observer_dsn": self.site.dsn(db),
+                    "tasks": config.burst_tasks,
+                    "seconds": config.burst_seconds,
+                },
+            )
+            self.result["burst"][kind] = summarize_burst(res)
+            self.site.stop_all()
+        if config.faults:
+            self.result["faults"] = {"sigkill": self.sigkill(), "redis_restart": self.restart()}
+
+    def sequential(self, kind: str, k: int) -> dict[str, Any]:
+        db, api = self.fleet(kind, k, "herd")
+        self.site.wait_quiet(db)
+        # The fleet's own idle rate (heartbeats), to tell it from the dispatch's cost.
+        idle_start = time.time()
+        threading.Event().wait(self.herd_config.idle_seconds)  # a measuring window
+        idle = self.count(db, [idle_start, time.time()], [])
+        idle_rate = idle / self.herd_config.idle_seconds
+        res = self.herd_agent(
+            api,
+            "sequential",
+            {"observer_dsn": self.site.dsn(db), "tasks": self.herd_config.tasks},
+        )
+        window = res["window"]
+        self.site.wait_quiet(db)  # the last task's echo belongs to it
+        xacts = self.count(db, [window[0], time.time()], res["own_backends"])
+        span = time.time() - window[0]
+        waits = [r["wait"] for r in res["records"] if r["wait"] is not None]
+        tasks = len(res["records"])
+        return {
+            "tasks": tasks,
+            "started": len(waits),
+            "transactions": xacts,
+            "per_task": round(xacts / tasks, 1) if tasks else None,
+            "per_task_less_idle": round((xacts - idle_rate * span) / tasks, 1) if tasks else None,
+            "idle_per_s": round(idle_rate, 2),
+            "p50_ms": ms(statistics.median(waits)) if waits else None,
+            "p95_ms": ms(pct(waits, 0.95)),
+        }
+
+    def sigkill(self) -> dict[str, Any]:
+        """Kill the worker holding the unblock wake-up; time until its task starts."""
+        import redis
+
+        k = 4
+        self.log("fault: a worker SIGKILLed right after it was handed a wake-up")
+        db, api = self.fleet("pubsub", k, "kill")
+        self.herd_agent(api, "dispatch", {})  # warm: every worker has read once
+        self.site.wait_quiet(db)
+        workers = {p.popen.pid: p for p in self.site.processes}
+        for pid in workers:
+            os.killpg(pid, signal.SIGSTOP)
+        key = f"{db}.{WAKEUP}#unblock"
+        client: Any = redis.Redis.from_url(self.redis_url, decode_responses=True)
+        try:
+            task = self.herd_agent(api, "dispatch", {})
+            holder = None
+            deadline = time.monotonic() + 10
+            while holder is None and time.monotonic() < deadline:
+                pending = client.xpending_range(key, "pulp-pubsub", "-", "+", 10)
+                if pending:
+                    holder = int(pending[0]["consumer"].split(":")[1])
+                else:
+                    threading.Event().wait(0.05)
+        finally:
+            client.close()
+        killed_at = time.time()
+        if holder in workers:
+            os.killpg(holder, signal.SIGKILL)
+        for pid in workers:
+            if pid != holder:
+                os.killpg(pid, signal.SIGCONT)
+        started = self.wait_started(db, [task["id"]], 30)
+        self.site.stop_all()
+        start = started.get(task["id"])
+        return {
+            "holder_found": holder in workers,
+            "started": start is not None,
+            "kill_to_start_s": None if start is None else round(start - killed_at, 2),
+            "heartbeat_period_s": 10,
+        }
+
+    def restart(self) -> dict[str, Any]:
+        """Restart Redis while a spaced burst is being dispatched: does every task start?"""
+        from pulp_pubsub.testing import RedisServer
+
+        k, n = 4, 32
+        self.log(f"fault: Redis restarted during a burst of {n} onto {k} workers")
+        server = RedisServer()
+        try:
+            server.start()
+            db, api = self.fleet("pubsub", k, "restart", redis_url=server.url)
+            popen = self.herd_agent(
+                api,
+                "burst",
+                {
+                    "observer_dsn": self.site.dsn(db),
+                    "tasks": n,
+                    "seconds": 0.1,
+                    "spacing": 0.1,
+                    "timeout": 90,
+                },
+                wait=False,
+            )
+            threading.Event().wait(1.0)  # mid-burst: the fault's moment, not a synchronisation
+            server.restart("kill")
+            res = summarize_burst(self.agent_result(popen))
+        finally:
+            self.site.stop_all()
+            server.cleanup()
+        return res
+
+    def wait_started(self, db: str, pks: list[str], timeout: float) -> dict[str, float]:
+        conn = self.site.connect(db)
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                rows = conn.execute(
+                    "SELECT pulp_id::text, started_at FROM core_task WHERE pulp_id::text = ANY(%s)",
+                    [pks],
+                ).fetchall()
+                got = {pk: started.timestamp() for pk, started in rows if started is not None}
+                if len(got) == len(pks) or time.monotonic() > deadline:
+                    return got
+                threading.Event().wait(0.02)
+        finally:
+            conn.close()
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
+
+
+def summarize_burst(res: dict[str, Any]) -> dict[str, Any]:
+    from datetime import datetime
+
+    records = res["records"]
+    first, last = res.get("first_created"), res.get("last_started")
+    span = None
+    if first and last:
+        span = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+    return {
+        "dispatched": res["dispatched"],
+        "dispatch_errors": len(res["dispatch_errors"]),
+        "tasks": len(records),
+        "started": sum(1 for r in records if r["wait"] is not None),
+        "completed": sum(1 for r in records if r["state"] == "completed"),
+        "workers_used": len({r["worker"] for r in records if r["worker"]}),
+        "to_last_start_s": None if span is None else round(span, 2),
+    }
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The README tables, from a result."""
+    lines = [
+        "| idle workers | stock: transactions/task | pulp-pubsub: transactions/task "
+        "| stock: created→started p50 / p95 | pulp-pubsub: p50 / p95 |",
+        "|---|---|---|---|---|",
+    ]
+    for k, row in result["sizes"].items():
+        stock, ours = row["stock"], row["pubsub"]
+        lines.append(
+            f"| {k} | {stock['per_task']} ({stock['per_task_less_idle']}) "
+            f"| {ours['per_task']} ({ours['per_task_less_idle']}) "
+            f"| {stock['p50_ms']} / {stock['p95_ms']} ms | {ours['p50_ms']} / {ours['p95_ms']} ms |"
+        )
+    lines.append("")
+    lines.append("(in parentheses: the fleet's idle heartbeat rate subtracted)")
+    burst = result.get("burst") or {}
+    if burst:
+        cfg = result["config"]
+        lines += [
+            "",
+            f"Burst: {cfg['burst_tasks']} tasks at once onto {cfg['burst_workers']} idle workers.",
+            "",
+            "| fleet | started | workers used | first created → last started |",
+            "|---|---|---|---|",
+        ]
+        for kind, b in burst.items():
+            lines.append(
+                f"| {kind} | {b['started']}/{b['tasks']} | {b['workers_used']} "
+                f"| {b['to_last_start_s']} s |"
+            )
+    faults = result.get("faults")
+    if faults:
+        kill, restart = faults["sigkill"], faults["redis_restart"]
+        lines += [
+            "",
+            f"SIGKILL of the worker holding the wake-up: task started "
+            f"{kill['kill_to_start_s']} s after the kill (heartbeat period 10 s).",
+            f"Redis restarted during a burst: {restart['started']}/{restart['tasks']} tasks "
+            f"started ({restart['dispatch_errors']} dispatch errors during the outage).",
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pulp_pubsub.contrib.pulpcore.e2e.herd")
+    defaults = HerdConfig()
+    parser.add_argument("--sizes", default=",".join(map(str, defaults.sizes)))
+    parser.add_argument("--tasks", type=int, default=defaults.tasks)
+    parser.add_argument("--burst-tasks", type=int, default=defaults.burst_tasks)
+    parser.add_argument("--burst-workers", type=int, default=defaults.burst_workers)
+    parser.add_argument("--idle-seconds", type=float, default=defaults.idle_seconds)
+    parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument("--json", type=Path, default=None, help="write the result here")
+    parser.add_argument("--load", type=Path, default=None, help="run nothing: render this result")
+    args = parser.parse_args(argv)
+    if args.load:
+        result = json.loads(args.load.read_text())
+    else:
+        sizes = tuple(int(x) for x in args.sizes.split(",") if x)
+        if not sizes or min(sizes) < 1:
+            parser.error("--sizes takes positive fleet sizes, e.g. 4,16,32")
+        herd = HerdConfig(
+            sizes=sizes,
+            tasks=args.tasks,
+            burst_tasks=args.burst_tasks,
+            burst_workers=args.burst_workers,
+            idle_seconds=args.idle_seconds,
+            faults=not args.no_faults,
+        )
+
+        def log(text: str) -> None:
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+        run = HerdRun(herd, log)
+        report = run.run()
+        result = run.result
+        result["seconds"] = round(report.total_seconds)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2, default=str))
+    sys.stdout.write(markdown(result) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
