@@ -60,7 +60,7 @@ pytestmark = [pytest.mark.backend, pytest.mark.servers]
 
 def test_every_scenario_reports_every_backend(full_run: dict[str, Any]) -> None:
     assert full_run["meta"]["scenarios"] == list(SCENARIOS)
-    for scenario in ("latency", "fanout", "connections", "idle", "commit"):
+    for scenario in ("latency", "fanout", "targeted", "connections", "idle", "commit"):
         assert sorted(full_run[scenario]) == sorted(BACKENDS), scenario
     assert full_run["meta"]["params"]["subscribers"] == N
     assert full_run["meta"]["machine"]["cpus"] >= 1
@@ -86,6 +86,32 @@ def test_fanout_reaches_every_subscriber_every_round(full_run: dict[str, Any]) -
         assert 0 < r["first"]["p50"] <= r["last"]["p50"]
         cdf = r["per_subscriber_cdf"]
         assert len(cdf) == 101 and cdf == sorted(cdf)
+
+
+def test_fanout_is_compared_with_the_bare_client(full_run: dict[str, Any]) -> None:
+    rounds = full_run["meta"]["params"]["rounds"]
+    for backend, r in full_run["fanout"].items():
+        if backend == "memory":
+            assert "raw" not in r
+            continue
+        assert r["raw"]["lost"] == 0 and r["raw"]["per_subscriber"]["n"] == N * rounds
+        assert r["ratio_last_p50"] > 0
+
+
+def test_targeted_delivery_reaches_one_subscriber_where_the_backend_targets(
+    full_run: dict[str, Any],
+) -> None:
+    rounds = full_run["meta"]["params"]["rounds"]
+    for backend, r in full_run["targeted"].items():
+        targeted, broadcast = r["targeted"], r["broadcast"]
+        assert targeted["lost"] == broadcast["lost"] == 0
+        assert broadcast["deliveries_per_message"] == N
+        if backend == "postgres":  # it falls back to broadcast, and says so
+            assert r["delivery"] == "broadcast" and targeted["deliveries_per_message"] == N
+        else:
+            assert r["delivery"] == "targeted"
+            assert targeted["deliveries_per_message"] == 1
+            assert targeted["messages_handled_per_subscriber"] == round(rounds / N, 2)
 
 
 def test_only_the_postgres_backend_holds_sessions(full_run: dict[str, Any]) -> None:

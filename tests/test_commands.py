@@ -5,12 +5,14 @@ from __future__ import annotations
 import io
 import json
 import threading
+from unittest.mock import patch
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
 from pulp_pubsub import WAKEUP, get_backend, publish
+from pulp_pubsub.backends.memory import MemoryBackend
 
 from .test_subscriber import MEMORY
 
@@ -105,6 +107,19 @@ def test_channels_lists_declared_channels_and_handlers():
     assert data["backend"] == "memory"
     rows = {row["channel"]: row for row in data["channels"]}
     assert rows["pulp_worker_cancel"]["payload"] == "a task UUID"
+
+
+def test_channels_says_which_delivery_each_channel_gets_on_the_backend():
+    rows = {
+        row["channel"]: row for row in json.loads(run("pubsub_channels", json=True))["channels"]
+    }
+    assert rows["pulp_worker_wakeup"]["groups"] == ["unblock", "handle"]
+    assert rows["pulp_worker_wakeup"]["delivery"].startswith("targeted (groups: unblock, handle)")
+    assert rows["pulp_worker_cancel"]["delivery"] == "broadcast"
+    # A backend that cannot target says so.
+    with patch.object(MemoryBackend, "targets", False):
+        text = run("pubsub_channels")
+    assert "broadcast (the memory backend cannot target" in text
 
 
 def test_channels_counts_live_subscribers():

@@ -35,7 +35,7 @@ Targeted delivery uses one stream per (channel, group), ``<wire channel>#<group>
 with one consumer group in it. A publish adds ``receivers`` entries; each
 member blocks in ``XREADGROUP`` on its own second connection, taking one entry
 at a time, and acknowledges it (``XACK`` + ``XDEL``) when the subscriber says
-so. A member that takes nothing for ``claim_timeout / 2`` seconds looks for
+so. A member that takes nothing for about ``claim_timeout`` seconds looks for
 entries another member has held longer than ``claim_timeout`` (``XAUTOCLAIM``),
 so an entry whose member died or hangs reaches a live one. For this an ACL
 user also needs ``+xadd +xack +xdel +xreadgroup +xautoclaim +xgroup|create
@@ -408,7 +408,9 @@ class _GroupReader:
             self.block_until = now + block / 1000
 
     def _sweep_interval(self) -> float:
-        return self.claim_ms / 2000 * random.uniform(0.8, 1.0)
+        # Redelivery comes within two claim timeouts; an idle member looks
+        # about once per claim timeout, jittered so a fleet does not look at once.
+        return self.claim_ms / 1000 * random.uniform(0.8, 1.0)
 
     def _send(self, kind: str, what: Any, *args: str) -> None:
         try:

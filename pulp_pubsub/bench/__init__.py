@@ -20,4 +20,4 @@ class BenchError(Exception):
 
 
 #: Scenario names in the order the issue lists them (and the report shows them).
-SCENARIOS = ("latency", "fanout", "connections", "idle", "commit", "poll")
+SCENARIOS = ("latency", "fanout", "targeted", "connections", "idle", "commit", "poll")

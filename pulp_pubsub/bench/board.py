@@ -72,6 +72,28 @@ class Board:
             with contextlib.suppress(BlockingIOError):
                 posted += len(os.read(self._read_fd, 1 << 16))
 
+    def collect_any(
+        self, round_: int, slots: int, timeout: float, linger: float = 0.0
+    ) -> list[tuple[int, float]]:
+        """Wait until some slot has posted ``round_`` (targeted delivery: one should).
+
+        Then wait ``linger`` seconds more for other slots (a backend that falls
+        back to broadcast delivers to all), and return (slot, time) of each.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            posted = [(s, t) for s, t in enumerate(self.read(round_, slots)) if t is not None]
+            left = deadline - time.monotonic()
+            if posted or left <= 0:
+                break
+            if select.select([self._read_fd], [], [], left)[0]:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(self._read_fd, 1 << 16)
+        if posted and linger > 0:
+            time.sleep(linger)  # a measuring window for late extra deliveries
+            posted = [(s, t) for s, t in enumerate(self.read(round_, slots)) if t is not None]
+        return posted
+
     def resyncs(self, slots: int) -> int:
         return sum(_SLOT.unpack_from(self._mem, s * _SLOT.size)[2] for s in range(slots))
 

@@ -168,6 +168,20 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
             ]
             for b, r in result.get("fanout", {}).items()
         ]
+        rows += [
+            [
+                f"{b}: raw ({r.get('raw_client')})",
+                r["subscribers"],
+                r["raw"]["last"].get("p50"),
+                r["raw"]["last"].get("p99"),
+                r["raw"]["per_subscriber"].get("p50"),
+                r["raw"]["per_subscriber"].get("p99"),
+                None,
+                r["raw"]["lost"],
+            ]
+            for b, r in result.get("fanout", {}).items()
+            if r.get("raw")
+        ]
         if poll:
             rows.append(
                 [
@@ -194,6 +208,40 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
         out.append(
             (
                 "2. One publish reaching N subscribers (ms after publish)",
+                table(headers, rows, markdown),
+            )
+        )
+    if result.get("targeted"):
+        rows = [
+            [
+                f"{b} {mode}"
+                + (" (fallback)" if mode == "targeted" and r["delivery"] != mode else ""),
+                r["subscribers"],
+                r[mode]["deliveries_per_message"],
+                r[mode]["messages_handled_per_subscriber"],
+                r[mode]["most_handled_by_one"],
+                r[mode]["first"].get("p50"),
+                r[mode]["first"].get("p99"),
+                r[mode]["lost"],
+            ]
+            for b, r in result["targeted"].items()
+            for mode in ("targeted", "broadcast")
+        ]
+        headers = [
+            "backend",
+            "N",
+            "receivers/msg",
+            "handled/subscriber",
+            "most by one",
+            "first p50",
+            "first p99",
+            "lost",
+        ]
+        rounds = next(iter(result["targeted"].values()))["rounds"]
+        out.append(
+            (
+                f"2b. Targeted (work-queue) against broadcast, {rounds} messages "
+                "(ms after publish)",
                 table(headers, rows, markdown),
             )
         )

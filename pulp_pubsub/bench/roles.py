@@ -65,7 +65,12 @@ def _command_loop(link: Link, handle: Callable[[dict[str, Any]], None]) -> None:
             return
 
 
-def _serve(link: Link, fd: int, on_readable: Callable[[], object]) -> None:
+def _serve(
+    link: Link,
+    fd: int,
+    on_readable: Callable[[], object],
+    handle: Callable[[dict[str, Any]], None] | None = None,
+) -> None:
     """Wait on ``fd`` and the control socket until told to stop."""
     while True:
         ready = select.select([fd, link.fileno()], [], [], 0 if link.pending else None)[0]
@@ -73,7 +78,7 @@ def _serve(link: Link, fd: int, on_readable: Callable[[], object]) -> None:
             on_readable()
         if link.fileno() in ready:
             link.fill()
-        if not _commands(link):
+        if not _commands(link, handle):
             return
 
 
@@ -94,7 +99,13 @@ def subscriber(settings: PubSubSettings, channel: str, board: Board) -> Callable
                 sub.subscribe(channel, on_message)
                 connected = sub.wait_connected(CONNECT_WAIT)
                 link.send({"ready": connected, "pid": os.getpid(), "last_error": sub.last_error})
-                _serve(link, sub.fileno(), sub.dispatch)
+
+                def join(command: dict[str, Any]) -> None:
+                    # The targeted scenario: also a member of a work-queue group.
+                    sub.subscribe(command["join"], on_message, group=command["group"])
+                    link.send({"joined": True})
+
+                _serve(link, sub.fileno(), sub.dispatch, join)
             backend.close()
 
         return role
@@ -141,6 +152,47 @@ def pinger(settings: PubSubSettings, ping: str, pong: str) -> Role:
 
             _ping_loop(link, send, wait)
         backend.close()
+
+    return role
+
+
+def raw_subscriber(
+    client: Callable[[], RawClient], channel: str, board: Board
+) -> Callable[[int], Role]:
+    """The fanout's yardstick: an idle worker on the bare client, posting like subscriber()."""
+
+    def make(slot: int) -> Role:
+        def role(link: Link) -> None:
+            raw = client()
+            raw.subscribe(channel)
+            link.send({"ready": True, "pid": os.getpid()})
+
+            def on_readable() -> None:
+                for _, payload in raw.read():
+                    if payload.isdigit():
+                        board.post(slot, int(payload), time.monotonic())
+
+            _serve(link, raw.fileno(), on_readable)
+            raw.close()
+
+        return role
+
+    return make
+
+
+def raw_publisher(client: Callable[[], RawClient]) -> Role:
+    def role(link: Link) -> None:
+        raw = client()
+        raw.publish("pubsub_bench_warmup", "")
+        link.send({"ready": True})
+
+        def run(command: dict[str, Any]) -> None:
+            sent = time.monotonic()
+            raw.publish(command["channel"], command["publish"])
+            link.send({"t0": sent, "t1": time.monotonic()})
+
+        _command_loop(link, run)
+        raw.close()
 
     return role
 
@@ -214,7 +266,7 @@ def publisher(settings: PubSubSettings) -> Role:
 
         def run(command: dict[str, Any]) -> None:
             sent = time.monotonic()
-            backend.publish(command["channel"], command["publish"])
+            backend.publish(command["channel"], command["publish"], group=command.get("group"))
             link.send({"t0": sent, "t1": time.monotonic()})
 
         _command_loop(link, run)

@@ -26,7 +26,7 @@ from .servers import ServerSet, check_postgres_capacity
 #: signalled about, and reports those only at its next command, which would be
 #: the liveness probe inside the idle window. Commit then shrinks the fleet N, 100, 0.
 #: Poll needs no backend and runs last.
-RUN_ORDER = ("latency", "connections", "idle", "fanout", "commit")
+RUN_ORDER = ("latency", "connections", "idle", "fanout", "targeted", "commit")
 
 
 @dataclass

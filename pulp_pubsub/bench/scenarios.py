@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..handler import backend_class
 from . import BenchError, roles
 from .agents import Fleet
 from .board import Board
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 
 #: The channel idle subscribers listen on; writers publish on another one.
 WAKE = "pubsub_bench_wake"
+#: The targeted scenario's channel and the group the fleet joins on it.
+WORK, WORK_GROUP = "pubsub_bench_work", "bench"
 COMMIT = "pubsub_bench_commit"
 #: Round trips before measuring (connections warm, code paths hot), then blocks that
 #: alternate layer and raw, so a change in the machine's load hits both alike.
@@ -156,7 +159,7 @@ def fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
     finally:
         pub.close()
         ctx.wait_gone("publisher")
-    return {
+    result: dict[str, Any] = {
         "subscribers": n,
         "rounds": ctx.params.rounds,
         "lost": lost,
@@ -165,6 +168,130 @@ def fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
         "first": summary_ms(first),
         "per_subscriber": summary_ms(per_subscriber),
         "per_subscriber_cdf": quantiles_ms(per_subscriber),
+    }
+    if target.raw is not None:
+        result["raw"] = raw_fanout(ctx, run)
+        result["raw_client"] = target.raw_label
+        result["ratio_last_p50"] = ratio(
+            result["last"].get("p50"), result["raw"]["last"].get("p50")
+        )
+    return result
+
+
+def raw_fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
+    """The same fanout from the bare client to N bare subscribers: the yardstick.
+
+    Run after the layer's, with the layer's fleet idle beside it, so the
+    machine carries the same processes for both.
+    """
+    n, target = ctx.params.subscribers, run.target
+    assert target.raw is not None
+    board, fleet, pub = Board(n), Fleet(), Fleet()
+    channel = _channel("rawwake")
+    last: list[float] = []
+    per_subscriber: list[float] = []
+    lost = 0
+    try:
+        fleet.spawn(
+            n,
+            "raw-subscriber",
+            roles.raw_subscriber(target.raw, channel, board),
+            in_process=False,
+            setup=None,
+        )
+        wait_ready(fleet, ctx, f"fanout {target.name}: raw subscribers")
+        pub.spawn(
+            1, "raw-publisher", fixed(roles.raw_publisher(target.raw)), in_process=False, setup=None
+        )
+        wait_ready(pub, ctx, f"fanout {target.name}: raw publisher")
+        with ctx.progress.step(
+            f"raw fanout {target.name} to {n}", ctx.params.rounds, "rounds"
+        ) as step:
+            for round_ in range(1, ctx.params.rounds + 1):
+                pub.send({"publish": str(round_), "channel": channel})
+                [sent] = pub.gather(ROUND_WAIT, lambda m: "t0" in m).values()
+                got = [t for t in board.collect(round_, n, ROUND_WAIT) if t is not None]
+                lost += n - len(got)
+                times = [t - sent["t0"] for t in got]
+                if times:
+                    per_subscriber += times
+                    last.append(max(times))
+                step.update(1)
+                time.sleep(0.02)  # as the layer's rounds
+    finally:
+        pub.close()
+        fleet.close()
+        board.close()
+        ctx.wait_gone("raw-publisher", "raw-subscriber")
+    return {"lost": lost, "last": summary_ms(last), "per_subscriber": summary_ms(per_subscriber)}
+
+
+# -- 2b. targeted ---------------------------------------------------------------------
+
+
+def targeted(ctx: Context, run: BackendRun) -> dict[str, Any]:
+    """Work-queue delivery against broadcast to the same N subscribers.
+
+    Every subscriber joins the group ``bench`` on a channel of its own; each
+    round publishes one targeted message there, then one broadcast. Targeted:
+    how many subscribers handle each message (one, where the backend targets)
+    and how soon the first has it; broadcast: every subscriber handles every
+    message, and the last has it when the fanout's last does.
+    """
+    n, target = ctx.params.subscribers, run.target
+    run.grow(n)
+    run.fleet.send({"join": WORK, "group": WORK_GROUP})
+    joined = run.fleet.gather(ctx.connect_wait, lambda m: "joined" in m)
+    if len(joined) < len(run.fleet):
+        raise BenchError(f"targeted {target.name}: {n - len(joined)} subscribers did not join.")
+    pub = Fleet()
+    pub.spawn(
+        1,
+        "publisher",
+        fixed(roles.publisher(target.settings_for("publisher"))),
+        in_process=target.in_process,
+        setup=run.setup("publisher"),
+    )
+    modes: dict[str, dict[str, Any]] = {}
+    try:
+        wait_ready(pub, ctx, f"targeted {target.name}: publisher")
+        for mode, group in (("targeted", WORK_GROUP), ("broadcast", None)):
+            handled: dict[int, int] = {}
+            deliveries: list[int] = []
+            first: list[float] = []
+            lost = 0
+            label = f"{mode} {target.name} to {n}"
+            with ctx.progress.step(label, ctx.params.rounds, "rounds") as step:
+                for _ in range(ctx.params.rounds):
+                    round_ = run.next_round()
+                    pub.send({"publish": str(round_), "channel": WORK, "group": group})
+                    [sent] = pub.gather(ROUND_WAIT, lambda m: "t0" in m).values()
+                    got = run.board.collect_any(round_, n, ROUND_WAIT, linger=0.2)
+                    if not got:
+                        lost += 1
+                    deliveries.append(len(got))
+                    for slot, _ in got:
+                        handled[slot] = handled.get(slot, 0) + 1
+                    if got:
+                        first.append(min(t for _, t in got) - sent["t0"])
+                    step.update(1)
+            rounds = ctx.params.rounds
+            modes[mode] = {
+                "deliveries_per_message": round(sum(deliveries) / rounds, 2),
+                "messages_handled_per_subscriber": round(sum(deliveries) / n, 2),
+                "most_handled_by_one": max(handled.values(), default=0),
+                "subscribers_used": len(handled),
+                "lost": lost,
+                "first": summary_ms(first),
+            }
+    finally:
+        pub.close()
+        ctx.wait_gone("publisher")
+    return {
+        "subscribers": n,
+        "rounds": ctx.params.rounds,
+        "delivery": "targeted" if backend_class(target.settings.backend).targets else "broadcast",
+        **modes,
     }
 
 

@@ -56,6 +56,8 @@ class Command(BaseCommand):
                 "payload": channel.check_doc,
                 "handlers": [qualname(h) for h in registry.handlers(channel.name)],
                 "subscribers": None if counts is None else counts.get(channel.name),
+                "groups": list(channel.groups),
+                "delivery": _delivery(backend, channel.groups),
             }
             for channel in channels
         ]
@@ -88,6 +90,7 @@ class Command(BaseCommand):
                 self.stdout.write(f"  {row['description']}")
             if row["payload"]:
                 self.stdout.write(f"  payload: {row['payload']}")
+            self.stdout.write(f"  delivery: {row['delivery']}")
             for handler in row["handlers"] or ["(no handlers)"]:
                 self.stdout.write(f"  handler: {handler}")
         if answers is not None:
@@ -131,6 +134,19 @@ class Command(BaseCommand):
         for row in table:
             cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
             self.stdout.write("  ".join([*cells, row[-1]]).rstrip())
+
+
+def _delivery(backend: Any, groups: tuple[str, ...]) -> str:
+    """What the channel's messages get on this backend, in words."""
+    if not groups:
+        return "broadcast"
+    names = ", ".join(groups)
+    if backend.targets:
+        return f"targeted (groups: {names}); untargeted messages broadcast"
+    return (
+        f"broadcast (the {backend.name} backend cannot target: messages for the groups "
+        f"{names} reach every subscriber)"
+    )
 
 
 def _live_count(answers: list[Answer], channel: str) -> int | None:
