@@ -42,6 +42,7 @@ from .scenarios import Config, Run
 from .site import POOLER_CHECK, RESULT_MARK
 
 KINDS = ("stock", "pubsub")
+START, END = "<!-- herd:start -->", "<!-- herd:end -->"
 WAKEUP = "pulp_worker_wakeup"
 
 
@@ -365,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-faults", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     parser.add_argument("--load", type=Path, default=None, help="run nothing: render this result")
+    parser.add_argument(
+        "--readme",
+        type=Path,
+        default=None,
+        help=f"also put the tables between the {START} and {END} markers of this file",
+    )
     args = parser.parse_args(argv)
     if args.load:
         result = json.loads(args.load.read_text())
@@ -391,7 +398,15 @@ def main(argv: list[str] | None = None) -> int:
         result["seconds"] = round(report.total_seconds)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2, default=str))
-    sys.stdout.write(markdown(result) + "\n")
+    text = markdown(result)
+    sys.stdout.write(text + "\n")
+    if args.readme:
+        page = args.readme.read_text()
+        head, start, rest = page.partition(START)
+        _, end, tail = rest.partition(END)
+        if not start or not end:
+            parser.error(f"{args.readme} has no {START} ... {END} markers")
+        args.readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
     return 0
 
 
