@@ -262,6 +262,8 @@ class Subscriber:
             with self._lock:
                 callbacks = list(self._callbacks.get(message.channel, ()))
                 handed = self._held.get(token) if token is not None else None
+                if token is not None and handed is None:
+                    continue  # given back meanwhile (unsubscribed): another member has it
                 if handed is not None and (message.channel, handed.group) in self._paused:
                     # Busy: the group's other members get it.
                     self._give_back([handed])

@@ -226,13 +226,22 @@ class Contract:
         from pulpcore.tasking.tasks import adispatch, cancel_task, dispatch
 
         from pulp_pubsub import CANCEL, WAKEUP, get_backend
+        from pulp_pubsub.registry import RUNNERS, UNBLOCKERS
 
         worker = self.new_worker()
         self.subscribe_all(worker)
         got: list[tuple[str, str]] = []
         spy = get_backend().subscriber()
+
+        def note(message: Any) -> None:
+            got.append((message.channel, message.payload))
+
         for channel in (WAKEUP, CANCEL):
-            spy.subscribe(channel, lambda m: got.append((m.channel, m.payload)))
+            spy.subscribe(channel, note)
+        # Wake-ups are targeted: the spy is the one member taking them.
+        for group in (UNBLOCKERS, RUNNERS):
+            spy.subscribe(WAKEUP, note, group=group)
+            worker.pubsub.set_accepting(WAKEUP, group, False)
 
         def heard(expected: tuple[str, str]) -> bool:
             deadline = time.monotonic() + 5
