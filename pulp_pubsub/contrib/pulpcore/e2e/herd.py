@@ -4,7 +4,8 @@
 
 For each fleet size K, one stock fleet (LISTEN/NOTIFY) and one integrated
 fleet (Redis, targeted wake-ups), both on direct database connections, each
-on a database of its own, one after the other (alternating which goes first):
+on a database of its own, running at the same time; their tasks alternate in
+rounds, so load from anything else on the machine falls on both alike:
 
 * ``sequential``: T tasks dispatched one at a time. Database transactions in
   the fleet's database from the server log (every statement is logged with its
@@ -50,6 +51,8 @@ WAKEUP = "pulp_worker_wakeup"
 class HerdConfig:
     sizes: tuple[int, ...] = (4, 16, 32)
     tasks: int = 20
+    #: The sequential tasks alternate between the two fleets in this many rounds.
+    rounds: int = 4
     burst_tasks: int = 64
     burst_workers: int = 16
     burst_seconds: float = 0.5
@@ -144,13 +147,10 @@ class HerdRun(Run):
 
     def herd(self) -> None:
         config = self.herd_config
-        for n, k in enumerate(config.sizes):
-            row: dict[str, Any] = {}
-            for kind in KINDS if n % 2 == 0 else KINDS[::-1]:
-                self.log(f"herd: K={k} {kind}: {config.tasks} sequential tasks")
-                row[kind] = self.sequential(kind, k)
-                self.site.stop_all()
-            self.result["sizes"][str(k)] = row
+        for k in config.sizes:
+            self.log(f"herd: K={k}: {config.tasks} sequential tasks a fleet, both fleets at once")
+            self.result["sizes"][str(k)] = self.sequential(k)
+            self.site.stop_all()
         k = config.burst_workers
         for kind in KINDS:
             self.log(f"burst: {config.burst_tasks} tasks onto {k} {kind} workers")
@@ -169,35 +169,51 @@ class HerdRun(Run):
         if config.faults:
             self.result["faults"] = {"sigkill": self.sigkill(), "redis_restart": self.restart()}
 
-    def sequential(self, kind: str, k: int) -> dict[str, Any]:
-        db, api = self.fleet(kind, k, "herd")
-        self.site.wait_quiet(db)
-        # The fleet's own idle rate (heartbeats), to tell it from the dispatch's cost.
+    def sequential(self, k: int) -> dict[str, Any]:
+        config = self.herd_config
+        fleets = {kind: self.fleet(kind, k, "herd") for kind in KINDS}
+        for db, _ in fleets.values():
+            self.site.wait_quiet(db)
+        # Each fleet's own idle rate (heartbeats), to tell it from the dispatch's cost.
         idle_start = time.time()
-        threading.Event().wait(self.herd_config.idle_seconds)  # a measuring window
-        idle = self.count(db, [idle_start, time.time()], [])
-        idle_rate = idle / self.herd_config.idle_seconds
-        res = self.herd_agent(
-            api,
-            "sequential",
-            {"observer_dsn": self.site.dsn(db), "tasks": self.herd_config.tasks},
-        )
-        window = res["window"]
-        self.site.wait_quiet(db)  # the last task's echo belongs to it
-        xacts = self.count(db, [window[0], time.time()], res["own_backends"])
-        span = time.time() - window[0]
-        waits = [r["wait"] for r in res["records"] if r["wait"] is not None]
-        tasks = len(res["records"])
-        return {
-            "tasks": tasks,
-            "started": len(waits),
-            "transactions": xacts,
-            "per_task": round(xacts / tasks, 1) if tasks else None,
-            "per_task_less_idle": round((xacts - idle_rate * span) / tasks, 1) if tasks else None,
-            "idle_per_s": round(idle_rate, 2),
-            "p50_ms": ms(statistics.median(waits)) if waits else None,
-            "p95_ms": ms(pct(waits, 0.95)),
+        threading.Event().wait(config.idle_seconds)  # a measuring window
+        idle_end = time.time()
+        totals: dict[str, dict[str, Any]] = {
+            kind: {"xacts": 0, "span": 0.0, "waits": [], "tasks": 0} for kind in KINDS
         }
+        rounds = max(1, min(config.rounds, config.tasks))
+        per_round = -(-config.tasks // rounds)
+        for n in range(rounds):
+            for kind in KINDS if n % 2 == 0 else KINDS[::-1]:
+                db, api = fleets[kind]
+                res = self.herd_agent(
+                    api, "sequential", {"observer_dsn": self.site.dsn(db), "tasks": per_round}
+                )
+                window = res["window"]
+                self.site.wait_quiet(db)  # the last task's echo belongs to it
+                end = time.time()
+                total = totals[kind]
+                total["xacts"] += self.count(db, [window[0], end], res["own_backends"])
+                total["span"] += end - window[0]
+                total["tasks"] += len(res["records"])
+                total["waits"] += [r["wait"] for r in res["records"] if r["wait"] is not None]
+        row = {}
+        for kind, total in totals.items():
+            db = fleets[kind][0]
+            idle_rate = self.count(db, [idle_start, idle_end], []) / (idle_end - idle_start)
+            tasks, xacts, waits = total["tasks"], total["xacts"], total["waits"]
+            less_idle = xacts - idle_rate * total["span"]
+            row[kind] = {
+                "tasks": tasks,
+                "started": len(waits),
+                "transactions": xacts,
+                "per_task": round(xacts / tasks, 1) if tasks else None,
+                "per_task_less_idle": round(less_idle / tasks, 1) if tasks else None,
+                "idle_per_s": round(idle_rate, 2),
+                "p50_ms": ms(statistics.median(waits)) if waits else None,
+                "p95_ms": ms(pct(waits, 0.95)),
+            }
+        return row
 
     def sigkill(self) -> dict[str, Any]:
         """Kill the worker holding the unblock wake-up; time until its task starts."""
@@ -360,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     defaults = HerdConfig()
     parser.add_argument("--sizes", default=",".join(map(str, defaults.sizes)))
     parser.add_argument("--tasks", type=int, default=defaults.tasks)
+    parser.add_argument("--rounds", type=int, default=defaults.rounds)
     parser.add_argument("--burst-tasks", type=int, default=defaults.burst_tasks)
     parser.add_argument("--burst-workers", type=int, default=defaults.burst_workers)
     parser.add_argument("--idle-seconds", type=float, default=defaults.idle_seconds)
@@ -382,6 +399,7 @@ def main(argv: list[str] | None = None) -> int:
         herd = HerdConfig(
             sizes=sizes,
             tasks=args.tasks,
+            rounds=args.rounds,
             burst_tasks=args.burst_tasks,
             burst_workers=args.burst_workers,
             idle_seconds=args.idle_seconds,
