@@ -436,7 +436,7 @@ class Subscriber:
 
     def _resync(self, wire: str) -> None:
         channel = self.backend.channel_name(wire)
-        if channel is not None:
+        if channel is not None and wire not in (self._probe_channel, self._control_channel):
             count(self.stats, "resyncs", self.backend.name, channel)
             self.last_resync_at = time.time()
             self._enqueue(Message(channel, "", resync=True))
