@@ -57,6 +57,15 @@ _VERSION = "v1"
 OVERHEAD = len(_VERSION) + 1 + 64 + 1
 
 
+class SigningKey(bytes):
+    """The derived key: bytes to ``hmac``, ``b'***'`` to a traceback or a debugger."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "b'***'"
+
+
 @dataclass(frozen=True)
 class ControlPolicy:
     """The control-channel settings of this process, read once per subscriber."""
@@ -110,7 +119,7 @@ def control_key() -> bytes:
         material = settings.SECRET_KEY
         if not isinstance(material, str) or not material:
             raise ImproperlyConfigured(f"Neither {KEY_SETTING} nor SECRET_KEY is set.")
-    return hmac.new(material.encode(), _LABEL, hashlib.sha256).digest()
+    return SigningKey(hmac.new(material.encode(), _LABEL, hashlib.sha256).digest())
 
 
 def sign(key: bytes, kind: str, wire: str, body: str) -> str:
