@@ -8,8 +8,9 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pulp_pubsub import get_backend, registry
+from pulp_pubsub.control_auth import policy
 from pulp_pubsub.exceptions import IntrospectionDisabled, PubSubError
-from pulp_pubsub.introspection import Answer, gather
+from pulp_pubsub.introspection import Answer, gather, signing_key
 from pulp_pubsub.registry import qualname
 
 
@@ -39,6 +40,8 @@ class Command(BaseCommand):
         if options["timeout"] <= 0:
             raise CommandError("--timeout must be positive.")
         try:
+            if options["live"]:
+                signing_key(policy())  # before asking the server anything: say why not
             backend = get_backend()
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from exc
