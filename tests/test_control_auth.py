@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
@@ -280,10 +281,12 @@ def test_bad_introspection_settings_are_a_system_check_error(overrides, message)
     assert error.id == "pulp_pubsub.E006" and message in error.msg and error.hint
 
 
-def test_a_bad_setting_stops_a_subscriber_before_it_starts(memory_backend):
+def test_a_bad_setting_stops_a_subscriber_before_it_opens_anything(memory_backend):
+    before = sorted(os.listdir("/proc/self/fd"))
     with override_settings(PUBSUB_INTROSPECTION_RATE=-1):
-        with pytest.raises(Exception, match="must be a positive number"):
+        with pytest.raises(ImproperlyConfigured, match="must be a positive number"):
             memory_backend.subscriber()
+    assert sorted(os.listdir("/proc/self/fd")) == before
 
 
 def test_good_introspection_settings_pass_the_checks():

@@ -58,6 +58,8 @@ class _Request:
 
 class Subscriber:
     def __init__(self, backend: BaseBackend) -> None:
+        # First: a bad introspection setting raises before anything is opened.
+        gate = Gate(policy())
         self.backend = backend
         self.stats: Counter[str] = Counter()
         self.last_error: str | None = None
@@ -85,7 +87,7 @@ class Subscriber:
         self._probe_channel = backend.wire_name(PROBE_PREFIX + uuid.uuid4().hex[:12])
         self._control_channel = backend.wire_name(CONTROL_CHANNEL)
         #: Turns away what may not be answered on the control channel.
-        self.control_gate = Gate(policy())
+        self.control_gate = gate
         # With introspection off, the control channel is not even listened
         # to: a query then wakes no subscriber at all.
         self._private = {self._probe_channel}
