@@ -167,6 +167,16 @@ def test_redis_objects_built_every_way_never_show_the_password(settings):
         backend.close()
 
 
+def test_memory_objects_never_show_a_password_given_to_them():
+    url = f"memory://admin:{QUOTED}@example.com"
+    with override_settings(PUBSUB_BACKEND="memory", PUBSUB_URL=url, PUBSUB_OPTIONS=FAST):
+        backend = get_backend()
+        with everything(backend, connect=True) as objects:
+            assert backend.url == url
+            assert leaks(objects, SECRETS) == []
+        backend.close()
+
+
 def test_the_redacted_types_are_their_values_everywhere_but_repr():
     url = SecretURL(f"redis://u:{QUOTED}@h:1/0")
     assert str(url) == f"redis://u:{QUOTED}@h:1/0" and f"{url}" == str(url)
