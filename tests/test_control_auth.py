@@ -190,6 +190,28 @@ def test_forged_answers_are_not_counted(harness):
         assert [a.id for a in answers] == [f"{os.getpid()}-{id(sub):x}"]
 
 
+@backend_test
+def test_with_introspection_off_a_subscriber_does_not_even_hear_the_control_channel(harness):
+    with harness.configured() as backend, Asker(backend) as asker:
+        with override_settings(PUBSUB_INTROSPECTION=False):
+            off = backend.subscriber()
+        with off:
+            inbox: list[Any] = []
+            off.subscribe("demo_events", inbox.append)
+            assert off.wait_connected(10)
+            asker.send(asker.signed(qid(1)))
+            backend.publish("demo_events", "after the query")
+            deadline = time.monotonic() + 15
+            while not inbox and time.monotonic() < deadline:
+                off.dispatch(timeout=deadline - time.monotonic())
+            assert [m.payload for m in inbox] == ["after the query"]
+            # Read in order: the query came first, and never reached the subscriber.
+            assert off.control_gate.refused == Counter()
+            counts = backend.subscriber_counts([CONTROL_CHANNEL])
+            if counts is not None:  # PostgreSQL cannot tell
+                assert counts == {CONTROL_CHANNEL: 0}
+
+
 # -- settings --------------------------------------------------------------------------
 
 
