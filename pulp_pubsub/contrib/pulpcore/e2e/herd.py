@@ -90,6 +90,7 @@ class HerdRun(Run):
             argv,
             env=self.site.env(settings),
             cwd=self.site.root / "tmp",
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -152,7 +153,7 @@ class HerdRun(Run):
             self.result["sizes"][str(k)] = self.sequential(k)
             self.site.stop_all()
         k = config.burst_workers
-        for kind in KINDS:
+        for kind in KINDS if config.burst_tasks else ():
             self.log(f"burst: {config.burst_tasks} tasks onto {k} {kind} workers")
             db, api = self.fleet(kind, k, "burst")
             res = self.herd_agent(
@@ -225,12 +226,21 @@ class HerdRun(Run):
         self.herd_agent(api, "dispatch", {})  # warm: every worker has read once
         self.site.wait_quiet(db)
         workers = {p.popen.pid: p for p in self.site.processes}
+        # The dispatcher starts first (Django, pulpcore), so the workers stay frozen
+        # only for the moment of the hand-over, well within their probe timeout.
+        agent = self.herd_agent(api, "dispatch", {"wait_for_go": True}, wait=False)
+        assert agent.stdout is not None and agent.stdin is not None
+        while agent.stdout.readline().strip() not in ("READY", ""):
+            pass
         for pid in workers:
             os.killpg(pid, signal.SIGSTOP)
+        stopped_at = time.time()
         key = f"{db}.{WAKEUP}#unblock"
         client: Any = redis.Redis.from_url(self.redis_url, decode_responses=True)
         try:
-            task = self.herd_agent(api, "dispatch", {})
+            agent.stdin.write("go\n")
+            agent.stdin.flush()
+            task = self.agent_result(agent)
             holder = None
             deadline = time.monotonic() + 10
             while holder is None and time.monotonic() < deadline:
@@ -253,6 +263,7 @@ class HerdRun(Run):
         return {
             "holder_found": holder in workers,
             "started": start is not None,
+            "frozen_s": round(killed_at - stopped_at, 2),
             "kill_to_start_s": None if start is None else round(start - killed_at, 2),
             "heartbeat_period_s": 10,
         }
@@ -363,7 +374,8 @@ def markdown(result: dict[str, Any]) -> str:
         kill, restart = faults["sigkill"], faults["redis_restart"]
         lines += [
             "",
-            f"SIGKILL of the worker holding the wake-up: task started "
+            f"SIGKILL of the worker holding the wake-up (the fleet frozen for "
+            f"{kill.get('frozen_s', '?')} s around the hand-over): task started "
             f"{kill['kill_to_start_s']} s after the kill (heartbeat period 10 s).",
             f"Redis restarted during a burst: {restart['started']}/{restart['tasks']} tasks "
             f"started ({restart['dispatch_errors']} dispatch errors during the outage).",
@@ -394,8 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(args.load.read_text())
     else:
         sizes = tuple(int(x) for x in args.sizes.split(",") if x)
-        if not sizes or min(sizes) < 1:
-            parser.error("--sizes takes positive fleet sizes, e.g. 4,16,32")
+        if sizes and min(sizes) < 1:
+            parser.error("--sizes takes positive fleet sizes, e.g. 4,16,32 (or none)")
         herd = HerdConfig(
             sizes=sizes,
             tasks=args.tasks,

@@ -104,6 +104,11 @@ def dispatch_one(opts: dict[str, Any]) -> dict[str, Any]:
     from pulpcore.app.tasks.test import sleep as sleep_task
     from pulpcore.tasking.tasks import dispatch
 
+    if opts.get("wait_for_go"):
+        # Imported and connected: the runner freezes the workers now, then says go.
+        sys.stdout.write("READY\n")
+        sys.stdout.flush()
+        sys.stdin.readline()
     task = dispatch(sleep_task, args=(0,))
     return {"id": str(task.pk), "created": task.pulp_created}
 
