@@ -494,11 +494,24 @@ def test_unblock_goes_to_one_non_auxiliary_worker(new_worker):
 
 
 def test_handle_goes_to_as_many_idle_workers_as_tasks_are_ready(new_worker):
-    workers = [listening(new_worker) for _ in range(4)]
-    workers[0].runners_wanted = lambda: 2  # two tasks ready to run
+    workers = [listening(new_worker) for _ in range(5)]
+    workers[0].runners_wanted = lambda: 3  # three tasks ready to run
     workers[0].cursor.execute("SELECT pg_notify('pulp_worker_wakeup', %s)", ("handle",))
+    # The idle sender takes one itself (it hears its own, as on PostgreSQL)...
+    assert workers[0].wakeup_handle is True
     got = wakeups(workers)
-    assert sorted(got) == [[], [], ["handle"], ["handle"]]
+    # ... and two other workers are handed one each.
+    assert got[0] == [] and sorted(got[1:]) == [[], [], ["handle"], ["handle"]]
+
+
+def test_a_busy_sender_hands_every_handle_to_others(new_worker):
+    sender, other = listening(new_worker), listening(new_worker)
+    sender.task = types.SimpleNamespace(pk=uuid.uuid4())  # its supervise loop unblocked
+    worker_seam.select_shim.attach(sender.pubsub, sender)
+    worker_seam.select_shim.select([], [], [], 0)  # busy: takes no "handle"
+    sender.cursor.execute("SELECT pg_notify('pulp_worker_wakeup', %s)", ("handle",))
+    assert sender.wakeup_handle is False
+    assert wakeups([sender, other]) == [[], ["handle"]]
 
 
 def test_cancels_and_empty_wakeups_stay_broadcasts(new_worker):

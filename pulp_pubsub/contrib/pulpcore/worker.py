@@ -25,7 +25,8 @@ is back in ``select()`` (it has acted on it: taken a task, or found none),
 and takes no ``handle`` while it runs a task, so a wake-up never waits for a
 busy or dead worker: it is given back, or handed to another after
 ``claim_timeout``. The ``handle`` the unblocking worker sends goes to as many
-idle workers as there are tasks ready to run.
+idle workers as there are tasks ready to run, the sender itself first when it
+is idle (it is awake already; on PostgreSQL it would hear its own NOTIFY).
 
 Each message then goes to pulpcore's own ``_pg_notify_handler``, which maps
 it to the flags exactly as for a PostgreSQL notification (a ``Message`` has
@@ -81,7 +82,13 @@ class WorkerCursor:
             if group == RUNNERS and subscriber.backend.targets:
                 # pulpcore sends one "handle" after unblocking: one worker per ready task.
                 receivers = max(1, min(self.worker.runners_wanted(), MAX_RECEIVERS))
-            publish(statement.channel, statement.payload, group=group, receivers=receivers)
+                if self.worker.task is None:
+                    # An idle sender is one of them, as it hears its own NOTIFY on
+                    # PostgreSQL: it is awake already, so no other worker is woken for it.
+                    self.worker.wakeup_handle = True
+                    receivers -= 1
+            if receivers:
+                publish(statement.channel, statement.payload, group=group, receivers=receivers)
             if also_notify():
                 self._real().execute(sql, params)  # the stock NOTIFY too (rollout)
         return self
