@@ -7,12 +7,15 @@ overrides that), and ``cleanup()`` or interpreter exit removes it. Plain classes
 pytest, so the benchmark and the chaos run use them too.
 """
 
+from .etcd import EtcdCluster, EtcdServer
 from .postgres import PgBouncerServer, PostgresServer
 from .processes import LOOPBACK, free_port
 from .proxy import TcpProxy
 from .redis import RedisServer, SentinelCluster, SentinelServer
 
 __all__ = [
+    "EtcdCluster",
+    "EtcdServer",
     "LOOPBACK",
     "PgBouncerServer",
     "PostgresServer",

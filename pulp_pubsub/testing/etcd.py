@@ -1,0 +1,169 @@
+"""Throwaway etcd members: a single server, or a 3-member cluster on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+from .processes import LOOPBACK, ServerProcess, free_port
+
+INSTALL_HINT = "etcd not found: install it with `apt-get install etcd-server` (Debian/Ubuntu)."
+
+
+def etcd_binary() -> str:
+    path = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
+    if path is None:
+        raise RuntimeError(INSTALL_HINT)
+    return path
+
+
+def call(url: str, path: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """One JSON-gateway call with the standard library (what curl would do)."""
+    request = urllib.request.Request(
+        url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (loopback)
+        answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+
+class EtcdServer(ServerProcess):
+    """One etcd member; alone it is a single-node cluster, or a member of ``EtcdCluster``."""
+
+    kind = "etcd"
+    stop_signals = {"graceful": 15, "kill": 9}
+
+    def __init__(self, name: str = "default", extra_args: list[str] | None = None) -> None:
+        super().__init__()
+        self.name = name
+        self.peer_port = free_port()
+        self.initial_cluster: str | None = None
+        self.need_quorum = True
+        self._extra = extra_args or []
+
+    @property
+    def url(self) -> str:
+        return f"etcd://{LOOPBACK}:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def peer_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.peer_port}"
+
+    def _command(self) -> list[str]:
+        return [
+            etcd_binary(),
+            "--name",
+            self.name,
+            "--data-dir",
+            os.path.join(self.dir, "data"),
+            "--listen-client-urls",
+            self.http_url,
+            "--advertise-client-urls",
+            self.http_url,
+            "--listen-peer-urls",
+            self.peer_url,
+            "--initial-advertise-peer-urls",
+            self.peer_url,
+            "--initial-cluster",
+            self.initial_cluster or f"{self.name}={self.peer_url}",
+            "--initial-cluster-state",
+            "new",
+            # Short Raft timers: a lost leader is replaced in well under a second.
+            "--heartbeat-interval",
+            "50",
+            "--election-timeout",
+            "500",
+            "--log-level",
+            "warn",
+            *self._extra,
+        ]
+
+    def _probe(self) -> bool:
+        try:
+            if not self.need_quorum:
+                call(self.http_url, "/v3/maintenance/status", {}, timeout=0.5)
+                return True
+            call(self.http_url, "/v3/kv/range", {"key": "aGVhbHRo"}, timeout=1)
+            return True
+        except (OSError, ValueError, urllib.error.URLError):
+            return False
+
+    def status(self) -> dict[str, Any]:
+        return call(self.http_url, "/v3/maintenance/status", {})
+
+    def compact(self) -> int:
+        """Compact the history up to the current revision; returns that revision."""
+        revision = int(call(self.http_url, "/v3/kv/range", {"key": "eA=="})["header"]["revision"])
+        call(self.http_url, "/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        return revision
+
+    def put(self, key: str, value: str) -> None:
+        import base64
+
+        def b(text: str) -> str:
+            return base64.b64encode(text.encode()).decode()
+
+        call(self.http_url, "/v3/kv/put", {"key": b(key), "value": b(value)})
+
+    def enable_auth(self, user: str, password: str) -> None:
+        """A root user with ``password``, then authentication on (etcdctl's sequence)."""
+        call(self.http_url, "/v3/auth/user/add", {"name": user, "password": password})
+        call(self.http_url, "/v3/auth/role/add", {"name": "root"})
+        call(self.http_url, "/v3/auth/user/grant", {"user": user, "role": "root"})
+        call(self.http_url, "/v3/auth/enable", {})
+
+
+class EtcdCluster:
+    """Three members on loopback; ``leader()`` finds the member to kill."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.members = [EtcdServer(name=f"m{i}") for i in range(size)]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        for m in self.members:
+            m.initial_cluster = initial
+            m.need_quorum = False  # a member alone never has one; the cluster waits below
+
+    @property
+    def url(self) -> str:
+        return "etcd://" + ",".join(f"{LOOPBACK}:{m.port}" for m in self.members)
+
+    def start(self, timeout: float = 30.0) -> EtcdCluster:
+        for m in self.members:
+            m.start(timeout)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.leader() is not None:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("the etcd cluster elected no leader within {timeout} s")
+
+    def leader(self) -> EtcdServer | None:
+        for m in self.members:
+            if not m.running:
+                continue
+            try:
+                status = m.status()
+            except (OSError, ValueError, urllib.error.URLError):
+                continue
+            if status.get("leader") and status["leader"] == status["header"]["member_id"]:
+                return m
+        return None
+
+    def cleanup(self) -> None:
+        for m in self.members:
+            m.cleanup()
+
+    def __enter__(self) -> EtcdCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()
