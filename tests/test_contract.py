@@ -32,11 +32,12 @@ def payloads(messages: list[Message]) -> list[str]:
     return [m.payload for m in messages if not m.resync]
 
 
-def came_back(harness, sub, got: list[Message]) -> bool:
+def await_comeback(harness, sub, got: list[Message]) -> None:
     """A resync; where the engine replays what was missed (etcd), a replay instead."""
     if harness.replays:
-        return sub.stats["replays"] >= 1
-    return any(m.resync for m in got)
+        wait_until(lambda: sub.stats["replays"] >= 1, timeout=30, what="replay")
+    else:
+        dispatch_until(sub, lambda: any(m.resync for m in got), timeout=30)
 
 
 def test_a_published_message_reaches_its_subscriber(harness):
@@ -202,7 +203,7 @@ def test_a_broken_connection_comes_back_with_a_resync(harness, fault):
         publish("contract.fault", "before")
         dispatch_until(sub, lambda: got)
         getattr(harness, fault)()
-        dispatch_until(sub, lambda: came_back(harness, sub, got), timeout=30)
+        await_comeback(harness, sub, got)
         wait_until(lambda: sub.connected, timeout=30, what="reconnect")
         publish("contract.fault", "after")
         dispatch_until(sub, lambda: "after" in payloads(got), timeout=30)
@@ -219,7 +220,7 @@ def test_a_frozen_server_is_noticed_by_the_probe(harness):
             wait_until(lambda: not sub.connected, timeout=30, what="probe failure")
         finally:
             harness.thaw()
-        dispatch_until(sub, lambda: came_back(harness, sub, got), timeout=30)
+        await_comeback(harness, sub, got)
         publish("contract.frozen", "after thaw")
         dispatch_until(sub, lambda: "after thaw" in payloads(got), timeout=30)
 

@@ -192,6 +192,9 @@ class EtcdClient:
     def _call_one(
         self, conn: Connection, path: str, body: dict[str, Any], deadline: float, idx: int
     ) -> dict[str, Any]:
+        # One member may hold a request for etcd's own timeout (5 s and more) during an
+        # election: after request_timeout the next member gets its chance.
+        deadline = min(deadline, time.monotonic() + self.backend.config["request_timeout"])
         for attempt in range(2):
             token = self._auth(conn, deadline)
             try:
@@ -228,8 +231,7 @@ def authenticate(conn: Connection, backend: EtcdBackend, deadline: float) -> str
         if exc.retryable:
             raise
         raise ImproperlyConfigured(
-            f"etcd refused the login of user {backend.username!r} at {conn.endpoint}: "
-            f"{exc.message}"
+            f"etcd refused the login of user {backend.username!r} at {conn.endpoint}: {exc.message}"
         ) from None
     return str(answer["token"])
 
@@ -247,6 +249,9 @@ class EtcdBackend(BaseBackend):
         "key_prefix": "pubsub/",
         # Seconds a channel's key outlives its last message.
         "lease_ttl": 60,
+        # Seconds one member may take to answer before a publish tries the next
+        # (publish_timeout bounds the whole publish).
+        "request_timeout": 1.0,
         # TLS (etcds:// or https://): a private CA, and a client certificate and key.
         "ca_file": "",
         "cert_file": "",
@@ -493,7 +498,7 @@ class EtcdTransport(Transport):
                 if not compacted:
                     reason = result.get("cancel_reason") or "no reason given"
                     raise ConnectionLost(f"etcd cancelled the watch: {reason}")
-                yield from self._after_compaction()
+                yield from self._after_compaction(compacted)
                 return
             for event in result.get("events") or ():
                 kv = event.get("kv") or {}
@@ -505,15 +510,15 @@ class EtcdTransport(Transport):
         if closed or reader.done:
             raise ConnectionLost(f"etcd at {self._conn.endpoint} closed the watch stream")
 
-    def _after_compaction(self) -> Iterator[tuple[str, None]]:
-        """The revision to resume from is gone: watch from now, then resync every channel.
+    def _after_compaction(self, compacted: int) -> Iterator[tuple[str, None]]:
+        """The revision to resume from is gone: watch from the oldest one kept, then resync.
 
-        In this order, so a message published between the two is seen by the
-        new watch or by the handlers looking again.
+        In this order, so nothing after the compaction is missed, and every
+        channel's handlers look again for what was compacted away.
         """
         assert self._conn is not None
         self._conn.close()
-        self._reader, self._start, self._backlog = None, None, []
+        self._reader, self._start, self._backlog = None, compacted, []
         self._connect()
         self._watch()
         for wire in sorted(self._listening):
@@ -530,4 +535,3 @@ def _wire(key: bytes, prefix: str) -> str | None:
     except UnicodeDecodeError:
         return None
     return text[len(prefix) :] if text.startswith(prefix) else None
-

@@ -231,7 +231,7 @@ class Connection:
                 if not data:
                     raise ConnectionResetError("etcd closed the connection")
                 reader.feed(data)
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             self.close()
             raise TimeoutError(f"no answer from {self.endpoint}") from exc
         except (OSError, ValueError):

@@ -14,9 +14,9 @@ from .proxy import TcpProxy
 from .redis import RedisServer, SentinelCluster, SentinelServer
 
 __all__ = [
+    "LOOPBACK",
     "EtcdCluster",
     "EtcdServer",
-    "LOOPBACK",
     "PgBouncerServer",
     "PostgresServer",
     "RedisServer",
