@@ -16,7 +16,6 @@ from django.core.exceptions import ImproperlyConfigured
 from pulp_pubsub.backends.etcd import EtcdBackend, parse_url
 from pulp_pubsub.exceptions import PublishError
 from pulp_pubsub.testing import EtcdCluster, EtcdServer, TcpProxy, free_port
-from pulp_pubsub.testing.etcd import call
 
 from .util import dispatch_until, wait_until
 
@@ -123,14 +122,14 @@ def test_publish_fails_over_to_a_member_that_answers(server):
 
 def test_one_lease_carries_many_publishes_and_keys_expire_with_it(server):
     backend = EtcdBackend(url=server.url, options={"lease_ttl": 30})
-    before = len(call(server.http_url, "/v3/lease/leases", {}).get("leases", []))
+    before = len(server.call("/v3/lease/leases", {}).get("leases", []))
     for i in range(20):
         backend.publish(f"etcd.lease.{i % 3}", str(i))
-    leases = call(server.http_url, "/v3/lease/leases", {}).get("leases", [])
+    leases = server.call("/v3/lease/leases", {}).get("leases", [])
     assert len(leases) == before + 1
     lease = backend.client._lease
     assert lease in {entry["ID"] for entry in leases}
-    ttl = call(server.http_url, "/v3/lease/timetolive", {"ID": lease, "keys": True})
+    ttl = server.call("/v3/lease/timetolive", {"ID": lease, "keys": True})
     assert len(ttl["keys"]) == 3 and 0 < int(ttl["TTL"]) <= 30
 
 
@@ -182,6 +181,23 @@ def test_a_compacted_gap_gets_a_resync_never_a_silent_hole(server, proxy):
         # The missed messages are gone; the resync stands for them, before "after".
         assert resyncs[0] < [m.payload for m in got].index("after")
         assert not any(p.startswith("lost") for p in plain(got))
+
+
+def test_tls_with_a_private_ca_and_a_client_certificate():
+    with EtcdServer(tls=True) as server:
+        files = {"ca_file": server.ca_file, "cert_file": server.cert_file}
+        backend = EtcdBackend(url=server.url, options={**files, "key_file": server.key_file})
+        with backend.subscriber() as sub:
+            got = inbox(sub, "etcd.tls")
+            backend.publish("etcd.tls", "over TLS")
+            dispatch_until(sub, lambda: got)
+        assert plain(got) == ["over TLS"]
+        # Without the client certificate the server refuses the connection.
+        refused = EtcdBackend(
+            url=server.url, options={"ca_file": server.ca_file, "publish_timeout": 1}
+        )
+        with pytest.raises(PublishError):
+            refused.publish("etcd.tls", "no client certificate")
 
 
 # -- authentication -----------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import socket
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -23,12 +24,18 @@ def etcd_binary() -> str:
     return path
 
 
-def call(url: str, path: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+def call(
+    url: str,
+    path: str,
+    body: dict[str, Any],
+    timeout: float = 5.0,
+    context: ssl.SSLContext | None = None,
+) -> dict[str, Any]:
     """One JSON-gateway call with the standard library (what curl would do)."""
     request = urllib.request.Request(
         url + path, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
         answer: dict[str, Any] = json.loads(response.read())
         return answer
 
@@ -39,9 +46,32 @@ class EtcdServer(ServerProcess):
     kind = "etcd"
     stop_signals = {"graceful": 15, "kill": 9}
 
-    def __init__(self, name: str = "default", extra_args: list[str] | None = None) -> None:
+    def __init__(
+        self, name: str = "default", extra_args: list[str] | None = None, tls: bool = False
+    ) -> None:
         super().__init__()
         self.name = name
+        self.tls = tls
+        self.ca_file = self.cert_file = self.key_file = ""
+        self._context: ssl.SSLContext | None = None
+        if tls:
+            from .redis import _make_certs
+
+            # The server's certificate has no extended key usage, so it also
+            # serves as the client certificate the server demands.
+            self.ca_file, self.cert_file, self.key_file = _make_certs(self.dir)
+            self._context = ssl.create_default_context(cafile=self.ca_file)
+            self._context.load_cert_chain(self.cert_file, self.key_file)
+            extra_args = [
+                "--cert-file",
+                self.cert_file,
+                "--key-file",
+                self.key_file,
+                "--client-cert-auth",
+                "--trusted-ca-file",
+                self.ca_file,
+                *(extra_args or []),
+            ]
         self.peer_port = free_port()
         self.initial_cluster: str | None = None
         self.need_quorum = True
@@ -49,11 +79,14 @@ class EtcdServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"etcd://{LOOPBACK}:{self.port}"
+        return f"{'etcds' if self.tls else 'etcd'}://{LOOPBACK}:{self.port}"
 
     @property
     def http_url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
+
+    def call(self, path: str, body: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        return call(self.http_url, path, body, timeout, self._context)
 
     @property
     def peer_url(self) -> str:
@@ -100,18 +133,18 @@ class EtcdServer(ServerProcess):
 
     def _probe_kv(self) -> bool:
         try:
-            call(self.http_url, "/v3/kv/range", {"key": "aGVhbHRo"}, timeout=1)
+            self.call("/v3/kv/range", {"key": "aGVhbHRo"}, timeout=1)
             return True
         except (OSError, ValueError, urllib.error.URLError):
             return False
 
     def status(self) -> dict[str, Any]:
-        return call(self.http_url, "/v3/maintenance/status", {})
+        return self.call("/v3/maintenance/status", {})
 
     def compact(self) -> int:
         """Compact the history up to the current revision; returns that revision."""
-        revision = int(call(self.http_url, "/v3/kv/range", {"key": "eA=="})["header"]["revision"])
-        call(self.http_url, "/v3/kv/compaction", {"revision": str(revision), "physical": True})
+        revision = int(self.call("/v3/kv/range", {"key": "eA=="})["header"]["revision"])
+        self.call("/v3/kv/compaction", {"revision": str(revision), "physical": True})
         return revision
 
     def put(self, key: str, value: str) -> None:
@@ -120,14 +153,14 @@ class EtcdServer(ServerProcess):
         def b(text: str) -> str:
             return base64.b64encode(text.encode()).decode()
 
-        call(self.http_url, "/v3/kv/put", {"key": b(key), "value": b(value)})
+        self.call("/v3/kv/put", {"key": b(key), "value": b(value)})
 
     def enable_auth(self, user: str, password: str) -> None:
         """A root user with ``password``, then authentication on (etcdctl's sequence)."""
-        call(self.http_url, "/v3/auth/user/add", {"name": user, "password": password})
-        call(self.http_url, "/v3/auth/role/add", {"name": "root"})
-        call(self.http_url, "/v3/auth/user/grant", {"user": user, "role": "root"})
-        call(self.http_url, "/v3/auth/enable", {})
+        self.call("/v3/auth/user/add", {"name": user, "password": password})
+        self.call("/v3/auth/role/add", {"name": "root"})
+        self.call("/v3/auth/user/grant", {"user": user, "role": "root"})
+        self.call("/v3/auth/enable", {})
 
 
 class EtcdCluster:
