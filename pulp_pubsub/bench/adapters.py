@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..conf import ALIASES, PubSubSettings
 from . import BenchError
-from .raw import PsycopgClient, RawClient, RedisClient
+from .raw import EtcdRawClient, PsycopgClient, RawClient, RedisClient
 from .servers import ServerSet
 
 
@@ -100,8 +100,14 @@ class RedisAdapter(Adapter):
     raw_client = RedisClient
 
 
+class EtcdAdapter(Adapter):
+    name = "etcd"
+    server = "etcd"
+    raw_client = EtcdRawClient
+
+
 ADAPTERS: dict[str, type[Adapter]] = {
-    adapter.name: adapter for adapter in (MemoryAdapter, PostgresAdapter, RedisAdapter)
+    adapter.name: adapter for adapter in (MemoryAdapter, PostgresAdapter, RedisAdapter, EtcdAdapter)
 }
 
 

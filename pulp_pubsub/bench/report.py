@@ -199,12 +199,12 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
         )
     if result.get("connections") or poll:
         rows = [
-            [b, r["subscribers"], r["pg_sessions"], r.get("redis_clients")]
+            [b, r["subscribers"], r["pg_sessions"], r.get("redis_clients", r.get("etcd_watchers"))]
             for b, r in result.get("connections", {}).items()
         ]
         if poll:
             rows.append(["poll (Pulp)", poll["workers"], poll["pg_sessions"], None])
-        headers = ["backend", "N", "PostgreSQL sessions", "Redis clients"]
+        headers = ["backend", "N", "PostgreSQL sessions", "Redis clients / etcd watchers"]
         out.append(("3. Connections held by N idle subscribers", table(headers, rows, markdown)))
     if result.get("idle") or poll:
         idle = list(result.get("idle", {}).items())
@@ -219,7 +219,7 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
                 r["cpu_pct_of_core"],
                 r["pg_xact_per_s"],
                 r.get("server_cpu_pct", {}).get("postgres"),
-                r.get("server_cpu_pct", {}).get("redis"),
+                _own_server_cpu(r),
             ]
             for b, r in idle
         ]
@@ -231,7 +231,7 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
             "% of one core",
             "DB transactions/s",
             "PostgreSQL CPU %",
-            "Redis CPU %",
+            "own server CPU %",
         ]
         out.append(("4. N idle subscribers", table(headers, rows, markdown)))
     if result.get("commit"):
@@ -316,3 +316,9 @@ def write_markdown(path: str, text: str) -> None:
         text = f"{head}{START}\n\n{text}\n{END}{tail}"
     with open(path, "w") as f:
         f.write(text)
+
+
+def _own_server_cpu(row: dict[str, Any]) -> float | None:
+    """CPU of the backend's own throwaway server (Redis, etcd), beside PostgreSQL's."""
+    others = [v for k, v in row.get("server_cpu_pct", {}).items() if k != "postgres"]
+    return others[0] if others else None
