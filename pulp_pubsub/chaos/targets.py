@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from django.core.management.base import CommandError
 
-from ..testing import PostgresServer, RedisServer, TcpProxy
+from ..testing import EtcdServer, PostgresServer, RedisServer, TcpProxy
 
 #: Fault kinds, in the order the report lists them.
 SERVER_FAULTS = ("restart_graceful", "restart_kill", "kill_connections", "freeze")
@@ -30,6 +30,8 @@ class Target:
     #: False when subscribers must be threads of the orchestrator (the memory backend).
     cross_process: ClassVar[bool] = True
     fault_kinds: ClassVar[tuple[str, ...]] = SERVER_FAULTS + PROXY_FAULTS
+    #: True when a reconnecting subscriber is replayed what it missed (etcd), not resynced.
+    replays: ClassVar[bool] = False
 
     def __init__(self, run_id: str, options: dict[str, Any], subscribers: int = 4) -> None:
         self.run_id = run_id
@@ -203,10 +205,41 @@ class RedisTarget(_ServerTarget):
             return int(client.client_kill_filter(_type="pubsub"))
 
 
+class EtcdTarget(_ServerTarget):
+    """One etcd member with authentication on (user ``root``)."""
+
+    name = "etcd"
+    replays = True
+
+    def start(self) -> None:
+        self.server = EtcdServer()
+        self.server.start()
+        self.server.enable_auth("root", self.password)
+        self._with_proxies()
+
+    def spec(self, role: str) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        proxy = self.proxies[role]
+        return {
+            "backend": "etcd",
+            "url": f"etcd://root:{quote(self.password, safe='')}@{proxy.host}:{proxy.port}",
+            "options": dict(self.options),
+        }
+
+    def kill_subscriber_connections(self) -> int:
+        # etcd cannot drop a client's connections: they are reset where they pass.
+        proxy = self.proxies["subscriber"]
+        held = int(proxy.connections)
+        proxy.cut()
+        return held
+
+
 TARGETS: dict[str, type[Target]] = {
     "memory": MemoryTarget,
     "postgres": PostgresTarget,
     "redis": RedisTarget,
+    "etcd": EtcdTarget,
 }
 
 
