@@ -287,3 +287,19 @@ def test_killing_the_leader_loses_nothing(capsys):
         assert resynced == 0
         for sub in subs:
             sub.close()
+
+
+def test_pubsub_channels_says_what_etcd_can_tell_and_hides_the_password(auth_server):
+    from io import StringIO
+
+    from django.core.management import call_command
+    from django.test import override_settings
+
+    url = f"etcd://root:right-pass@{auth_server.host}:{auth_server.port}"
+    out = StringIO()
+    with override_settings(PUBSUB_BACKEND="etcd", PUBSUB_URL=url, PUBSUB_OPTIONS={}):
+        call_command("pubsub_channels", "--live", "--timeout=0.5", stdout=out)
+    text = out.getvalue()
+    assert "etcd does not list watchers" in text and "subscribers: ?" in text
+    assert f"http://{auth_server.host}:{auth_server.port}" in text
+    assert "right-pass" not in text
