@@ -25,7 +25,7 @@ from django.test import override_settings
 
 from demo.models import Event
 from pulp_pubsub import get_backend, publish
-from pulp_pubsub.testing import PostgresServer, RedisServer
+from pulp_pubsub.testing import EtcdServer, PostgresServer, RedisServer
 
 from .conftest import CONTRACT_BACKENDS
 from .reliability_util import FAST, Inbox, dead_url
@@ -47,7 +47,8 @@ def spellings(secret: str) -> list[str]:
 
 @pytest.fixture(scope="module", params=SERVER_BACKENDS)
 def secured(request) -> Iterator[Any]:
-    server = (PostgresServer if request.param == "postgres" else RedisServer)(password=PASSWORD)
+    launchers = {"postgres": PostgresServer, "redis": RedisServer, "etcd": EtcdServer}
+    server = launchers[request.param](password=PASSWORD)
     try:
         server.start()
         server.backend = request.param
@@ -117,7 +118,8 @@ def test_no_command_output_or_log_line_shows_the_password(secured, state, caplog
     captured = capfd.readouterr()
     texts += [caplog.text, captured.out, captured.err]
     texts += [record.getMessage() for record in caplog.records]
-    if state == "working":
+    # The etcd URL takes the credentials up to the last '@', so an unquoted password works.
+    if state == "working" or (state == "unquoted" and secured.backend == "etcd"):
         assert "round trip" in "".join(texts), "the commands did not reach the server"
     else:
         assert any("Error" in text for text in texts), "the commands did not fail"

@@ -194,11 +194,14 @@ class EtcdClient:
     ) -> dict[str, Any]:
         # One member may hold a request for etcd's own timeout (5 s and more) during an
         # election: after request_timeout the next member gets its chance.
-        deadline = min(deadline, time.monotonic() + self.backend.config["request_timeout"])
         for attempt in range(2):
+            # Logging in checks a bcrypt hash, slow on a busy member: the whole deadline.
             token = self._auth(conn, deadline)
+            request_deadline = min(
+                deadline, time.monotonic() + self.backend.config["request_timeout"]
+            )
             try:
-                answer = conn.call(path, body, deadline, token)
+                answer = conn.call(path, body, request_deadline, token)
             except EtcdError as exc:
                 if exc.bad_token and attempt == 0:
                     self._token = None
@@ -230,7 +233,9 @@ def authenticate(conn: Connection, backend: EtcdBackend, deadline: float) -> str
     except EtcdError as exc:
         if exc.retryable:
             raise
-        raise ImproperlyConfigured(
+        # A runtime failure, not a configuration error: the user may be created, or the
+        # password changed, while the process runs; the listener keeps trying.
+        raise ConnectionLost(
             f"etcd refused the login of user {backend.username!r} at {conn.endpoint}: {exc.message}"
         ) from None
     return str(answer["token"])

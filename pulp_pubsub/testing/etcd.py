@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 from typing import Any
+from urllib.parse import quote
 
 from .processes import LOOPBACK, ServerProcess, free_port
 
@@ -47,11 +48,17 @@ class EtcdServer(ServerProcess):
     stop_signals = {"graceful": 15, "kill": 9}
 
     def __init__(
-        self, name: str = "default", extra_args: list[str] | None = None, tls: bool = False
+        self,
+        name: str = "default",
+        extra_args: list[str] | None = None,
+        tls: bool = False,
+        password: str | None = None,
     ) -> None:
         super().__init__()
         self.name = name
         self.tls = tls
+        #: With a password, authentication is turned on for user ``root`` at the first start.
+        self.password = password
         self.ca_file = self.cert_file = self.key_file = ""
         self._context: ssl.SSLContext | None = None
         if tls:
@@ -79,7 +86,15 @@ class EtcdServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"{'etcds' if self.tls else 'etcd'}://{LOOPBACK}:{self.port}"
+        auth = f"root:{quote(self.password, safe='')}@" if self.password else ""
+        return f"{'etcds' if self.tls else 'etcd'}://{auth}{LOOPBACK}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> EtcdServer:
+        first = not self._started_once
+        super().start(timeout)
+        if first and self.password:
+            self.enable_auth("root", self.password)
+        return self
 
     @property
     def http_url(self) -> str:
