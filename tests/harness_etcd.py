@@ -88,6 +88,17 @@ class EtcdHarness(Harness):
     def thaw(self) -> None:
         self.server.thaw()
 
+    def server_connections(self) -> int:
+        """Established TCP connections to etcd's client port (etcd has no client list)."""
+        port = f":{self.server.port:04X}"
+        held = 0
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError), open(table) as f:
+                for line in f.readlines()[1:]:
+                    fields = line.split()
+                    held += fields[1].endswith(port) and fields[3] == "01"
+        return held
+
     def publish_external(self, wire_channel: str, payload: str) -> None:
         self.server.put(EtcdBackend.options["key_prefix"] + wire_channel, payload)
 

@@ -120,4 +120,6 @@ def server_connections(harness: Harness) -> int:
     if harness.name == "redis":
         with harness.connect() as client:  # type: ignore[attr-defined]
             return len(client.client_list()) - 1
+    if harness.name == "etcd":
+        return int(harness.server_connections())  # type: ignore[attr-defined]
     raise NotImplementedError(f"no connection count for the {harness.name} harness")
