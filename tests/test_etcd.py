@@ -303,3 +303,8 @@ def test_pubsub_channels_says_what_etcd_can_tell_and_hides_the_password(auth_ser
     assert "etcd does not list watchers" in text and "subscribers: ?" in text
     assert f"http://{auth_server.host}:{auth_server.port}" in text
     assert "right-pass" not in text
+
+
+def test_an_empty_key_prefix_is_refused():
+    with pytest.raises(ImproperlyConfigured, match="'key_prefix' must not be empty"):
+        EtcdBackend(url="etcd://h", options={"key_prefix": ""})

@@ -140,6 +140,9 @@ class EtcdBackend(BaseBackend):
                     f"Option {key!r} for {type(self).__name__} must be a string."
                 )
         self.key_prefix = self.config["key_prefix"]
+        if not self.key_prefix:
+            # The watch covers the prefix's range: an empty one would be the whole store.
+            raise ImproperlyConfigured("Option 'key_prefix' must not be empty.")
         if len(self.key_prefix.encode()) > KEY_ROOM // 2:
             raise ImproperlyConfigured(f"Option 'key_prefix' is longer than {KEY_ROOM // 2} bytes.")
         if self.config["lease_ttl"] < 5:
@@ -246,7 +249,6 @@ class EtcdTransport(Transport):
         self._listening: set[str] = set()
         self._start: int | None = None
         self._revision: int | None = None
-        self._sock: Any = None
         self._reader: HttpReader | None = None
         self._backlog: list[dict[str, Any]] = []
         self._token: str | None = None

@@ -39,14 +39,6 @@ class EtcdClient:
         self._lease_renew_at = 0.0
         self._lock = threading.Lock()
 
-    def call(self, path: str, body: dict[str, Any], deadline: float) -> dict[str, Any]:
-        if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
-            raise Unavailable("publishing is stuck behind another publish in this process")
-        try:
-            return self._call(path, body, deadline)
-        finally:
-            self._lock.release()
-
     def put(self, key: bytes, value: bytes, deadline: float) -> None:
         if not self._lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
             raise Unavailable("publishing is stuck behind another publish in this process")
