@@ -39,7 +39,7 @@ from urllib.parse import unquote
 
 from django.core.exceptions import ImproperlyConfigured
 
-from ..conf import hide_password
+from ..conf import Secret, hide_password
 from ..exceptions import ConnectionLost, PublishError
 from .base import BaseBackend, Transport
 from .etcdclient import EtcdClient, Unavailable, authenticate, describe_error
@@ -119,6 +119,9 @@ class EtcdBackend(BaseBackend):
         # Seconds one member may take to answer before a publish tries the next
         # (publish_timeout bounds the whole publish).
         "request_timeout": 1.0,
+        # Credentials when not in the URL (Django's error page hides a "password" key).
+        "username": "",
+        "password": "",
         # TLS (etcds:// or https://): a private CA, and a client certificate and key.
         "ca_file": "",
         "cert_file": "",
@@ -133,12 +136,21 @@ class EtcdBackend(BaseBackend):
         publish_on_commit: bool = True,
     ) -> None:
         super().__init__(url or DEFAULT_URL, options, channel_prefix, publish_on_commit)
-        hosts, tls, self.username, self.password = parse_url(self.url or DEFAULT_URL)
-        for key in ("key_prefix", "ca_file", "cert_file", "key_file"):
+        hosts, tls, username, password = parse_url(self.url or DEFAULT_URL)
+        for key in ("key_prefix", "ca_file", "cert_file", "key_file", "username", "password"):
             if not isinstance(self.config[key], str):
                 raise ImproperlyConfigured(
                     f"Option {key!r} for {type(self).__name__} must be a string."
                 )
+        if username is None and self.config["username"]:
+            username, password = self.config["username"], self.config["password"]
+            if not password:
+                raise ImproperlyConfigured("Option 'username' for EtcdBackend needs 'password'.")
+        elif self.config["password"] and username is None:
+            raise ImproperlyConfigured("Option 'password' for EtcdBackend needs 'username'.")
+        self.username: str | None = username
+        # A Secret: tracebacks, debuggers and error reporters show it as '***'.
+        self.password: Secret | None = None if password is None else Secret(password)
         self.key_prefix = self.config["key_prefix"]
         if not self.key_prefix:
             # The watch covers the prefix's range: an empty one would be the whole store.

@@ -11,6 +11,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from ..conf import Secret
 from ..exceptions import ConnectionLost
 from .etcdhttp import Connection, EtcdError, b64
 
@@ -141,7 +142,7 @@ def authenticate(conn: Connection, backend: EtcdBackend, deadline: float) -> str
         raise ConnectionLost(
             f"etcd refused the login of user {backend.username!r} at {conn.endpoint}: {exc.message}"
         ) from None
-    return str(answer["token"])
+    return Secret(answer["token"])
 
 
 def describe_error(exc: BaseException) -> str:
