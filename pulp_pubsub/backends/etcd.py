@@ -116,8 +116,8 @@ class EtcdBackend(BaseBackend):
         "key_prefix": "pubsub/",
         # Seconds a channel's key outlives its last message.
         "lease_ttl": 60,
-        # Seconds one member may take to answer before a publish tries the next
-        # (publish_timeout bounds the whole publish).
+        # With several members: seconds one may take to answer before a publish
+        # tries the next (publish_timeout bounds the whole publish).
         "request_timeout": 1.0,
         # Credentials when not in the URL (Django's error page hides a "password" key).
         "username": "",

@@ -101,9 +101,11 @@ class EtcdClient:
         for attempt in range(2):
             # Logging in checks a bcrypt hash, slow on a busy member: the whole deadline.
             token = self._auth(conn, deadline)
-            request_deadline = min(
-                deadline, time.monotonic() + self.backend.config["request_timeout"]
-            )
+            request_deadline = deadline
+            if len(self._conns) > 1:
+                request_deadline = min(
+                    deadline, time.monotonic() + self.backend.config["request_timeout"]
+                )
             try:
                 answer = conn.call(path, body, request_deadline, token)
             except EtcdError as exc:
