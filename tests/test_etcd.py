@@ -200,6 +200,26 @@ def test_tls_with_a_private_ca_and_a_client_certificate():
             refused.publish("etcd.tls", "no client certificate")
 
 
+def test_a_store_rebuilt_from_scratch_gets_a_resync_not_a_silent_wait():
+    """Revisions start again in a new store: resuming "after the last one seen" would wait
+    silently past every new message, so the subscriber resyncs and watches from now."""
+    import shutil
+
+    with EtcdServer() as fresh:
+        backend = EtcdBackend(url=fresh.url, options=FAST)
+        with backend.subscriber() as sub:
+            got = inbox(sub, "etcd.rebuilt")
+            for i in range(20):  # the old store's revision runs ahead of the new one's
+                backend.publish("etcd.rebuilt", f"old {i}")
+            dispatch_until(sub, lambda: "old 19" in plain(got))
+            fresh.stop("kill")
+            shutil.rmtree(os.path.join(fresh.dir, "data"))
+            fresh.start()
+            dispatch_until(sub, lambda: any(m.resync for m in got), timeout=20)
+            backend.publish("etcd.rebuilt", "in the new store")
+            dispatch_until(sub, lambda: "in the new store" in plain(got))
+
+
 # -- authentication -----------------------------------------------------------------
 
 

@@ -265,6 +265,7 @@ class EtcdTransport(Transport):
         self._backlog: list[dict[str, Any]] = []
         self._token: str | None = None
         self._conn: Connection | None = None
+        self._owed_resync = False
         self._connect()
 
     def _connect(self) -> None:
@@ -340,14 +341,48 @@ class EtcdTransport(Transport):
             for i, obj in enumerate(objs):
                 result = obj.get("result") or {}
                 if result.get("created"):
+                    current = int(result["header"]["revision"])
                     if self._start is None:
                         # Watching from now: everything after this revision will come.
-                        self._revision = int(result["header"]["revision"])
+                        self._revision = current
+                    elif current < self._start - 1 and self._store_behind(self._start - 1):
+                        self._restart_from_now()
+                        return
                     self._backlog.extend(objs[i + 1 :])
                     sock.setblocking(False)
                     return
                 self._backlog.append(obj)
                 self._raise_if_error(obj)
+
+    def _store_behind(self, revision: int) -> bool:
+        """Whether the cluster itself (not just a lagging member) is before ``revision``.
+
+        A store rebuilt from scratch or restored from an older backup starts
+        its revisions again: a watch from the revision after the last one
+        seen would then wait silently past every new message. A quorum read
+        tells a member that merely lags from a store that went back.
+        """
+        assert self._conn is not None
+        start, end = self.backend.range()
+        body = {"key": b64(start), "range_end": b64(end), "limit": "1", "count_only": True}
+        conn = Connection(self._conn.endpoint)
+        try:
+            deadline = time.monotonic() + self.backend.config["connect_timeout"]
+            answer = conn.call("/v3/kv/range", body, deadline, self._token)
+        except (OSError, ValueError, EtcdError) as exc:
+            raise ConnectionLost(f"etcd at {conn.endpoint}: {describe_error(exc)}") from exc
+        finally:
+            conn.close()
+        return int(answer["header"]["revision"]) < revision
+
+    def _restart_from_now(self) -> None:
+        """The history we would resume from does not exist: watch from now, owe a resync."""
+        assert self._conn is not None
+        self._conn.close()
+        self._reader, self._start, self._backlog = None, None, []
+        self._connect()
+        self._watch()
+        self._owed_resync = True
 
     def _raise_if_error(self, obj: dict[str, Any]) -> None:
         if "error" in obj:
@@ -358,6 +393,9 @@ class EtcdTransport(Transport):
     def read(self) -> Iterator[tuple[str, str | None]]:
         if self._conn is None or self._conn.sock is None or self._reader is None:
             return
+        if self._owed_resync:
+            self._owed_resync = False
+            yield from ((wire, None) for wire in sorted(self._listening))
         sock, reader = self._conn.sock, self._reader
         objs, self._backlog = self._backlog, []
         closed = False
