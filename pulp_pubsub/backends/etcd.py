@@ -31,6 +31,7 @@ The client is a small HTTP one for etcd's v3 JSON gateway
 from __future__ import annotations
 
 import os
+import random
 import ssl
 import time
 from collections.abc import Collection, Iterator
@@ -167,7 +168,8 @@ class EtcdBackend(BaseBackend):
         self.endpoints = [Endpoint(host, port, context) for host, port in hosts]
         self._client: EtcdClient | None = None
         self._client_pid = 0
-        self._next_endpoint = 0
+        # Each process starts at a member of its own, so a fleet spreads over the cluster.
+        self._next_endpoint = random.randrange(len(self.endpoints))
 
     def _tls_context(self) -> ssl.SSLContext:
         ca, cert, key = (self.config[k] or None for k in ("ca_file", "cert_file", "key_file"))
@@ -217,7 +219,7 @@ class EtcdBackend(BaseBackend):
         return EtcdTransport(self)
 
     def pick_endpoint(self) -> int:
-        """Members in turn, so subscribers spread over the cluster and move on after a failure."""
+        """Members in turn, so subscribers move on to the next after a failure."""
         with self._lock:
             idx = self._next_endpoint % len(self.endpoints)
             self._next_endpoint += 1

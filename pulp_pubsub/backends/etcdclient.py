@@ -7,6 +7,7 @@ when that one fails or stalls, to the next, until the caller's deadline.
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from typing import TYPE_CHECKING, Any
@@ -34,7 +35,7 @@ class EtcdClient:
         self.backend = backend
         self.endpoints = backend.endpoints
         self._conns = [Connection(e) for e in self.endpoints]
-        self._current = 0
+        self._current = random.randrange(len(self.endpoints))
         self._token: str | None = None
         self._lease: str | None = None
         self._lease_renew_at = 0.0
