@@ -298,13 +298,18 @@ def test_killing_the_leader_loses_nothing(capsys):
                 f"\netcd cluster failover: published {len(published)}, "
                 f"delivered {[len(d) for d in delivered]}, resynced {resynced}, "
                 f"failover {recovered_at[0] - killed_at[0]:.3f} s "
-                f"(kill -9 to the first publish that went through)"
+                f"(kill -9 to the first publish that went through); subscribers reconnected "
+                f"{sum(s.stats['reconnects'] for s in subs)} times, replayed "
+                f"{sum(s.stats['replays'] for s in subs)}"
             )
         for got in delivered:
             # A put retried after an ambiguous failure may land twice; none is lost or reordered.
             firsts = list(dict.fromkeys(got))
             assert firsts == published
         assert resynced == 0
+        # Three subscribers go to the three members in turn: the one on the killed
+        # leader came back through a replay.
+        assert sum(sub.stats["replays"] for sub in subs) >= 1
         for sub in subs:
             sub.close()
 
