@@ -36,14 +36,13 @@ import ssl
 import time
 from collections.abc import Collection, Iterator
 from typing import Any, ClassVar
-from urllib.parse import unquote
 
 from django.core.exceptions import ImproperlyConfigured
 
-from ..conf import Secret, hide_password
+from ..conf import Secret
 from ..exceptions import ConnectionLost, PublishError
 from .base import BaseBackend, Transport
-from .etcdclient import EtcdClient, Unavailable, authenticate, describe_error
+from .etcdclient import EtcdClient, Unavailable, authenticate, describe_error, parse_url
 from .etcdhttp import (
     Connection,
     Endpoint,
@@ -56,56 +55,9 @@ from .etcdhttp import (
 )
 
 DEFAULT_URL = "etcd://localhost:2379"
-DEFAULT_PORT = 2379
-_SCHEMES = {"etcd": False, "http": False, "etcds": True, "https": True}
 #: etcd's default ``--max-request-bytes`` (1.5 MiB), less room for the key and the framing.
 MAX_REQUEST_BYTES = 1_572_864
 KEY_ROOM = 1024
-
-
-def parse_url(url: str) -> tuple[list[tuple[str, int]], bool, str | None, str | None]:
-    """(hosts, tls, username, password) from ``scheme://[user:pw@]h[:p][,h2[:p]]``."""
-    scheme, sep, rest = url.partition("://")
-    if not sep or scheme.lower() not in _SCHEMES:
-        raise ImproperlyConfigured(
-            f"PUBSUB_URL {hide_password(url)!r} is not an etcd URL: expected "
-            "etcd://host:2379[,host2:2379] (or etcds://, http://, https://)."
-        )
-    tls = _SCHEMES[scheme.lower()]
-    userinfo, at, hostlist = rest.rpartition("@")
-    hostlist = hostlist.rstrip("/")
-    if "/" in hostlist or "?" in hostlist or "#" in hostlist:
-        raise ImproperlyConfigured(
-            f"PUBSUB_URL {hide_password(url)!r}: an etcd URL has no path or query; "
-            "TLS files and the key prefix are PUBSUB_OPTIONS."
-        )
-    username = password = None
-    if at:
-        user, colon, pw = userinfo.partition(":")
-        username, password = unquote(user), (unquote(pw) if colon else None)
-        if not username or password is None:
-            raise ImproperlyConfigured(
-                f"PUBSUB_URL {hide_password(url)!r}: etcd authentication needs both "
-                "a user name and a password (user:password@)."
-            )
-    hosts = []
-    for part in hostlist.split(","):
-        part = part.strip()
-        if part.startswith("["):
-            host, _, port_text = part[1:].partition("]")
-            port_text = port_text.lstrip(":")
-        else:
-            host, _, port_text = part.partition(":")
-        try:
-            port = int(port_text) if port_text else DEFAULT_PORT
-            if not host or not 0 < port < 65536:
-                raise ValueError
-        except ValueError:
-            raise ImproperlyConfigured(
-                f"PUBSUB_URL {hide_password(url)!r}: {part!r} is not host[:port]."
-            ) from None
-        hosts.append((host, port))
-    return hosts, tls, username, password
 
 
 class EtcdBackend(BaseBackend):

@@ -1,4 +1,4 @@
-"""The publishing side of the etcd backend: members in turn, a login token, one lease.
+"""The etcd backend's client side: where the members are, and publishing to them.
 
 One :class:`EtcdClient` per backend and process. It keeps a keep-alive
 connection per member, sends each call to the member that answered last and,
@@ -11,13 +11,65 @@ import random
 import threading
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
-from ..conf import Secret
+from django.core.exceptions import ImproperlyConfigured
+
+from ..conf import Secret, hide_password
 from ..exceptions import ConnectionLost
 from .etcdhttp import Connection, EtcdError, b64
 
 if TYPE_CHECKING:
     from .etcd import EtcdBackend
+
+
+DEFAULT_PORT = 2379
+_SCHEMES = {"etcd": False, "http": False, "etcds": True, "https": True}
+
+
+def parse_url(url: str) -> tuple[list[tuple[str, int]], bool, str | None, str | None]:
+    """(hosts, tls, username, password) from ``scheme://[user:pw@]h[:p][,h2[:p]]``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in _SCHEMES:
+        raise ImproperlyConfigured(
+            f"PUBSUB_URL {hide_password(url)!r} is not an etcd URL: expected "
+            "etcd://host:2379[,host2:2379] (or etcds://, http://, https://)."
+        )
+    tls = _SCHEMES[scheme.lower()]
+    userinfo, at, hostlist = rest.rpartition("@")
+    hostlist = hostlist.rstrip("/")
+    if "/" in hostlist or "?" in hostlist or "#" in hostlist:
+        raise ImproperlyConfigured(
+            f"PUBSUB_URL {hide_password(url)!r}: an etcd URL has no path or query; "
+            "TLS files and the key prefix are PUBSUB_OPTIONS."
+        )
+    username = password = None
+    if at:
+        user, colon, pw = userinfo.partition(":")
+        username, password = unquote(user), (unquote(pw) if colon else None)
+        if not username or password is None:
+            raise ImproperlyConfigured(
+                f"PUBSUB_URL {hide_password(url)!r}: etcd authentication needs both "
+                "a user name and a password (user:password@)."
+            )
+    hosts = []
+    for part in hostlist.split(","):
+        part = part.strip()
+        if part.startswith("["):
+            host, _, port_text = part[1:].partition("]")
+            port_text = port_text.lstrip(":")
+        else:
+            host, _, port_text = part.partition(":")
+        try:
+            port = int(port_text) if port_text else DEFAULT_PORT
+            if not host or not 0 < port < 65536:
+                raise ValueError
+        except ValueError:
+            raise ImproperlyConfigured(
+                f"PUBSUB_URL {hide_password(url)!r}: {part!r} is not host[:port]."
+            ) from None
+        hosts.append((host, port))
+    return hosts, tls, username, password
 
 
 class Unavailable(Exception):
