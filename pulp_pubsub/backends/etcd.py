@@ -13,7 +13,9 @@ still in history. So a subscriber keeps the revision of the last event it saw,
 and after a reconnect its new watch starts at the next one: what was published
 during the gap arrives, in order, instead of a resync. Only when etcd has
 compacted that revision away does the subscriber get a resync (and a watch from
-now). How far back replay reaches is the server's compaction setting
+the oldest revision kept), or when the store's revisions went back (rebuilt,
+restored from a backup: a resync and a watch from now). How far back replay
+reaches is the server's compaction setting
 (``--auto-compaction-mode``/``--auto-compaction-retention``), see
 docs/backends.md.
 
@@ -25,7 +27,8 @@ next member when one fails, within ``publish_timeout``; a subscriber reconnects
 to the next one and replays.
 
 The client is a small HTTP one for etcd's v3 JSON gateway
-(:mod:`pulp_pubsub.backends.etcdhttp`), so the backend needs no extra package.
+(:mod:`pulp_pubsub.backends.etcdhttp`; publishing, failover, login and the lease
+in :mod:`pulp_pubsub.backends.etcdclient`), so the backend needs no extra package.
 """
 
 from __future__ import annotations
