@@ -95,7 +95,7 @@ def test_unreachable_members_fail_within_publish_timeout():
     started = time.monotonic()
     with pytest.raises(PublishError, match="no etcd member answered"):
         backend.publish("etcd.down", "x")
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - started < 1.9  # the timeout, and slack for a loaded CI machine
 
 
 def test_a_silent_member_does_not_hold_a_publish_past_its_timeout(server, proxy):
@@ -105,7 +105,7 @@ def test_a_silent_member_does_not_hold_a_publish_past_its_timeout(server, proxy)
         started = time.monotonic()
         with pytest.raises(PublishError, match="TimeoutError"):
             backend.publish("etcd.stalled", "x")
-        assert 0.9 < time.monotonic() - started < 1.5
+        assert 0.9 < time.monotonic() - started < 1.9
     finally:
         proxy.resume()
 
