@@ -17,6 +17,7 @@ ALIASES: dict[str, str] = {
     "memory": "pulp_pubsub.backends.memory.MemoryBackend",
     "postgres": "pulp_pubsub.backends.postgres.PostgresBackend",
     "redis": "pulp_pubsub.backends.redis.RedisBackend",
+    "relay": "pulp_pubsub.backends.relay.RelayBackend",
 }
 
 DEFAULT_BACKEND = "postgres"

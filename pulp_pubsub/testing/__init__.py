@@ -11,12 +11,14 @@ from .postgres import PgBouncerServer, PostgresServer
 from .processes import LOOPBACK, free_port
 from .proxy import TcpProxy
 from .redis import RedisServer, SentinelCluster, SentinelServer
+from .relay import RelayServer
 
 __all__ = [
     "LOOPBACK",
     "PgBouncerServer",
     "PostgresServer",
     "RedisServer",
+    "RelayServer",
     "SentinelCluster",
     "SentinelServer",
     "TcpProxy",
