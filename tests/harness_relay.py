@@ -17,9 +17,11 @@ from typing import Any, ClassVar
 
 import psycopg
 
+from pulp_pubsub.backends.relay import RelayBackend
 from pulp_pubsub.testing import PostgresServer, RelayServer
 
 from .harness import Harness
+from .reliability_util import dead_url
 
 #: The stop modes of the other harnesses, in PostgreSQL's words.
 MODES = {"graceful": "fast", "kill": "immediate"}
@@ -50,9 +52,29 @@ class RelayHarness(Harness):
         return {
             "PUBSUB_BACKEND": "relay",
             "PUBSUB_URL": self.url,
-            "PUBSUB_RELAY_TOKEN": self.token,
-            "PUBSUB_OPTIONS": {**options, **extra_options},
+            # In the options, so that subprocesses given PUBSUB_OPTIONS get it too;
+            # the PUBSUB_RELAY_TOKEN setting is tested in tests/test_relay.py.
+            "PUBSUB_OPTIONS": {**options, "token": self.token, **extra_options},
         }
+
+    def down_settings(self, **extra_options: Any) -> dict[str, Any]:
+        """Settings whose publish path leads nowhere: no relay (and no PostgreSQL) listens."""
+        settings = self.settings(**extra_options)
+        settings["PUBSUB_URL"] = dead_url(self.url)
+        if self.postgres is not None:
+            settings["PUBSUB_OPTIONS"]["notify_url"] = dead_url(self.postgres.url)
+        return settings
+
+    def server_connections(self) -> int:
+        """Clients of all the relays, not counting the ones asking."""
+        # Built by hand: override_settings would reset the backend under test.
+        backend = RelayBackend(self.url, {"publish": "direct", "token": self.token})
+        try:
+            health = backend.relay_health(5.0)
+        finally:
+            backend.close()
+        assert all("error" not in h for h in health), health
+        return sum(h["clients"] - 1 for h in health)
 
     def restart(self, mode: str = "fast") -> None:
         if self.postgres is not None:
@@ -67,10 +89,15 @@ class RelayHarness(Harness):
         return len(self.relays)
 
     def freeze(self) -> None:
+        """Everything stops answering: the relays, and PostgreSQL under them."""
         for relay in self.relays:
             relay.freeze()
+        if self.postgres is not None:
+            self.postgres.freeze()
 
     def thaw(self) -> None:
+        if self.postgres is not None:
+            self.postgres.thaw()
         for relay in self.relays:
             relay.thaw()
 

@@ -14,7 +14,8 @@ from .harness_relay import RelayHarness, relays_over
 
 
 class DirectRelayHarness(RelayHarness):
-    name = "relay_direct"
+    # The backend's name, which messages and commands print; the parameter says the mode.
+    name = "relay"
     mode = "direct"
 
     def publish_external(self, wire_channel: str, payload: str) -> None:

@@ -278,7 +278,10 @@ class RelayBackend(BaseBackend):
 
     def send(self, channel: str, payload: str) -> None:
         if self._pg is not None:
-            self._pg.send(channel, payload)
+            try:
+                self._pg.send(channel, payload)
+            except PublishError as exc:
+                raise PublishError(f"relay backend (pg_notify): {exc}") from exc
         else:
             self._send_direct(channel, payload)
 
