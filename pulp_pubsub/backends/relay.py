@@ -98,7 +98,9 @@ class RelayTransport(Transport):
                 raise ConnectionLost(f"the relay {self.conn.url} did not confirm SUBSCRIBE in time")
 
     def unlisten(self, channels: Collection[str]) -> None:
-        self.conn.send(time.monotonic() + self._timeout, type="unsubscribe", channels=list(channels))
+        self.conn.send(
+            time.monotonic() + self._timeout, type="unsubscribe", channels=list(channels)
+        )
 
     def read(self) -> list[tuple[str, str | None]]:
         items, self._early = self._early, []
@@ -374,7 +376,9 @@ class RelayBackend(BaseBackend):
             if left <= 0:
                 for url in waiting:
                     self._drop(pubs, url)
-                    failures[url] = f"{url} did not answer within {self.config['publish_timeout']} s"
+                    failures[url] = (
+                        f"{url} did not answer within {self.config['publish_timeout']} s"
+                    )
                 break
             select.select([pubs.conns[url].sock for url in waiting], [], [], left)
         return failures

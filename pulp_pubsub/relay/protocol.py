@@ -44,8 +44,7 @@ from typing import Any
 
 from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidStatus, InvalidURI
-from websockets.frames import Opcode
-from websockets.http11 import Response
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
@@ -187,15 +186,15 @@ class RelayConnection:
         else:
             protocol.receive_eof()
         for event in protocol.events_received():
-            if isinstance(event, Response):
+            if not isinstance(event, Frame):
                 continue
             if event.opcode is Opcode.TEXT or event.opcode is Opcode.CONT:
-                self._fragments.append(event.data)
+                self._fragments.append(bytes(event.data))
                 if event.fin:
-                    text = b"".join(self._fragments)
+                    whole = b"".join(self._fragments)
                     self._fragments = []
                     try:
-                        self.frames.append(decode(text))
+                        self.frames.append(decode(whole))
                     except ValueError:
                         continue
         # Pongs to the relay's pings, and the closing handshake.

@@ -80,6 +80,7 @@ class Relay:
         self.started_at = time.time()
         self.stats = {"messages": 0, "too_slow": 0, "refused": 0, "resyncs": 0}
         self._server: Server | None = None
+        self._closing: set[asyncio.Future[None]] = set()
 
     def __repr__(self) -> str:
         # Never the token.
@@ -153,7 +154,9 @@ class Relay:
                 self.queue_size,
             )
             self._forget(client)
-            asyncio.ensure_future(client.ws.close(TOO_SLOW, "too slow: send queue full"))
+            closing = asyncio.ensure_future(client.ws.close(TOO_SLOW, "too slow: send queue full"))
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     # -- connections -----------------------------------------------------------------
 

@@ -127,6 +127,7 @@ class Command(BaseCommand):
 
     @staticmethod
     def _token(path: str | None) -> str | None:
+        token: Any
         if path:
             try:
                 with open(path) as f:
