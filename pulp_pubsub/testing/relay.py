@@ -30,12 +30,15 @@ class RelayServer(ServerProcess):
         probe_interval: float = 30.0,
         probe_timeout: float = 10.0,
         extra_args: list[str] | None = None,
+        require_listening: bool = True,
     ) -> None:
         super().__init__()
         self.database_url = database_url
         self.token = token
         self.probe_interval, self.probe_timeout = probe_interval, probe_timeout
         self.extra_args = extra_args or []
+        # Ready only once its PostgreSQL session is proved to hear (unless told otherwise).
+        self.require_listening = require_listening and database_url is not None
         self.token_file = os.path.join(self.dir, "token")
         if token is not None:
             fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -84,7 +87,7 @@ class RelayServer(ServerProcess):
             while conn.wait(deadline):
                 for frame in conn.read():
                     if frame["type"] == "pong":
-                        return self.database_url is None or frame["postgres"] == "listening"
+                        return not self.require_listening or frame["postgres"] == "listening"
             return False
         except ConnectionLost:
             return False
