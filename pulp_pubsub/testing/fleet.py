@@ -25,12 +25,12 @@ CHANNEL = "fleet_wakeup"
 def _subscriber(ready_w: int, done_w: int, wakeups: int, timeout: float) -> int:
     from django.db import connection
 
-    from pulp_pubsub import get_backend
+    from pulp_pubsub import Message, get_backend
 
     heard: set[str] = set()
     resynced = 0
 
-    def on_wakeup(message) -> None:  # type: ignore[no-untyped-def]
+    def on_wakeup(message: Message) -> None:
         nonlocal resynced
         if message.resync:
             resynced += 1
