@@ -293,3 +293,17 @@ def test_forty_subscribers_behind_pgbouncer_hear_every_wakeup(mode):
         assert summary["failed"] == 0, summary
         relays = 0 if mode == "redis" else 1
         assert 0 < peak[0] <= pool + relays, f"PostgreSQL saw {peak[0]} sessions"
+
+
+def test_ping_reports_every_relays_health_and_fails_when_one_is_down(rig):
+    from io import StringIO
+
+    settings = rig.settings()
+    with override_settings(**settings):
+        out = StringIO()
+        call_command("pubsub_ping", stdout=out)
+        for relay in rig.relays:
+            assert f"relay {relay.url}: PostgreSQL listening" in out.getvalue()
+    settings["PUBSUB_URL"] = rig.relays[0].url + ",ws://127.0.0.1:9"
+    with override_settings(**settings), pytest.raises(CommandError, match="ws://127.0.0.1:9"):
+        call_command("pubsub_ping", stdout=StringIO())
