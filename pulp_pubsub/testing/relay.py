@@ -48,11 +48,19 @@ class RelayServer(ServerProcess):
     def __repr__(self) -> str:
         return f"<RelayServer {self.url}>"
 
-    def _command(self) -> list[str]:
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
         # The project root (holding pulp_pubsub and the settings module) on the path.
         root = os.path.dirname(os.path.dirname(os.path.abspath(pulp_pubsub.__file__)))
-        path = os.environ.get("PYTHONPATH", "")
-        os.environ["PYTHONPATH"] = root + (os.pathsep + path if path and root not in path else "")
+        path = env.get("PYTHONPATH", "")
+        env["PYTHONPATH"] = root + (os.pathsep + path if path else "")
+        # Not on the command line, where ps would show its password.
+        env.pop("PUBSUB_RELAY_DATABASE_URL", None)
+        if self.database_url is not None:
+            env["PUBSUB_RELAY_DATABASE_URL"] = self.database_url
+        return env
+
+    def _command(self) -> list[str]:
         args = [
             sys.executable,
             "-m",
@@ -67,8 +75,6 @@ class RelayServer(ServerProcess):
         ]
         if self.database_url is None:
             args.append("--no-postgres")
-        else:
-            args += ["--database-url", self.database_url]
         if self.token is not None:
             args += ["--token-file", self.token_file]
         return args + self.extra_args

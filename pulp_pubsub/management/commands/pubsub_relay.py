@@ -4,6 +4,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import ssl
 from typing import Any
@@ -51,7 +52,9 @@ class Command(BaseCommand):
         parser.add_argument(
             "--database-url",
             metavar="URL",
-            help="A postgresql:// URL to LISTEN on instead of the Django database.",
+            default=os.environ.get("PUBSUB_RELAY_DATABASE_URL") or None,
+            help="A postgresql:// URL to LISTEN on instead of the Django database (default: "
+            "$PUBSUB_RELAY_DATABASE_URL; prefer it to this option, which ps shows).",
         )
         parser.add_argument(
             "--no-postgres",
