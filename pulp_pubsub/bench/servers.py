@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..conf import hide_password
-from ..testing import PostgresServer, RedisServer
+from ..testing import PostgresServer, RedisServer, RelayServer
 from ..testing.processes import ServerProcess
 from . import BenchError
 
@@ -31,6 +31,10 @@ def start_redis() -> ServerProcess:
     return _started(RedisServer(extra_args=["--maxclients", "10000"]))
 
 
+def start_relay(postgres_url: str) -> ServerProcess:
+    return _started(RelayServer(postgres_url, extra_args=["--max-clients", "10000"]))
+
+
 def _started(server: ServerProcess) -> ServerProcess:
     try:
         return server.start(timeout=60)
@@ -42,6 +46,7 @@ def _started(server: ServerProcess) -> ServerProcess:
 LAUNCHERS: dict[str, Callable[[ServerSet], ServerProcess]] = {
     "postgres": lambda servers: start_postgres(servers.max_connections),
     "redis": lambda servers: start_redis(),
+    "relay": lambda servers: start_relay(servers.url("postgres")),
 }
 
 
