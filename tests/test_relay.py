@@ -307,3 +307,31 @@ def test_ping_reports_every_relays_health_and_fails_when_one_is_down(rig):
     settings["PUBSUB_URL"] = rig.relays[0].url + ",ws://127.0.0.1:9"
     with override_settings(**settings), pytest.raises(CommandError, match=r"ws://127\.0\.0\.1:9"):
         call_command("pubsub_ping", stdout=StringIO())
+
+
+def test_wss_with_a_private_ca_delivers_and_an_unknown_ca_is_refused():
+    with RelayServer(None, TOKEN, tls=True) as relay:
+        assert relay.url.startswith("wss://")
+        options = {"publish": "direct", "token": TOKEN, "ssl_ca_certs": relay.ca_file, **FAST}
+        with override_settings(
+            PUBSUB_BACKEND="relay", PUBSUB_URL=relay.url, PUBSUB_OPTIONS=options
+        ):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("relay.tls", inbox)
+                for i in range(50):  # several TLS records per read, none left behind
+                    publish("relay.tls", f"secure {i}")
+                inbox.wait(lambda messages: len(messages) >= 50)
+                assert [m.payload for m in inbox.messages] == [f"secure {i}" for i in range(50)]
+            backend.close()
+        del options["ssl_ca_certs"]
+        with override_settings(
+            PUBSUB_BACKEND="relay", PUBSUB_URL=relay.url, PUBSUB_OPTIONS=options
+        ):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                sub.subscribe("relay.tls", lambda m: None)
+                wait_until(lambda: sub.last_error is not None, 10, "the refusal")
+                assert "CERTIFICATE_VERIFY_FAILED" in sub.last_error
+            backend.close()

@@ -30,7 +30,6 @@ import itertools
 import logging
 import os
 import random
-import select
 import ssl
 import threading
 import time
@@ -45,6 +44,7 @@ from ..exceptions import ConnectionLost, MissingDependency, PublishError
 from ..metrics import count
 from .base import BaseBackend, Transport
 from .listener import PROBE_PREFIX
+from .selfpipe import wait_readable
 
 try:
     from ..relay.protocol import RelayConnection, check_url
@@ -380,7 +380,7 @@ class RelayBackend(BaseBackend):
                         f"{url} did not answer within {self.config['publish_timeout']} s"
                     )
                 break
-            select.select([pubs.conns[url].sock for url in waiting], [], [], left)
+            wait_readable([pubs.conns[url].fileno() for url in waiting], left)
         return failures
 
     def _process_publishers(self) -> _Publishers:

@@ -226,7 +226,9 @@ class RelayConnection:
                 sent = self.sock.send(view)
             except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
                 left = deadline - time.monotonic()
-                if left <= 0 or not select.select([], [self.sock], [], left)[1]:
+                poller = select.poll()
+                poller.register(self.sock.fileno(), select.POLLOUT)
+                if left <= 0 or not poller.poll(left * 1000):
                     raise ConnectionLost(f"the relay {self.url} stopped reading") from None
                 continue
             except (OSError, ssl.SSLError) as exc:

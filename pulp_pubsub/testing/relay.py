@@ -31,15 +31,23 @@ class RelayServer(ServerProcess):
         probe_timeout: float = 10.0,
         extra_args: list[str] | None = None,
         require_listening: bool = True,
+        tls: bool = False,
     ) -> None:
         super().__init__()
         self.database_url = database_url
         self.token = token
         self.probe_interval, self.probe_timeout = probe_interval, probe_timeout
-        self.extra_args = extra_args or []
+        self.extra_args = list(extra_args or [])
         # Ready only once its PostgreSQL session is proved to hear (unless told otherwise).
         self.require_listening = require_listening and database_url is not None
         self.token_file = os.path.join(self.dir, "token")
+        #: With ``tls``, the CA that signed the relay's certificate (for ``ssl_ca_certs``).
+        self.ca_file: str | None = None
+        if tls:
+            from .redis import _make_certs
+
+            self.ca_file, cert, key = _make_certs(self.dir)
+            self.extra_args += ["--certfile", cert, "--keyfile", key]
         if token is not None:
             fd = os.open(self.token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
@@ -83,8 +91,13 @@ class RelayServer(ServerProcess):
         from pulp_pubsub.exceptions import ConnectionLost
         from pulp_pubsub.relay.protocol import RelayConnection
 
+        context = None
+        if self.ca_file is not None:
+            import ssl
+
+            context = ssl.create_default_context(cafile=self.ca_file)
         try:
-            conn = RelayConnection(self.url, self.token, 2.0)
+            conn = RelayConnection(self.url, self.token, 2.0, context)
         except ConnectionLost:
             return False
         try:
@@ -102,4 +115,4 @@ class RelayServer(ServerProcess):
 
     @property
     def url(self) -> str:
-        return f"ws://{self.host}:{self.port}"
+        return f"{'wss' if self.ca_file else 'ws'}://{self.host}:{self.port}"
