@@ -444,6 +444,12 @@ class RelayBackend(BaseBackend):
             )
         else:
             info["publishes_on"] = "a publish frame to every relay, after commit"
+        # What each relay says of itself: its PostgreSQL session, its clients.
+        keep = ("url", "error", "postgres", "postgres_error", "clients", "channels")
+        info["relays"] = [
+            {k: v for k, v in relay.items() if k in keep}
+            for relay in self.relay_health(self.config["connect_timeout"])
+        ]
         return info
 
     def subscriber_counts(self, channels: Collection[str]) -> dict[str, int] | None:
