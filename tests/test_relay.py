@@ -9,6 +9,7 @@ relays and real servers throughout.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -280,7 +281,7 @@ def test_forty_subscribers_behind_pgbouncer_hear_every_wakeup(mode):
                 env=env,
                 capture_output=True,
                 text=True,
-                timeout=180,
+                timeout=300,
                 check=False,
             )
         finally:
@@ -335,3 +336,49 @@ def test_wss_with_a_private_ca_delivers_and_an_unknown_ca_is_refused():
                 wait_until(lambda: sub.last_error is not None, 10, "the refusal")
                 assert "CERTIFICATE_VERIFY_FAILED" in sub.last_error
             backend.close()
+
+
+@pytest.mark.parametrize("state", ["working", "wrong token", "down"])
+def test_no_command_output_or_log_line_shows_the_token_or_the_database_password(
+    state, caplog, capfd
+):
+    from .test_security import COMMANDS, PASSWORD, run_command, spellings
+
+    token = "Tk9/Rv2@Lm5:Qw8Zx"
+    with (
+        PostgresServer(password=PASSWORD) as server,
+        RelayServer(server.url, token, probe_interval=1.0, probe_timeout=1.0) as relay,
+    ):
+        url = relay.url if state != "down" else "ws://127.0.0.1:9"
+        options = {
+            "publish": "pg_notify",
+            "notify_url": server.url,
+            "token": token if state != "wrong token" else "Wr0ngT0ken/Zz8@Yy7",
+            **FAST,
+        }
+        texts: list[str] = []
+        with (
+            override_settings(PUBSUB_BACKEND="relay", PUBSUB_URL=url, PUBSUB_OPTIONS=options),
+            caplog.at_level(logging.DEBUG),
+        ):
+            for args in COMMANDS:
+                texts += run_command(args)
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                sub.subscribe("demo_events", lambda message: None)
+                sub.wait_connected(2)
+                texts += [repr(sub.last_error), repr(sub), repr(backend)]
+            texts.append(repr(backend.describe()))
+            backend.close()
+        texts.append(relay.log_tail(500))
+    captured = capfd.readouterr()
+    texts += [caplog.text, captured.out, captured.err]
+    if state == "working":
+        assert "round trip" in "".join(texts), "the commands did not reach the relay"
+    else:
+        assert any("Error" in text for text in texts), "the commands did not fail"
+    secrets = spellings(token) + spellings(PASSWORD) + spellings("Wr0ngT0ken/Zz8@Yy7")
+    leaks = [
+        line for text in texts for line in text.splitlines() if any(s in line for s in secrets)
+    ]
+    assert leaks == []

@@ -226,7 +226,7 @@ class RelayBackend(BaseBackend):
             except ValueError as exc:
                 raise ImproperlyConfigured(
                     f"PUBSUB_URL for the relay backend: {hide_password(part)!r} is not a ws:// or "
-                    f"wss:// URL ({str(exc).rpartition('(')[2].rstrip(')')})."
+                    f"wss:// URL ({exc})."
                 ) from None
         return urls
 

@@ -36,6 +36,7 @@ reads on a thread of its own, which would hide readiness from ``fileno()``.
 from __future__ import annotations
 
 import json
+import logging
 import select
 import socket
 import ssl
@@ -52,6 +53,20 @@ from websockets.uri import parse_uri
 from ..exceptions import ConnectionLost
 
 SUBPROTOCOL = Subprotocol("pulp-pubsub.v1")
+#: websockets logs every handshake header at DEBUG, the token's ``Authorization`` among them:
+#: its connections log here instead, never below INFO, and never that header.
+WIRE_LOGGER = logging.getLogger("pulp_pubsub.relay.wire")
+WIRE_LOGGER.setLevel(logging.INFO)
+
+
+class _NoCredentials(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "authorization" not in str(record.msg).lower() and not any(
+            "authorization" in str(arg).lower() for arg in (record.args or ())
+        )
+
+
+WIRE_LOGGER.addFilter(_NoCredentials())
 #: Largest frame either side accepts: a 7,999-byte payload JSON-escaped with room to spare.
 MAX_FRAME = 2**20
 #: Close code for a client whose send queue overflowed (RFC 6455 "try again later").
@@ -80,7 +95,8 @@ def check_url(url: str) -> None:
     try:
         parse_uri(url)
     except InvalidURI as exc:
-        raise ValueError(f"{url!r} is not a ws:// or wss:// URL ({exc})") from None
+        # Only the reason: the exception's own text repeats the URL, password and all.
+        raise ValueError(exc.msg) from None
 
 
 class RelayConnection:
@@ -112,7 +128,9 @@ class RelayConnection:
             sock.close()
             raise ConnectionLost(f"TLS with the relay {url} failed: {exc}") from None
         self.sock = sock
-        self._protocol = ClientProtocol(uri, subprotocols=[SUBPROTOCOL], max_size=MAX_FRAME)
+        self._protocol = ClientProtocol(
+            uri, subprotocols=[SUBPROTOCOL], max_size=MAX_FRAME, logger=WIRE_LOGGER
+        )
         request = self._protocol.connect()
         if token:
             request.headers["Authorization"] = f"Bearer {token}"

@@ -27,7 +27,7 @@ from websockets.http11 import Request, Response
 from ..exceptions import InvalidChannel, InvalidPayload
 from ..validation import encode_payload, validate_channel
 from .pglink import Batch, PgLink
-from .protocol import MAX_FRAME, SUBPROTOCOL, TOO_SLOW, decode, encode
+from .protocol import MAX_FRAME, SUBPROTOCOL, TOO_SLOW, WIRE_LOGGER, decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,7 @@ class Relay:
             ping_timeout=20,
             close_timeout=2,
             compression=None,
+            logger=WIRE_LOGGER,
         )
         sockets = self._server.sockets
         if sockets:
