@@ -276,7 +276,7 @@ def test_forty_subscribers_behind_pgbouncer_hear_every_wakeup(mode):
                     "pulp_pubsub.testing.fleet",
                     str(subscribers),
                     str(wakeups),
-                    "60",
+                    "150",
                 ],
                 env=env,
                 capture_output=True,
