@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from ..conf import hide_password
+from ..conf import Secret, hide_password
 from ..exceptions import ConnectionLost, MissingDependency, PublishError
 from ..metrics import count
 from .base import BaseBackend, Transport
@@ -190,7 +190,7 @@ class RelayBackend(BaseBackend):
         token = self.config["token"] or getattr(settings, "PUBSUB_RELAY_TOKEN", None) or None
         if token is not None and not (isinstance(token, str) and token.isprintable()):
             raise ImproperlyConfigured("The relay token must be printable text.")
-        self._token: str | None = token
+        self._token: str | None = Secret(token) if token is not None else None
         self._ssl = self._ssl_context()
         self._next = random.randrange(len(self.urls))
         self._pg: Any = None

@@ -24,6 +24,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
+from ..conf import Secret
 from ..exceptions import InvalidChannel, InvalidPayload
 from ..validation import encode_payload, validate_channel
 from .pglink import Batch, PgLink
@@ -69,7 +70,7 @@ class Relay:
         pg_factory: Callable[[Relay], PgLink] | None = None,
     ) -> None:
         self.host, self.port = host, port
-        self._token = token
+        self._token = Secret(token) if token is not None else None
         self._ssl = ssl_context
         self.max_clients = max_clients
         self.queue_size = queue_size
