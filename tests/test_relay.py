@@ -382,3 +382,27 @@ def test_no_command_output_or_log_line_shows_the_token_or_the_database_password(
         line for text in texts for line in text.splitlines() if any(s in line for s in secrets)
     ]
     assert leaks == []
+
+
+def test_relay_objects_never_show_the_token_or_the_database_password():
+    from .test_reprs import PASSWORD, SECRETS, everything, leaks
+
+    token = "Tk4/Hv8@Qp2:Nm6Ww"
+    with (
+        PostgresServer(password=PASSWORD) as server,
+        RelayServer(server.url, token, probe_interval=1.0, probe_timeout=1.0) as relay,
+    ):
+        options = {"publish": "pg_notify", "notify_url": server.url, "token": token, **FAST}
+        with override_settings(
+            PUBSUB_BACKEND="relay", PUBSUB_URL=relay.url, PUBSUB_OPTIONS=options
+        ):
+            backend = get_backend()
+            with everything(backend, connect=True) as objects:
+                assert leaks(objects, [*SECRETS, *spellings_of(token)]) == []
+            backend.close()
+
+
+def spellings_of(secret: str) -> list[str]:
+    from .test_security import spellings
+
+    return spellings(secret)

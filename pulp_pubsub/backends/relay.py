@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from ..conf import Secret, hide_password
+from ..conf import Secret, hide_password, secret_url
 from ..exceptions import ConnectionLost, MissingDependency, PublishError
 from ..metrics import count
 from .base import BaseBackend, Transport
@@ -209,7 +209,7 @@ class RelayBackend(BaseBackend):
         self._warned_at: float | None = None
 
     def __repr__(self) -> str:
-        return f"<RelayBackend {self.mode} {','.join(self.urls)}>"
+        return f"<RelayBackend {self.mode} {','.join(hide_password(u) or '' for u in self.urls)}>"
 
     # -- configuration -------------------------------------------------------
 
@@ -219,7 +219,7 @@ class RelayBackend(BaseBackend):
             raise ImproperlyConfigured(
                 "The relay backend needs PUBSUB_URL, the relays: ws://host:port[,ws://host:port...]."
             )
-        urls = [part.strip() for part in url.split(",")]
+        urls = [secret_url(part.strip()) or "" for part in url.split(",")]
         for part in urls:
             try:
                 check_url(part)

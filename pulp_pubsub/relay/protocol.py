@@ -50,6 +50,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from ..conf import hide_password
 from ..exceptions import ConnectionLost
 
 SUBPROTOCOL = Subprotocol("pulp-pubsub.v1")
@@ -109,7 +110,8 @@ class RelayConnection:
         timeout: float,
         ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.url = url
+        # For messages: without a password a ws:// URL may carry for HTTP basic auth.
+        self.url = hide_password(url) or ""
         uri = parse_uri(url)
         deadline = time.monotonic() + timeout
         self._fragments: list[bytes] = []
