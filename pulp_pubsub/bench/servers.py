@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..conf import hide_password
-from ..testing import EtcdServer, PostgresServer, RedisServer
+from ..testing import EtcdServer, PostgresServer, RedisServer, RelayServer
 from ..testing.processes import ServerProcess
 from . import BenchError
 
@@ -38,6 +38,10 @@ def start_etcd() -> ServerProcess:
     return _started(EtcdServer(extra_args=[*timers, "--auto-compaction-retention", "1"]))
 
 
+def start_relay(postgres_url: str) -> ServerProcess:
+    return _started(RelayServer(postgres_url, extra_args=["--max-clients", "10000"]))
+
+
 def _started(server: ServerProcess) -> ServerProcess:
     try:
         return server.start(timeout=60)
@@ -49,6 +53,7 @@ def _started(server: ServerProcess) -> ServerProcess:
 LAUNCHERS: dict[str, Callable[[ServerSet], ServerProcess]] = {
     "postgres": lambda servers: start_postgres(servers.max_connections),
     "redis": lambda servers: start_redis(),
+    "relay": lambda servers: start_relay(servers.url("postgres")),
     "etcd": lambda servers: start_etcd(),
 }
 

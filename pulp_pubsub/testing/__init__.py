@@ -12,6 +12,7 @@ from .postgres import PgBouncerServer, PostgresServer
 from .processes import LOOPBACK, free_port
 from .proxy import TcpProxy
 from .redis import RedisServer, SentinelCluster, SentinelServer
+from .relay import RelayServer
 
 __all__ = [
     "LOOPBACK",
@@ -20,6 +21,7 @@ __all__ = [
     "PgBouncerServer",
     "PostgresServer",
     "RedisServer",
+    "RelayServer",
     "SentinelCluster",
     "SentinelServer",
     "TcpProxy",
