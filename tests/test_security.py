@@ -37,7 +37,7 @@ PASSWORD = "Zq8vKm/Xw3jNp@Lp7Hs:Rt9Yb"
 WRONG_PASSWORD = "Gh4TnQ/Bv6Wq@Mk2Pc"
 #: The relay's secrets (its token, the password of the PostgreSQL it NOTIFYs) are checked
 #: in tests/test_relay.py, against relays of its own.
-SERVER_BACKENDS = [name for name in CONTRACT_BACKENDS if name in ("postgres", "redis")]
+SERVER_BACKENDS = [name for name in CONTRACT_BACKENDS if name in ("postgres", "redis", "etcd")]
 #: "unquoted": the operator pasted the password into the URL without quoting it.
 STATES = ["working", "wrong password", "unquoted", "down", "frozen"]
 
