@@ -16,8 +16,8 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import queue
 import threading
-from collections import deque
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -37,15 +37,23 @@ class Deferred(NamedTuple):
 
 
 class AfterCommitSender:
-    """One per process (a forked child makes its own, see :meth:`for_pid`)."""
+    """One per process (a forked child makes its own: see ``pid``).
+
+    ``put()`` is on every committing thread's path, so it is one call into a
+    C queue; the sender thread blocks in that queue's ``get()`` and then takes
+    whatever else has gathered, up to :data:`BATCH_LIMIT`.
+    """
 
     def __init__(self, send_batch: Callable[[list[Deferred]], None], flush_timeout: float) -> None:
         self._send_batch = send_batch
         self._flush_timeout = flush_timeout
         self.pid = os.getpid()
+        self._queue: queue.SimpleQueue[Deferred | None] = queue.SimpleQueue()
+        # put() counts what it queued, the thread what it has sent (or failed);
+        # flush() waits for the two to meet.
+        self._queued = 0
+        self._done = 0
         self._cond = threading.Condition()
-        self._queue: deque[Deferred] = deque()
-        self._busy = False
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="pubsub-after-commit", daemon=True)
         self._thread.start()
@@ -54,18 +62,18 @@ class AfterCommitSender:
 
     def put(self, item: Deferred) -> bool:
         """Queue ``item``; False when full or closed (the caller then sends it itself)."""
-        with self._cond:
-            if self._closed or len(self._queue) >= QUEUE_LIMIT:
-                return False
-            self._queue.append(item)
-            self._cond.notify()
+        if self._closed or self._queued - self._done >= QUEUE_LIMIT:
+            return False
+        self._queued += 1  # only ever read against _done: a lost race costs nothing
+        self._queue.put(item)
         return True
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything queued so far was sent (or failed); False on timeout."""
+        target = self._queued
         with self._cond:
             return self._cond.wait_for(
-                lambda: not self._queue and not self._busy,
+                lambda: self._done >= target,
                 self._flush_timeout if timeout is None else timeout,
             )
 
@@ -75,22 +83,29 @@ class AfterCommitSender:
         if not self.flush():
             logger.error(
                 "%d publish(es) deferred to commit were not sent within %.1f s of closing.",
-                len(self._queue),
+                self._queued - self._done,
                 self._flush_timeout,
             )
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
+        self._closed = True
+        self._queue.put(None)
         atexit.unregister(self.close)
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._queue or self._closed)
-                if not self._queue:
-                    return
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), BATCH_LIMIT))]
-                self._busy = True
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stop = False
+            while len(batch) < BATCH_LIMIT:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
             try:
                 self._send_batch(batch)
             except Exception:
@@ -98,5 +113,7 @@ class AfterCommitSender:
                 logger.exception("Sending %d publish(es) after commit failed", len(batch))
             finally:
                 with self._cond:
-                    self._busy = False
+                    self._done += len(batch)
                     self._cond.notify_all()
+            if stop:
+                return

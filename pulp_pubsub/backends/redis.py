@@ -128,8 +128,12 @@ class _ProcessClients:
             connect_timeout=min(config["connect_timeout"], publish_timeout),
         )
         self.publisher = redis.Redis(connection_pool=pool)
+        #: Publishes after commit, made by their thread on first use.
+        self.after_commit: AbstractConnection | None = None
 
     def close(self) -> None:
+        if self.after_commit is not None:
+            self.after_commit.disconnect()
         self.publisher.close()
         self.publisher.connection_pool.disconnect()
         if self.sentinel is not None:
@@ -489,17 +493,14 @@ class RedisBackend(BaseBackend):
                 xadd = _pack("XADD", stream_key(item.wire, item.group), *_XADD_TAIL, item.payload)
                 packed.extend([xadd] * item.receivers)
         try:
-            pool = self.clients().publisher.connection_pool
-            conn = pool.get_connection()
+            conn = self._sender_connection()
             try:
                 conn.send_packed_command([b"".join(packed)], check_health=False)
                 for _ in packed:
                     conn.read_response()
             except BaseException:
-                conn.disconnect()  # replies may be left unread: never reuse it
+                conn.disconnect()  # replies may be left unread; it reconnects on next use
                 raise
-            finally:
-                pool.release(conn)
         except redis.RedisError as exc:
             error = PublishError(
                 f"redis backend could not publish to {self.where()}: "
@@ -513,6 +514,14 @@ class RedisBackend(BaseBackend):
             return
         for item in batch:
             count(self.stats, "published", self.name, self.channel_name(item.wire))
+
+    def _sender_connection(self) -> AbstractConnection:
+        """The after-commit thread's own connection (no pool: nobody else uses it)."""
+        clients = self.clients()
+        if clients.after_commit is None:
+            pool = clients.publisher.connection_pool
+            clients.after_commit = cast(AbstractConnection, pool.make_connection())
+        return clients.after_commit
 
     def flush(self, timeout: float | None = None) -> bool:
         sender = self._sender
