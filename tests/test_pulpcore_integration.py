@@ -499,8 +499,15 @@ def test_handle_goes_to_as_many_idle_workers_as_tasks_are_ready(new_worker):
     workers[0].cursor.execute("SELECT pg_notify('pulp_worker_wakeup', %s)", ("handle",))
     # The idle sender takes one itself (it hears its own, as on PostgreSQL)...
     assert workers[0].wakeup_handle is True
+
+    def handed() -> list[list[str]]:
+        return [[m.payload for m in w.handled if m.payload == "handle"] for w in workers]
+
+    while sum(map(len, handed()[1:])) < 2:
+        for worker in workers:
+            worker.pubsub.dispatch(timeout=0.05)
+    # ... and two other workers are handed one each; the sender none of theirs.
     got = wakeups(workers)
-    # ... and two other workers are handed one each.
     assert got[0] == [] and sorted(got[1:]) == [[], [], ["handle"], ["handle"]]
 
 

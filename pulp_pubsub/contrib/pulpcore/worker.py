@@ -85,7 +85,10 @@ class WorkerCursor:
                 if self.worker.task is None:
                     # An idle sender is one of them, as it hears its own NOTIFY on
                     # PostgreSQL: it is awake already, so no other worker is woken for it.
+                    # It takes none of the others' (the select seam lets it take
+                    # "handle" again when it is back, idle, in its wait).
                     self.worker.wakeup_handle = True
+                    subscriber.set_accepting(WAKEUP, RUNNERS, False)
                     receivers -= 1
             if receivers:
                 publish(statement.channel, statement.payload, group=group, receivers=receivers)
