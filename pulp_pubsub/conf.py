@@ -17,6 +17,7 @@ ALIASES: dict[str, str] = {
     "memory": "pulp_pubsub.backends.memory.MemoryBackend",
     "postgres": "pulp_pubsub.backends.postgres.PostgresBackend",
     "redis": "pulp_pubsub.backends.redis.RedisBackend",
+    "nats": "pulp_pubsub.backends.nats.NatsBackend",
 }
 
 DEFAULT_BACKEND = "postgres"

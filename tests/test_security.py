@@ -25,7 +25,7 @@ from django.test import override_settings
 
 from demo.models import Event
 from pulp_pubsub import get_backend, publish
-from pulp_pubsub.testing import PostgresServer, RedisServer
+from pulp_pubsub.testing import NatsServer, PostgresServer, RedisServer
 
 from .conftest import CONTRACT_BACKENDS
 from .reliability_util import FAST, Inbox, dead_url
@@ -47,7 +47,12 @@ def spellings(secret: str) -> list[str]:
 
 @pytest.fixture(scope="module", params=SERVER_BACKENDS)
 def secured(request) -> Iterator[Any]:
-    server = (PostgresServer if request.param == "postgres" else RedisServer)(password=PASSWORD)
+    servers: dict[str, Any] = {
+        "postgres": PostgresServer,
+        "redis": RedisServer,
+        "nats": lambda password: NatsServer(user="pulp", password=password),
+    }
+    server = servers[request.param](password=PASSWORD)
     try:
         server.start()
         server.backend = request.param

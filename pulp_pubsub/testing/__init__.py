@@ -7,6 +7,7 @@ overrides that), and ``cleanup()`` or interpreter exit removes it. Plain classes
 pytest, so the benchmark and the chaos run use them too.
 """
 
+from .nats import NatsCluster, NatsServer
 from .postgres import PgBouncerServer, PostgresServer
 from .processes import LOOPBACK, free_port
 from .proxy import TcpProxy
@@ -14,6 +15,8 @@ from .redis import RedisServer, SentinelCluster, SentinelServer
 
 __all__ = [
     "LOOPBACK",
+    "NatsCluster",
+    "NatsServer",
     "PgBouncerServer",
     "PostgresServer",
     "RedisServer",
