@@ -8,11 +8,11 @@ import pytest
 from pulp_pubsub import registry
 from pulp_pubsub.handler import backends
 
-#: Backends the contract tests run on; each has tests/harness_<name>.py.
+#: Backends the contract tests run on; each has tests/harness_<name>.py ("natsjs" is the
+#: nats backend with JetStream replay on).
+DEFAULT_BACKENDS = "memory,postgres,redis,nats,natsjs"
 CONTRACT_BACKENDS = [
-    name
-    for name in os.environ.get("PUBSUB_TEST_BACKENDS", "memory,postgres,redis,nats").split(",")
-    if name
+    name for name in os.environ.get("PUBSUB_TEST_BACKENDS", DEFAULT_BACKENDS).split(",") if name
 ]
 
 

@@ -195,7 +195,10 @@ def test_a_broken_connection_comes_back_with_a_resync(harness, fault):
         publish("contract.fault", "before")
         dispatch_until(sub, lambda: got)
         getattr(harness, fault)()
-        dispatch_until(sub, lambda: any(m.resync for m in got), timeout=30)
+        if harness.replays:  # the gap is replayed, not resynced
+            wait_until(lambda: sub.stats["reconnects"], timeout=30, what="a reconnect")
+        else:
+            dispatch_until(sub, lambda: any(m.resync for m in got), timeout=30)
         wait_until(lambda: sub.connected, timeout=30, what="reconnect")
         publish("contract.fault", "after")
         dispatch_until(sub, lambda: "after" in payloads(got), timeout=30)
@@ -210,7 +213,8 @@ def test_a_frozen_server_is_noticed_by_the_probe(harness):
             wait_until(lambda: not sub.connected, timeout=30, what="probe failure")
         finally:
             harness.thaw()
-        dispatch_until(sub, lambda: any(m.resync for m in got), timeout=30)
+        if not harness.replays:
+            dispatch_until(sub, lambda: any(m.resync for m in got), timeout=30)
         publish("contract.frozen", "after thaw")
         dispatch_until(sub, lambda: "after thaw" in payloads(got), timeout=30)
 
