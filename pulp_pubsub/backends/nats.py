@@ -48,6 +48,7 @@ from urllib.parse import unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
+from ..conf import hide_password
 from ..exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
 from .base import BaseBackend, Transport
 from .natsloop import loop_runner
@@ -164,6 +165,7 @@ class NatsTransport(Transport):
         try:
             self._nc: Client = self._runner.run(
                 backend.connect(
+                    role="subscriber",
                     allow_reconnect=False,
                     error_cb=self._on_error,
                     disconnected_cb=self._on_disconnected,
@@ -494,14 +496,17 @@ class NatsBackend(BaseBackend):
             self._tls_context = ctx
         return self._tls_context
 
-    async def connect(self, **kwargs: Any) -> Client:
-        """A connection with the configured credentials; reconnecting is the caller's."""
+    async def connect(self, role: str = "publisher", **kwargs: Any) -> Client:
+        """A connection with the configured credentials; reconnecting is the caller's.
+
+        Its name (shown by the server's monitoring) says the role and the pid.
+        """
         config = self.config
         options: dict[str, Any] = {
             "servers": [server.url for server in self.servers],
             "connect_timeout": config["connect_timeout"],
             "max_reconnect_attempts": 0,
-            "name": f"pulp-pubsub pid {os.getpid()}",
+            "name": f"pulp-pubsub {role} pid {os.getpid()}",
         }
         credentials = self.servers[0].credentials
         if credentials is not None:
@@ -641,17 +646,40 @@ class NatsBackend(BaseBackend):
         names = list(channels)
         wires = {self.wire_name(name): name for name in names}
         counts = dict.fromkeys(names, 0)
-        url = monitor.rstrip("/") + "/connz?subs=1&limit=100000"
+        if self.jetstream:
+            # Subscribers are the stream's consumers, one per subscriber and channel.
+            path = "jsz?accounts=true&streams=true&consumers=true&config=true"
+            subjects = []
+            for account in self._monitor(path).get("account_details") or []:
+                for stream in account.get("stream_detail") or []:
+                    if stream.get("name") != self.stream_name:
+                        continue
+                    for consumer in stream.get("consumer_detail") or []:
+                        subjects.append((consumer.get("config") or {}).get("filter_subject"))
+        else:
+            subjects = [
+                subject
+                for conn in self._monitor("connz?subs=1&limit=100000").get("connections") or []
+                for subject in _subjects(conn.get("subscriptions_list"))
+            ]
+        for subject in subjects:
+            if subject in wires:
+                counts[wires[subject]] += 1
+        return counts
+
+    def _monitor(self, path: str) -> dict[str, Any]:
+        monitor = str(self.config["monitor_url"]).rstrip("/")
         try:
-            with urllib.request.urlopen(url, timeout=self.config["connect_timeout"]) as reply:
+            with urllib.request.urlopen(
+                f"{monitor}/{path}", timeout=self.config["connect_timeout"]
+            ) as reply:
                 data = json.load(reply)
         except (OSError, ValueError) as exc:
-            raise PubSubError(f"nats backend could not read {monitor}/connz: {exc}") from exc
-        for conn in data.get("connections") or []:
-            for subject in _subjects(conn.get("subscriptions_list")):
-                if subject in wires:
-                    counts[wires[subject]] += 1
-        return counts
+            raise PubSubError(
+                f"nats backend could not read the monitoring endpoint "
+                f"{hide_password(monitor)}: {exc}"
+            ) from exc
+        return data if isinstance(data, dict) else {}
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()
@@ -667,7 +695,7 @@ class NatsBackend(BaseBackend):
         )
         if self.jetstream:
             info.update(stream=self.stream_name, stream_subjects=self.stream_subjects)
-        info["monitor_url"] = self.config["monitor_url"]
+        info["monitor_url"] = hide_password(self.config["monitor_url"])
         info["warnings"] = (
             []
             if self.config["monitor_url"]
