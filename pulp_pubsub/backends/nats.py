@@ -60,6 +60,7 @@ try:
     import nats.js.api
     import nats.js.errors
     from nats.aio.client import Client
+    from nats.aio.client import __version__ as NATS_PY_VERSION
     from nats.aio.msg import Msg
 except ImportError as exc:
     raise MissingDependency("nats", "nats", exc) from exc
@@ -691,7 +692,7 @@ class NatsBackend(BaseBackend):
             tls=self.tls_context() is not None,
             auth=self._auth_kind(),
             jetstream=self.jetstream,
-            nats_py=getattr(nats, "__version__", "?"),
+            nats_py=NATS_PY_VERSION,
         )
         if self.jetstream:
             info.update(stream=self.stream_name, stream_subjects=self.stream_subjects)
