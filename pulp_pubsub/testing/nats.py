@@ -100,9 +100,14 @@ class NatsServer(ServerProcess):
         return [self.binary, "-c", self.conf_path]
 
     def _probe(self) -> bool:
-        """Ready once /healthz answers ok (JetStream included, when on)."""
+        """Ready once /healthz answers ok (JetStream included, when on).
+
+        A cluster node's JetStream is healthy only once a meta leader is elected, which
+        needs the other nodes: it is ready when it serves /varz, and the cluster waits.
+        """
+        path = "varz" if self.cluster_name else "healthz"
         try:
-            with urllib.request.urlopen(f"{self.monitor_url}/healthz", timeout=2) as reply:
+            with urllib.request.urlopen(f"{self.monitor_url}/{path}", timeout=2) as reply:
                 return bool(reply.status == 200)
         except (OSError, ValueError):
             return False
@@ -181,7 +186,7 @@ class NatsCluster:
                 routed = all(
                     node.monitor("routez").get("num_routes", 0) >= len(live) - 1 for node in live
                 )
-                ready = routed and all(node._probe() for node in live)
+                ready = routed
                 if ready and self.jetstream:
                     ready = all(
                         node.monitor("jsz").get("meta_cluster", {}).get("leader") for node in live
