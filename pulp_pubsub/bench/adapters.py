@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..conf import ALIASES, PubSubSettings
 from . import BenchError
-from .raw import PsycopgClient, RawClient, RedisClient
+from .raw import NatsClient, PsycopgClient, RawClient, RedisClient
 from .servers import ServerSet
 
 
@@ -100,8 +100,14 @@ class RedisAdapter(Adapter):
     raw_client = RedisClient
 
 
+class NatsAdapter(Adapter):
+    name = "nats"
+    server = "nats"
+    raw_client = NatsClient
+
+
 ADAPTERS: dict[str, type[Adapter]] = {
-    adapter.name: adapter for adapter in (MemoryAdapter, PostgresAdapter, RedisAdapter)
+    adapter.name: adapter for adapter in (MemoryAdapter, PostgresAdapter, RedisAdapter, NatsAdapter)
 }
 
 

@@ -1,4 +1,4 @@
-"""The PostgreSQL and Redis servers of one benchmark run.
+"""The PostgreSQL, Redis and NATS servers of one benchmark run.
 
 A server given by URL is only checked, never stopped: the benchmark refuses
 one that cannot take the connections a run needs (the shared development
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..conf import hide_password
-from ..testing import PostgresServer, RedisServer
+from ..testing import NatsServer, PostgresServer, RedisServer
 from ..testing.processes import ServerProcess
 from . import BenchError
 
@@ -31,6 +31,10 @@ def start_redis() -> ServerProcess:
     return _started(RedisServer(extra_args=["--maxclients", "10000"]))
 
 
+def start_nats() -> ServerProcess:
+    return _started(NatsServer())
+
+
 def _started(server: ServerProcess) -> ServerProcess:
     try:
         return server.start(timeout=60)
@@ -42,6 +46,7 @@ def _started(server: ServerProcess) -> ServerProcess:
 LAUNCHERS: dict[str, Callable[[ServerSet], ServerProcess]] = {
     "postgres": lambda servers: start_postgres(servers.max_connections),
     "redis": lambda servers: start_redis(),
+    "nats": lambda servers: start_nats(),
 }
 
 
