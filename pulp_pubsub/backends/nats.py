@@ -255,9 +255,11 @@ class NatsTransport(Transport):
         info = await backend.ensure_stream(self._nc)
         last = info.state.last_seq
         start = self._resume_from.pop(wire, None)
-        if start is not None and start + 1 < info.state.first_seq and start < last:
-            # The stream no longer holds what this channel may have missed.
-            self._push((wire, None))
+        if start is not None and (start > last or (start + 1 < info.state.first_seq)):
+            if start != last:
+                # The stream no longer holds what this channel may have missed (or was
+                # made anew, its sequence starting again below ours).
+                self._push((wire, None))
             start = None
         if start is None:
             start = last
@@ -439,6 +441,10 @@ class NatsBackend(BaseBackend):
         self._stream_checked = False
         self._publisher = _Publisher()
         self._tls_context: ssl.SSLContext | None = None
+        try:
+            self.tls_context()
+        except (OSError, ssl.SSLError) as exc:
+            raise ImproperlyConfigured(f"NatsBackend cannot load its TLS files: {exc}") from None
 
     # -- names -----------------------------------------------------------------------
 
