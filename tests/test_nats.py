@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from typing import Any
 
@@ -19,6 +20,7 @@ from django.core.management import call_command
 from django.test import override_settings
 
 from pulp_pubsub import get_backend
+from pulp_pubsub.backends.natsloop import loop_runner
 from pulp_pubsub.exceptions import PublishError
 from pulp_pubsub.testing import NatsServer
 
@@ -289,3 +291,40 @@ def test_a_jetstream_subscriber_resyncs_when_the_stream_no_longer_holds_its_gap(
             backend.publish("purged", "after")
             inbox.wait_payload("after")
             assert "lost" not in inbox.payloads()
+
+
+def test_a_slow_consumer_disconnect_is_a_reconnect_with_a_resync():
+    """The server drops a subscriber that does not read: the listener reconnects and resyncs."""
+    config = 'max_pending: 1048576\nwrite_deadline: "1s"'
+    with NatsServer(extra_config=config) as running:
+        with override_settings(**nats_settings(running.url)):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("flood", inbox)
+                backend.publish("flood", "first")
+                inbox.wait_payload("first")
+                release = threading.Event()
+
+                async def hold() -> None:
+                    release.wait(20)  # blocks this process's NATS loop: no socket is read
+
+                loop_runner().submit(hold())
+                try:
+
+                    async def flood() -> None:
+                        nc = await nats.connect(running.url)
+                        chunk = b"x" * 65536
+                        while running.monitor("varz").get("slow_consumers", 0) == 0:
+                            for _ in range(64):
+                                await nc.publish(backend.wire_name("flood"), chunk)
+                            await nc.flush(5)
+                        await nc.close()
+
+                    asyncio.run(asyncio.wait_for(flood(), 30))
+                finally:
+                    release.set()
+                inbox.wait(lambda messages: any(m.resync for m in messages))
+                assert sub.stats["reconnects"] >= 1
+                backend.publish("flood", "after")
+                inbox.wait_payload("after")
