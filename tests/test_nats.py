@@ -328,3 +328,28 @@ def test_a_slow_consumer_disconnect_is_a_reconnect_with_a_resync():
                 assert sub.stats["reconnects"] >= 1
                 backend.publish("flood", "after")
                 inbox.wait_payload("after")
+
+
+def test_a_jetstream_consumer_lost_on_the_server_is_noticed_and_its_messages_replayed(js_server):
+    """A consumer can vanish while the connection lives (its node died): silence is a loss."""
+    with override_settings(**nats_settings(js_server.url, jetstream=True)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("vanish", inbox)
+            backend.publish("vanish", "before")
+            inbox.wait_payload("before")
+
+            async def delete_consumers() -> None:
+                nc = await nats.connect(js_server.url)
+                jsm = nc.jsm()
+                for consumer in await jsm.consumers_info(backend.stream_name):
+                    if consumer.config.filter_subject == backend.wire_name("vanish"):
+                        await jsm.delete_consumer(backend.stream_name, consumer.name)
+                await nc.close()
+
+            asyncio.run(delete_consumers())
+            backend.publish("vanish", "while deaf")
+            inbox.wait_payload("while deaf")
+            assert sub.stats["reconnects"] >= 1 and sub.stats["replays"] >= 1
+            assert not any(m.resync for m in inbox.messages)
