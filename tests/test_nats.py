@@ -353,3 +353,23 @@ def test_a_jetstream_consumer_lost_on_the_server_is_noticed_and_its_messages_rep
             inbox.wait_payload("while deaf")
             assert sub.stats["reconnects"] >= 1 and sub.stats["replays"] >= 1
             assert not any(m.resync for m in inbox.messages)
+
+
+def test_tls_with_a_client_certificate():
+    with NatsServer(tls=True, verify_clients=True) as running:
+        files = running.tls_files
+        with override_settings(**nats_settings(running.url, tls_ca=files["ca"])):
+            with pytest.raises(PublishError):  # no client certificate: refused
+                get_backend().publish("x", "y")
+        options = {
+            "tls_ca": files["ca"],
+            "tls_cert": files["client_cert"],
+            "tls_key": files["client_key"],
+        }
+        with override_settings(**nats_settings(running.url, **options)):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("mtls", inbox)
+                backend.publish("mtls", "both ways")
+                inbox.wait_payload("both ways")

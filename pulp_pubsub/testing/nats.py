@@ -13,6 +13,85 @@ from typing import Any
 
 from .processes import LOOPBACK, ServerProcess, free_port
 
+
+def _make_mutual_tls(directory: str) -> dict[str, str]:
+    """A throwaway CA, a server cert for 127.0.0.1/localhost and a client cert: file paths."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pubsub nats test CA")])
+
+    def issue(name: str, key: Any, is_ca: bool, extensions: list[Any]) -> bytes:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(
+                ca_name if is_ca else x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+            )
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=7))
+            .add_extension(x509.BasicConstraints(ca=is_ca, path_length=None), critical=True)
+        )
+        for extension in extensions:
+            builder = builder.add_extension(extension, critical=False)
+        return builder.sign(ca_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    def pem(key: Any) -> bytes:
+        return bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+
+    server_key, client_key = (
+        ec.generate_private_key(ec.SECP256R1()),
+        ec.generate_private_key(ec.SECP256R1()),
+    )
+    san = x509.SubjectAlternativeName(
+        [x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")]
+    )
+    files = {
+        "ca": ("ca.pem", issue("ca", ca_key, True, [])),
+        "server_cert": (
+            "server.pem",
+            issue(
+                "localhost",
+                server_key,
+                False,
+                [san, x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH])],
+            ),
+        ),
+        "server_key": ("server.key", pem(server_key)),
+        "client_cert": (
+            "client.pem",
+            issue(
+                "pubsub client",
+                client_key,
+                False,
+                [x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH])],
+            ),
+        ),
+        "client_key": ("client.key", pem(client_key)),
+    }
+    paths = {}
+    for role, (name, data) in files.items():
+        paths[role] = os.path.join(directory, name)
+        with open(paths[role], "wb") as f:
+            f.write(data)
+    return paths
+
+
 INSTALL_HINT = "nats-server is not installed; install it with: apt-get install nats-server"
 
 
@@ -29,6 +108,7 @@ class NatsServer(ServerProcess):
     ``jetstream=True`` keeps its store in the server's directory, so a
     restart finds the streams again. ``user``/``password`` or ``token`` turn
     on authentication; ``tls=True`` serves TLS with a throwaway CA.
+    ``verify_clients`` makes it require a client certificate (``tls_files``).
     ``cluster_routes`` joins it to a cluster (see :class:`NatsCluster`).
     """
 
@@ -42,6 +122,7 @@ class NatsServer(ServerProcess):
         password: str | None = None,
         token: str | None = None,
         tls: bool = False,
+        verify_clients: bool = False,
         cluster_name: str | None = None,
         cluster_port: int | None = None,
         cluster_routes: list[int] | None = None,
@@ -59,10 +140,12 @@ class NatsServer(ServerProcess):
         self.extra_config = extra_config
         self.conf_path = os.path.join(self.dir, "nats.conf")
         self.ca_file: str | None = None
+        self.verify_clients = verify_clients
+        #: With ``tls``: the CA, the server's and a client's certificate and key (paths).
+        self.tls_files: dict[str, str] = {}
         if tls:
-            from .redis import _make_certs
-
-            self.ca_file, self._crt, self._key = _make_certs(self.dir)
+            self.tls_files = _make_mutual_tls(self.dir)
+            self.ca_file = self.tls_files["ca"]
 
     def _prepare(self) -> None:
         lines = [
@@ -82,9 +165,10 @@ class NatsServer(ServerProcess):
         elif self.token is not None:
             lines.append(f"authorization {{ token: {json.dumps(self.token)} }}")
         if self.tls:
+            files = self.tls_files
             lines.append(
-                f'tls {{ cert_file: "{self._crt}", key_file: "{self._key}", '
-                f'ca_file: "{self.ca_file}" }}'
+                f'tls {{ cert_file: "{files["server_cert"]}", key_file: "{files["server_key"]}", '
+                f'ca_file: "{files["ca"]}", verify: {"true" if self.verify_clients else "false"} }}'
             )
         if self.cluster_name:
             routes = ", ".join(f'"nats-route://{LOOPBACK}:{p}"' for p in self.cluster_routes)
