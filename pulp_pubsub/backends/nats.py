@@ -238,6 +238,9 @@ class NatsTransport(Transport):
         self._run(self._listen(list(channels)))
 
     async def _listen(self, channels: list[str]) -> None:
+        # Broadcast: a plain subscription (or consumer) per subscriber. Targeted delivery
+        # would subscribe with ``queue=<group>`` here (JetStream: one durable consumer per
+        # group with ``deliver_group``), so the server hands each message to one member.
         nc = self._nc
         for wire in channels:
             if wire in self._subs:
