@@ -342,6 +342,9 @@ class NatsTransport(Transport):
                     raise ConnectionLost(f"the JetStream consumer for {wire!r} fell silent")
         self._runner.submit(self._probe(channel, payload))
 
+    def send_from_listener(self, channel: str, payload: str) -> None:
+        self._runner.submit(self._probe(channel, payload))
+
     async def _probe(self, channel: str, payload: str) -> None:
         try:
             await self.backend.publish_on(self._nc, channel, payload.encode())
