@@ -12,18 +12,28 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+logger = logging.getLogger(__name__)
+
+
+def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    # Failures that matter reach the caller or the listener through the connection's own
+    # callbacks; what is left (a connection's tasks outliving the interpreter at exit) is
+    # noise on stderr, kept in the log at DEBUG instead.
+    logger.debug("NATS loop: %s", context.get("message"), exc_info=context.get("exception"))
 
 
 class LoopRunner:
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(_log_loop_error)
         self.thread = threading.Thread(
             target=self._run_forever, name="pubsub-nats-loop", daemon=True
         )
