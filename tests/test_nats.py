@@ -373,3 +373,20 @@ def test_tls_with_a_client_certificate():
                 sub.subscribe("mtls", inbox)
                 backend.publish("mtls", "both ways")
                 inbox.wait_payload("both ways")
+
+
+def test_a_subscriber_never_gives_up_reconnecting():
+    """nats-py alone stops after 60 attempts; the layer's listener goes on as long as it lives."""
+    with NatsServer() as running:
+        options = {"reconnect_min": 0.005, "reconnect_max": 0.01, "connect_timeout": 0.5}
+        with override_settings(**nats_settings(running.url, **options)):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("patient", inbox)
+                running.stop()
+                wait_until(lambda: sub.stats["reconnects"] > 100, 30, "100 failed attempts")
+                running.start()
+                inbox.wait(lambda messages: any(m.resync for m in messages))
+                backend.publish("patient", "back")
+                inbox.wait_payload("back")

@@ -163,6 +163,7 @@ class NatsTransport(Transport):
         self._heard: dict[str, float] = {}
         self._runner = loop_runner()
         self._timeout = backend.config["connect_timeout"]
+        self._established = False
         try:
             self._nc: Client = self._runner.run(
                 backend.connect(
@@ -179,6 +180,7 @@ class NatsTransport(Transport):
             raise ConnectionLost(
                 f"could not connect to {backend.where()}: {backend.explain(exc)}"
             ) from exc
+        self._established = True
 
     # -- callbacks on the loop thread --------------------------------------------
 
@@ -196,7 +198,10 @@ class NatsTransport(Transport):
         if isinstance(exc, nats.errors.SlowConsumerError):
             # nats-py dropped a message it could not queue: that channel resyncs.
             self._push((exc.subject, None))
-        elif isinstance(exc, nats.errors.StaleConnectionError | ConnectionError | OSError):
+        elif self._established and isinstance(
+            exc, nats.errors.StaleConnectionError | ConnectionError | OSError
+        ):
+            # Before connect() returns, errors are those of servers it tried and passed over.
             self._push(dead=self.backend.explain(exc))
 
     async def _on_disconnected(self) -> None:
@@ -518,7 +523,11 @@ class NatsBackend(BaseBackend):
         options: dict[str, Any] = {
             "servers": [server.url for server in self.servers],
             "connect_timeout": config["connect_timeout"],
-            "max_reconnect_attempts": 0,
+            # Each server twice, 50 ms apart, then NoServersError: a connect fails as soon
+            # as no server answers (nats-py would otherwise cycle until our deadline), and
+            # the listener's backoff decides when to try again.
+            "max_reconnect_attempts": 1,
+            "reconnect_time_wait": 0.05,
             "name": f"pulp-pubsub {role} pid {os.getpid()}",
         }
         credentials = self.servers[0].credentials
