@@ -48,7 +48,7 @@ from urllib.parse import unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
-from ..conf import hide_password
+from ..conf import Secret, SecretURL, hide_password
 from ..exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
 from .base import BaseBackend, Transport
 from .natsloop import loop_runner
@@ -93,6 +93,15 @@ def hide_credentials(url: str) -> str:
     return f"{scheme}://{user + ':***' if colon else '***'}@{host}"
 
 
+class NatsURL(SecretURL):
+    """``PUBSUB_URL`` whose ``repr()`` hides passwords and tokens (bare user info) alike."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(",".join(hide_credentials(item.strip()) for item in self.split(",")))
+
+
 @dataclass(frozen=True)
 class _Server:
     url: str  # without credentials: nats-py would use them unquoted
@@ -128,10 +137,13 @@ def parse_servers(value: str) -> list[_Server]:
                 "(quote '/', '@', ':' in a password; TLS files go in PUBSUB_OPTIONS)."
             )
         userinfo, _, hostport = parts.netloc.rpartition("@")
-        credentials = None
+        credentials: tuple[str, str | None] | None = None
         if userinfo:
             user, colon, password = userinfo.partition(":")
-            credentials = (unquote(user), unquote(password) if colon else None)
+            if colon:
+                credentials = (unquote(user), Secret(unquote(password)))
+            else:  # a bare user info is a token
+                credentials = (Secret(unquote(user)), None)
         host = hostport if port else f"{hostport}:4222"
         url = f"{parts.scheme}://{host}"
         servers.append(_Server(url, shown, SCHEMES[parts.scheme], credentials))
@@ -415,6 +427,8 @@ class NatsBackend(BaseBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.servers = parse_servers(self.url or DEFAULT_URL)
+        if self.url is not None:
+            self.url = NatsURL(self.url)
         config = self.config
         for key in ("user", "password", "token", "nkey_seed", "creds", "tls_hostname", "stream"):
             if config[key] is not None and not (isinstance(config[key], str) and config[key]):
