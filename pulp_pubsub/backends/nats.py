@@ -48,7 +48,7 @@ from urllib.parse import unquote, urlsplit
 
 from django.core.exceptions import ImproperlyConfigured
 
-from ..conf import Secret, SecretURL, hide_password
+from ..conf import Secret, hide_password
 from ..exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
 from .base import BaseBackend, Transport
 from .natsloop import loop_runner
@@ -85,21 +85,7 @@ def unescape_token(token: str) -> str | None:
 
 def hide_credentials(url: str) -> str:
     """A server URL fit for output: a password or a token (bare user info) is masked."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, at, host = rest.rpartition("@")
-    if not (sep and at):
-        return url
-    user, colon, _ = userinfo.partition(":")
-    return f"{scheme}://{user + ':***' if colon else '***'}@{host}"
-
-
-class NatsURL(SecretURL):
-    """``PUBSUB_URL`` whose ``repr()`` hides passwords and tokens (bare user info) alike."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return repr(",".join(hide_credentials(item.strip()) for item in self.split(",")))
+    return str(hide_password(url))
 
 
 @dataclass(frozen=True)
@@ -427,8 +413,6 @@ class NatsBackend(BaseBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.servers = parse_servers(self.url or DEFAULT_URL)
-        if self.url is not None:
-            self.url = NatsURL(self.url)
         config = self.config
         for key in ("user", "password", "token", "nkey_seed", "creds", "tls_hostname", "stream"):
             if config[key] is not None and not (isinstance(config[key], str) and config[key]):
