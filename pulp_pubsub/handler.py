@@ -22,6 +22,7 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "postgres": ("psycopg", "postgres"),
     "redis": ("redis", "redis"),
     "nats": ("nats", "nats"),
+    "relay": ("websockets", "relay"),
 }
 
 

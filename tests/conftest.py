@@ -10,7 +10,7 @@ from pulp_pubsub.handler import backends
 
 #: Backends the contract tests run on; each has tests/harness_<name>.py ("natsjs" is the
 #: nats backend with JetStream replay on).
-DEFAULT_BACKENDS = "memory,postgres,redis,nats,natsjs"
+DEFAULT_BACKENDS = "memory,postgres,redis,relay,relay_direct,etcd,nats,natsjs"
 CONTRACT_BACKENDS = [
     name for name in os.environ.get("PUBSUB_TEST_BACKENDS", DEFAULT_BACKENDS).split(",") if name
 ]

@@ -7,19 +7,24 @@ overrides that), and ``cleanup()`` or interpreter exit removes it. Plain classes
 pytest, so the benchmark and the chaos run use them too.
 """
 
+from .etcd import EtcdCluster, EtcdServer
 from .nats import NatsCluster, NatsServer
 from .postgres import PgBouncerServer, PostgresServer
 from .processes import LOOPBACK, free_port
 from .proxy import TcpProxy
 from .redis import RedisServer, SentinelCluster, SentinelServer
+from .relay import RelayServer
 
 __all__ = [
     "LOOPBACK",
+    "EtcdCluster",
+    "EtcdServer",
     "NatsCluster",
     "NatsServer",
     "PgBouncerServer",
     "PostgresServer",
     "RedisServer",
+    "RelayServer",
     "SentinelCluster",
     "SentinelServer",
     "TcpProxy",
