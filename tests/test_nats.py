@@ -390,3 +390,16 @@ def test_a_subscriber_never_gives_up_reconnecting():
                 inbox.wait(lambda messages: any(m.resync for m in messages))
                 backend.publish("patient", "back")
                 inbox.wait_payload("back")
+
+
+def test_the_first_message_after_subscribe_always_arrives(server):
+    """subscribe() returns only once a publish reaches it (a PING alone lost ~1 in 500)."""
+    with override_settings(**nats_settings(server.url)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            for i in range(1500):
+                sub.subscribe(f"first{i}", inbox)
+                backend.publish(f"first{i}", f"m{i}")
+                inbox.wait_payload(f"m{i}", channel=f"first{i}")
+                sub.unsubscribe(f"first{i}")
