@@ -63,12 +63,18 @@ class Subscriber:
         self.connected_since: float | None = None
         self.last_resync_at: float | None = None
         self.probe_rtt: float | None = None
+        #: time.time() of the last proof that the connection hears: a read that brought
+        #: something (a message, a probe's answer) or a confirmed LISTEN/SUBSCRIBE.
+        self.last_heard: float | None = None
+        # last_heard of the connection that was lost: where the next resyncs' window opens.
+        self._lost_since: float | None = None
         self._pid = os.getpid()
         self._config = backend.config
         self._lock = threading.RLock()
         self._callbacks: dict[str, list[Callback]] = {}
         self._pending: OrderedDict[tuple[str, str, bool], Message] = OrderedDict()
-        self._overflowed: set[str] = set()
+        # Channel -> when its first message was dropped from the full queue.
+        self._overflowed: dict[str, float] = {}
         # How many of the pending messages each channel holds, to know who floods.
         self._queued: Counter[str] = Counter()
         self._signalled = False
@@ -133,7 +139,7 @@ class Subscriber:
             for key in [key for key in self._pending if key[0] == channel]:
                 del self._pending[key]
             self._queued.pop(channel, None)
-            self._overflowed.discard(channel)
+            self._overflowed.pop(channel, None)
         if self._listener is not None:
             self._request(wire)
 
@@ -285,16 +291,16 @@ class Subscriber:
                 len(self._pending),
                 channel,
             )
-        self._overflowed.add(channel)
+        self._overflowed.setdefault(channel, time.time())
 
     def _take_pending(self) -> list[Message]:
         with self._lock:
             batch = list(self._pending.values())
             self._pending.clear()
             self._queued.clear()
-            for channel in sorted(self._overflowed):
+            for channel, since in sorted(self._overflowed.items()):
                 if not any(m.channel == channel and m.resync for m in batch):
-                    batch.append(Message(channel, "", resync=True))
+                    batch.append(Message(channel, "", resync=True, since=since))
                     count(self.stats, "resyncs", self.backend.name, channel)
             self._overflowed.clear()
             if self._signalled:
@@ -391,6 +397,7 @@ class Subscriber:
                 # nothing; every other channel may have, so it gets a resync.
                 fresh = {r.channel for r in self._requests}
                 self._answer_requests(transport, listening)
+                self.last_heard = time.time()
                 attempt = 0
                 missed = listening - fresh - {self._probe_channel, self._control_channel}
                 if replaying:
@@ -431,13 +438,16 @@ class Subscriber:
         if channel is not None:
             count(self.stats, "resyncs", self.backend.name, channel)
             self.last_resync_at = time.time()
-            self._enqueue(Message(channel, "", resync=True))
+            self._enqueue(Message(channel, "", resync=True, since=self._lost_since))
 
     def _on_disconnected(self, exc: BaseException) -> None:
         cause = f"{type(exc).__name__}: {exc}".strip()
         if self.last_error is None:
             self._log_outage(cause)
         self.last_error = cause
+        # Only a connection that heard since the last loss moves the window's start.
+        if self.last_heard is not None:
+            self._lost_since = self.last_heard
         count(self.stats, "reconnects", self.backend.name, error=exc)
         self._answer_requests(None, set())
 
@@ -498,7 +508,10 @@ class Subscriber:
                 buffered = True
             if buffered or transport.fileno() in ready:
                 buffered = False
-                for wire, payload in transport.read():
+                items = list(transport.read())
+                if items:
+                    self.last_heard = time.time()
+                for wire, payload in items:
                     if payload is None:
                         # A replaying transport whose history no longer reaches back.
                         self._resync(wire)

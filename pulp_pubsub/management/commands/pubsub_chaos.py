@@ -6,6 +6,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pulp_pubsub.chaos import ChaosConfig, run
+from pulp_pubsub.chaos.mutations import MUTATIONS
 from pulp_pubsub.chaos.targets import PROXY_FAULTS, SERVER_FAULTS, TARGETS
 
 
@@ -37,11 +38,34 @@ class Command(BaseCommand):
             help="Comma-separated fault kinds (default: all the backend supports): "
             + ", ".join(SERVER_FAULTS + PROXY_FAULTS),
         )
+        parser.add_argument(
+            "--quiet-phase",
+            type=float,
+            default=3.0,
+            help="Seconds of the fault-free phase that ends the run, in which every message "
+            "must arrive and no resync may.",
+        )
+        parser.add_argument(
+            "--resync-margin",
+            type=float,
+            default=0.5,
+            help="How far before a subscriber's last proof of hearing a resync still covers a "
+            "lost message (seconds).",
+        )
+        parser.add_argument(
+            "--mutation",
+            choices=MUTATIONS,
+            help="Break the subscribers on purpose (drop_1pct: one message in a hundred; "
+            "drop_after_reconnect: every message in the second after a reconnect); the run "
+            "must then fail and name the lost messages.",
+        )
         parser.add_argument("--seed", type=int, help="Seed of the fault schedule.")
         parser.add_argument("--workdir", help="Directory for the subscribers' logs.")
         parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["quiet_phase"] <= 0 or options["resync_margin"] < 0:
+            raise CommandError("--quiet-phase must be positive and --resync-margin not negative.")
         for name in ("duration", "rate"):
             if options[name] <= 0:
                 raise CommandError(f"--{name} must be positive.")
@@ -61,6 +85,9 @@ class Command(BaseCommand):
             faults=faults,
             seed=options["seed"],
             workdir=options["workdir"],
+            quiet=options["quiet_phase"],
+            resync_margin=options["resync_margin"],
+            mutation=options["mutation"],
         )
         quiet = options["json"] or options["verbosity"] < 1
 
