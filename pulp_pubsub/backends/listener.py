@@ -13,6 +13,7 @@ so a slow handler cannot starve the connection or its probe.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import threading
@@ -23,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ConnectionLost, InvalidChannel, SubscriberClosed
+from ..exceptions import ConnectionLost, Deaf, InvalidChannel, SubscriberClosed
 from ..introspection import CONTROL_CHANNEL, REPLY_PREFIX, answer_query
 from ..message import Message
 from ..metrics import count, record_probe_rtt, track
@@ -44,6 +45,8 @@ RESERVED_PREFIXES = (PROBE_PREFIX, REPLY_PREFIX)
 #: At most one WARNING about a lost connection per subscriber in this many
 #: seconds, so a flapping connection or a long outage does not flood the log.
 OUTAGE_LOG_INTERVAL = 60.0
+#: A hear check waits for its own message this long at least, whatever probe_timeout says.
+HEAR_TIMEOUT_MIN = 1.0
 
 
 @dataclass
@@ -63,6 +66,9 @@ class Subscriber:
         self.connected_since: float | None = None
         self.last_resync_at: float | None = None
         self.probe_rtt: float | None = None
+        #: The last connection failed its hear check (see Transport.hear_interval).
+        self.deaf = False
+        self._deaf_logged_at: float | None = None
         #: time.time() of the last proof that the connection hears: a read that brought
         #: something (a message, a probe's answer) or a confirmed LISTEN/SUBSCRIBE.
         self.last_heard: float | None = None
@@ -355,9 +361,13 @@ class Subscriber:
         with self._lock:
             return {self.backend.wire_name(channel) for channel in self._callbacks}
 
-    def _answer_requests(self, transport: Transport | None, listening: set[str]) -> None:
-        """Bring ``listening`` in line with the callbacks, then release waiters."""
+    def _answer_requests(self, transport: Transport | None, listening: set[str]) -> bool:
+        """Bring ``listening`` in line with the callbacks, then release waiters.
+
+        Returns whether it LISTENed to a new channel.
+        """
         answered = []
+        added = False
         while self._requests:
             answered.append(self._requests.popleft())
         applied = False
@@ -366,6 +376,7 @@ class Subscriber:
                 wanted = self._wanted() | {self._probe_channel, self._control_channel}
                 if wanted - listening:
                     transport.listen(sorted(wanted - listening))
+                    added = True
                 if listening - wanted:
                     transport.unlisten(sorted(listening - wanted))
                 listening.clear()
@@ -377,6 +388,7 @@ class Subscriber:
             for request in answered:
                 request.applied = applied
                 request.done.set()
+        return added
 
     def _listen_forever(self) -> None:
         try:
@@ -402,8 +414,13 @@ class Subscriber:
                 missed = listening - fresh - {self._probe_channel, self._control_channel}
                 if replaying:
                     count(self.stats, "replays", self.backend.name)
-                self._on_connected(set() if replaying else missed)
-                self._serve(transport, listening)
+                missed = set() if replaying else missed
+                if transport.hear_interval() is None:
+                    self._on_connected(missed)
+                    self._serve(transport, listening, None)
+                else:
+                    # Connected means hearing: that waits for the first hear check.
+                    self._serve(transport, listening, missed)
             except Exception as exc:
                 if self._closed.is_set():
                     break
@@ -428,6 +445,7 @@ class Subscriber:
                 time.monotonic() - self._outage_started,
             )
         self.last_error = None
+        self.deaf = False
         self.connected_since = time.time()
         self._connected.set()
         for wire in sorted(missed):
@@ -442,7 +460,14 @@ class Subscriber:
 
     def _on_disconnected(self, exc: BaseException) -> None:
         cause = f"{type(exc).__name__}: {exc}".strip()
-        if self.last_error is None:
+        if isinstance(exc, Deaf):
+            self.deaf = True
+            count(self.stats, "deaf", self.backend.name, error=exc)
+            now = time.monotonic()
+            if self._deaf_logged_at is None or now - self._deaf_logged_at >= OUTAGE_LOG_INTERVAL:
+                self._deaf_logged_at = now
+                logger.error("%s", exc)
+        elif self.last_error is None:
             self._log_outage(cause)
         self.last_error = cause
         # Only a connection that heard since the last loss moves the window's start.
@@ -487,24 +512,39 @@ class Subscriber:
                 # channel is listened to (and resynced) on reconnect.
                 self._answer_requests(None, set())
 
-    def _serve(self, transport: Transport, listening: set[str]) -> None:
+    def _serve(
+        self, transport: Transport, listening: set[str], unconfirmed: set[str] | None
+    ) -> None:
+        """Read, probe and hear-check until the connection fails.
+
+        ``unconfirmed``: the connection's hear check is still owed, and these channels'
+        resyncs wait for it (None: connected already).
+        """
         interval = self._config["probe_interval"]
         probe_timeout = self._config["probe_timeout"]
+        hear_interval = transport.hear_interval()
+        hear_timeout = max(probe_timeout, HEAR_TIMEOUT_MIN)
         next_probe = time.monotonic() + interval
         token: str | None = None
         sent_at = deadline = 0.0
+        # The hear check: due at once on a transport that needs one.
+        next_hear = time.monotonic() if hear_interval is not None else math.inf
+        hear_token: str | None = None
+        hear_deadline = math.inf
         # A transport that waited for a reply (to its LISTEN or SUBSCRIBE) may
         # have read messages along with it into its client library's buffer;
         # its socket is then no longer readable, so read once without waiting.
         buffered = True
         while not self._closed.is_set():
-            wait = 0.0 if buffered else (deadline if token else next_probe) - time.monotonic()
+            due = min(deadline if token else next_probe, hear_deadline if hear_token else next_hear)
+            wait = 0.0 if buffered else due - time.monotonic()
             ready = wait_readable([transport.fileno(), self._control_r], max(wait, 0))
             if self._closed.is_set():
                 return
             if self._control_r in ready:
                 drain(self._control_r)
-                self._answer_requests(transport, listening)
+                if self._answer_requests(transport, listening) and hear_interval is not None:
+                    next_hear = min(next_hear, time.monotonic())  # after every LISTEN
                 buffered = True
             if buffered or transport.fileno() in ready:
                 buffered = False
@@ -521,6 +561,11 @@ class Subscriber:
                             self.probe_rtt = time.monotonic() - sent_at
                             record_probe_rtt(self.backend.name, self.probe_rtt)
                             token = None
+                        elif hear_token and payload == hear_token:
+                            hear_token, hear_deadline = None, math.inf
+                            if unconfirmed is not None:
+                                self._on_connected(unconfirmed)
+                                unconfirmed = None
                         continue
                     if wire == self._control_channel:
                         answer_query(self, transport, payload)
@@ -539,6 +584,17 @@ class Subscriber:
                 token = uuid.uuid4().hex
                 sent_at, deadline, next_probe = now, now + probe_timeout, now + interval
                 transport.probe(self._probe_channel, token)
+                self.stats["probes"] += 1
+            if hear_token and now >= hear_deadline:
+                raise Deaf(transport.deaf(hear_timeout))
+            if not hear_token and now >= next_hear and hear_interval is not None:
+                # Rare on purpose: a NOTIFY wakes every listening session of the database.
+                hear_token = "hear " + uuid.uuid4().hex
+                transport.hear(self._probe_channel, hear_token)
+                self.stats["hear_checks"] += 1
+                now = time.monotonic()
+                hear_deadline = now + hear_timeout
+                next_hear = now + hear_interval * random.uniform(0.75, 1.0)
 
     def _release_pipes(self, exiting: bool = False) -> None:
         """Close the pipes once closed and no thread of ours can touch them.

@@ -40,6 +40,7 @@ from .pgsession import ServerError, Session, Timeout, check, scrub, text
 logger = logging.getLogger(__name__)
 
 PUBLISHER_NAME = "pulp-pubsub publisher"
+HEAR_NAME = "pulp-pubsub hear check"
 ADMIN_NAME = "pulp-pubsub admin"
 NOTIFY = "SELECT pg_notify(%s, %s)"
 NOTIFY_BOUND = b"SELECT pg_notify($1, $2)"
@@ -149,6 +150,49 @@ class PostgresTransport(Transport):
             raise ConnectionLost(f"probe failed: {scrub(exc, self.backend.secret)}") from None
         self._probes.append((channel, payload))
 
+    def hear_interval(self) -> float | None:
+        # The probe above is a Sync of this very session: it proves the session is alive,
+        # not that it hears. Behind a transaction pooler (PgBouncer in transaction mode)
+        # the LISTEN lands on whichever server connection the pooler lends, which goes back
+        # to the pool at once: notifications for it are never passed on.
+        interval = self.backend.config["hear_interval"]
+        return math.inf if interval is None else float(interval)
+
+    def hear(self, channel: str, payload: str) -> None:
+        # From a short connection of its own, to where Django's connection goes, as any
+        # publisher's NOTIFY would travel. Never on this session: PostgreSQL delivers a
+        # session's own NOTIFY to itself at commit, and a pooler passes that answer on, so a
+        # deaf session would hear its own message and nothing else.
+        timeout = self.backend.config["connect_timeout"]
+        deadline = time.monotonic() + timeout
+        session = None
+        try:
+            session = Session(
+                self.backend.connection_params(HEAR_NAME), self.backend.secret, deadline
+            )
+            session.run(
+                NOTIFY_BOUND, [channel.encode(), payload.encode()], deadline - time.monotonic()
+            )
+        except (PubSubError, psycopg.Error) as exc:
+            raise ConnectionLost(f"hear check failed: {scrub(exc, self.backend.secret)}") from None
+        finally:
+            if session is not None:
+                session.close()
+
+    def deaf(self, timeout: float) -> str:
+        where = (
+            "PUBSUB_URL"
+            if self.backend.url
+            else f"Django's database {self.backend.database_alias!r}"
+        )
+        return (
+            f"The PostgreSQL subscriber is deaf: its LISTEN session did not hear a NOTIFY sent "
+            f"to it within {timeout:g} s. The connection ({where}) most likely goes through a "
+            "transaction pooler (PgBouncer in transaction pooling mode, RDS Proxy and the "
+            "like), which cannot carry LISTEN. Set PUBSUB_URL to a direct connection to the "
+            "PostgreSQL server, not through the pooler (or use another PUBSUB_BACKEND)."
+        )
+
     def send_from_listener(self, channel: str, payload: str) -> None:
         # A real NOTIFY (an introspection answer), sent without waiting: read()
         # checks its result when it arrives.
@@ -185,6 +229,10 @@ class PostgresBackend(BaseBackend):
         # (logged when over half full); None: never, so idle subscribers cost
         # the database no transactions. pubsub_channels reads it regardless.
         "queue_check_interval": None,
+        # Seconds between a subscriber's hear checks (a NOTIFY to itself from another
+        # connection, proving its LISTEN session hears); one also follows every LISTEN.
+        # Rare, as each NOTIFY wakes every listening session; None: only after a LISTEN.
+        "hear_interval": 600.0,
     }
 
     def __init__(
@@ -197,14 +245,17 @@ class PostgresBackend(BaseBackend):
         super().__init__(url, options, channel_prefix, publish_on_commit)
         self.database_alias = self._check_alias(self.config["database"])
         self.listener_name = self._check_application_name(self.config["application_name"])
-        interval = self.config["queue_check_interval"]
-        if interval is not None and (
-            isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0
-        ):
-            raise ImproperlyConfigured(
-                "Option 'queue_check_interval' for PostgresBackend must be a positive number "
-                f"of seconds or None, not {interval!r}."
-            )
+        for option in ("queue_check_interval", "hear_interval"):
+            interval = self.config[option]
+            if interval is not None and (
+                isinstance(interval, bool)
+                or not isinstance(interval, (int, float))
+                or interval <= 0
+            ):
+                raise ImproperlyConfigured(
+                    f"Option {option!r} for PostgresBackend must be a positive number "
+                    f"of seconds or None, not {interval!r}."
+                )
         # PostgreSQL defers a NOTIFY to commit only on the transaction's own
         # connection; a PUBSUB_URL server publishes on a connection of ours.
         self.defers_natively = url is None
@@ -431,6 +482,15 @@ class PostgresBackend(BaseBackend):
             warnings.append(f"Could not query the server: {scrub(exc, self.secret)}")
         info["warnings"] = warnings
         return info
+
+    def deaf_hint(self) -> str:
+        if self.url is not None:
+            return ""
+        return (
+            " If Django's database connection goes through a transaction pooler (PgBouncer in "
+            "transaction pooling mode, RDS Proxy), LISTEN cannot work through it: set "
+            "PUBSUB_URL to a direct connection to the PostgreSQL server."
+        )
 
     def subscriber_counts(self, channels: Collection[str]) -> dict[str, int] | None:
         """PostgreSQL cannot tell per channel; describe() has the listener total."""
