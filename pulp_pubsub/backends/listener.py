@@ -414,13 +414,8 @@ class Subscriber:
                 missed = listening - fresh - {self._probe_channel, self._control_channel}
                 if replaying:
                     count(self.stats, "replays", self.backend.name)
-                missed = set() if replaying else missed
-                if transport.hear_interval() is None:
-                    self._on_connected(missed)
-                    self._serve(transport, listening, None)
-                else:
-                    # Connected means hearing: that waits for the first hear check.
-                    self._serve(transport, listening, missed)
+                self._on_connected(set() if replaying else missed)
+                self._serve(transport, listening)
             except Exception as exc:
                 if self._closed.is_set():
                     break
@@ -438,18 +433,26 @@ class Subscriber:
             attempt += 1
 
     def _on_connected(self, missed: set[str]) -> None:
-        if self.last_error is not None:
+        if self.last_error is not None and not self.deaf:
             (logger.info if self._outage_warned else logger.debug)(
                 "Pub/sub %s subscriber reconnected after %.1f s.",
                 self.backend.name,
                 time.monotonic() - self._outage_started,
             )
-        self.last_error = None
-        self.deaf = False
         self.connected_since = time.time()
-        self._connected.set()
+        # A subscriber found deaf stays not connected, its error standing, until a hear
+        # check on a new connection comes back.
+        if not self.deaf:
+            self.last_error = None
+            self._connected.set()
         for wire in sorted(missed):
             self._resync(wire)
+
+    def _on_hearing(self) -> None:
+        logger.info("Pub/sub %s subscriber hears again.", self.backend.name)
+        self.deaf = False
+        self.last_error = None
+        self._connected.set()
 
     def _resync(self, wire: str) -> None:
         channel = self.backend.channel_name(wire)
@@ -512,14 +515,8 @@ class Subscriber:
                 # channel is listened to (and resynced) on reconnect.
                 self._answer_requests(None, set())
 
-    def _serve(
-        self, transport: Transport, listening: set[str], unconfirmed: set[str] | None
-    ) -> None:
-        """Read, probe and hear-check until the connection fails.
-
-        ``unconfirmed``: the connection's hear check is still owed, and these channels'
-        resyncs wait for it (None: connected already).
-        """
+    def _serve(self, transport: Transport, listening: set[str]) -> None:
+        """Read, probe and hear-check until the connection fails."""
         interval = self._config["probe_interval"]
         probe_timeout = self._config["probe_timeout"]
         hear_interval = transport.hear_interval()
@@ -563,9 +560,8 @@ class Subscriber:
                             token = None
                         elif hear_token and payload == hear_token:
                             hear_token, hear_deadline = None, math.inf
-                            if unconfirmed is not None:
-                                self._on_connected(unconfirmed)
-                                unconfirmed = None
+                            if self.deaf:
+                                self._on_hearing()
                         continue
                     if wire == self._control_channel:
                         answer_query(self, transport, payload)

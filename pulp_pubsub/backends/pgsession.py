@@ -159,6 +159,40 @@ class Session:
             self.conn.close()
 
 
+def run_on(
+    pgconn: pq.abc.PGconn, query: bytes, params: Sequence[bytes], deadline: float
+) -> list[Any]:
+    """Run one query on a connection that is not ours (Django's), giving up at ``deadline``.
+
+    psycopg's ``execute()`` would wait for a frozen server for ever: TCP settings
+    (``tcp_user_timeout``, keepalives) cannot help, as a stopped server's kernel still
+    acknowledges every byte. On :class:`Timeout` the query is still in flight and the
+    connection unusable: the caller must close it.
+    """
+    pgconn.send_query_params(query, list(params))
+    while pgconn.flush():
+        _wait_socket(pgconn.socket, deadline, write=True)
+    out: list[Any] = []
+    while True:
+        while pgconn.is_busy():
+            _wait_socket(pgconn.socket, deadline)
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            return out
+        out.append(result)
+
+
+def _wait_socket(socket: int, deadline: float, write: bool = False) -> None:
+    left = deadline - time.monotonic()
+    if left > 0:
+        poller = select.poll()
+        poller.register(socket, select.POLLOUT if write else select.POLLIN)
+        if poller.poll(left * 1000):
+            return
+    raise Timeout("the server did not answer in time")
+
+
 def connect_by(params: dict[str, Any], deadline: float) -> psycopg.Connection[Any]:
     """``psycopg.connect()`` that gives up at ``deadline``.
 

@@ -35,7 +35,7 @@ try:
 except ImportError as exc:
     raise MissingDependency("postgres", "postgres", exc) from exc
 
-from .pgsession import ServerError, Session, Timeout, check, scrub, text
+from .pgsession import ServerError, Session, Timeout, check, run_on, scrub, text
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +57,15 @@ QUEUE_WARNING = 0.5
 _PYTHON_ONLY = ("cursor_factory", "context", "prepare_threshold", "row_factory", "autocommit")
 
 
-def _notify_on(connection: Any, channel: str, payload: str) -> None:
+def _notify_on(connection: Any, channel: str, payload: str, timeout: float) -> None:
     """NOTIFY on Django's ``connection``: its session, in its transaction if any.
 
-    Straight through the underlying psycopg connection, with the checks that
-    Django's cursor makes; its cursor wrapper would cost about as much again
-    as the round trip itself. Django's cursor is still used when it has work
-    to do: execute wrappers to run, or queries to log.
+    Straight through the underlying libpq connection, with the checks that Django's cursor
+    makes, and with a deadline: a frozen server makes this raise :class:`Timeout` after
+    ``timeout`` seconds, with the connection closed (its transaction, if any, is lost; the
+    server could not have committed it either). Django's cursor, which waits without a
+    bound, is used only when it has work to do: execute wrappers to run, or queries to log
+    (``DEBUG``).
     """
     if connection.execute_wrappers or connection.queries_logged:
         with connection.cursor() as cursor:
@@ -73,8 +75,27 @@ def _notify_on(connection: Any, channel: str, payload: str) -> None:
     connection.ensure_connection()
     connection.validate_thread_sharing()
     connection.validate_no_broken_transaction()
+    raw = connection.connection
+    deadline = time.monotonic() + timeout
     with connection.wrap_database_errors:
-        connection.connection.execute(NOTIFY, [channel, payload]).close()
+        if not raw.lock.acquire(timeout=max(0.0, timeout)):
+            raise Timeout("another thread holds this connection")
+        try:
+            results = run_on(
+                raw.pgconn, NOTIFY_BOUND, [channel.encode(), payload.encode()], deadline
+            )
+        except Timeout:
+            raw.lock.release()
+            connection.close()
+            raise
+        except psycopg.Error:
+            raw.lock.release()
+            raise
+        raw.lock.release()
+    try:
+        check(results)
+    except ServerError as exc:
+        raise DatabaseError(str(exc)) from None
 
 
 class PostgresTransport(Transport):
@@ -354,9 +375,13 @@ class PostgresBackend(BaseBackend):
     def _send_on_django(self, channel: str, payload: str) -> None:
         connection = connections[self.database_alias]
         had_connection = connection.connection is not None
+        timeout = self.config["publish_timeout"]
+        started = time.monotonic()
         try:
-            _notify_on(connection, channel, payload)
+            _notify_on(connection, channel, payload, timeout)
             return
+        except Timeout as exc:
+            raise PublishError(self._failure(channel, exc)) from None
         except DatabaseError as exc:
             raw = connection.connection
             dead = raw is None or raw.closed or getattr(raw, "broken", False)
@@ -366,7 +391,9 @@ class PostgresBackend(BaseBackend):
         # timeout). Outside a transaction a fresh one loses nothing.
         connection.close()
         try:
-            _notify_on(connection, channel, payload)
+            _notify_on(connection, channel, payload, timeout - (time.monotonic() - started))
+        except Timeout as exc:
+            raise PublishError(self._failure(channel, exc)) from None
         except DatabaseError as exc:
             raise PublishError(self._failure(channel, exc)) from exc
 
