@@ -13,7 +13,6 @@ so a slow handler cannot starve the connection or its probe.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import random
 import threading
@@ -28,6 +27,7 @@ from ..exceptions import ConnectionLost, Deaf, InvalidChannel, SubscriberClosed
 from ..introspection import CONTROL_CHANNEL, REPLY_PREFIX, answer_query
 from ..message import Message
 from ..metrics import count, record_probe_rtt, track
+from .hearing import HEAR_TIMEOUT_MIN, HearCheck
 from .selfpipe import close_fds, drain, make_pipe, poke, wait_readable
 
 if TYPE_CHECKING:
@@ -45,8 +45,6 @@ RESERVED_PREFIXES = (PROBE_PREFIX, REPLY_PREFIX)
 #: At most one WARNING about a lost connection per subscriber in this many
 #: seconds, so a flapping connection or a long outage does not flood the log.
 OUTAGE_LOG_INTERVAL = 60.0
-#: A hear check waits for its own message this long at least, whatever probe_timeout says.
-HEAR_TIMEOUT_MIN = 1.0
 
 
 @dataclass
@@ -519,29 +517,24 @@ class Subscriber:
         """Read, probe and hear-check until the connection fails."""
         interval = self._config["probe_interval"]
         probe_timeout = self._config["probe_timeout"]
-        hear_interval = transport.hear_interval()
-        hear_timeout = max(probe_timeout, HEAR_TIMEOUT_MIN)
         next_probe = time.monotonic() + interval
         token: str | None = None
-        sent_at = deadline = 0.0
-        # The hear check: due at once on a transport that needs one.
-        next_hear = time.monotonic() if hear_interval is not None else math.inf
-        hear_token: str | None = None
-        hear_deadline = math.inf
+        sent_at = deadline = answered_at = 0.0
+        hearing = HearCheck(transport, max(probe_timeout, HEAR_TIMEOUT_MIN), interval)
         # A transport that waited for a reply (to its LISTEN or SUBSCRIBE) may
         # have read messages along with it into its client library's buffer;
         # its socket is then no longer readable, so read once without waiting.
         buffered = True
         while not self._closed.is_set():
-            due = min(deadline if token else next_probe, hear_deadline if hear_token else next_hear)
+            due = min(deadline if token else next_probe, hearing.due())
             wait = 0.0 if buffered else due - time.monotonic()
             ready = wait_readable([transport.fileno(), self._control_r], max(wait, 0))
             if self._closed.is_set():
                 return
             if self._control_r in ready:
                 drain(self._control_r)
-                if self._answer_requests(transport, listening) and hear_interval is not None:
-                    next_hear = min(next_hear, time.monotonic())  # after every LISTEN
+                if self._answer_requests(transport, listening):
+                    hearing.after_listen()
                 buffered = True
             if buffered or transport.fileno() in ready:
                 buffered = False
@@ -555,13 +548,12 @@ class Subscriber:
                         continue
                     if wire == self._probe_channel:
                         if payload == token:
-                            self.probe_rtt = time.monotonic() - sent_at
+                            answered_at = time.monotonic()
+                            self.probe_rtt = answered_at - sent_at
                             record_probe_rtt(self.backend.name, self.probe_rtt)
                             token = None
-                        elif hear_token and payload == hear_token:
-                            hear_token, hear_deadline = None, math.inf
-                            if self.deaf:
-                                self._on_hearing()
+                        elif hearing.answered(payload) and self.deaf:
+                            self._on_hearing()
                         continue
                     if wire == self._control_channel:
                         answer_query(self, transport, payload)
@@ -576,21 +568,13 @@ class Subscriber:
             if token and now >= deadline:
                 count(self.stats, "probe_failures", self.backend.name)
                 raise ConnectionLost(f"liveness probe not answered within {probe_timeout} s")
+            if hearing.step(now, answered_at, self._probe_channel, self.stats) and not token:
+                next_probe = now  # is the session alive at all? The probe says.
             if not token and now >= next_probe:
                 token = uuid.uuid4().hex
                 sent_at, deadline, next_probe = now, now + probe_timeout, now + interval
                 transport.probe(self._probe_channel, token)
                 self.stats["probes"] += 1
-            if hear_token and now >= hear_deadline:
-                raise Deaf(transport.deaf(hear_timeout))
-            if not hear_token and now >= next_hear and hear_interval is not None:
-                # Rare on purpose: a NOTIFY wakes every listening session of the database.
-                hear_token = "hear " + uuid.uuid4().hex
-                transport.hear(self._probe_channel, hear_token)
-                self.stats["hear_checks"] += 1
-                now = time.monotonic()
-                hear_deadline = now + hear_timeout
-                next_hear = now + hear_interval * random.uniform(0.75, 1.0)
 
     def _release_pipes(self, exiting: bool = False) -> None:
         """Close the pipes once closed and no thread of ours can touch them.
