@@ -117,6 +117,10 @@ class Publisher(threading.Thread):
             # Keep the cadence, but never burst to catch up after a slow publish.
             due = max(due + self.interval, time.monotonic())
             self.stopping.wait(max(0.0, due - time.monotonic()))
+        # PostgreSQL's default path publishes on this thread's own Django connection.
+        from django.db import connections
+
+        connections.close_all()
 
 
 class _LogCapture(logging.Handler):
@@ -240,7 +244,8 @@ class Chaos:
             secrets=self.target.secrets,
             notes=notes,
             workdir=workdir,
-            publish_limit=config.options["publish_timeout"] + PUBLISH_SLACK,
+            publish_limit=self.target.publish_bound() + PUBLISH_SLACK,
+            publish_path=self.target.publish_path,
             final_seq=self.final_seq,
             quiet_start=self.quiet_start,
         )

@@ -99,6 +99,7 @@ class ChaosReport:
     dropped_messages: list[str] = field(default_factory=list)
     #: Every missing message, "subscriber:channel#seq" (at most MISSING_LISTED of them).
     missing_messages: list[str] = field(default_factory=list)
+    publish_path: str = ""
 
     @property
     def quiet_failures(self) -> int:
@@ -143,7 +144,8 @@ class ChaosReport:
         lines = [
             f"chaos run on {self.backend}: {'PASSED' if self.ok else 'FAILED'}",
             f"  {self.seconds:.0f} s, {self.subscribers} subscribers, {self.channels} channels, "
-            f"{self.rate:g} messages/s, seed {self.seed}",
+            f"{self.rate:g} messages/s, seed {self.seed}"
+            + (f", publishing through {self.publish_path}" if self.publish_path else ""),
             f"  faults injected:     {self.faults} ({kinds})",
             f"  messages published:  {self.published} ({self.publish_failed} publishes failed: "
             f"{errors}; slowest publish {self.publish_max_seconds:.2f} s, "
@@ -208,6 +210,7 @@ def build_report(
     publish_limit: float,
     final_seq: int | None,
     quiet_start: float | None = None,
+    publish_path: str = "",
 ) -> ChaosReport:
     margin = config.resync_margin
     verdicts = [check_invariant(publishes, agent, margin) for agent in agents]
@@ -292,6 +295,7 @@ def build_report(
         quiet_between=_quiet_part(quiet_between, between),
         quiet_final=_quiet_part(quiet_final, final),
         mutation=config.mutation,
+        publish_path=publish_path,
         dropped_by_mutation=sum(len(agent.dropped) for agent in agents),
         dropped_messages=sorted(
             f"{agent.name}:{channel}#{seq}" for agent in agents for channel, seq in agent.dropped
