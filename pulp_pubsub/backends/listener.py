@@ -537,8 +537,11 @@ class Subscriber:
                     hearing.after_listen()
                 buffered = True
             if buffered or transport.fileno() in ready:
-                buffered = False
                 items = list(transport.read())
+                # A transport reads in bounded batches: after a read that brought something,
+                # read again before waiting (the rest may sit in its client's buffer), but
+                # only after the probe below has had its turn.
+                buffered = bool(items)
                 if items:
                     self.last_heard = time.time()
                 for wire, payload in items:

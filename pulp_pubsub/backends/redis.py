@@ -126,6 +126,10 @@ def explain(exc: BaseException, prefix: str = "") -> str:
     return text
 
 
+#: Replies read by one RedisTransport.read() at most.
+READ_BATCH = 500
+
+
 class RedisTransport(Transport):
     """One subscribe-mode connection, read without blocking by the listener."""
 
@@ -187,7 +191,11 @@ class RedisTransport(Transport):
     def read(self) -> list[tuple[str, str]]:
         items, self._early = self._early, []
         conn = self._conn
-        while True:
+        # At most READ_BATCH replies a call: under a flood (a publisher faster than this
+        # subscriber) an unbounded drain would never return to the listener, which would
+        # stop probing and hold the whole backlog in memory. What is left waits in the
+        # socket and the parser; the listener reads again at once (see Subscriber._serve).
+        while len(items) < READ_BATCH:
             # can_read() also sees replies already in the parser's buffer,
             # which leave the socket unreadable: drain until it says no.
             try:
