@@ -25,7 +25,19 @@ from ..exceptions import ConnectionLost, PubSubError
 # Up to the last '@': a password with an unquoted '@' must not leave its tail behind.
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.PIPELINE_SYNC)
+_OK = (
+    pq.ExecStatus.COMMAND_OK,
+    pq.ExecStatus.TUPLES_OK,
+    pq.ExecStatus.PIPELINE_SYNC,
+    pq.ExecStatus.EMPTY_QUERY,
+)
+#: libpq's pipeline mode (a bare Sync as the probe) needs libpq 14.
+PIPELINE_LIBPQ = 140000
+
+
+def has_pipeline() -> bool:
+    """Whether the libpq psycopg runs on has pipeline mode (see checks.W010)."""
+    return pq.version() >= PIPELINE_LIBPQ and pq.__build_version__ >= PIPELINE_LIBPQ
 
 
 def scrub(text: object, secret: str | None = None) -> str:
@@ -91,9 +103,16 @@ class Session:
 
         With no query, a Sync starts no transaction on the server, which just
         answers ReadyForQuery: a PIPELINE_SYNC result, a round trip of this
-        very session that costs the server nothing.
+        very session that costs the server nothing. Without pipeline mode
+        (libpq before 14) an empty query takes its place: EMPTY_QUERY, then
+        ReadyForQuery, with no statement run either.
         """
         self._settle(deadline)
+        if not has_pipeline():
+            self.pgconn.send_query(b"")
+            self.busy = True
+            self._flush(deadline)
+            return
         self.pgconn.enter_pipeline_mode()
         try:
             if query is not None:

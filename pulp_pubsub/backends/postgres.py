@@ -35,7 +35,7 @@ try:
 except ImportError as exc:
     raise MissingDependency("postgres", "postgres", exc) from exc
 
-from .pgsession import ServerError, Session, Timeout, check, run_on, scrub, text
+from .pgsession import ServerError, Session, Timeout, check, has_pipeline, run_on, scrub, text
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class PostgresTransport(Transport):
             raise ConnectionLost(scrub(exc, self.backend.secret).strip()) from None
         items = []
         for result in check(results):
-            if result.status == pq.ExecStatus.PIPELINE_SYNC:
+            if result.status in (pq.ExecStatus.PIPELINE_SYNC, pq.ExecStatus.EMPTY_QUERY):
                 # The server answered a probe: hand the listener its token back.
                 if self._probes:
                     items.append(self._probes.popleft())
@@ -163,7 +163,8 @@ class PostgresTransport(Transport):
         now = time.monotonic()
         query = None
         interval = self.backend.config["queue_check_interval"]
-        if interval and now >= self._queue_check_at:
+        # Without pipeline mode the probe is an empty query, which cannot carry this one.
+        if interval and now >= self._queue_check_at and has_pipeline():
             query, self._queue_check_at = QUEUE_USAGE, now + interval
         try:
             self._session.sync(now + self.backend.config["probe_timeout"], query)
