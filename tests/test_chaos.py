@@ -232,3 +232,26 @@ def test_every_fault_kind_is_named_in_the_command_help():
     help_text = " ".join(parser.format_help().split())
     for kind in SERVER_FAULTS + PROXY_FAULTS:
         assert kind in help_text
+
+
+# -- the committed results ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("page", "long"), [("README.md", False), ("docs/reliability.md", True)])
+def test_the_published_chaos_tables_are_generated_from_the_committed_reports(page, long):
+    """Nothing in them is typed by hand, and the runs they show passed every check."""
+    from pathlib import Path
+
+    from pulp_pubsub.chaos import tables
+
+    root = Path(__file__).resolve().parent.parent
+    paths = [str(root / "docs" / "chaos" / f"{name}.json") for name in ("postgres", "redis")]
+    reports = tables.load(paths)
+    text = (root / page).read_text()
+    between = text.partition(tables.START)[2].partition(tables.END)[0]
+    assert between.strip() == tables.render(reports, long=long).strip()
+    for report in reports:
+        assert report["ok"] and report["missing"] == 0 and report["stuck"] == []
+        for part in (report["quiet_between"], report["quiet_final"]):
+            assert part["expected"] > 0 and part["delivered"] == part["expected"]
+            assert part["resyncs"] == []

@@ -62,8 +62,21 @@ class Command(BaseCommand):
         parser.add_argument("--seed", type=int, help="Seed of the fault schedule.")
         parser.add_argument("--workdir", help="Directory for the subscribers' logs.")
         parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
+        parser.add_argument("--save", help="Also write the report as JSON to this file.")
+        parser.add_argument(
+            "--tables",
+            help="Run nothing: render the results table from these comma-separated saved "
+            "reports into --markdown (between its markers).",
+        )
+        parser.add_argument("--markdown", help="The page whose results table --tables rewrites.")
+        parser.add_argument(
+            "--long", action="store_true", help="With --tables: the long, per-figure table."
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["tables"]:
+            self._tables(options)
+            return
         if options["quiet_phase"] <= 0 or options["resync_margin"] < 0:
             raise CommandError("--quiet-phase must be positive and --resync-margin not negative.")
         for name in ("duration", "rate"):
@@ -100,6 +113,10 @@ class Command(BaseCommand):
             report = run(config, progress)
         except (ValueError, RuntimeError) as exc:
             raise CommandError(f"The chaos run could not run: {exc}") from exc
+        if options["save"]:
+            with open(options["save"], "w") as f:
+                json.dump(report.as_dict(), f, indent=2)
+                f.write("\n")
         if options["json"]:
             self.stdout.write(json.dumps(report.as_dict(), indent=2))
         else:
@@ -107,3 +124,16 @@ class Command(BaseCommand):
             self.stdout.write(style(report.format()))
         if not report.ok:
             raise CommandError(f"The chaos run on {config.backend} failed: see the report above.")
+
+    def _tables(self, options: dict[str, Any]) -> None:
+        from pulp_pubsub.chaos import tables
+
+        if not options["markdown"]:
+            raise CommandError("--tables needs --markdown, the page to rewrite.")
+        paths = [path.strip() for path in options["tables"].split(",") if path.strip()]
+        try:
+            text = tables.render(tables.load(paths), long=options["long"])
+            tables.write(options["markdown"], text)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CommandError(f"Cannot render the chaos tables: {exc}") from exc
+        self.stdout.write(f"Rewrote the chaos results in {options['markdown']}")
