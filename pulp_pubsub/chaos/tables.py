@@ -40,8 +40,10 @@ def _share(part: dict[str, Any]) -> str:
 
 def render(reports: list[dict[str, Any]], long: bool = False) -> str:
     first = reports[0]
+    seconds = sorted(round(r["seconds"]) for r in reports)
+    span = f"{seconds[0]} s" if seconds[0] == seconds[-1] else f"{seconds[0]}–{seconds[-1]} s"
     head = (
-        f"{first['seconds']:.0f} s each, {first['subscribers']} subscribers, "
+        f"{span} of faults and traffic, {first['subscribers']} subscribers, "
         f"{first['rate']:g} messages/s on {first['channels']} channels, resync margin "
         f"{first['resync_margin']:g} s; generated from "
         + ", ".join(f"`docs/chaos/{r['backend']}.json`" for r in reports)
