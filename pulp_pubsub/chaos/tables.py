@@ -41,7 +41,7 @@ def _share(part: dict[str, Any]) -> str:
 def render(reports: list[dict[str, Any]], long: bool = False) -> str:
     first = reports[0]
     seconds = sorted(round(r["seconds"]) for r in reports)
-    span = f"{seconds[0]} s" if seconds[0] == seconds[-1] else f"{seconds[0]}–{seconds[-1]} s"
+    span = f"{seconds[0]} s" if seconds[0] == seconds[-1] else f"{seconds[0]} to {seconds[-1]} s"
     head = (
         f"{span} of faults and traffic, {first['subscribers']} subscribers, "
         f"{first['rate']:g} messages/s on {first['channels']} channels, resync margin "
