@@ -94,6 +94,8 @@ def flood(
             publisher.wait()
             stop.set()
             sampler.join()
+            # What waits now, and the resync owed for what the full queue dropped.
+            sub.dispatch()
             stats = dict(sub.stats)
     finally:
         stop.set()
