@@ -87,6 +87,12 @@ def test_fault_free_stretches_owe_every_message_and_no_resync():
     assert verdict.resyncs == [("sub0", "a", 12.0)]
 
 
+def test_a_late_resync_for_a_loss_before_the_stretch_belongs_to_the_fault():
+    agent = subscriber()
+    agent.add_resync("a", 10.0, since=8.5)  # lost during the fault that ended at 9.0
+    assert check_quiet([], [agent], [(9.0, 15.0)], MARGIN).resyncs == []
+
+
 def test_a_resync_before_the_publish_or_on_another_channel_covers_nothing():
     agent = subscriber()
     agent.add_resync("a", 9.0)

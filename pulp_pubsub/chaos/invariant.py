@@ -158,8 +158,8 @@ def check_quiet(
     """Inside each (start, end) stretch no fault is going on, so nothing may be lost.
 
     A message counts when its publish succeeded, started at or after ``start`` and returned
-    ``margin`` before ``end`` (the next fault may take one still on its way). A resync received
-    anywhere in a stretch is a failure of its own: nothing was broken.
+    ``margin`` before ``end`` (the next fault may take one still on its way). A resync for a
+    loss that began in a stretch is a failure of its own: nothing was broken.
     """
     verdict = QuietVerdict()
     for start, end in stretches:
@@ -176,8 +176,13 @@ def check_quiet(
                 else:
                     verdict.missing.append((agent.name, publish.channel, publish.seq))
             for channel, times in agent.resyncs.items():
+                # A resync whose loss began inside the stretch: the subscriber lost its
+                # connection (or queue room) while nothing was broken. One that arrives in the
+                # stretch for a loss that began in the fault before it is that fault's.
                 verdict.resyncs.extend(
-                    (agent.name, channel, at) for at, _ in times if start <= at <= end
+                    (agent.name, channel, at)
+                    for at, since in times
+                    if start <= at <= end and (since is None or since >= start)
                 )
     return verdict
 
