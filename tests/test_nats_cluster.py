@@ -76,12 +76,14 @@ def fail_over(cluster: NatsCluster, **options: Any) -> dict[str, Any]:
                 node.stop("kill")
                 killed_at = time.time()
                 wait_until(lambda: sub.stats["reconnects"] >= 1, 15, "the loss to be noticed")
-                wait_until(lambda: sub.connected, 30, "the subscriber to reconnect")
+                # JetStream waits for a new stream leader when the killed node led the
+                # stream: up to ~17 s measured here, so a generous bound.
+                wait_until(lambda: sub.connected, 60, "the subscriber to reconnect")
                 reconnected = (sub.connected_since or 0) - killed_at
                 count = len(inbox.payloads())
-                wait_until(lambda: len(inbox.payloads()) > count + 100, 15, "messages to flow")
+                wait_until(lambda: len(inbox.payloads()) > count + 100, 30, "messages to flow")
             last = flow.acked[-1]
-            inbox.wait_payload(last)
+            inbox.wait(lambda messages: last in {m.payload for m in messages}, timeout=30)
             delivered = set(inbox.payloads())
             lost = [p for p in flow.acked if p not in delivered]
             resyncs = [m for m in inbox.messages if m.resync]
