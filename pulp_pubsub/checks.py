@@ -22,6 +22,8 @@ E005 = "pulp_pubsub.E005"  # bad PUBSUB_URL / PUBSUB_PUBLISH_ON_COMMIT type
 E006 = "pulp_pubsub.E006"  # bad introspection settings or control key
 W001 = "pulp_pubsub.W001"  # memory backend in production
 W002 = "pulp_pubsub.W002"  # control key derived from a weak SECRET_KEY
+W010 = "pulp_pubsub.W010"  # libpq older than 14: the PostgreSQL probe falls back
+W011 = "pulp_pubsub.W011"  # NOTIFY on Django's connection, whose connect has no timeout
 
 
 @register(Tags.compatibility)
@@ -90,7 +92,7 @@ def check_production_backend(app_configs: Any = None, **kwargs: Any) -> list[Che
             Warning(
                 "PUBSUB_BACKEND is 'memory': messages never leave the process, so "
                 "separate workers cannot wake each other.",
-                hint="Use postgres, redis or etcd in production.",
+                hint="Use postgres, redis, etcd or nats in production.",
                 id=W001,
             )
         ]
@@ -135,5 +137,63 @@ def check_control_key_strength(app_configs: Any = None, **kwargs: Any) -> list[C
             "default: anyone who guesses it can query the fleet.",
             hint=f"Set a strong SECRET_KEY, or a separate {control_auth.KEY_SETTING}.",
             id=W002,
+        )
+    ]
+
+
+def _postgres_in_use() -> bool:
+    try:
+        return backend_class(get_settings().backend).name == "postgres"
+    except (ImproperlyConfigured, MissingDependency, InvalidBackendError, ImportError):
+        return False  # check_backend says what is wrong
+
+
+@register(Tags.compatibility)
+def check_libpq(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """The PostgreSQL probe is a bare Sync in pipeline mode, which needs libpq 14."""
+    if not _postgres_in_use():
+        return []
+    from .backends.pgsession import has_pipeline
+
+    if has_pipeline():
+        return []
+    from psycopg import pq
+
+    return [
+        Warning(
+            f"psycopg runs on libpq {pq.version()} (built against {pq.__build_version__}), "
+            "older than 14, which has no pipeline mode: the PostgreSQL subscribers' liveness "
+            "probe is an empty query instead of a bare Sync, and queue_check_interval is "
+            "ignored.",
+            hint="Install a newer libpq (or psycopg[binary], which bundles one): pip install "
+            '"psycopg[binary]>=3.1".',
+            id=W010,
+        )
+    ]
+
+
+@register(Tags.compatibility, deploy=True)
+def check_notify_connect_timeout(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """A publish on Django's connection that must connect first is bounded by libpq alone."""
+    config = get_settings()
+    if config.url or not _postgres_in_use():
+        return []
+    from django.db import connections
+
+    options_set = config.options if isinstance(config.options, dict) else {}
+    alias = options_set.get("database", "default")
+    if alias not in connections.settings:
+        return []
+    options = connections.settings[alias].get("OPTIONS") or {}
+    if options.get("connect_timeout"):
+        return []
+    return [
+        Warning(
+            f"DATABASES[{alias!r}] sets no connect_timeout: a publish that has to open Django's "
+            "connection to a PostgreSQL server that does not answer waits for as long as the "
+            "operating system does, beyond publish_timeout.",
+            hint=f'Set DATABASES[{alias!r}]["OPTIONS"]["connect_timeout"] (whole seconds, at '
+            "least 2), e.g. 5.",
+            id=W011,
         )
     ]

@@ -20,6 +20,7 @@ ALIASES: dict[str, str] = {
     "redis": "pulp_pubsub.backends.redis.RedisBackend",
     "etcd": "pulp_pubsub.backends.etcd.EtcdBackend",
     "relay": "pulp_pubsub.backends.relay.RelayBackend",
+    "nats": "pulp_pubsub.backends.nats.NatsBackend",
 }
 
 DEFAULT_BACKEND = "postgres"
@@ -77,6 +78,19 @@ class Options(dict[str, Any]):
             self[key] = value
 
 
+#: URL schemes whose user info, even without a ':', is a secret (a NATS token).
+_USERINFO_IS_SECRET = ("nats://", "tls://")
+
+
+def _hide_userinfo(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not (sep and at):
+        return url
+    user, colon, _ = userinfo.partition(":")
+    return f"{scheme}://{user + ':***' if colon else '***'}@{host}"
+
+
 def secret_url(url: str | None) -> SecretURL | None:
     return None if url is None else SecretURL(url)
 
@@ -115,6 +129,9 @@ def hide_password(url: str | None) -> str | None:
     """Return ``url`` with any password replaced, safe for output and logs."""
     if not url:
         return url
+    if url.lower().startswith(_USERINFO_IS_SECRET):
+        # NATS: comma-separated servers, and a bare user info is a token.
+        return ",".join(_hide_userinfo(item.strip()) for item in url.split(","))
     try:
         parts = urlsplit(url)
     except ValueError:

@@ -30,6 +30,14 @@ class ConnectionLost(PubSubError):
     """A subscriber's connection died; the listener reconnects and resyncs."""
 
 
+class Deaf(ConnectionLost):
+    """A subscriber's connection works but does not hear what others publish.
+
+    Its message says why (a transaction pooler in front of PostgreSQL, say) and how to fix
+    it; the listener logs it at ERROR, counts it (``deaf``) and tries again.
+    """
+
+
 class SubscriberClosed(PubSubError):
     """The subscriber was closed, or belongs to the process it was forked from."""
 

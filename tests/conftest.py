@@ -9,13 +9,11 @@ from pulp_pubsub import registry
 from pulp_pubsub.backends import memory
 from pulp_pubsub.handler import backends
 
-#: Backends the contract tests run on; each has tests/harness_<name>.py.
+#: Backends the contract tests run on; each has tests/harness_<name>.py ("natsjs" is the
+#: nats backend with JetStream replay on).
+DEFAULT_BACKENDS = "memory,postgres,redis,relay,relay_direct,etcd,nats,natsjs"
 CONTRACT_BACKENDS = [
-    name
-    for name in os.environ.get(
-        "PUBSUB_TEST_BACKENDS", "memory,postgres,redis,relay,relay_direct,etcd"
-    ).split(",")
-    if name
+    name for name in os.environ.get("PUBSUB_TEST_BACKENDS", DEFAULT_BACKENDS).split(",") if name
 ]
 
 

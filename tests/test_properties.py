@@ -189,7 +189,10 @@ def test_a_prefixed_name_is_checked_as_a_whole_before_it_reaches_the_server(harn
                 backend.publish(name, "x")
             assert backend.stats["published"] == 0
         else:
-            assert backend.wire_name(name) == wire
+            # A backend may map names to the wire its own way (NATS escapes '.'), one to one.
+            mapped = getattr(harness, "wire_name", lambda prefix, name: prefix + name)
+            assert backend.wire_name(name) == mapped(prefix, name)
+            wire = backend.wire_name(name)
             assert backend.channel_name(wire) == name
     finally:
         backend.close()

@@ -22,7 +22,7 @@ from django.views.debug import SafeExceptionReporterFilter
 from pulp_pubsub import get_backend
 from pulp_pubsub.conf import Options, Secret, SecretURL, get_settings
 from pulp_pubsub.introspection import ControlClient
-from pulp_pubsub.testing import EtcdServer, PostgresServer, RedisServer
+from pulp_pubsub.testing import EtcdServer, NatsServer, PostgresServer, RedisServer
 
 from .reliability_util import FAST
 from .test_security import spellings
@@ -165,6 +165,22 @@ def test_redis_objects_built_every_way_never_show_the_password(settings):
             assert "***" in text
             assert leaks(objects, SECRETS) == []
         backend.close()
+
+
+@pytest.mark.backend
+@pytest.mark.servers
+@pytest.mark.parametrize("auth", ["password", "token"])
+def test_nats_objects_never_show_the_password_or_token(auth):
+    server = NatsServer(user="pulp", password=PASSWORD) if auth == "password" else None
+    server = server or NatsServer(token=PASSWORD)
+    with server:
+        assert QUOTED in server.url
+        with override_settings(PUBSUB_BACKEND="nats", PUBSUB_URL=server.url, PUBSUB_OPTIONS=FAST):
+            backend = get_backend()
+            with everything(backend, connect=True) as objects:
+                assert PASSWORD in (backend.servers[0].credentials or ())  # there, to be found
+                assert leaks(objects, SECRETS) == []
+            backend.close()
 
 
 def test_memory_objects_never_show_a_password_given_to_them():

@@ -25,7 +25,7 @@ from django.test import override_settings
 
 from demo.models import Event
 from pulp_pubsub import get_backend, publish
-from pulp_pubsub.testing import EtcdServer, PostgresServer, RedisServer
+from pulp_pubsub.testing import EtcdServer, NatsServer, PostgresServer, RedisServer
 
 from .conftest import CONTRACT_BACKENDS
 from .reliability_util import FAST, Inbox, dead_url
@@ -36,8 +36,11 @@ from .reliability_util import FAST, Inbox, dead_url
 PASSWORD = "Zq8vKm/Xw3jNp@Lp7Hs:Rt9Yb"
 WRONG_PASSWORD = "Gh4TnQ/Bv6Wq@Mk2Pc"
 #: The relay's secrets (its token, the password of the PostgreSQL it NOTIFYs) are checked
-#: in tests/test_relay.py, against relays of its own.
-SERVER_BACKENDS = [name for name in CONTRACT_BACKENDS if name in ("postgres", "redis", "etcd")]
+#: in tests/test_relay.py, against relays of its own; natsjs is the nats backend again (with
+#: JetStream): the same connection code and secrets.
+SERVER_BACKENDS = [
+    name for name in CONTRACT_BACKENDS if name in ("postgres", "redis", "etcd", "nats")
+]
 #: "unquoted": the operator pasted the password into the URL without quoting it.
 STATES = ["working", "wrong password", "unquoted", "down", "frozen"]
 
@@ -49,7 +52,12 @@ def spellings(secret: str) -> list[str]:
 
 @pytest.fixture(scope="module", params=SERVER_BACKENDS)
 def secured(request) -> Iterator[Any]:
-    launchers = {"postgres": PostgresServer, "redis": RedisServer, "etcd": EtcdServer}
+    launchers: dict[str, Any] = {
+        "postgres": PostgresServer,
+        "redis": RedisServer,
+        "etcd": EtcdServer,
+        "nats": lambda password: NatsServer(user="pulp", password=password),
+    }
     server = launchers[request.param](password=PASSWORD)
     try:
         server.start()

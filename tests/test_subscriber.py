@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import time
 
 import pytest
 from django.test import override_settings
@@ -181,6 +182,38 @@ def test_a_dropped_connection_reconnects_and_resyncs(sub):
     sub.dispatch(timeout=5)
     assert got[-1].payload == "after"
     assert sub.stats["reconnects"] == 1
+
+
+def test_a_resync_says_since_when_messages_may_be_missing(sub):
+    """Its window opens at the lost connection's last read: what came before was heard."""
+    got: list[Message] = []
+    sub.subscribe("a", got.append)
+    before = time.time()
+    publish("a", "heard")
+    sub.dispatch(timeout=5)
+    heard_by = sub.last_heard
+    assert heard_by is not None and heard_by >= before
+    memory.drop_connections()
+    while len(got) < 2:
+        sub.dispatch(timeout=5)
+    resync = got[-1]
+    assert resync.resync and resync.since == heard_by
+    assert resync.since < resync.received_at
+
+
+def test_an_overflow_resync_says_since_when_messages_were_dropped(backend):
+    with override_settings(**MEMORY, PUBSUB_OPTIONS={"max_pending": 1}):
+        got: list[Message] = []
+        with get_backend().subscriber() as sub:
+            sub.subscribe("a", got.append)
+            publish("a", "0")
+            wait_until(lambda: sub.stats["received"] == 1)
+            before = time.time()
+            publish("a", "1")
+            wait_until(lambda: sub.stats["dropped"] == 1)
+            sub.dispatch()
+        [resync] = [m for m in got if m.resync]
+        assert resync.since is not None and before <= resync.since <= resync.received_at
 
 
 def test_subscribing_while_the_server_is_down_resyncs_when_it_returns(backend):

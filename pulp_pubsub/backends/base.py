@@ -162,6 +162,27 @@ class Transport:
         """Send the liveness probe; by default through the backend's publish path."""
         self.backend.send(channel, payload)
 
+    # Hearing. A probe sent through the publish path (the default above) comes back only
+    # if the subscription hears what others publish. A transport whose probe takes a
+    # shorter way (PostgreSQL's is a bare Sync of the LISTEN session) proves it hears
+    # separately: the listener calls hear() after every LISTEN and every hear_interval(),
+    # and treats a hear check that does not come back within probe_timeout as deafness.
+
+    def hear_interval(self) -> float | None:
+        """Seconds between hear checks (inf: only after a LISTEN); None: the probe hears."""
+        return None
+
+    def hear(self, channel: str, payload: str) -> None:
+        """Send ``payload`` on ``channel`` the way other clients publish, not on this connection."""
+        self.backend.send(channel, payload)
+
+    def deaf(self, timeout: float) -> str:
+        """What to tell the operator when a hear check did not come back within ``timeout``."""
+        return (
+            f"The {self.backend.name} subscriber does not hear: a message it sent to itself "
+            f"through the server did not come back within {timeout:g} s."
+        )
+
     def send_from_listener(self, channel: str, payload: str) -> None:
         """Send a message of the listener's own (an introspection answer).
 
@@ -350,6 +371,10 @@ class BaseBackend:
     def subscriber_counts(self, channels: Collection[str]) -> dict[str, int] | None:
         """Live subscribers per channel where the server can tell, else None."""
         return None
+
+    def deaf_hint(self) -> str:
+        """A sentence for an operator whose round trip did not come back (may be empty)."""
+        return ""
 
     def close(self) -> None:
         for sub in list(self._subscribers):

@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..control_auth import Gate, policy
-from ..exceptions import ConnectionLost, InvalidChannel, PubSubError, SubscriberClosed
+from ..exceptions import ConnectionLost, Deaf, InvalidChannel, PubSubError, SubscriberClosed
 from ..introspection import CONTROL_CHANNEL, REPLY_PREFIX, answer_query
 from ..message import Message
 from ..metrics import count, record_probe_rtt, track
 from ..validation import validate_group
 from .base import Handed
+from .hearing import HEAR_TIMEOUT_MIN, HearCheck
 from .selfpipe import close_fds, drain, make_pipe, poke, wait_readable
 
 if TYPE_CHECKING:
@@ -78,6 +79,14 @@ class Subscriber:
         self.connected_since: float | None = None
         self.last_resync_at: float | None = None
         self.probe_rtt: float | None = None
+        #: The last connection failed its hear check (see Transport.hear_interval).
+        self.deaf = False
+        self._deaf_logged_at: float | None = None
+        #: time.time() of the last proof that the connection hears: a read that brought
+        #: something (a message, a probe's answer) or a confirmed LISTEN/SUBSCRIBE.
+        self.last_heard: float | None = None
+        # last_heard of the connection that was lost: where the next resyncs' window opens.
+        self._lost_since: float | None = None
         self._pid = os.getpid()
         self._config = backend.config
         self._lock = threading.RLock()
@@ -85,7 +94,8 @@ class Subscriber:
         # Keyed by (channel, payload, resync, token): a targeted message has a
         # token of its own, so it is never folded into another.
         self._pending: OrderedDict[tuple[str, str, bool, str | None], Message] = OrderedDict()
-        self._overflowed: set[str] = set()
+        # Channel -> when its first message was dropped from the full queue.
+        self._overflowed: dict[str, float] = {}
         # How many of the pending messages each channel holds, to know who floods.
         self._queued: Counter[str] = Counter()
         self._signalled = False
@@ -185,7 +195,7 @@ class Subscriber:
                 del self._pending[key]
             self._give_back([h for h in self._held.values() if h.wire == wire])
             self._queued.pop(channel, None)
-            self._overflowed.discard(channel)
+            self._overflowed.pop(channel, None)
         if self._listener is not None:
             self._request(wire)
 
@@ -422,16 +432,16 @@ class Subscriber:
                 len(self._pending),
                 channel,
             )
-        self._overflowed.add(channel)
+        self._overflowed.setdefault(channel, time.time())
 
     def _take_pending(self) -> list[tuple[Message, str | None]]:
         with self._lock:
             batch = [(message, key[3]) for key, message in self._pending.items()]
             self._pending.clear()
             self._queued.clear()
-            for channel in sorted(self._overflowed):
+            for channel, since in sorted(self._overflowed.items()):
                 if not any(m.channel == channel and m.resync for m, _ in batch):
-                    batch.append((Message(channel, "", resync=True), None))
+                    batch.append((Message(channel, "", resync=True, since=since), None))
                     count(self.stats, "resyncs", self.backend.name, channel)
             self._overflowed.clear()
             if self._signalled:
@@ -486,9 +496,13 @@ class Subscriber:
         with self._lock:
             return {self.backend.wire_name(channel) for channel in self._callbacks}
 
-    def _answer_requests(self, transport: Transport | None, listening: set[str]) -> None:
-        """Bring ``listening`` in line with the callbacks, then release waiters."""
+    def _answer_requests(self, transport: Transport | None, listening: set[str]) -> bool:
+        """Bring ``listening`` in line with the callbacks, then release waiters.
+
+        Returns whether it LISTENed to a new channel.
+        """
         answered = []
+        added = False
         while self._requests:
             answered.append(self._requests.popleft())
         applied = False
@@ -497,6 +511,7 @@ class Subscriber:
                 wanted = self._wanted() | self._private
                 if wanted - listening:
                     transport.listen(sorted(wanted - listening))
+                    added = True
                 if listening - wanted:
                     transport.unlisten(sorted(listening - wanted))
                 listening.clear()
@@ -509,6 +524,7 @@ class Subscriber:
             for request in answered:
                 request.applied = applied
                 request.done.set()
+        return added
 
     def _listen_forever(self) -> None:
         try:
@@ -530,6 +546,7 @@ class Subscriber:
                 # nothing; every other channel may have, so it gets a resync.
                 fresh = {r.channel for r in self._requests}
                 self._answer_requests(transport, listening)
+                self.last_heard = time.time()
                 attempt = 0
                 missed = listening - fresh - self._private
                 if replaying:
@@ -609,30 +626,49 @@ class Subscriber:
             )
 
     def _on_connected(self, missed: set[str]) -> None:
-        if self.last_error is not None:
+        if self.last_error is not None and not self.deaf:
             (logger.info if self._outage_warned else logger.debug)(
                 "Pub/sub %s subscriber reconnected after %.1f s.",
                 self.backend.name,
                 time.monotonic() - self._outage_started,
             )
-        self.last_error = None
         self.connected_since = time.time()
-        self._connected.set()
+        # A subscriber found deaf stays not connected, its error standing, until a hear
+        # check on a new connection comes back.
+        if not self.deaf:
+            self.last_error = None
+            self._connected.set()
         for wire in sorted(missed):
             self._resync(wire)
+
+    def _on_hearing(self) -> None:
+        logger.info("Pub/sub %s subscriber hears again.", self.backend.name)
+        self.deaf = False
+        self.last_error = None
+        self._connected.set()
 
     def _resync(self, wire: str) -> None:
         channel = self.backend.channel_name(wire)
         if channel is not None and wire not in (self._probe_channel, self._control_channel):
             count(self.stats, "resyncs", self.backend.name, channel)
             self.last_resync_at = time.time()
-            self._enqueue(Message(channel, "", resync=True))
+            self._enqueue(Message(channel, "", resync=True, since=self._lost_since))
 
     def _on_disconnected(self, exc: BaseException) -> None:
         cause = f"{type(exc).__name__}: {exc}".strip()
-        if self.last_error is None:
+        if isinstance(exc, Deaf):
+            self.deaf = True
+            count(self.stats, "deaf", self.backend.name, error=exc)
+            now = time.monotonic()
+            if self._deaf_logged_at is None or now - self._deaf_logged_at >= OUTAGE_LOG_INTERVAL:
+                self._deaf_logged_at = now
+                logger.error("%s", exc)
+        elif self.last_error is None:
             self._log_outage(cause)
         self.last_error = cause
+        # Only a connection that heard since the last loss moves the window's start.
+        if self.last_heard is not None:
+            self._lost_since = self.last_heard
         count(self.stats, "reconnects", self.backend.name, error=exc)
         self._answer_requests(None, set())
 
@@ -673,11 +709,13 @@ class Subscriber:
                 self._answer_requests(None, set())
 
     def _serve(self, transport: Transport, listening: set[str]) -> None:
+        """Read, probe and hear-check until the connection fails."""
         interval = self._config["probe_interval"]
         probe_timeout = self._config["probe_timeout"]
         next_probe = time.monotonic() + interval
         token: str | None = None
-        sent_at = deadline = 0.0
+        sent_at = deadline = answered_at = 0.0
+        hearing = HearCheck(transport, max(probe_timeout, HEAR_TIMEOUT_MIN), interval)
         # A transport that waited for a reply (to its LISTEN or SUBSCRIBE) may
         # have read messages along with it into its client library's buffer;
         # its socket is then no longer readable, so read once without waiting.
@@ -686,17 +724,25 @@ class Subscriber:
         while not self._closed.is_set():
             # Asked each turn: a targeting transport opens its second connection on join.
             fds = transport.filenos()
-            wait = 0.0 if buffered else (deadline if token else next_probe) - time.monotonic()
+            due = min(deadline if token else next_probe, hearing.due())
+            wait = 0.0 if buffered else due - time.monotonic()
             ready = wait_readable([*fds, self._control_r], max(wait, 0))
             if self._closed.is_set():
                 return
             if self._control_r in ready:
                 drain(self._control_r)
-                self._answer_requests(transport, listening)
+                if self._answer_requests(transport, listening):
+                    hearing.after_listen()
                 buffered = True
             if buffered or any(fd in ready for fd in fds):
-                buffered = False
-                for item in transport.read():
+                items = list(transport.read())
+                # A transport reads in bounded batches: after a read that brought something,
+                # read again before waiting (the rest may sit in its client's buffer), but
+                # only after the probe below has had its turn.
+                buffered = bool(items)
+                if items:
+                    self.last_heard = time.time()
+                for item in items:
                     if isinstance(item, Handed):
                         self._take(item)
                         continue
@@ -707,9 +753,12 @@ class Subscriber:
                         continue
                     if wire == self._probe_channel:
                         if payload == token:
-                            self.probe_rtt = time.monotonic() - sent_at
+                            answered_at = time.monotonic()
+                            self.probe_rtt = answered_at - sent_at
                             record_probe_rtt(self.backend.name, self.probe_rtt)
                             token = None
+                        elif hearing.answered(payload) and self.deaf:
+                            self._on_hearing()
                         continue
                     if wire == self._control_channel:
                         answer_query(self, transport, wire, payload)
@@ -726,10 +775,13 @@ class Subscriber:
             if token and now >= deadline:
                 count(self.stats, "probe_failures", self.backend.name)
                 raise ConnectionLost(f"liveness probe not answered within {probe_timeout} s")
+            if hearing.step(now, answered_at, self._probe_channel, self.stats) and not token:
+                next_probe = now  # is the session alive at all? The probe says.
             if not token and now >= next_probe:
                 token = uuid.uuid4().hex
                 sent_at, deadline, next_probe = now, now + probe_timeout, now + interval
                 transport.probe(self._probe_channel, token)
+                self.stats["probes"] += 1
 
     def _release_pipes(self, exiting: bool = False) -> None:
         """Close the pipes once closed and no thread of ours can touch them.

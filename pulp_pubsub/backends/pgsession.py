@@ -25,7 +25,19 @@ from ..exceptions import ConnectionLost, PubSubError
 # Up to the last '@': a password with an unquoted '@' must not leave its tail behind.
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
 _KEYWORD_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
-_OK = (pq.ExecStatus.COMMAND_OK, pq.ExecStatus.TUPLES_OK, pq.ExecStatus.PIPELINE_SYNC)
+_OK = (
+    pq.ExecStatus.COMMAND_OK,
+    pq.ExecStatus.TUPLES_OK,
+    pq.ExecStatus.PIPELINE_SYNC,
+    pq.ExecStatus.EMPTY_QUERY,
+)
+#: libpq's pipeline mode (a bare Sync as the probe) needs libpq 14.
+PIPELINE_LIBPQ = 140000
+
+
+def has_pipeline() -> bool:
+    """Whether the libpq psycopg runs on has pipeline mode (see checks.W010)."""
+    return pq.version() >= PIPELINE_LIBPQ and pq.__build_version__ >= PIPELINE_LIBPQ
 
 
 def scrub(text: object, secret: str | None = None) -> str:
@@ -91,9 +103,16 @@ class Session:
 
         With no query, a Sync starts no transaction on the server, which just
         answers ReadyForQuery: a PIPELINE_SYNC result, a round trip of this
-        very session that costs the server nothing.
+        very session that costs the server nothing. Without pipeline mode
+        (libpq before 14) an empty query takes its place: EMPTY_QUERY, then
+        ReadyForQuery, with no statement run either.
         """
         self._settle(deadline)
+        if not has_pipeline():
+            self.pgconn.send_query(b"")
+            self.busy = True
+            self._flush(deadline)
+            return
         self.pgconn.enter_pipeline_mode()
         try:
             if query is not None:
@@ -157,6 +176,40 @@ class Session:
         # A connection inherited through fork() is the parent's: never touch it.
         if self.pid == os.getpid():
             self.conn.close()
+
+
+def run_on(
+    pgconn: pq.abc.PGconn, query: bytes, params: Sequence[bytes], deadline: float
+) -> list[Any]:
+    """Run one query on a connection that is not ours (Django's), giving up at ``deadline``.
+
+    psycopg's ``execute()`` would wait for a frozen server for ever: TCP settings
+    (``tcp_user_timeout``, keepalives) cannot help, as a stopped server's kernel still
+    acknowledges every byte. On :class:`Timeout` the query is still in flight and the
+    connection unusable: the caller must close it.
+    """
+    pgconn.send_query_params(query, list(params))
+    while pgconn.flush():
+        _wait_socket(pgconn.socket, deadline, write=True)
+    out: list[Any] = []
+    while True:
+        while pgconn.is_busy():
+            _wait_socket(pgconn.socket, deadline)
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            return out
+        out.append(result)
+
+
+def _wait_socket(socket: int, deadline: float, write: bool = False) -> None:
+    left = deadline - time.monotonic()
+    if left > 0:
+        poller = select.poll()
+        poller.register(socket, select.POLLOUT if write else select.POLLIN)
+        if poller.poll(left * 1000):
+            return
+    raise Timeout("the server did not answer in time")
 
 
 def connect_by(params: dict[str, Any], deadline: float) -> psycopg.Connection[Any]:

@@ -36,11 +36,12 @@ try:
 except ImportError as exc:
     raise MissingDependency("postgres", "postgres", exc) from exc
 
-from .pgsession import ServerError, Session, Timeout, check, scrub, text
+from .pgsession import ServerError, Session, Timeout, check, has_pipeline, run_on, scrub, text
 
 logger = logging.getLogger(__name__)
 
 PUBLISHER_NAME = "pulp-pubsub publisher"
+HEAR_NAME = "pulp-pubsub hear check"
 ADMIN_NAME = "pulp-pubsub admin"
 NOTIFY = "SELECT pg_notify(%s, %s)"
 NOTIFY_BOUND = b"SELECT pg_notify($1, $2)"
@@ -57,13 +58,15 @@ QUEUE_WARNING = 0.5
 _PYTHON_ONLY = ("cursor_factory", "context", "prepare_threshold", "row_factory", "autocommit")
 
 
-def _notify_on(connection: Any, channel: str, payload: str) -> None:
+def _notify_on(connection: Any, channel: str, payload: str, timeout: float) -> None:
     """NOTIFY on Django's ``connection``: its session, in its transaction if any.
 
-    Straight through the underlying psycopg connection, with the checks that
-    Django's cursor makes; its cursor wrapper would cost about as much again
-    as the round trip itself. Django's cursor is still used when it has work
-    to do: execute wrappers to run, or queries to log.
+    Straight through the underlying libpq connection, with the checks that Django's cursor
+    makes, and with a deadline: a frozen server makes this raise :class:`Timeout` after
+    ``timeout`` seconds, with the connection closed (its transaction, if any, is lost; the
+    server could not have committed it either). Django's cursor, which waits without a
+    bound, is used only when it has work to do: execute wrappers to run, or queries to log
+    (``DEBUG``).
     """
     if connection.execute_wrappers or connection.queries_logged:
         with connection.cursor() as cursor:
@@ -73,8 +76,27 @@ def _notify_on(connection: Any, channel: str, payload: str) -> None:
     connection.ensure_connection()
     connection.validate_thread_sharing()
     connection.validate_no_broken_transaction()
+    raw = connection.connection
+    deadline = time.monotonic() + timeout
     with connection.wrap_database_errors:
-        connection.connection.execute(NOTIFY, [channel, payload]).close()
+        if not raw.lock.acquire(timeout=max(0.0, timeout)):
+            raise Timeout("another thread holds this connection")
+        try:
+            results = run_on(
+                raw.pgconn, NOTIFY_BOUND, [channel.encode(), payload.encode()], deadline
+            )
+        except Timeout:
+            raw.lock.release()
+            connection.close()
+            raise
+        except psycopg.Error:
+            raw.lock.release()
+            raise
+        raw.lock.release()
+    try:
+        check(results)
+    except ServerError as exc:
+        raise DatabaseError(str(exc)) from None
 
 
 class PostgresTransport(Transport):
@@ -117,7 +139,7 @@ class PostgresTransport(Transport):
             raise ConnectionLost(scrub(exc, self.backend.secret).strip()) from None
         items = []
         for result in check(results):
-            if result.status == pq.ExecStatus.PIPELINE_SYNC:
+            if result.status in (pq.ExecStatus.PIPELINE_SYNC, pq.ExecStatus.EMPTY_QUERY):
                 # The server answered a probe: hand the listener its token back.
                 if self._probes:
                     items.append(self._probes.popleft())
@@ -142,13 +164,57 @@ class PostgresTransport(Transport):
         now = time.monotonic()
         query = None
         interval = self.backend.config["queue_check_interval"]
-        if interval and now >= self._queue_check_at:
+        # Without pipeline mode the probe is an empty query, which cannot carry this one.
+        if interval and now >= self._queue_check_at and has_pipeline():
             query, self._queue_check_at = QUEUE_USAGE, now + interval
         try:
             self._session.sync(now + self.backend.config["probe_timeout"], query)
         except psycopg.Error as exc:
             raise ConnectionLost(f"probe failed: {scrub(exc, self.backend.secret)}") from None
         self._probes.append((channel, payload))
+
+    def hear_interval(self) -> float | None:
+        # The probe above is a Sync of this very session: it proves the session is alive,
+        # not that it hears. Behind a transaction pooler (PgBouncer in transaction mode)
+        # the LISTEN lands on whichever server connection the pooler lends, which goes back
+        # to the pool at once: notifications for it are never passed on.
+        interval = self.backend.config["hear_interval"]
+        return math.inf if interval is None else float(interval)
+
+    def hear(self, channel: str, payload: str) -> None:
+        # From a short connection of its own, to where Django's connection goes, as any
+        # publisher's NOTIFY would travel. Never on this session: PostgreSQL delivers a
+        # session's own NOTIFY to itself at commit, and a pooler passes that answer on, so a
+        # deaf session would hear its own message and nothing else.
+        timeout = self.backend.config["connect_timeout"]
+        deadline = time.monotonic() + timeout
+        session = None
+        try:
+            session = Session(
+                self.backend.connection_params(HEAR_NAME), self.backend.secret, deadline
+            )
+            session.run(
+                NOTIFY_BOUND, [channel.encode(), payload.encode()], deadline - time.monotonic()
+            )
+        except (PubSubError, psycopg.Error) as exc:
+            raise ConnectionLost(f"hear check failed: {scrub(exc, self.backend.secret)}") from None
+        finally:
+            if session is not None:
+                session.close()
+
+    def deaf(self, timeout: float) -> str:
+        where = (
+            "PUBSUB_URL"
+            if self.backend.url
+            else f"Django's database {self.backend.database_alias!r}"
+        )
+        return (
+            f"The PostgreSQL subscriber is deaf: its LISTEN session did not hear a NOTIFY sent "
+            f"to it within {timeout:g} s. The connection ({where}) most likely goes through a "
+            "transaction pooler (PgBouncer in transaction pooling mode, RDS Proxy and the "
+            "like), which cannot carry LISTEN. Set PUBSUB_URL to a direct connection to the "
+            "PostgreSQL server, not through the pooler (or use another PUBSUB_BACKEND)."
+        )
 
     def send_from_listener(self, channel: str, payload: str) -> None:
         # A real NOTIFY (an introspection answer), sent without waiting: read()
@@ -186,6 +252,10 @@ class PostgresBackend(BaseBackend):
         # (logged when over half full); None: never, so idle subscribers cost
         # the database no transactions. pubsub_channels reads it regardless.
         "queue_check_interval": None,
+        # Seconds between a subscriber's hear checks (a NOTIFY to itself from another
+        # connection, proving its LISTEN session hears); one also follows every LISTEN.
+        # Rare, as each NOTIFY wakes every listening session; None: only after a LISTEN.
+        "hear_interval": 600.0,
     }
 
     def __init__(
@@ -198,14 +268,17 @@ class PostgresBackend(BaseBackend):
         super().__init__(url, options, channel_prefix, publish_on_commit)
         self.database_alias = self._check_alias(self.config["database"])
         self.listener_name = self._check_application_name(self.config["application_name"])
-        interval = self.config["queue_check_interval"]
-        if interval is not None and (
-            isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval <= 0
-        ):
-            raise ImproperlyConfigured(
-                "Option 'queue_check_interval' for PostgresBackend must be a positive number "
-                f"of seconds or None, not {interval!r}."
-            )
+        for option in ("queue_check_interval", "hear_interval"):
+            interval = self.config[option]
+            if interval is not None and (
+                isinstance(interval, bool)
+                or not isinstance(interval, (int, float))
+                or interval <= 0
+            ):
+                raise ImproperlyConfigured(
+                    f"Option {option!r} for PostgresBackend must be a positive number "
+                    f"of seconds or None, not {interval!r}."
+                )
         # PostgreSQL defers a NOTIFY to commit only on the transaction's own
         # connection; a PUBSUB_URL server publishes on a connection of ours.
         self.defers_natively = url is None
@@ -305,9 +378,13 @@ class PostgresBackend(BaseBackend):
     def _send_on_django(self, channel: str, payload: str) -> None:
         connection = connections[self.database_alias]
         had_connection = connection.connection is not None
+        timeout = self.config["publish_timeout"]
+        started = time.monotonic()
         try:
-            _notify_on(connection, channel, payload)
+            _notify_on(connection, channel, payload, timeout)
             return
+        except Timeout as exc:
+            raise PublishError(self._failure(channel, exc)) from None
         except DatabaseError as exc:
             raw = connection.connection
             dead = raw is None or raw.closed or getattr(raw, "broken", False)
@@ -317,7 +394,9 @@ class PostgresBackend(BaseBackend):
         # timeout). Outside a transaction a fresh one loses nothing.
         connection.close()
         try:
-            _notify_on(connection, channel, payload)
+            _notify_on(connection, channel, payload, timeout - (time.monotonic() - started))
+        except Timeout as exc:
+            raise PublishError(self._failure(channel, exc)) from None
         except DatabaseError as exc:
             raise PublishError(self._failure(channel, exc)) from exc
 
@@ -433,6 +512,15 @@ class PostgresBackend(BaseBackend):
             warnings.append(f"Could not query the server: {scrub(exc, self.secret)}")
         info["warnings"] = warnings
         return info
+
+    def deaf_hint(self) -> str:
+        if self.url is not None:
+            return ""
+        return (
+            " If Django's database connection goes through a transaction pooler (PgBouncer in "
+            "transaction pooling mode, RDS Proxy), LISTEN cannot work through it: set "
+            "PUBSUB_URL to a direct connection to the PostgreSQL server."
+        )
 
     def subscriber_counts(self, channels: Collection[str]) -> dict[str, int] | None:
         """PostgreSQL cannot tell per channel; describe() has the listener total."""

@@ -44,6 +44,7 @@ user also needs ``+xadd +xack +xdel +xreadgroup +xautoclaim +xgroup|create
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import time
@@ -64,7 +65,13 @@ from .base import BaseBackend, Handed, Transport
 try:
     import redis
     from redis.backoff import NoBackoff
-    from redis.connection import AbstractConnection, ConnectionPool, SSLConnection, parse_url
+    from redis.connection import (
+        Connection,
+        ConnectionPool,
+        SSLConnection,
+        UnixDomainSocketConnection,
+        parse_url,
+    )
     from redis.retry import Retry
     from redis.sentinel import (
         Sentinel,
@@ -78,6 +85,23 @@ except ImportError as exc:
 
 # Needs redis-py too: after the check that names the pip extra.
 from .redisgroups import CONSUMER_GROUP, STREAM_MAXLEN, GroupReader, stream_key
+
+# redis-py grew what this module uses over its releases; pulpcore allows 4.3 and later, so
+# each is used only where it exists (tests/test_redis_floor.py runs the suite on 4.3).
+_READ_PARAMS = inspect.signature(Connection.read_response).parameters
+#: read_response(timeout=) (redis-py 8): without it, can_read(timeout) waits first.
+_READ_TAKES_TIMEOUT = "timeout" in _READ_PARAMS
+#: read_response(disconnect_on_error=) (redis-py 4.5): keep the socket on a timeout.
+_KEEP_ON_ERROR = {"disconnect_on_error": False} if "disconnect_on_error" in _READ_PARAMS else {}
+#: protocol= (redis-py 5, with RESP3): pin RESP2; before it, RESP2 was all there was.
+_RESP2 = {"protocol": 2} if int(redis.__version__.split(".")[0]) >= 5 else {}
+
+#: UnixDomainSocketConnection(socket_connect_timeout=) (redis-py 4.4 or so).
+_UNIX_CONNECT_TIMEOUT = (
+    "socket_connect_timeout" in inspect.signature(UnixDomainSocketConnection.__init__).parameters
+    or "kwargs" in inspect.signature(UnixDomainSocketConnection.__init__).parameters
+)
+
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +153,7 @@ class _ProcessClients:
         )
         self.publisher = redis.Redis(connection_pool=pool)
         #: Publishes after commit, made by their thread on first use.
-        self.after_commit: AbstractConnection | None = None
+        self.after_commit: Connection | None = None
 
     def close(self) -> None:
         if self.after_commit is not None:
@@ -137,13 +161,20 @@ class _ProcessClients:
         self.publisher.close()
         self.publisher.connection_pool.disconnect()
         if self.sentinel is not None:
-            self.sentinel.close()
+            if hasattr(self.sentinel, "close"):
+                self.sentinel.close()
+            else:  # redis-py before 5: close each sentinel's client
+                for client in self.sentinel.sentinels:
+                    client.close()
 
 
 def explain(exc: BaseException, prefix: str = "") -> str:
     """The redis-py error with a hint where the usual cause is a setting."""
     text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, redis.AuthenticationError):
+    if isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGPASS"):
+        # redis-py before 4.4 reports a refused AUTH as a plain ResponseError.
+        text = f"AuthenticationError: {exc}"
+    if isinstance(exc, redis.AuthenticationError) or text.startswith("AuthenticationError"):
         return f"{text} (check the user name and password in PUBSUB_URL or PUBSUB_OPTIONS)"
     if isinstance(exc, redis.exceptions.NoPermissionError):
         return (
@@ -151,6 +182,10 @@ def explain(exc: BaseException, prefix: str = "") -> str:
             f"+pubsub|numsub and the channels &{prefix}*)"
         )
     return text
+
+
+#: Replies read by one RedisTransport.read() at most.
+READ_BATCH = 500
 
 
 class RedisTransport(Transport):
@@ -166,7 +201,7 @@ class RedisTransport(Transport):
         self._pool = backend.new_pool(
             backend.clients().sentinel, read_timeout=self._timeout, connect_timeout=self._timeout
         )
-        self._conn = cast(AbstractConnection, self._pool.make_connection())
+        self._conn = cast(Connection, self._pool.make_connection())
         try:
             self._conn.connect()
         except Exception as exc:
@@ -191,7 +226,7 @@ class RedisTransport(Transport):
             if left <= 0:
                 raise ConnectionLost(f"Redis did not confirm SUBSCRIBE within {self._timeout} s")
             try:
-                frame = self._conn.read_response(timeout=left, disconnect_on_error=False)
+                frame = _read_reply(self._conn, left)
             except redis.TimeoutError as exc:
                 raise ConnectionLost(
                     f"Redis did not confirm SUBSCRIBE within {self._timeout} s"
@@ -215,13 +250,17 @@ class RedisTransport(Transport):
     def _read_pubsub(self) -> list[tuple[str, str]]:
         items, self._early = self._early, []
         conn = self._conn
-        while True:
+        # At most READ_BATCH replies a call: under a flood (a publisher faster than this
+        # subscriber) an unbounded drain would never return to the listener, which would
+        # stop probing and hold the whole backlog in memory. What is left waits in the
+        # socket and the parser; the listener reads again at once (see Subscriber._serve).
+        while len(items) < READ_BATCH:
             # can_read() also sees replies already in the parser's buffer,
             # which leave the socket unreadable: drain until it says no.
             try:
                 if not conn.can_read(timeout=0):
                     break
-                frame = conn.read_response(timeout=0, disconnect_on_error=False)
+                frame = _read_reply(conn, 0)
             except redis.TimeoutError:
                 # Part of a reply: the rest is on its way and will make the
                 # socket readable again; the part waits in the parser.
@@ -250,7 +289,7 @@ class RedisTransport(Transport):
             except redis.RedisError as exc:
                 raise ConnectionLost(f"XGROUP CREATE failed: {explain(exc)}") from exc
         if self._reader is None:
-            self._reader = GroupReader(self, explain)
+            self._reader = GroupReader(self, explain, _read_reply)
 
     def want(self, members: frozenset[tuple[str, str]], consumer: str) -> None:
         if self._reader is not None:
@@ -298,6 +337,19 @@ class RedisTransport(Transport):
             self._conn.send_command(*args, check_health=False)
         except redis.RedisError as exc:
             raise ConnectionLost(explain(exc)) from exc
+
+
+def _read_reply(conn: Connection, timeout: float) -> Any:
+    """One reply, or redis.TimeoutError when none is complete within ``timeout``.
+
+    Before redis-py 8 read_response() takes no timeout: can_read() waits for the first byte,
+    and the rest of a reply that has begun to arrive is read within the socket timeout.
+    """
+    if _READ_TAKES_TIMEOUT:
+        return conn.read_response(timeout=timeout, **_KEEP_ON_ERROR)
+    if not conn.can_read(timeout=timeout):
+        raise redis.TimeoutError("no reply in time")
+    return conn.read_response(**_KEEP_ON_ERROR)
 
 
 def _frame(frame: object) -> tuple[bytes, str, str]:
@@ -409,10 +461,13 @@ class RedisBackend(BaseBackend):
             "health_check_interval": 0,
             # RESP2 on every server version: pub/sub replies stay plain
             # arrays, and an ACL user needs no HELLO.
-            "protocol": 2,
+            **_RESP2,
         }
         if "path" not in kwargs:  # TCP, not a unix socket
             kwargs["socket_keepalive"] = True
+        elif not _UNIX_CONNECT_TIMEOUT:
+            # redis-py before 4.4: a unix socket connects at once or fails, with no timeout.
+            del kwargs["socket_connect_timeout"]
         if target.sentinels:
             kwargs["connection_class"] = (
                 SentinelManagedSSLConnection if target.tls else SentinelManagedConnection
@@ -428,7 +483,7 @@ class RedisBackend(BaseBackend):
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),
-            "protocol": 2,
+            **_RESP2,
             "username": self.config["sentinel_username"],
             "password": self.config["sentinel_password"],
         }
@@ -515,12 +570,12 @@ class RedisBackend(BaseBackend):
         for item in batch:
             count(self.stats, "published", self.name, self.channel_name(item.wire))
 
-    def _sender_connection(self) -> AbstractConnection:
+    def _sender_connection(self) -> Connection:
         """The after-commit thread's own connection (no pool: nobody else uses it)."""
         clients = self.clients()
         if clients.after_commit is None:
             pool = clients.publisher.connection_pool
-            clients.after_commit = cast(AbstractConnection, pool.make_connection())
+            clients.after_commit = cast(Connection, pool.make_connection())
         return clients.after_commit
 
     def flush(self, timeout: float | None = None) -> bool:

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, cast
 
 import redis
-from redis.connection import AbstractConnection
+from redis.connection import Connection
 
 from ..exceptions import ConnectionLost
 from .base import Handed
@@ -45,13 +45,20 @@ class GroupReader:
     publish connection; the nil reply then makes way for the new read.
     """
 
-    def __init__(self, transport: RedisTransport, explain: Callable[[BaseException], str]) -> None:
+    def __init__(
+        self,
+        transport: RedisTransport,
+        explain: Callable[[BaseException], str],
+        read_reply: Callable[[Connection, float], Any],
+    ) -> None:
         self.transport = transport
         self.explain = explain
+        # Both from .redis, which knows the redis-py version's ways.
+        self.read_reply = read_reply
         backend = transport.backend
         self.claim_ms = max(1, int(backend.config["claim_timeout"] * 1000))
         self.probe_timeout = backend.config["probe_timeout"]
-        self.conn = cast(AbstractConnection, transport._pool.make_connection())
+        self.conn = cast(Connection, transport._pool.make_connection())
         try:
             self.conn.connect()
             self.conn.send_command("CLIENT", "ID", check_health=False)
@@ -163,7 +170,7 @@ class GroupReader:
             try:
                 if not self.conn.can_read(timeout=0):
                     break
-                reply = self.conn.read_response(timeout=0, disconnect_on_error=False)
+                reply = self.read_reply(self.conn, 0)
             except redis.TimeoutError:
                 break
             except redis.ResponseError as exc:

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..conf import ALIASES, PubSubSettings
 from . import BenchError
-from .raw import EtcdRawClient, PsycopgClient, RawClient, RedisClient
+from .raw import EtcdRawClient, NatsClient, PsycopgClient, RawClient, RedisClient
 from .servers import ServerSet
 
 
@@ -113,6 +113,12 @@ class EtcdAdapter(Adapter):
     raw_client = EtcdRawClient
 
 
+class NatsAdapter(Adapter):
+    name = "nats"
+    server = "nats"
+    raw_client = NatsClient
+
+
 class RelayAdapter(Adapter):
     """A relay over the benchmark's PostgreSQL; writers NOTIFY in their own transaction."""
 
@@ -139,6 +145,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
         RelayAdapter,
         DirectRelayAdapter,
         EtcdAdapter,
+        NatsAdapter,
     )
 }
 

@@ -162,3 +162,71 @@ class EtcdRawClient:
         if self.sock is not None:
             self.sock.close()
         self.publisher.close()
+
+
+class NatsClient:
+    """nats-py as a plain asyncio program would use it, its loops run in the caller's thread.
+
+    Like the layer, one connection listens and one publishes, each on an event loop of its
+    own that runs only inside these calls (no thread): ``fileno()`` is the listening socket,
+    ``read()`` turns its loop until what left the socket is parsed, and running the
+    publisher's loop never reads the listener's socket behind select()'s back.
+    ``publish()`` flushes, as the layer does, so both wait for the server alike.
+    """
+
+    label = "nats-py PUB / SUB (asyncio, no thread)"
+
+    def __init__(self, url: str) -> None:
+        import asyncio
+
+        import nats
+
+        self.loops = [asyncio.new_event_loop(), asyncio.new_event_loop()]
+        self.listener: Any = self.loops[0].run_until_complete(
+            nats.connect(url, allow_reconnect=False)
+        )
+        self.publisher: Any = self.loops[1].run_until_complete(
+            nats.connect(url, allow_reconnect=False)
+        )
+        self.subs: list[Any] = []
+
+    def subscribe(self, channel: str) -> None:
+        listen = self.loops[0].run_until_complete
+        self.subs.append(listen(self.listener.subscribe(channel)))
+        listen(self.listener.flush(5))
+
+    def fileno(self) -> int:
+        sock = self.listener._transport._io_writer.get_extra_info("socket")
+        return int(sock.fileno())
+
+    def read(self) -> list[tuple[str, str]]:
+        return self.loops[0].run_until_complete(self._read())
+
+    async def _read(self) -> list[tuple[str, str]]:
+        import asyncio
+
+        # Once the socket is drained select() would not wake us for what it held.
+        reader = self.listener._transport._io_reader
+        for turn in range(1000):
+            await asyncio.sleep(0)
+            if turn >= 2 and not reader._buffer:
+                break
+        await asyncio.sleep(0)
+        items = []
+        for sub in self.subs:
+            while sub.pending_msgs:
+                msg = await sub.next_msg(timeout=1)
+                items.append((msg.subject, msg.data.decode()))
+        return items
+
+    def publish(self, channel: str, payload: str) -> None:
+        async def send() -> None:
+            await self.publisher.publish(channel, payload.encode())
+            await self.publisher.flush(5)
+
+        self.loops[1].run_until_complete(send())
+
+    def close(self) -> None:
+        for loop, nc in zip(self.loops, (self.listener, self.publisher), strict=True):
+            loop.run_until_complete(nc.close())
+            loop.close()

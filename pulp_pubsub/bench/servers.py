@@ -1,4 +1,4 @@
-"""The PostgreSQL, Redis and etcd servers of one benchmark run.
+"""The PostgreSQL, Redis, etcd, relay and NATS servers of one benchmark run.
 
 A server given by URL is only checked, never stopped: the benchmark refuses
 one that cannot take the connections a run needs (the shared development
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..conf import hide_password
-from ..testing import EtcdServer, PostgresServer, RedisServer, RelayServer
+from ..testing import EtcdServer, NatsServer, PostgresServer, RedisServer, RelayServer
 from ..testing.processes import ServerProcess
 from . import BenchError
 
@@ -38,6 +38,10 @@ def start_etcd() -> ServerProcess:
     return _started(EtcdServer(extra_args=[*timers, "--auto-compaction-retention", "1"]))
 
 
+def start_nats() -> ServerProcess:
+    return _started(NatsServer())
+
+
 def start_relay(postgres_url: str) -> ServerProcess:
     return _started(RelayServer(postgres_url, extra_args=["--max-clients", "10000"]))
 
@@ -55,6 +59,7 @@ LAUNCHERS: dict[str, Callable[[ServerSet], ServerProcess]] = {
     "redis": lambda servers: start_redis(),
     "relay": lambda servers: start_relay(servers.url("postgres")),
     "etcd": lambda servers: start_etcd(),
+    "nats": lambda servers: start_nats(),
 }
 
 

@@ -17,11 +17,16 @@ The invariant, precisely. Every time below is ``time.time()`` on the one machine
   until it began ``close()``, which is after the publisher stopped, so only the start matters.
 - For every *P* and every succeeded *s* with ``t_call(s)`` after *P* subscribed, **either** *P*
   received *s* (a message on *c* with payload ``str(s)``), **or** *P* received a message with
-  ``resync=True`` on *c* whose ``received_at`` is later than ``t_call(s)``. That is "a later
-  resync": a resync is queued only once the new connection's LISTEN/SUBSCRIBE has been
-  confirmed, so a message that reached the server before that moment may be lost and is then
-  covered, while one that reached it after must arrive. ``t_call`` is the earliest moment the
-  message could have reached the server, hence the strict comparison with it.
+  ``resync=True`` on *c* whose window covers *s*. A resync carries ``since``, the last moment
+  *P* had proof that it heard on the connection it lost (a read that brought something, a
+  probe's answer, the confirmed LISTEN/SUBSCRIBE), and its ``received_at``; it covers *s* when
+  ``publish()`` of *s* **returned** after ``since - margin`` and was **called** before
+  ``received_at``. A resync is queued only once the new connection's LISTEN/SUBSCRIBE has been
+  confirmed, so a message that reached the server after that moment must arrive; and one that
+  the server had before *P*'s last proof of hearing (less the margin, for a message accepted
+  but not yet passed on) must have arrived already. Any later resync is not enough.
+- In a **fault-free stretch** (from a fault's recovery to the next fault, and the final phase
+  of the run) every succeeded message must arrive, and no resync may.
 
 Around the invariant the run also counts, and a run passes only when each is 0:
 

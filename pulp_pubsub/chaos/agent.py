@@ -47,11 +47,18 @@ def build_backend(spec: dict[str, Any]) -> Any:
 def run_agent(spec: dict[str, Any], emit: Emit, stop_fd: int) -> None:
     """Subscribe, report, and return once ``stop_fd`` is readable and at EOF (or has data)."""
     backend = build_backend(spec)
+    if spec.get("mutation"):
+        from .mutations import mutate
+
+        def dropped(channel: str, seq: int) -> None:
+            emit({"k": "drop", "c": channel, "s": seq})
+
+        mutate(backend, spec["mutation"], spec["channels"], dropped, spec.get("seed") or 0)
     sub = backend.subscriber()
 
     def on_message(message: Message) -> None:
         if message.resync:
-            emit({"k": "r", "c": message.channel, "t": message.received_at})
+            emit({"k": "r", "c": message.channel, "t": message.received_at, "since": message.since})
             return
         try:
             seq = int(message.payload)

@@ -45,8 +45,16 @@ class ChaosConfig:
     #: Fault kinds to inject (default: every kind the backend's target supports).
     faults: tuple[str, ...] | None = None
     seed: int | None = None
-    #: Random pause between a fault's recovery and the next fault, in seconds.
-    gap: tuple[float, float] = (0.3, 1.5)
+    #: Random fault-free stretch between a fault's recovery and the next fault, in seconds:
+    #: every message published in it must arrive, and no resync may.
+    gap: tuple[float, float] = (0.5, 2.0)
+    #: The fault-free phase at the end of the run, in seconds: the same rule.
+    quiet: float = 3.0
+    #: How far before a subscriber's last proof of hearing a resync still covers a message
+    #: (one the server had taken but not yet passed on). See invariant.covers().
+    resync_margin: float = 0.5
+    #: Break the subscribers on purpose (see chaos.mutations): the run must then fail.
+    mutation: str | None = None
     recovery_timeout: float = 20.0
     workdir: str | None = None
     log_level: str = "INFO"
@@ -109,6 +117,10 @@ class Publisher(threading.Thread):
             # Keep the cadence, but never burst to catch up after a slow publish.
             due = max(due + self.interval, time.monotonic())
             self.stopping.wait(max(0.0, due - time.monotonic()))
+        # PostgreSQL's default path publishes on this thread's own Django connection.
+        from django.db import connections
+
+        connections.close_all()
 
 
 class _LogCapture(logging.Handler):
@@ -149,6 +161,8 @@ class Chaos:
         self.prefix = f"chaos{self.run_id}."
         #: Every subscriber must receive this message or a later one once the faults are over.
         self.final_seq: int | None = None
+        #: When the final fault-free phase began.
+        self.quiet_start: float | None = None
 
     # -- the run -----------------------------------------------------------------
 
@@ -179,6 +193,8 @@ class Chaos:
                     "channels": self.channels,
                     "mode": "dispatch" if i % 2 == 0 else "thread",
                     "log_level": config.log_level,
+                    "mutation": config.mutation,
+                    "seed": (config.seed or 0) + i,
                 }
                 agent = Agent(name, spec, collector, workdir)
                 agent.start(self.target.cross_process)
@@ -228,8 +244,10 @@ class Chaos:
             secrets=self.target.secrets,
             notes=notes,
             workdir=workdir,
-            publish_limit=config.options["publish_timeout"] + PUBLISH_SLACK,
+            publish_limit=self.target.publish_bound() + PUBLISH_SLACK,
+            publish_path=self.target.publish_path,
             final_seq=self.final_seq,
+            quiet_start=self.quiet_start,
         )
         with open(os.path.join(workdir, "report.json"), "w") as f:
             json.dump(report.as_dict(), f, indent=2)
@@ -262,6 +280,8 @@ class Chaos:
             fault.recovered = collector.wait_for(
                 partial(collector.all_past, fault.heal_seq), config.recovery_timeout
             )
+            if fault.recovered:
+                fault.recovered_at = time.time()
             self.progress(
                 f"fault {len(self.faults)}: {kind} ({fault.detail}), "
                 f"{fault.healed - fault.started:.1f} s, "
@@ -325,7 +345,7 @@ class Chaos:
         return Fault(kind, detail, began, healed, heal_seq)
 
     def _settle(self, publisher: Publisher, collector: Collector) -> list[str]:
-        """After the last fault: every subscriber must hear again, then drain."""
+        """After the last fault: every subscriber must hear again, then a fault-free phase."""
         notes: list[str] = []
         _, seq = publisher.mark()
         # One more second of traffic that every subscriber must receive.
@@ -333,22 +353,22 @@ class Chaos:
         self.final_seq = tail
         if not collector.wait_for(lambda: collector.all_past(tail), self.config.settle_timeout):
             notes.append(f"not every subscriber heard message {tail} after the last fault")
+        # The fault-free phase: every message published from here on must arrive, no resync.
+        self.quiet_start = time.time()
+        self._pause(self.config.quiet)
         publisher.stopping.set()
         publisher.join(self.config.options["publish_timeout"] + 10)
-        last = {p.channel: p for p in publisher.records if p.ok}
+        owed = [
+            (p.channel, p.seq) for p in publisher.records if p.ok and p.started >= self.quiet_start
+        ]
 
         def drained() -> bool:
-            for agent in collector.agents.values():
-                for channel, publish in last.items():
-                    resyncs = agent.resyncs.get(channel, [])
-                    if (channel, publish.seq) not in agent.delivered and not any(
-                        t > publish.started for t in resyncs
-                    ):
-                        return False
-            return True
+            return all(
+                key in agent.delivered for agent in collector.agents.values() for key in owed
+            )
 
-        if not collector.wait_for(drained, 5.0):
-            notes.append("some subscriber did not receive the last message of every channel")
+        if not collector.wait_for(drained, 5.0 + self.config.detection):
+            notes.append("some subscriber did not receive every message of the fault-free phase")
         return notes
 
 

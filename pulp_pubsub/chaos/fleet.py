@@ -31,7 +31,12 @@ class Collector:
             if kind == "m":
                 agent.add_message(event["c"], int(event["s"]), float(event["t"]))
             elif kind == "r":
-                agent.add_resync(event["c"], float(event["t"]))
+                since = event.get("since")
+                agent.add_resync(
+                    event["c"], float(event["t"]), None if since is None else float(since)
+                )
+            elif kind == "drop":
+                agent.dropped.add((event["c"], int(event["s"])))
             elif kind == "ready":
                 agent.subscribed_at = float(event["t"])
                 if not event.get("connected"):

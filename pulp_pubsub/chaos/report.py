@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -10,7 +11,9 @@ from .invariant import (
     AgentLog,
     Fault,
     Publish,
+    QuietVerdict,
     check_invariant,
+    check_quiet,
     delivered_despite_failure,
     leaking_lines,
     recovery_times,
@@ -19,6 +22,28 @@ from .invariant import (
 
 if TYPE_CHECKING:
     from .engine import ChaosConfig
+
+MISSING_LISTED = 2000
+MISSING_SHOWN = 20
+
+
+def _quiet(part: dict[str, Any], name: str) -> str:
+    if not part:
+        return f"{name} -"
+    delivered, expected = part["delivered"], part["expected"]
+    share = f"{delivered / expected:.1%}" if expected else "-"
+    return f"{name} {delivered}/{expected} delivered ({share}), {len(part['resyncs'])} resyncs"
+
+
+def _quiet_part(verdict: QuietVerdict, stretches: list[tuple[float, float]]) -> dict[str, Any]:
+    return {
+        "stretches": len(stretches),
+        "seconds": round(sum(min(end, start + 1e6) - start for start, end in stretches), 3),
+        "expected": verdict.expected,
+        "delivered": verdict.delivered,
+        "missing": [list(m) for m in verdict.missing[:MISSING_LISTED]],
+        "resyncs": [list(r) for r in verdict.resyncs[:MISSING_LISTED]],
+    }
 
 
 @dataclass
@@ -61,11 +86,34 @@ class ChaosReport:
     missing_examples: list[str] = field(default_factory=list)
     fault_log: list[dict[str, Any]] = field(default_factory=list)
     workdir: str = ""
+    #: The bounded resync window (see invariant.covers): its margin and the widest one used.
+    resync_margin: float = 0.0
+    widest_resync_window: float = 0.0
+    #: Fault-free stretches between faults, and the final fault-free phase: expected,
+    #: delivered, missing and resyncs received (both must be 0), and their count/length.
+    quiet_between: dict[str, Any] = field(default_factory=dict)
+    quiet_final: dict[str, Any] = field(default_factory=dict)
+    #: The mutation the run was broken with, if any, and how many messages it dropped.
+    mutation: str | None = None
+    dropped_by_mutation: int = 0
+    dropped_messages: list[str] = field(default_factory=list)
+    #: Every missing message, "subscriber:channel#seq" (at most MISSING_LISTED of them).
+    missing_messages: list[str] = field(default_factory=list)
+    publish_path: str = ""
+
+    @property
+    def quiet_failures(self) -> int:
+        return sum(
+            len(part.get("missing", [])) + len(part.get("resyncs", []))
+            for part in (self.quiet_between, self.quiet_final)
+        )
 
     @property
     def ok(self) -> bool:
         return not (
             self.missing
+            or self.quiet_failures
+            or not self.quiet_final.get("expected")
             or self.stuck
             or self.unrecovered_faults
             or self.hung_publishes
@@ -76,8 +124,12 @@ class ChaosReport:
             or set(self.publish_errors) - {"PublishError"}
         )
 
+    @property
+    def share_covered(self) -> float:
+        return self.covered_by_resync / self.expected if self.expected else 0.0
+
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "ok": self.ok, "share_covered": self.share_covered}
 
     def format(self) -> str:
         def secs(value: float | None) -> str:
@@ -92,13 +144,19 @@ class ChaosReport:
         lines = [
             f"chaos run on {self.backend}: {'PASSED' if self.ok else 'FAILED'}",
             f"  {self.seconds:.0f} s, {self.subscribers} subscribers, {self.channels} channels, "
-            f"{self.rate:g} messages/s, seed {self.seed}",
+            f"{self.rate:g} messages/s, seed {self.seed}"
+            + (f", publishing through {self.publish_path}" if self.publish_path else ""),
             f"  faults injected:     {self.faults} ({kinds})",
             f"  messages published:  {self.published} ({self.publish_failed} publishes failed: "
             f"{errors}; slowest publish {self.publish_max_seconds:.2f} s, "
             f"limit {self.publish_limit:.1f} s, {self.hung_publishes} over it)",
             f"  messages delivered:  {self.delivered} of {self.expected} owed "
             f"({self.covered_by_resync} covered by a later resync, {self.missing} missing)",
+            f"  resync windows:      margin {self.resync_margin:g} s, widest "
+            f"{self.widest_resync_window:.2f} s; {self.share_covered:.1%} of the owed messages "
+            "covered by a resync",
+            f"  fault-free:          {_quiet(self.quiet_between, 'between faults')}; "
+            f"{_quiet(self.quiet_final, 'final phase')}",
             f"  resyncs received:    {self.resyncs} (after {self.reconnects} reconnects)",
             f"  stuck subscribers:   {len(self.stuck)}" + (f" {self.stuck}" if self.stuck else ""),
             f"  recovery time:       p50 {secs(self.recovery_p50)}, p99 {secs(self.recovery_p99)}, "
@@ -111,8 +169,23 @@ class ChaosReport:
                 f"{self.delivered_after_publish_error} messages arrived although their "
                 "publish raised (it timed out after the server had it)"
             )
-        if self.missing_examples:
-            lines.append(f"  missing, e.g.: {', '.join(self.missing_examples)}")
+        if self.mutation:
+            lines.append(
+                f"  mutation:            {self.mutation}, {self.dropped_by_mutation} dropped"
+            )
+        if self.missing_messages:
+            shown = self.missing_messages[:MISSING_SHOWN]
+            more = len(self.missing_messages) - len(shown)
+            lines.append(
+                f"  missing:             {', '.join(shown)}" + (f" and {more} more" if more else "")
+            )
+        for part, name in ((self.quiet_between, "between faults"), (self.quiet_final, "final")):
+            for agent, channel, seq in part.get("missing", [])[:MISSING_SHOWN]:
+                lines.append(f"  lost while fault-free ({name}): {agent}:{channel}#{seq}")
+            for agent, channel, at in part.get("resyncs", [])[:MISSING_SHOWN]:
+                lines.append(
+                    f"  resync while fault-free ({name}): {agent} on {channel} at {at:.3f}"
+                )
         for failure in self.agent_failures:
             lines.append(f"  subscriber failure: {failure}")
         for note in self.notes:
@@ -136,8 +209,20 @@ def build_report(
     workdir: str,
     publish_limit: float,
     final_seq: int | None,
+    quiet_start: float | None = None,
+    publish_path: str = "",
 ) -> ChaosReport:
-    verdicts = [check_invariant(publishes, agent) for agent in agents]
+    margin = config.resync_margin
+    verdicts = [check_invariant(publishes, agent, margin) for agent in agents]
+    between = [
+        (fault.recovered_at, after.started)
+        for fault, after in itertools.pairwise(faults)
+        if fault.recovered_at is not None and after.started > fault.recovered_at
+    ]
+    ends = [p.ended for p in publishes]
+    final = [] if quiet_start is None else [(quiet_start, max(ends, default=quiet_start) + margin)]
+    quiet_between = check_quiet(publishes, agents, between, margin)
+    quiet_final = check_quiet(publishes, agents, final, margin)
     recovery_times(faults, agents)
     recovery = summarize_recovery(faults)
     by_kind = {
@@ -204,6 +289,17 @@ def build_report(
         agent_failures=failures,
         notes=notes,
         missing_examples=missing[:10],
+        missing_messages=missing[:MISSING_LISTED],
+        resync_margin=margin,
+        widest_resync_window=max((v.widest_window for v in verdicts), default=0.0),
+        quiet_between=_quiet_part(quiet_between, between),
+        quiet_final=_quiet_part(quiet_final, final),
+        mutation=config.mutation,
+        publish_path=publish_path,
+        dropped_by_mutation=sum(len(agent.dropped) for agent in agents),
+        dropped_messages=sorted(
+            f"{agent.name}:{channel}#{seq}" for agent in agents for channel, seq in agent.dropped
+        )[:MISSING_LISTED],
         fault_log=[
             {
                 "kind": f.kind,

@@ -13,11 +13,14 @@ from typing import Any, ClassVar
 
 from django.core.management.base import CommandError
 
-from ..testing import EtcdServer, PostgresServer, RedisServer, RelayServer, TcpProxy
+from ..testing import EtcdServer, NatsServer, PostgresServer, RedisServer, RelayServer, TcpProxy
 
 #: Fault kinds, in the order the report lists them.
 SERVER_FAULTS = ("restart_graceful", "restart_kill", "kill_connections", "freeze")
 PROXY_FAULTS = ("proxy_cut", "proxy_stall", "proxy_slow")
+#: libpq's connect_timeout (whole seconds, at least 2) of the Django connection the
+#: PostgreSQL publisher uses: what bounds a publish that must first open it.
+DJANGO_CONNECT_TIMEOUT = 2
 
 
 def make_password() -> str:
@@ -26,7 +29,18 @@ def make_password() -> str:
 
 
 class Target:
+    """The adapter a backend gives the chaos run: a server to break, and how to reach it.
+
+    To add a backend: subclass (usually ``_ServerTarget``), set ``name`` (the backend alias)
+    and ``fault_kinds``, implement ``start()`` (start the throwaway server, with
+    ``self.password``, then ``_with_proxies()``), ``spec(role)`` (backend, URL through
+    ``self.proxies[role]``, options) and ``kill_subscriber_connections()``, and register it
+    in ``TARGETS``. Everything else (faults, checks, report) is shared.
+    """
+
     name: ClassVar[str]
+    #: How the publisher reaches the server, for the report.
+    publish_path: ClassVar[str] = "PUBSUB_URL"
     #: False when subscribers must be threads of the orchestrator (the memory backend).
     cross_process: ClassVar[bool] = True
     fault_kinds: ClassVar[tuple[str, ...]] = SERVER_FAULTS + PROXY_FAULTS
@@ -48,6 +62,10 @@ class Target:
 
     def start(self) -> None:
         raise NotImplementedError("subclasses of Target must provide start()")
+
+    def publish_bound(self) -> float:
+        """How long a publish may take before it counts as hung (before scheduling slack)."""
+        return float(self.options["publish_timeout"])
 
     def spec(self, role: str) -> dict[str, Any]:
         """Backend, URL and options for ``role`` ("subscriber" or "publisher")."""
@@ -150,7 +168,15 @@ class _ServerTarget(Target):
 
 
 class PostgresTarget(_ServerTarget):
+    """PostgreSQL as a Django install uses it by default: no PUBSUB_URL, so the publisher
+    NOTIFYs on Django's own connection (of a database alias the run adds for the purpose).
+
+    The subscribers, in processes with no Django database, listen through PUBSUB_URL, which
+    is the same LISTEN session either way.
+    """
+
     name = "postgres"
+    publish_path = "Django's connection"
 
     def __init__(self, run_id: str, options: dict[str, Any], subscribers: int = 4) -> None:
         super().__init__(run_id, options, subscribers)
@@ -162,9 +188,42 @@ class PostgresTarget(_ServerTarget):
         self.server = PostgresServer(max_connections=self.max_connections, password=self.password)
         self.server.start()
         self._with_proxies()
+        if self.publish_path != "PUBSUB_URL":
+            from django.db import DEFAULT_DB_ALIAS, connections
+
+            proxy = self.proxies["publisher"]
+            database = {
+                **self.server.django_database(),
+                "HOST": proxy.host,
+                "PORT": str(proxy.port),
+                "OPTIONS": {"connect_timeout": DJANGO_CONNECT_TIMEOUT},
+            }
+            # Django's defaults for the keys not given, as for any alias of DATABASES.
+            configured = connections.configure_settings(
+                {DEFAULT_DB_ALIAS: {"ENGINE": "django.db.backends.dummy"}, self.alias: database}
+            )
+            connections.settings[self.alias] = configured[self.alias]
+
+    def publish_bound(self) -> float:
+        bound = super().publish_bound()
+        if self.publish_path != "PUBSUB_URL":
+            # Django opens the connection itself (after a fault closed it): libpq's own
+            # connect_timeout, whole seconds, bounds that; docs/reliability.md says so.
+            bound = max(bound, DJANGO_CONNECT_TIMEOUT)
+        return bound
+
+    @property
+    def alias(self) -> str:
+        return f"pubsub_chaos_{self.run_id}"
 
     def spec(self, role: str) -> dict[str, Any]:
         options = {**self.options, "application_name": self.application_name}
+        if role == "publisher" and self.publish_path != "PUBSUB_URL":
+            return {
+                "backend": "postgres",
+                "url": None,
+                "options": {**options, "database": self.alias},
+            }
         return {
             "backend": "postgres",
             "url": self.proxies[role].url_for(self.server.url),
@@ -181,6 +240,21 @@ class PostgresTarget(_ServerTarget):
                 [self.application_name],
             ).fetchall()
         return len(rows)
+
+    def cleanup(self) -> None:
+        from django.db import connections
+
+        try:
+            super().cleanup()
+        finally:
+            connections.settings.pop(self.alias, None)
+
+
+class PostgresUrlTarget(PostgresTarget):
+    """PostgreSQL with PUBSUB_URL: the publisher NOTIFYs on a connection of the layer's own."""
+
+    name = "postgres_url"
+    publish_path = "PUBSUB_URL"
 
 
 class RedisTarget(_ServerTarget):
@@ -229,6 +303,34 @@ class EtcdTarget(_ServerTarget):
 
     def kill_subscriber_connections(self) -> int:
         # etcd cannot drop a client's connections: they are reset where they pass.
+        proxy = self.proxies["subscriber"]
+        held = int(proxy.connections)
+        proxy.cut()
+        return held
+
+
+class NatsTarget(_ServerTarget):
+    """nats-server with a user and password; JetStream on when the run's options ask for it."""
+
+    name = "nats"
+
+    def start(self) -> None:
+        self.server = NatsServer(
+            user="chaos", password=self.password, jetstream=bool(self.options.get("jetstream"))
+        )
+        self.server.start()
+        self._with_proxies()
+
+    def spec(self, role: str) -> dict[str, Any]:
+        return {
+            "backend": "nats",
+            "url": self.proxies[role].url_for(self.server.url),
+            "options": dict(self.options),
+        }
+
+    def kill_subscriber_connections(self) -> int:
+        # nats-server 2.9 has no verb to drop a client: reset every subscriber connection
+        # where it passes through the subscribers' proxy (RST, as a dead middlebox would).
         proxy = self.proxies["subscriber"]
         held = int(proxy.connections)
         proxy.cut()
@@ -364,10 +466,12 @@ class DirectRelayTarget(RelayTarget):
 TARGETS: dict[str, type[Target]] = {
     "memory": MemoryTarget,
     "postgres": PostgresTarget,
+    "postgres_url": PostgresUrlTarget,
     "redis": RedisTarget,
     "etcd": EtcdTarget,
     "relay": RelayTarget,
     "relay_direct": DirectRelayTarget,
+    "nats": NatsTarget,
 }
 
 

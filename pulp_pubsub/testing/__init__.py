@@ -8,6 +8,7 @@ pytest, so the benchmark and the chaos run use them too.
 """
 
 from .etcd import EtcdCluster, EtcdServer
+from .nats import NatsCluster, NatsServer
 from .postgres import PgBouncerServer, PostgresServer
 from .processes import LOOPBACK, free_port
 from .proxy import TcpProxy
@@ -18,6 +19,8 @@ __all__ = [
     "LOOPBACK",
     "EtcdCluster",
     "EtcdServer",
+    "NatsCluster",
+    "NatsServer",
     "PgBouncerServer",
     "PostgresServer",
     "RedisServer",

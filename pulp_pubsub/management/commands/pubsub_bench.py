@@ -41,8 +41,8 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--backends",
-            default="postgres,redis",
-            help="Comma-separated backends (default: postgres,redis).",
+            default="postgres,redis,nats",
+            help="Comma-separated backends (default: postgres,redis,nats).",
         )
         add = parser.add_argument
         add("--subscribers", type=int, help=f"N (default {DEFAULTS.subscribers}).")

@@ -93,7 +93,7 @@ class Command(BaseCommand):
         if rtt is None:
             raise CommandError(
                 f"No reply from the {client.backend.name} server within {timeout:g} s "
-                "(connected, but the message never came back)."
+                "(connected, but the message never came back)." + client.backend.deaf_hint()
             )
         return rtt
 

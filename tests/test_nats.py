@@ -1,0 +1,405 @@
+"""What only the nats backend has: subject mapping, NATS credentials, JetStream replay.
+
+The contract tests (harness_nats, harness_natsjs) cover everything every backend shares; the
+cluster failover tests are in test_nats_cluster.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+import time
+from typing import Any
+
+import nats
+import nkeys
+import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management import call_command
+from django.test import override_settings
+
+from pulp_pubsub import get_backend
+from pulp_pubsub.backends.natsloop import loop_runner
+from pulp_pubsub.exceptions import PublishError
+from pulp_pubsub.testing import NatsServer
+
+from .harness_nats import NatsHarness, publish_plain
+from .reliability_util import FAST, Inbox, dead_url
+from .util import wait_until
+
+pytestmark = [pytest.mark.backend, pytest.mark.servers]
+
+SECRET = "Qx7rVb/Zt9Hd@Wm4Jc:Kp2Lf"
+PIECES = ["Qx7rVb", "Zt9Hd", "Wm4Jc", "Kp2Lf"]
+#: Names that would be a wildcard, an empty token or an extra token if used verbatim.
+AWKWARD = ["a..b", ".lead", "trail.", "%2E", "$SYS", "pulp.worker", "ü.ß", "%", "a$b"]
+
+
+@pytest.fixture(scope="module")
+def server():
+    with NatsServer() as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def js_server():
+    with NatsServer(jetstream=True) as running:
+        yield running
+
+
+def nats_settings(url: str, prefix: str = "", **options: Any) -> dict[str, Any]:
+    return {
+        "PUBSUB_BACKEND": "nats",
+        "PUBSUB_URL": url,
+        "PUBSUB_OPTIONS": {**FAST, **options},
+        "PUBSUB_CHANNEL_PREFIX": prefix,
+    }
+
+
+# -- subjects ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefix", ["", "pulp", "a.b"])
+def test_every_name_is_one_subject_token_under_the_prefix_and_maps_back(prefix):
+    with override_settings(**nats_settings("nats://127.0.0.1:1", prefix)):
+        backend = get_backend()
+        root = backend.wire_name("x")[:-1]
+        for name in AWKWARD:
+            wire = backend.wire_name(name)
+            assert wire.startswith(root)
+            assert wire.count(".") == root.count(".")  # no token added or emptied
+            assert not wire[len(root) :].startswith("$")
+            assert backend.channel_name(wire) == name
+        assert len({backend.wire_name(name) for name in AWKWARD}) == len(AWKWARD)
+        assert backend.channel_name(root + "a.b") is None  # not a subject this layer makes
+
+
+def test_a_plain_nats_client_interoperates_byte_for_byte(server):
+    payload = "wake ü \x00 \r\n end"
+
+    async def plain_subscriber(subject: str, ready: asyncio.Event, got: list[bytes]) -> None:
+        nc = await nats.connect(server.url)
+        sub = await nc.subscribe(subject)
+        await nc.flush()
+        ready.set()
+        msg = await sub.next_msg(timeout=10)
+        got.append(msg.data)
+        await nc.close()
+
+    with override_settings(**nats_settings(server.url, "pulp")):
+        backend = get_backend()
+        for name in AWKWARD:
+            subject = backend.wire_name(name)
+            got: list[bytes] = []
+
+            async def run(subject: str = subject, name: str = name, got: list = got) -> None:
+                ready = asyncio.Event()
+                task = asyncio.create_task(plain_subscriber(subject, ready, got))
+                await ready.wait()
+                await asyncio.to_thread(backend.publish, name, payload)
+                await task
+
+            asyncio.run(run())
+            assert got == [payload.encode("utf-8")]
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe(name, inbox)
+                publish_plain(server.url, subject, payload.encode("utf-8"))
+                assert inbox.wait_payload(payload).channel == name
+
+
+# -- configuration and credentials -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "options", "says"),
+    [
+        ("redis://127.0.0.1:4222", {}, "expected nats://"),
+        ("nats://127.0.0.1:4222/db", {}, "has a path or query"),
+        ("nats://127.0.0.1:4222,", {}, "empty server"),
+        ("nats://127.0.0.1:99999", {}, "not valid"),
+        ("nats://a:b@h1:1,nats://c:d@h2:1", {}, "different credentials"),
+        ("nats://h:1", {"jetstreem": True}, "Invalid option 'jetstreem'"),
+        ("nats://h:1", {"jetstream": "yes"}, "True or False"),
+        ("nats://h:1", {"token": "t", "creds": __file__}, "one of the options"),
+        ("nats://h:1", {"creds": "/no/such.creds"}, "not a readable file"),
+        ("nats://h:1", {"tls_cert": __file__}, "both 'tls_cert' and 'tls_key'"),
+        ("nats://h:1", {"monitor_url": "127.0.0.1:8222"}, "http://"),
+        ("nats://h:1", {"stream_storage": "disk"}, "'file' or 'memory'"),
+    ],
+)
+def test_bad_configuration_is_refused_with_a_clear_error(url, options, says):
+    with override_settings(**nats_settings(url, **options)):
+        with pytest.raises(ImproperlyConfigured, match=says):
+            get_backend()
+
+
+def test_an_unreachable_server_fails_publish_in_time_and_names_it(server):
+    url = dead_url(server.url)
+    with override_settings(**nats_settings(url)):
+        started = time.monotonic()
+        with pytest.raises(PublishError, match=r"127\.0\.0\.1"):
+            get_backend().publish("nowhere", "x")
+        assert time.monotonic() - started < FAST["publish_timeout"] + 0.5
+
+
+@pytest.fixture(scope="module")
+def token_server():
+    with NatsServer(token=SECRET) as running:
+        yield running
+
+
+def test_a_wrong_token_is_explained_and_never_shown(token_server):
+    url = token_server.url.replace("Qx7rVb", "Wrong1")
+    with override_settings(**nats_settings(url)):
+        backend = get_backend()
+        with pytest.raises(PublishError) as refused:
+            backend.publish("x", "y")
+        text = str(refused.value) + repr(backend) + repr(backend.describe())
+        assert "credentials" in str(refused.value)
+        assert not [piece for piece in [*PIECES, "Wrong1"] if piece in text]
+
+
+def test_a_token_in_the_url_or_the_options_works_and_is_never_shown(token_server, capsys):
+    bare = token_server.address
+    for settings in (
+        nats_settings(token_server.url),
+        nats_settings(bare, token=SECRET),
+    ):
+        with override_settings(**settings):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("auth", inbox)
+                backend.publish("auth", "in")
+                inbox.wait_payload("in")
+            call_command("pubsub_channels")
+            shown = repr(backend) + repr(backend.describe()) + capsys.readouterr().out
+            assert not [piece for piece in PIECES if piece in shown]
+
+
+def test_an_nkey_seed_file_authenticates(tmp_path):
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed)
+    config = f'authorization {{ users: [ {{ nkey: "{public}" }} ] }}'
+    with NatsServer(extra_config=config) as running:
+        with override_settings(**nats_settings(running.address)):
+            with pytest.raises(PublishError, match="credentials"):
+                get_backend().publish("x", "y")
+        with override_settings(**nats_settings(running.address, nkey_seed=str(seed_file))):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("nkey", inbox)
+                backend.publish("nkey", "signed")
+                inbox.wait_payload("signed")
+            assert backend.describe()["auth"] == "nkey_seed"
+
+
+def test_tls_with_a_ca_file():
+    with NatsServer(tls=True) as running:
+        with override_settings(**nats_settings(running.url)):
+            with pytest.raises(PublishError):  # the throwaway CA is not trusted by default
+                get_backend().publish("x", "y")
+        with override_settings(**nats_settings(running.url, tls_ca=running.ca_file)):
+            backend = get_backend()
+            assert backend.describe()["tls"] is True
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("tls", inbox)
+                backend.publish("tls", "private")
+                inbox.wait_payload("private")
+
+
+def test_subscriber_counts_come_from_the_monitoring_endpoint(server, capsys):
+    with override_settings(**nats_settings(server.url)):
+        assert get_backend().subscriber_counts(["pulp_worker_wakeup"]) is None
+        call_command("pubsub_channels")
+        assert "No monitor_url" in capsys.readouterr().out
+    with override_settings(**nats_settings(server.url, monitor_url=server.monitor_url)):
+        backend = get_backend()
+        with backend.subscriber() as one, backend.subscriber() as two:
+            one.subscribe("pulp_worker_wakeup", lambda message: None)
+            two.subscribe("pulp_worker_wakeup", lambda message: None)
+            counts = backend.subscriber_counts(["pulp_worker_wakeup", "pulp_worker_cancel"])
+            assert counts == {"pulp_worker_wakeup": 2, "pulp_worker_cancel": 0}
+
+
+# -- JetStream replay ---------------------------------------------------------------------
+
+#: The subscriber stays away for 1.5 to 3 s after a loss, long enough to publish in the gap.
+AWAY = {"reconnect_min": 3.0, "reconnect_max": 3.0}
+
+
+def away_then_back(harness: NatsHarness, sub: Any, during: Any) -> None:
+    """Restart the server; run ``during()`` while the subscriber is still away."""
+    before = sub.stats["reconnects"]
+    harness.restart("fast")
+    wait_until(lambda: sub.stats["reconnects"] > before, 15, "the subscriber to notice")
+    during()
+    assert not sub.connected, "the subscriber came back before the gap was published"
+
+
+def test_a_jetstream_subscriber_gets_what_was_published_while_it_was_away(js_server):
+    harness = NatsHarness(js_server, jetstream=True)
+    with override_settings(**nats_settings(js_server.url, jetstream=True, **AWAY)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("replay", inbox)
+            backend.publish("replay", "before")
+            inbox.wait_payload("before")
+            gap = [f"gap {i}" for i in range(20)]
+
+            def publish_gap() -> None:
+                for payload in gap:
+                    backend.publish("replay", payload)
+
+            away_then_back(harness, sub, publish_gap)
+            backend.publish("replay", "after")
+            inbox.wait_payload("after")
+            assert inbox.payloads() == ["before", *gap, "after"]
+            assert not any(m.resync for m in inbox.messages)
+            assert sub.stats["replays"] >= 1
+
+
+def test_a_jetstream_subscriber_resyncs_when_the_stream_no_longer_holds_its_gap(js_server):
+    harness = NatsHarness(js_server, jetstream=True)
+    with override_settings(**nats_settings(js_server.url, jetstream=True, **AWAY)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("purged", inbox)
+            backend.publish("purged", "before")
+            inbox.wait_payload("before")
+
+            def publish_and_purge() -> None:
+                backend.publish("purged", "lost")
+
+                async def purge() -> None:
+                    nc = await nats.connect(js_server.url)
+                    await nc.jsm().purge_stream(backend.stream_name)
+                    await nc.close()
+
+                asyncio.run(purge())
+
+            away_then_back(harness, sub, publish_and_purge)
+            inbox.wait(lambda messages: any(m.resync for m in messages))
+            backend.publish("purged", "after")
+            inbox.wait_payload("after")
+            assert "lost" not in inbox.payloads()
+
+
+def test_a_slow_consumer_disconnect_is_a_reconnect_with_a_resync():
+    """The server drops a subscriber that does not read: the listener reconnects and resyncs."""
+    config = 'max_pending: 1048576\nwrite_deadline: "1s"'
+    with NatsServer(extra_config=config) as running:
+        with override_settings(**nats_settings(running.url)):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("flood", inbox)
+                backend.publish("flood", "first")
+                inbox.wait_payload("first")
+                release = threading.Event()
+
+                async def hold() -> None:
+                    release.wait(20)  # blocks this process's NATS loop: no socket is read
+
+                loop_runner().submit(hold())
+                try:
+
+                    async def flood() -> None:
+                        nc = await nats.connect(running.url)
+                        chunk = b"x" * 65536
+                        while running.monitor("varz").get("slow_consumers", 0) == 0:
+                            for _ in range(64):
+                                await nc.publish(backend.wire_name("flood"), chunk)
+                            await nc.flush(5)
+                        await nc.close()
+
+                    asyncio.run(asyncio.wait_for(flood(), 30))
+                finally:
+                    release.set()
+                inbox.wait(lambda messages: any(m.resync for m in messages))
+                assert sub.stats["reconnects"] >= 1
+                backend.publish("flood", "after")
+                inbox.wait_payload("after")
+
+
+def test_a_jetstream_consumer_lost_on_the_server_is_noticed_and_its_messages_replayed(js_server):
+    """A consumer can vanish while the connection lives (its node died): silence is a loss."""
+    with override_settings(**nats_settings(js_server.url, jetstream=True)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("vanish", inbox)
+            backend.publish("vanish", "before")
+            inbox.wait_payload("before")
+
+            async def delete_consumers() -> None:
+                nc = await nats.connect(js_server.url)
+                jsm = nc.jsm()
+                for consumer in await jsm.consumers_info(backend.stream_name):
+                    if consumer.config.filter_subject == backend.wire_name("vanish"):
+                        await jsm.delete_consumer(backend.stream_name, consumer.name)
+                await nc.close()
+
+            asyncio.run(delete_consumers())
+            backend.publish("vanish", "while deaf")
+            inbox.wait_payload("while deaf")
+            assert sub.stats["reconnects"] >= 1 and sub.stats["replays"] >= 1
+            assert not any(m.resync for m in inbox.messages)
+
+
+def test_tls_with_a_client_certificate():
+    with NatsServer(tls=True, verify_clients=True) as running:
+        files = running.tls_files
+        with override_settings(**nats_settings(running.url, tls_ca=files["ca"])):
+            with pytest.raises(PublishError):  # no client certificate: refused
+                get_backend().publish("x", "y")
+        options = {
+            "tls_ca": files["ca"],
+            "tls_cert": files["client_cert"],
+            "tls_key": files["client_key"],
+        }
+        with override_settings(**nats_settings(running.url, **options)):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("mtls", inbox)
+                backend.publish("mtls", "both ways")
+                inbox.wait_payload("both ways")
+
+
+def test_a_subscriber_never_gives_up_reconnecting():
+    """nats-py alone stops after 60 attempts; the layer's listener goes on as long as it lives."""
+    with NatsServer() as running:
+        options = {"reconnect_min": 0.005, "reconnect_max": 0.01, "connect_timeout": 0.5}
+        with override_settings(**nats_settings(running.url, **options)):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("patient", inbox)
+                running.stop()
+                wait_until(lambda: sub.stats["reconnects"] > 61, 30, "more than 60 failed attempts")
+                running.start()
+                inbox.wait(lambda messages: any(m.resync for m in messages))
+                backend.publish("patient", "back")
+                inbox.wait_payload("back")
+
+
+def test_the_first_message_after_subscribe_always_arrives(server):
+    """subscribe() returns only once a publish reaches it (a PING alone lost ~1 in 500)."""
+    with override_settings(**nats_settings(server.url)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            for i in range(1500):
+                sub.subscribe(f"first{i}", inbox)
+                backend.publish(f"first{i}", f"m{i}")
+                inbox.wait_payload(f"m{i}", channel=f"first{i}")
+                sub.unsubscribe(f"first{i}")
