@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..compat import E2E_SERIES
 from .site import LOG_CONF, Site, default_venv, ensure_venv
 
 LISTENER_NAME = "pulp-pubsub listener"
@@ -60,6 +61,8 @@ class Config:
         "rollout",
         "redis_worker",
     )
+    #: The pulpcore series (MAJOR.MINOR) to install from PyPI.
+    series: str = E2E_SERIES[-1]
     venv: Path | None = None
     #: Copy the server and process logs here before the throwaway servers go.
     keep_logs: Path | None = None
@@ -132,7 +135,8 @@ class Run:
         from pulp_pubsub.testing import PgBouncerServer, PostgresServer, RedisServer
 
         began = time.monotonic()
-        venv = ensure_venv(self.config.venv or default_venv(), self.log)
+        series = self.config.series
+        venv = ensure_venv(self.config.venv or default_venv(series), series, self.log)
         self.report.seconds["virtualenv"] = time.monotonic() - began
         k = self.config.workers
         postgres = PostgresServer(max_connections=100 + 4 * k, extra_conf=LOG_CONF)

@@ -27,9 +27,8 @@ from typing import Any
 
 import pulp_pubsub
 
-from ..compat import TESTED_TEXT
+from ..compat import E2E_SERIES
 
-PULPCORE_SPEC = f"pulpcore{TESTED_TEXT}"
 #: What the virtualenv needs besides pulpcore (which brings psycopg and redis).
 EXTRA_PACKAGES = ("hiredis>=2.0",)
 VENV_ENV = "PULP_PUBSUB_E2E_VENV"
@@ -48,20 +47,32 @@ _LOG_LINE = re.compile(
 POOLER_CHECK = "select 1"
 
 
-def default_venv() -> Path:
-    if os.environ.get(VENV_ENV):
-        return Path(os.environ[VENV_ENV])
+def pulpcore_spec(series: str) -> str:
+    """``pulpcore>=3.105,<3.106`` for ``"3.105"``: the newest release of a series."""
+    match = re.fullmatch(r"(\d+)\.(\d+)", series)
+    if match is None:
+        raise ValueError(f"a pulpcore series is MAJOR.MINOR, like 3.123, not {series!r}")
+    major, minor = int(match[1]), int(match[2])
+    return f"pulpcore>={major}.{minor},<{major}.{minor + 1}"
+
+
+def default_venv(series: str = E2E_SERIES[-1]) -> Path:
+    """Where the virtualenv of ``series`` is cached (``$PULP_PUBSUB_E2E_VENV`` is a directory
+    holding one per series)."""
     tag = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return Path.home() / ".cache" / "pulp-pubsub" / f"e2e-pulpcore-3.123-{tag}"
+    base = Path(os.environ.get(VENV_ENV) or Path.home() / ".cache" / "pulp-pubsub")
+    return base / f"e2e-pulpcore-{series}-{tag}"
 
 
-def ensure_venv(path: Path, log: Callable[[str], None] = lambda _: None) -> Path:
-    """A virtualenv with pulpcore from PyPI; made once, then reused."""
+def ensure_venv(
+    path: Path, series: str = E2E_SERIES[-1], log: Callable[[str], None] = lambda _: None
+) -> Path:
+    """A virtualenv with pulpcore of ``series`` from PyPI; made once, then reused."""
     marker = path / ".pulp-pubsub-e2e"
-    wanted = " ".join((PULPCORE_SPEC, *EXTRA_PACKAGES))
+    wanted = " ".join((pulpcore_spec(series), *EXTRA_PACKAGES))
     if marker.exists() and marker.read_text() == wanted:
         return path
-    log(f"making {path} with {wanted} (about 30 s, once)")
+    log(f"making {path} with {wanted} (about a minute, once)")
     shutil.rmtree(path, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
@@ -73,7 +84,7 @@ def ensure_venv(path: Path, log: Callable[[str], None] = lambda _: None) -> Path
             "install",
             "--quiet",
             "--disable-pip-version-check",
-            PULPCORE_SPEC,
+            pulpcore_spec(series),
             *EXTRA_PACKAGES,
         ],
         check=True,
