@@ -93,6 +93,10 @@ def ensure_venv(
     return path
 
 
+#: A settings file, or the ``PULP_*`` environment variables that replace one.
+Settings = Path | dict[str, str]
+
+
 def _py(value: Any) -> str:
     return repr(value)
 
@@ -155,6 +159,19 @@ class Site:
     def bin(self, name: str) -> str:
         return str(self.venv / "bin" / name)
 
+    def pulpcore_version(self) -> str:
+        done = subprocess.run(
+            [
+                self.bin("python"),
+                "-c",
+                "from importlib import metadata as m; print(m.version('pulpcore'))",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return done.stdout.strip()
+
     def run_python(self, code: str, *args: str) -> None:
         subprocess.run([self.bin("python"), "-c", code, *args], check=True)
 
@@ -177,12 +194,21 @@ class Site:
         path.write_text("".join(f"{key} = {_py(value)}\n" for key, value in base.items()))
         return path
 
-    def env(self, settings: Path, **extra: str) -> dict[str, str]:
+    def env(self, settings: Settings, **extra: str) -> dict[str, str]:
+        """A process's environment: a settings file, or ``PULP_*`` variables alone.
+
+        With a dict, ``PULP_SETTINGS`` names a file that does not exist, so
+        the process is configured through the environment only, as an
+        operator of a container image configures Pulp.
+        """
         env = {
             key: value
             for key, value in os.environ.items()
             if not key.startswith(("PULP_", "PUBSUB_", "DJANGO_"))
         }
+        if isinstance(settings, dict):
+            env.update(settings)
+            settings = self.root / "run" / "no-settings-file.py"
         env.update(
             PULP_SETTINGS=str(settings),
             DJANGO_SETTINGS_MODULE="pulpcore.app.settings",
@@ -196,8 +222,16 @@ class Site:
 
     # -- programs ----------------------------------------------------------------
 
-    def manage(self, settings: Path, *args: str, timeout: float = 300) -> str:
-        done = subprocess.run(
+    def manage(self, settings: Settings, *args: str, timeout: float = 300) -> str:
+        done = self.manage_run(settings, *args, timeout=timeout)
+        if done.returncode:
+            raise RuntimeError(f"pulpcore-manager {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+        return done.stdout
+
+    def manage_run(
+        self, settings: Settings, *args: str, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [self.bin("pulpcore-manager"), *args],
             env=self.env(settings),
             cwd=self.root / "tmp",
@@ -205,12 +239,9 @@ class Site:
             text=True,
             timeout=timeout,
         )
-        if done.returncode:
-            raise RuntimeError(f"pulpcore-manager {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-        return done.stdout
 
     def agent(
-        self, settings: Path, command: str, opts: dict[str, Any], timeout: float = 240
+        self, settings: Settings, command: str, opts: dict[str, Any], timeout: float = 240
     ) -> dict[str, Any]:
         done = subprocess.run(
             [
@@ -235,7 +266,7 @@ class Site:
             f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
         )
 
-    def start_worker(self, name: str, settings: Path, *args: str, **env: str) -> Process:
+    def start_worker(self, name: str, settings: Settings, *args: str, **env: str) -> Process:
         return self.start(name, settings, [self.bin("pulpcore-worker"), *args], **env)
 
     def start_bridge(self, name: str, settings: Path, postgres_url: str) -> Process:
@@ -243,7 +274,7 @@ class Site:
         argv = [self.bin("python"), "-m", module, "--postgres-url", postgres_url]
         return self.start(name, settings, argv)
 
-    def start(self, name: str, settings: Path, argv: list[str], **env: str) -> Process:
+    def start(self, name: str, settings: Settings, argv: list[str], **env: str) -> Process:
         log_path = self.root / "logs" / f"{name}.log"
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
