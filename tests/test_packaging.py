@@ -91,3 +91,11 @@ def test_the_wheel_carries_the_licence_and_no_test_tooling(dist: Path):
         assert needed in names, needed
     assert not [n for n in names if n.startswith(("tests/", "demo/"))]
     assert not [n for n in names if "/contrib/pulpcore/e2e/" in n]
+
+
+def test_the_e2e_tables_in_the_docs_are_generated_from_the_committed_json():
+    from pulp_pubsub.contrib.pulpcore.e2e import docs
+
+    runs = sorted((ROOT / "docs").glob("e2e-*.json"))
+    assert [p.name for p in runs] == ["e2e-3.105.json", "e2e-3.123.json"]
+    assert docs.main([*map(str, runs), "--root", str(ROOT), "--check"]) == 0

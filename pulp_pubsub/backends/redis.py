@@ -34,6 +34,7 @@ prefix too).
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Collection
@@ -163,7 +164,7 @@ class RedisTransport(Transport):
             if left <= 0:
                 raise ConnectionLost(f"Redis did not confirm SUBSCRIBE within {self._timeout} s")
             try:
-                frame = self._conn.read_response(timeout=left, disconnect_on_error=False)
+                frame = _read_reply(self._conn, left)
             except redis.TimeoutError as exc:
                 raise ConnectionLost(
                     f"Redis did not confirm SUBSCRIBE within {self._timeout} s"
@@ -193,7 +194,7 @@ class RedisTransport(Transport):
             try:
                 if not conn.can_read(timeout=0):
                     break
-                frame = conn.read_response(timeout=0, disconnect_on_error=False)
+                frame = _read_reply(conn, 0)
             except redis.TimeoutError:
                 # Part of a reply: the rest is on its way and will make the
                 # socket readable again; the part waits in the parser.
@@ -213,6 +214,19 @@ class RedisTransport(Transport):
             self._conn.send_command(*args, check_health=False)
         except redis.RedisError as exc:
             raise ConnectionLost(explain(exc)) from exc
+
+
+#: redis-py 8 reads one reply with a deadline; 7.x (what pulpcore 3.105 installs) has no
+#: ``timeout=`` there, so the deadline is kept with can_read() and the socket timeout.
+_READ_TAKES_TIMEOUT = "timeout" in inspect.signature(AbstractConnection.read_response).parameters
+
+
+def _read_reply(conn: Any, timeout: float) -> Any:
+    if _READ_TAKES_TIMEOUT:
+        return conn.read_response(timeout=timeout, disconnect_on_error=False)
+    if not conn.can_read(timeout=timeout):
+        raise redis.TimeoutError(f"no reply within {timeout} s")
+    return conn.read_response(disconnect_on_error=False)
 
 
 def _frame(frame: object) -> tuple[bytes, str, str]:
