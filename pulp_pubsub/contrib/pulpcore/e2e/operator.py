@@ -188,17 +188,17 @@ class Operator:
                 "1",
             ],
         )
-        site.wait(lambda: site.workers_registered(self.db) == self.workers, 90, "workers")
+        site.wait(lambda: site.workers_registered(self.db) == self.workers, WAIT, "workers")
         site.wait(
             lambda: self.run.redis_subscribers(f"{PREFIX}pulp_worker_wakeup") == self.workers,
-            30,
+            WAIT,
             "workers subscribed",
         )
         status = f"http://127.0.0.1:{self.api_port}/pulp/api/v3/status/"
-        site.wait(lambda: self.responds(status), 90, "pulpcore-api")
+        site.wait(lambda: self.responds(status), WAIT, "pulpcore-api")
         site.wait(
             lambda: self.responds(f"http://127.0.0.1:{self.content_port}/pulp/content/"),
-            90,
+            WAIT,
             "pulpcore-content",
         )
         out.serving = {"api": api.popen.poll() is None, "content": content.popen.poll() is None}
