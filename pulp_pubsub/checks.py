@@ -8,6 +8,7 @@ from django.conf import settings
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from django.core.exceptions import ImproperlyConfigured
 
+from . import control_auth
 from .conf import ALIASES, get_settings
 from .exceptions import InvalidBackendError, InvalidChannel, MissingDependency
 from .handler import backend_class
@@ -18,7 +19,9 @@ E002 = "pulp_pubsub.E002"  # missing optional dependency
 E003 = "pulp_pubsub.E003"  # bad PUBSUB_OPTIONS
 E004 = "pulp_pubsub.E004"  # bad PUBSUB_CHANNEL_PREFIX
 E005 = "pulp_pubsub.E005"  # bad PUBSUB_URL / PUBSUB_PUBLISH_ON_COMMIT type
+E006 = "pulp_pubsub.E006"  # bad introspection settings or control key
 W001 = "pulp_pubsub.W001"  # memory backend in production
+W002 = "pulp_pubsub.W002"  # control key derived from a weak SECRET_KEY
 
 
 @register(Tags.compatibility)
@@ -92,3 +95,45 @@ def check_production_backend(app_configs: Any = None, **kwargs: Any) -> list[Che
             )
         ]
     return []
+
+
+@register(Tags.security)
+def check_control_key(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """Introspection answers only signed queries: there must be a key worth the name."""
+    try:
+        policy = control_auth.policy()
+    except ImproperlyConfigured as exc:
+        return [Error(str(exc), hint="See 'Introspection' in the README.", id=E006)]
+    if not policy.answers:
+        return []
+    if policy.key is None:
+        return [
+            Error(
+                f"Introspection is on but has no key to sign with: {policy.key_error}",
+                hint=f"Set {control_auth.KEY_SETTING} to a random string of at least "
+                f"{control_auth.MIN_KEY_LENGTH} characters, the same in every process of the "
+                f"fleet, or set {control_auth.ENABLED_SETTING} = False.",
+                id=E006,
+            )
+        ]
+    return []
+
+
+@register(Tags.security, deploy=True)
+def check_control_key_strength(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    if getattr(settings, control_auth.KEY_SETTING, None) is not None:
+        return []  # held to MIN_KEY_LENGTH by check_control_key
+    if not getattr(settings, control_auth.ENABLED_SETTING, True):
+        return []
+    secret = getattr(settings, "SECRET_KEY", "") or ""
+    if len(secret) >= control_auth.MIN_KEY_LENGTH and not secret.startswith("django-insecure"):
+        return []
+    return [
+        Warning(
+            "The key that signs introspection queries is derived from a SECRET_KEY that is "
+            f"short (under {control_auth.MIN_KEY_LENGTH} characters) or Django's insecure "
+            "default: anyone who guesses it can query the fleet.",
+            hint=f"Set a strong SECRET_KEY, or a separate {control_auth.KEY_SETTING}.",
+            id=W002,
+        )
+    ]

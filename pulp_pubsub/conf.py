@@ -7,6 +7,7 @@ Pulp's dynaconf (which fills settings late) both work.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -22,6 +23,59 @@ ALIASES: dict[str, str] = {
 DEFAULT_BACKEND = "postgres"
 
 
+class Secret(str):
+    """A string that never shows itself in a ``repr()``.
+
+    Tracebacks with locals, debuggers, Sentry and Django's technical 500 page
+    render objects and their attributes with ``repr()``; a password kept as
+    one of these shows as ``'***'`` there. It is still the string itself, so
+    client libraries use it unchanged.
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "'***'"
+
+
+class SecretURL(str):
+    """A URL whose ``repr()`` hides its password (see :class:`Secret`)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(hide_password(str(self)))
+
+
+#: Option names whose values are secrets.
+_SECRET_OPTION = re.compile(r"password|secret|token|passphrase|^key$", re.IGNORECASE)
+
+
+class Options(dict[str, Any]):
+    """Backend options, or client keyword arguments, with the secret ones hidden in ``repr()``.
+
+    A secret value is kept as a :class:`Secret`, so it stays hidden when a
+    debugger or an error reporter shows the values one by one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.update(*args, **kwargs)
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if isinstance(value, str) and _SECRET_OPTION.search(str(key)):
+            value = Secret(value)
+        super().__setitem__(key, value)
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        for key, value in dict(*args, **kwargs).items():
+            self[key] = value
+
+
+def secret_url(url: str | None) -> SecretURL | None:
+    return None if url is None else SecretURL(url)
+
+
 @dataclass(frozen=True)
 class PubSubSettings:
     backend: str = DEFAULT_BACKEND
@@ -29,6 +83,13 @@ class PubSubSettings:
     options: dict[str, Any] = field(default_factory=dict)
     channel_prefix: str = ""
     publish_on_commit: bool = True
+
+    def __post_init__(self) -> None:
+        # A URL or an option may carry a password: hide both from repr().
+        if isinstance(self.url, str):
+            object.__setattr__(self, "url", SecretURL(self.url))
+        if isinstance(self.options, dict):
+            object.__setattr__(self, "options", Options(self.options))
 
     @property
     def backend_path(self) -> str:

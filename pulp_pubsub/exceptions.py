@@ -47,3 +47,7 @@ class MissingDependency(ImproperlyConfigured):
             f"The {backend} pub/sub backend needs an extra dependency ({error}). "
             f'Install it with: pip install "pulp-pubsub[{extra}]"'
         )
+
+
+class IntrospectionDisabled(ImproperlyConfigured):
+    """Introspection is off here (``PUBSUB_INTROSPECTION``) or has no key to sign with."""

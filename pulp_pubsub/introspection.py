@@ -12,11 +12,16 @@ The asking side, :class:`ControlClient` (``pubsub_channels --live``,
 ``pubsub_ping --expect-subscribers``), is a bare connection of the backend,
 not a subscriber: it never answers itself and is never counted.
 
+Only signed, fresh, never-seen queries are answered, at a bounded rate, and
+answering can be switched off: see :mod:`pulp_pubsub.control_auth`.
+
 Control traffic never reaches a callback and is never counted as messages.
 An answer says where a subscriber runs and how it is doing; it never holds
-a setting, a URL or a payload. It fits PostgreSQL's payload limit: when the
-channel list would not, it is cut short and ``channels_total`` says how many
-there are.
+a setting, a URL or a payload, and holds channel names only where
+``PUBSUB_INTROSPECTION_CHANNELS`` (by default
+``PUBSUB_METRICS_CHANNEL_ATTRIBUTES``) allows. It fits PostgreSQL's payload
+limit: when the channel list would not, it is cut short and
+``channels_total`` says how many there are.
 """
 
 from __future__ import annotations
@@ -35,8 +40,10 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from . import control_auth
 from .backends.selfpipe import wait_readable
-from .exceptions import ConnectionLost, PublishError, PubSubError
+from .control_auth import OVERHEAD, ControlPolicy, Query, query_body, sign, verify
+from .exceptions import ConnectionLost, IntrospectionDisabled, PublishError, PubSubError
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -79,6 +86,8 @@ class Answer:
     probe_rtt: float | None
     #: Seconds from sending the query to reading this answer.
     latency: float
+    #: The subscriber keeps its channel names to itself (PUBSUB_INTROSPECTION_CHANNELS).
+    channels_hidden: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -89,33 +98,39 @@ class Answer:
 # -- the answering side (the listener thread) -------------------------------------
 
 
-def answer_query(subscriber: Subscriber, transport: Transport, payload: str) -> None:
-    """Answer a query read from the control channel, on ``transport``.
+def answer_query(subscriber: Subscriber, transport: Transport, wire: str, payload: str) -> None:
+    """Answer a query read from the control channel ``wire``, on ``transport``.
 
-    Runs on the subscriber's listener thread. A lost connection propagates
-    (the listener reconnects as for any read); any other failure to answer
-    is logged, since the querier's problem must not cost the listener its
-    connection.
+    Runs on the subscriber's listener thread. Unsigned, stale, replayed and
+    over-the-rate queries get no answer (and no log line above DEBUG: the
+    sender is not to be trusted with our log volume either). A lost
+    connection propagates (the listener reconnects as for any read); any
+    other failure to answer is logged, since the querier's problem must not
+    cost the listener its connection.
     """
-    query = parse_query(payload)
-    if query is None:
-        logger.debug("Ignoring a malformed control message: %.100r", payload)
+    gate = subscriber.control_gate
+    query = gate.admit(wire, payload, parse_query)
+    if query is None or gate.policy.key is None:
+        logger.debug("Not answering a control message (refused so far: %s)", dict(gate.refused))
         return
-    query_id, reply = query
+    query_id, reply, _ = query
     backend = subscriber.backend
     try:
-        text = describe_subscriber(subscriber, query_id, _limit(backend))
-        transport.send_from_listener(backend.wire_name(reply), text)
+        reply_wire = backend.wire_name(reply)
+        text = describe_subscriber(
+            subscriber, query_id, _limit(backend) - OVERHEAD, channels=gate.policy.channels
+        )
+        transport.send_from_listener(reply_wire, sign(gate.policy.key, "answer", reply_wire, text))
     except ConnectionLost:
         raise
     except Exception as exc:
         _warn(f"A {backend.name} subscriber could not answer a control query: {exc}")
 
 
-def parse_query(payload: str) -> tuple[str, str] | None:
-    """(query id, reply channel) of a well-formed query, else None."""
+def parse_query(body: str) -> Query | None:
+    """(query id, reply channel, sent at) of a well-formed query body, else None."""
     try:
-        data = json.loads(payload)
+        data = json.loads(body)
     except ValueError:
         return None
     if not isinstance(data, dict):
@@ -125,12 +140,20 @@ def parse_query(payload: str) -> tuple[str, str] | None:
         return None
     if not (isinstance(reply, str) and _REPLY.fullmatch(reply)):
         return None
-    return query_id, reply
+    sent_at = data.get("ts")
+    if not isinstance(sent_at, (int, float)) or isinstance(sent_at, bool):
+        return None
+    return query_id, reply, float(sent_at)
 
 
-def describe_subscriber(subscriber: Subscriber, query_id: str, limit: int = ANSWER_LIMIT) -> str:
-    """The JSON answer of ``subscriber``, at most ``limit`` UTF-8 bytes."""
-    channels = subscriber.channels
+def describe_subscriber(
+    subscriber: Subscriber, query_id: str, limit: int = ANSWER_LIMIT, channels: bool = True
+) -> str:
+    """The JSON answer of ``subscriber``, at most ``limit`` UTF-8 bytes.
+
+    Without ``channels``, the names are left out (their number is kept).
+    """
+    names = subscriber.channels
     stats = subscriber.stats
     data: dict[str, Any] = {
         "query": query_id,
@@ -145,12 +168,15 @@ def describe_subscriber(subscriber: Subscriber, query_id: str, limit: int = ANSW
         "last_resync_at": subscriber.last_resync_at,
         "reconnects": stats["reconnects"],
         "probe_rtt": subscriber.probe_rtt,
-        "channels_total": len(channels),
+        "channels_total": len(names),
         "channels": [],
     }
+    if not channels:
+        data["channels_hidden"] = True
+        return json.dumps(data, separators=(",", ":"))
     # ASCII-only JSON: a character's length is its length in bytes.
     size = len(json.dumps(data, separators=(",", ":")))
-    for channel in channels:
+    for channel in names:
         extra = len(json.dumps(channel)) + (1 if data["channels"] else 0)
         if size + extra > limit:
             break
@@ -211,8 +237,9 @@ class ControlClient:
     channel of its own. Use it from one thread, as a context manager.
     """
 
-    def __init__(self, backend: BaseBackend) -> None:
+    def __init__(self, backend: BaseBackend, policy: ControlPolicy | None = None) -> None:
         self.backend = backend
+        self.policy = policy or control_auth.policy()
         self.reply = REPLY_PREFIX + uuid.uuid4().hex[:16]
         self._reply_wire = backend.wire_name(self.reply)
         self._control_wire = backend.wire_name(CONTROL_CHANNEL)
@@ -240,15 +267,23 @@ class ControlClient:
     def query(self, timeout: float, expect: int | None = None) -> list[Answer]:
         """The answers of the live subscribers within ``timeout`` seconds.
 
-        With ``expect``, stops as soon as that many have answered.
+        With ``expect``, stops as soon as that many have answered. Raises
+        :class:`IntrospectionDisabled` when this install has introspection
+        off or no key to sign the query with. Only answers signed with the
+        fleet's key count.
         """
+        key = signing_key(self.policy)
         query_id = uuid.uuid4().hex[:16]
         answers: dict[str, Answer] = {}
         started = time.monotonic()
-        self._send(self._control_wire, json.dumps({"query": query_id, "reply": self.reply}))
+        body = query_body(query_id, self.reply)
+        self._send(self._control_wire, sign(key, "query", self._control_wire, body))
 
         def take(payload: str) -> None:
-            answer = _parse_answer(payload, query_id, time.monotonic() - started)
+            text = verify(key, "answer", self._reply_wire, payload)
+            if text is None:
+                return
+            answer = _parse_answer(text, query_id, time.monotonic() - started)
             if answer is not None:
                 answers.setdefault(answer.id, answer)
 
@@ -296,6 +331,22 @@ class ControlClient:
             wait_readable([fd], left)
 
 
+def signing_key(policy: ControlPolicy) -> bytes:
+    """The key to sign queries with; IntrospectionDisabled when this install may not ask."""
+    if not policy.answers:
+        raise IntrospectionDisabled(
+            f"Introspection is switched off on this install ({control_auth.ENABLED_SETTING} "
+            "= False): subscribers answer no queries, so none can be listed or counted. "
+            f"Set {control_auth.ENABLED_SETTING} = True on the fleet and here to use it."
+        )
+    if policy.key is None:
+        raise IntrospectionDisabled(
+            f"Cannot sign a control query: {policy.key_error} Set "
+            f"{control_auth.KEY_SETTING} (or SECRET_KEY) to the value the fleet uses."
+        )
+    return policy.key
+
+
 def _parse_answer(payload: str, query_id: str, latency: float) -> Answer | None:
     try:
         data = json.loads(payload)
@@ -317,6 +368,7 @@ def _parse_answer(payload: str, query_id: str, latency: float) -> Answer | None:
             reconnects=int(data.get("reconnects", 0)),
             probe_rtt=_number(data.get("probe_rtt")),
             latency=latency,
+            channels_hidden=data.get("channels_hidden") is True,
         )
     except (ValueError, TypeError, KeyError):
         return None

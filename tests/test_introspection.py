@@ -26,6 +26,7 @@ from django.test import override_settings
 
 from pulp_pubsub import get_backend, publish
 from pulp_pubsub.backends import memory
+from pulp_pubsub.control_auth import OVERHEAD, control_key, query_body, sign
 from pulp_pubsub.introspection import (
     CONTROL_CHANNEL,
     ControlClient,
@@ -91,9 +92,10 @@ def test_an_answer_fits_postgres_payload_limit_and_counts_what_it_left_out(backe
     with backend.subscriber() as sub:
         for channel in channels:
             sub.subscribe(channel, lambda m: None)
-        text = describe_subscriber(sub, "0123456789abcdef")
+        text = describe_subscriber(sub, "0123456789abcdef", 7999 - OVERHEAD)
         [answer] = gather(backend, timeout=10, expect=1)
-    assert len(text.encode()) <= 7999
+    # Signed, as it goes on the wire.
+    assert len(sign(b"k" * 32, "answer", "pubsub_reply_0123456789abcdef", text).encode()) <= 7999
     data = json.loads(text)
     assert data["channels_total"] == 300
     assert 0 < len(data["channels"]) < 300
@@ -137,11 +139,19 @@ def test_the_process_name_never_includes_arguments(monkeypatch, argv, name):
         "[]",
         '{"query": "0123456789abcdef"}',
         '{"query": "0123456789abcdef", "reply": "pulp_worker_wakeup"}',
-        '{"query": "not hex!", "reply": "pubsub_reply_0123456789abcdef"}',
+        '{"query": "not hex!", "reply": "pubsub_reply_0123456789abcdef", "ts": 1}',
+        '{"query": "0123456789abcdef", "reply": "pubsub_reply_0123456789abcdef"}',
+        '{"query": "0123456789abcdef", "reply": "pubsub_reply_0123456789abcdef", "ts": "1"}',
+        '{"query": "0123456789abcdef", "reply": "pubsub_reply_0123456789abcdef", "ts": true}',
     ],
 )
 def test_malformed_queries_and_replies_to_user_channels_are_refused(payload):
     assert parse_query(payload) is None
+
+
+def test_a_well_formed_query_parses():
+    body = '{"query": "0123456789abcdef", "reply": "pubsub_reply_0123456789abcdef", "ts": 5}'
+    assert parse_query(body) == ("0123456789abcdef", "pubsub_reply_0123456789abcdef", 5.0)
 
 
 def test_control_messages_never_reach_callbacks_or_break_the_listener(backend):
@@ -151,7 +161,8 @@ def test_control_messages_never_reach_callbacks_or_break_the_listener(backend):
         control = backend.wire_name(CONTROL_CHANNEL)
         backend.send(control, "garbage")
         # A query may not make the fleet publish on a channel with handlers.
-        backend.send(control, '{"query": "0123456789abcdef", "reply": "pulp_worker_wakeup"}')
+        body = query_body("0123456789abcdef", "pulp_worker_wakeup")
+        backend.send(control, sign(control_key(), "query", control, body))
         assert len(gather(backend, timeout=10, expect=1)) == 1
         assert sub.connected and sub.stats["reconnects"] == 0
         assert sub.dispatch(timeout=0.2) == 0

@@ -22,7 +22,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, connections, transaction
 from django.utils.connection import ConnectionDoesNotExist
 
-from ..conf import hide_password
+from ..conf import Options, hide_password, secret_url
 from ..exceptions import PublishError, PubSubError
 from ..metrics import count
 from ..validation import encode_payload, validate_channel, validate_prefix
@@ -137,7 +137,7 @@ class BaseBackend:
         channel_prefix: str = "",
         publish_on_commit: bool = True,
     ) -> None:
-        self.url = url
+        self.url = secret_url(url)
         self.channel_prefix = validate_prefix(channel_prefix)
         self.publish_on_commit = publish_on_commit
         self.config = self.build_options(options or {})
@@ -166,7 +166,7 @@ class BaseBackend:
                 raise ImproperlyConfigured(
                     f"Option {key!r} for {cls.__name__} must be a positive number, not {value!r}."
                 )
-        return {**known, **given}
+        return Options({**known, **given})
 
     # -- names ---------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..control_auth import Gate, policy
 from ..exceptions import ConnectionLost, InvalidChannel, SubscriberClosed
 from ..introspection import CONTROL_CHANNEL, REPLY_PREFIX, answer_query
 from ..message import Message
@@ -57,6 +58,8 @@ class _Request:
 
 class Subscriber:
     def __init__(self, backend: BaseBackend) -> None:
+        # First: a bad introspection setting raises before anything is opened.
+        gate = Gate(policy())
         self.backend = backend
         self.stats: Counter[str] = Counter()
         self.last_error: str | None = None
@@ -83,6 +86,13 @@ class Subscriber:
         self._dispatcher: threading.Thread | None = None
         self._probe_channel = backend.wire_name(PROBE_PREFIX + uuid.uuid4().hex[:12])
         self._control_channel = backend.wire_name(CONTROL_CHANNEL)
+        #: Turns away what may not be answered on the control channel.
+        self.control_gate = gate
+        # With introspection off, the control channel is not even listened
+        # to: a query then wakes no subscriber at all.
+        self._private = {self._probe_channel}
+        if self.control_gate.policy.answers:
+            self._private.add(self._control_channel)
         self._outage_started = 0.0
         self._outage_warned = False
         self._warned_at: float | None = None
@@ -357,7 +367,7 @@ class Subscriber:
         applied = False
         try:
             if transport is not None:
-                wanted = self._wanted() | {self._probe_channel, self._control_channel}
+                wanted = self._wanted() | self._private
                 if wanted - listening:
                     transport.listen(sorted(wanted - listening))
                 if listening - wanted:
@@ -392,7 +402,7 @@ class Subscriber:
                 fresh = {r.channel for r in self._requests}
                 self._answer_requests(transport, listening)
                 attempt = 0
-                missed = listening - fresh - {self._probe_channel, self._control_channel}
+                missed = listening - fresh - self._private
                 if replaying:
                     count(self.stats, "replays", self.backend.name)
                 self._on_connected(set() if replaying else missed)
@@ -428,7 +438,7 @@ class Subscriber:
 
     def _resync(self, wire: str) -> None:
         channel = self.backend.channel_name(wire)
-        if channel is not None:
+        if channel is not None and wire not in (self._probe_channel, self._control_channel):
             count(self.stats, "resyncs", self.backend.name, channel)
             self.last_resync_at = time.time()
             self._enqueue(Message(channel, "", resync=True))
@@ -510,7 +520,7 @@ class Subscriber:
                             token = None
                         continue
                     if wire == self._control_channel:
-                        answer_query(self, transport, payload)
+                        answer_query(self, transport, wire, payload)
                         continue
                     channel = self.backend.channel_name(wire)
                     if channel is not None:

@@ -25,6 +25,7 @@ from typing import Any
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DatabaseError, connections
 
+from ..conf import Secret
 from ..exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
 from .base import BaseBackend, Transport
 
@@ -208,7 +209,8 @@ class PostgresBackend(BaseBackend):
         # PostgreSQL defers a NOTIFY to commit only on the transaction's own
         # connection; a PUBSUB_URL server publishes on a connection of ours.
         self.defers_natively = url is None
-        self.secret = self._check_url()
+        secret = self._check_url()
+        self.secret = None if secret is None else Secret(secret)
         self.queue_usage: float | None = None
         self._queue_warned = False
         self._pid = os.getpid()

@@ -45,7 +45,7 @@ from urllib.parse import quote, unquote
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
-from ..conf import hide_password
+from ..conf import Options, SecretURL, hide_password
 from ..exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
 from .base import BaseBackend, Transport
 
@@ -87,6 +87,11 @@ class _Target:
     db: int = 0
     sentinels: list[tuple[str, int]] = field(default_factory=list)
     service_name: str | None = None
+
+    def __post_init__(self) -> None:
+        # Both may hold the password: keep it out of every repr().
+        self.url = SecretURL(self.url)
+        self.kwargs = Options(self.kwargs)
 
 
 class _ProcessClients:

@@ -8,8 +8,9 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pulp_pubsub import get_backend, registry
-from pulp_pubsub.exceptions import PubSubError
-from pulp_pubsub.introspection import Answer, gather
+from pulp_pubsub.control_auth import policy
+from pulp_pubsub.exceptions import IntrospectionDisabled, PubSubError
+from pulp_pubsub.introspection import Answer, gather, signing_key
 from pulp_pubsub.registry import qualname
 
 
@@ -39,6 +40,8 @@ class Command(BaseCommand):
         if options["timeout"] <= 0:
             raise CommandError("--timeout must be positive.")
         try:
+            if options["live"]:
+                signing_key(policy())  # before asking the server anything: say why not
             backend = get_backend()
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from exc
@@ -47,6 +50,8 @@ class Command(BaseCommand):
             info = backend.describe()
             counts = backend.subscriber_counts([c.name for c in channels])
             answers = gather(backend, options["timeout"]) if options["live"] else None
+        except IntrospectionDisabled as exc:
+            raise CommandError(str(exc)) from exc
         except PubSubError as exc:
             raise CommandError(f"Cannot query the {backend.name} server: {exc}") from exc
         rows: list[dict[str, Any]] = [
@@ -101,6 +106,7 @@ class Command(BaseCommand):
             )
         )
         if not answers:
+            self.stdout.write(NO_ANSWER_HINT)
             return
         header = (
             "HOST",
@@ -133,6 +139,13 @@ class Command(BaseCommand):
             self.stdout.write("  ".join([*cells, row[-1]]).rstrip())
 
 
+NO_ANSWER_HINT = (
+    "  (Subscribers answer only queries signed with the fleet's key: PUBSUB_CONTROL_KEY, or "
+    "the SECRET_KEY it is derived from, must match theirs; they may also have "
+    "PUBSUB_INTROSPECTION off, or be at their answer rate limit.)"
+)
+
+
 def _live_count(answers: list[Answer], channel: str) -> int | None:
     """Answering subscribers on ``channel``; None when a cut-short list leaves it unknown."""
     if any(a.channels_total > len(a.channels) and channel not in a.channels for a in answers):
@@ -154,6 +167,8 @@ def _time(stamp: float | None) -> str | None:
 
 
 def _channel_list(answer: Answer) -> str:
+    if answer.channels_hidden:
+        return f"({answer.channels_total} hidden)"
     text = ", ".join(answer.channels) or "(none)"
     missing = answer.channels_total - len(answer.channels)
     return f"{text} (+{missing} more)" if missing > 0 else text

@@ -7,8 +7,11 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pulp_pubsub import get_backend
-from pulp_pubsub.exceptions import PubSubError
-from pulp_pubsub.introspection import ControlClient
+from pulp_pubsub.control_auth import policy
+from pulp_pubsub.exceptions import IntrospectionDisabled, PubSubError
+from pulp_pubsub.introspection import ControlClient, signing_key
+
+from .pubsub_channels import NO_ANSWER_HINT
 
 
 class Command(BaseCommand):
@@ -42,6 +45,8 @@ class Command(BaseCommand):
         if expect is not None and expect < 0:
             raise CommandError("--expect-subscribers cannot be negative.")
         try:
+            if expect is not None:
+                signing_key(policy())  # before any round trip: say at once why it cannot ask
             backend = get_backend()
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from exc
@@ -55,6 +60,8 @@ class Command(BaseCommand):
                 self.stdout.write(self.style.SUCCESS(f"{backend.name}: {_summary(rtts)}"))
                 if expect is not None:
                     self._ask_subscribers(client, rounds, timeout, expect)
+            except IntrospectionDisabled as exc:
+                raise CommandError(str(exc)) from exc
             except (PubSubError, OSError) as exc:
                 raise CommandError(f"The {backend.name} server failed: {exc}") from exc
 
@@ -80,7 +87,7 @@ class Command(BaseCommand):
         if len(seen) < expect:
             raise CommandError(
                 f"Only {len(seen)} live {name} subscriber(s) answered within {timeout:g} s; "
-                f"expected at least {expect}."
+                f"expected at least {expect}.{NO_ANSWER_HINT if not seen else ''}"
             )
         text = f"{name}: {len(seen)} live subscriber(s) answered"
         if latencies:

@@ -1,0 +1,129 @@
+"""The smallest Redis ACL a fleet needs, tried on a real redis-server.
+
+The ACL line is read from docs/security.md, so the page and the test cannot
+drift apart. A user with it works end to end (publish, subscribe, the
+liveness probe, introspection, the commands), and the server's ACL LOG shows
+that the layer never even tried a command outside it. A user limited to
+another prefix gets an error that names the ACL, on every path.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from django.core.management import CommandError, call_command
+from django.test import override_settings
+
+from pulp_pubsub import get_backend
+from pulp_pubsub.exceptions import PublishError
+from pulp_pubsub.introspection import gather
+from pulp_pubsub.testing import RedisServer
+
+from .reliability_util import Inbox
+from .util import wait_until
+
+pytestmark = [pytest.mark.backend, pytest.mark.servers]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PASSWORD = "fleet-Secret-7"
+ADMIN_PASSWORD = "admin-Secret-9"
+OPTIONS = {"probe_interval": 0.3, "probe_timeout": 2.0, "connect_timeout": 2.0}
+
+
+def documented_acl() -> str:
+    with open(os.path.join(ROOT, "docs", "security.md")) as page:
+        [line] = [line.strip() for line in page if line.startswith("user pulp on ")]
+    return line
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    acl = [
+        f"user default on >{ADMIN_PASSWORD} ~* &* +@all",
+        documented_acl().replace(">CHANGE-ME", f">{PASSWORD}"),
+    ]
+    with RedisServer(acl_lines=acl) as running:
+        yield running
+
+
+def admin(server: RedisServer) -> redis.Redis:
+    return redis.Redis(
+        host=server.host, port=server.port, password=ADMIN_PASSWORD, decode_responses=True
+    )
+
+
+def settings_for(server: RedisServer, prefix: str) -> dict[str, Any]:
+    return {
+        "PUBSUB_BACKEND": "redis",
+        "PUBSUB_URL": f"redis://pulp:{PASSWORD}@{server.host}:{server.port}/0",
+        "PUBSUB_CHANNEL_PREFIX": prefix,
+        "PUBSUB_OPTIONS": OPTIONS,
+    }
+
+
+def run(*args: str) -> str:
+    out = io.StringIO()
+    call_command(*args, stdout=out, stderr=io.StringIO())
+    return out.getvalue()
+
+
+def test_the_documented_acl_is_the_least_the_fleet_needs():
+    acl = documented_acl()
+    assert "&site1.*" in acl and "resetchannels" in acl and "-@all" in acl
+    assert "~" not in acl  # no keys
+    granted = re.findall(r"\+(\S+)", acl)
+    assert granted == ["publish", "subscribe", "unsubscribe", "pubsub|numsub"]
+
+
+def test_a_user_with_the_documented_acl_works_end_to_end(server):
+    admin(server).acl_log_reset()
+    with override_settings(**settings_for(server, "site1.")):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("demo_events", inbox)
+            assert sub.wait_connected(10), sub.last_error
+            backend.publish("demo_events", "allowed")
+            inbox.wait(lambda messages: [m.payload for m in messages] == ["allowed"])
+            # The liveness probe, on a channel under the prefix.
+            wait_until(lambda: sub.probe_rtt is not None, what="a liveness probe")
+            [answer] = gather(backend, timeout=10, expect=1)
+            assert answer.channels == ("demo_events",)
+            pong = run("pubsub_ping", "--count=2", "--expect-subscribers=1")
+            assert "redis: 1 live subscriber(s) answered" in pong
+            listing = run("pubsub_channels", "--live", "--timeout=1")
+            assert "demo_events  subscribers: 1  live: 1" in listing
+            assert sub.stats["reconnects"] == 0, sub.last_error
+        backend.close()
+    # Nothing the layer sent was refused, not even quietly (a client library's extras).
+    assert admin(server).acl_log() == []
+
+
+def test_a_user_limited_to_another_prefix_gets_an_error_naming_the_acl(server, caplog):
+    with override_settings(**settings_for(server, "site2.")):
+        backend = get_backend()
+        with pytest.raises(PublishError, match=r"NoPermissionError.*ACL user needs") as caught:
+            backend.publish("demo_events", "x")
+        assert "&site2.*" in str(caught.value)
+        with backend.subscriber() as sub:
+            sub.subscribe("demo_events", lambda m: None)
+            wait_until(lambda: sub.last_error, what="the subscriber's error")
+            assert not sub.connected
+            assert "Redis refused SUBSCRIBE" in str(sub.last_error)
+            assert "ACL user needs" in str(sub.last_error)
+        for args in [
+            ("pubsub_publish", "demo_events", "x"),
+            ("pubsub_ping",),
+            ("pubsub_channels", "--live", "--timeout=1"),
+        ]:
+            with pytest.raises(CommandError, match=r"NoPermissionError.*ACL user needs"):
+                run(*args)
+        backend.close()
+    assert "NoPermissionError" in caplog.text
+    assert PASSWORD not in caplog.text
