@@ -194,8 +194,11 @@ def operator_verdicts(report: Report) -> list[Verdict]:
     out.append(
         Verdict(
             "operator: a forged cancel on Redis leaves the task running",
-            forged.get("receivers", 0) > 0 and forged.get("state") == "completed",
-            f"heard by {forged.get('receivers')} worker(s); task {forged.get('state')}",
+            forged.get("receivers", 0) > 0
+            and forged.get("refused") is True
+            and forged.get("state") == "completed",
+            f"heard by {forged.get('receivers')} worker(s), refused by the one running it; "
+            f"task {forged.get('state')}",
         )
     )
     outage = op.outage or {}

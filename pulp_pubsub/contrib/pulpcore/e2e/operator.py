@@ -39,8 +39,9 @@ ADMIN_COMMANDS = (
 PREFIX = "operator."
 #: How long a step may take on a loaded CI machine before the run gives up (not a figure).
 WAIT = 120.0
-#: Long enough to be seen running and forged at, short enough to wait for.
-FORGED_TASK_SECONDS = 5
+#: Long enough to be seen running (the dispatching agent's exit takes seconds on a busy
+#: machine) and forged at, short enough to wait for.
+FORGED_TASK_SECONDS = 15
 FINAL = ("completed", "failed", "canceled")
 
 
@@ -236,14 +237,27 @@ class Operator:
         import redis
 
         pk = self.dispatch_sleep(env, FORGED_TASK_SECONDS)
-        self.wait_state(pk, ("running",), WAIT)
+        seen = self.wait_state(pk, ("running", *FINAL), WAIT)["state"]
+        if seen != "running":  # the agent's exit outlasted the task: nothing to forge at
+            self.outcome.forged_cancel = {"receivers": 0, "state": f"not seen running ({seen})"}
+            return
         client = redis.Redis.from_url(self.run.redis_url)
         try:
             receivers = int(client.publish(f"{PREFIX}pulp_worker_cancel", pk))
         finally:
             client.close()
+        refused = f"Ignored a cancel message for task {pk}"
+        self.site.wait(
+            lambda: any(refused in p.log_tail(200) for p in self.site.processes),
+            WAIT,
+            "a worker to refuse the forged cancel",
+        )
         final = self.wait_state(pk, FINAL, WAIT)
-        self.outcome.forged_cancel = {"receivers": receivers, "state": final["state"]}
+        self.outcome.forged_cancel = {
+            "receivers": receivers,
+            "refused": True,
+            "state": final["state"],
+        }
 
     def outage(self, tasks: int = 5) -> None:
         server = self.run.redis_server
