@@ -46,6 +46,8 @@ PUBSUB_URL = env("PUBSUB_URL", default=None)
 PUBSUB_OPTIONS = env.json("PUBSUB_OPTIONS", default={})
 PUBSUB_CHANNEL_PREFIX = env("PUBSUB_CHANNEL_PREFIX", default="")
 PUBSUB_PUBLISH_ON_COMMIT = env.bool("PUBSUB_PUBLISH_ON_COMMIT", default=True)
+# The relay backend's shared token, on the relays and their clients alike.
+PUBSUB_RELAY_TOKEN = env("PUBSUB_RELAY_TOKEN", default=None)
 
 LOGGING = {
     "version": 1,

@@ -90,7 +90,7 @@ def check_production_backend(app_configs: Any = None, **kwargs: Any) -> list[Che
             Warning(
                 "PUBSUB_BACKEND is 'memory': messages never leave the process, so "
                 "separate workers cannot wake each other.",
-                hint="Use postgres or redis in production.",
+                hint="Use postgres, redis or etcd in production.",
                 id=W001,
             )
         ]

@@ -18,6 +18,8 @@ ALIASES: dict[str, str] = {
     "memory": "pulp_pubsub.backends.memory.MemoryBackend",
     "postgres": "pulp_pubsub.backends.postgres.PostgresBackend",
     "redis": "pulp_pubsub.backends.redis.RedisBackend",
+    "etcd": "pulp_pubsub.backends.etcd.EtcdBackend",
+    "relay": "pulp_pubsub.backends.relay.RelayBackend",
 }
 
 DEFAULT_BACKEND = "postgres"
@@ -65,6 +67,9 @@ class Options(dict[str, Any]):
     def __setitem__(self, key: str, value: Any) -> None:
         if isinstance(value, str) and _SECRET_OPTION.search(str(key)):
             value = Secret(value)
+        elif isinstance(value, str) and str(key).endswith("url"):
+            # A URL option (the relay backend's notify_url) may hold a password.
+            value = SecretURL(value)
         super().__setitem__(key, value)
 
     def update(self, *args: Any, **kwargs: Any) -> None:

@@ -21,6 +21,7 @@ from .exceptions import InvalidBackendError, MissingDependency
 EXTRAS: dict[str, tuple[str, str]] = {
     "postgres": ("psycopg", "postgres"),
     "redis": ("redis", "redis"),
+    "relay": ("websockets", "relay"),
 }
 
 

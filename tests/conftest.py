@@ -11,7 +11,9 @@ from pulp_pubsub.handler import backends
 #: Backends the contract tests run on; each has tests/harness_<name>.py.
 CONTRACT_BACKENDS = [
     name
-    for name in os.environ.get("PUBSUB_TEST_BACKENDS", "memory,postgres,redis").split(",")
+    for name in os.environ.get(
+        "PUBSUB_TEST_BACKENDS", "memory,postgres,redis,relay,relay_direct,etcd"
+    ).split(",")
     if name
 ]
 

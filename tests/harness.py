@@ -24,6 +24,8 @@ class Harness:
     #: The largest payload in UTF-8 bytes, or None when the layer sets none.
     payload_limit: ClassVar[int | None] = None
     allows_nul: ClassVar[bool] = True
+    #: True when a reconnecting subscriber is handed what it missed instead of a resync.
+    replays: ClassVar[bool] = False
     #: The Django database alias whose ``transaction.atomic()`` governs on-commit publishing.
     db_alias: ClassVar[str] = "default"
 

@@ -50,7 +50,12 @@ def build(harness: Harness, prefix: str = "", **options: Any) -> BaseBackend:
 
 
 def dead_url(url: str) -> str:
-    """The same URL on a loopback port where nothing listens: a server that is down."""
+    """The same URL on a loopback port where nothing listens: a server that is down.
+
+    A comma-separated list (the relay backend's) gets a dead port for each.
+    """
+    if "," in url:
+        return ",".join(dead_url(part) for part in url.split(","))
     parts = urllib.parse.urlsplit(url)
     auth = parts.netloc.rpartition("@")[0]
     netloc = (auth + "@" if auth else "") + f"127.0.0.1:{free_port()}"
@@ -107,6 +112,8 @@ def open_fds() -> int:
 
 def server_connections(harness: Harness) -> int:
     """Client connections the harness's server holds now, not counting the one asking."""
+    if hasattr(harness, "server_connections"):
+        return int(harness.server_connections())
     if harness.name == "memory":
         with memory._hub.lock:
             return len(memory._hub.transports)
@@ -120,4 +127,6 @@ def server_connections(harness: Harness) -> int:
     if harness.name == "redis":
         with harness.connect() as client:  # type: ignore[attr-defined]
             return len(client.client_list()) - 1
+    if harness.name == "etcd":
+        return int(harness.server_connections())  # type: ignore[attr-defined]
     raise NotImplementedError(f"no connection count for the {harness.name} harness")

@@ -181,3 +181,55 @@ def test_unknown_scenario_and_backend_are_command_errors(django_db_blocker: Any)
         bench("nonsense", "--no-progress", blocker=django_db_blocker)
     with pytest.raises(CommandError, match="No benchmark adapter"):
         bench("latency", "--backends", "carrier-pigeon", "--no-progress", blocker=django_db_blocker)
+
+
+def test_the_relay_holds_one_session_and_reaches_every_subscriber_in_both_modes(
+    tmp_path: Any, django_db_blocker: Any
+) -> None:
+    bench(
+        "connections",
+        "fanout",
+        "commit",
+        "--backends",
+        "relay,relay_direct",
+        "--quick",
+        "--subscribers",
+        str(N),
+        "--json",
+        str(tmp_path / "relay.json"),
+        "--no-progress",
+        blocker=django_db_blocker,
+    )
+    result = json.loads((tmp_path / "relay.json").read_text())
+    for mode in ("relay", "relay_direct"):
+        assert result["connections"][mode]["pg_sessions"] == 1  # the relay's, for all N
+        assert result["fanout"][mode]["lost"] == 0
+        for level in result["commit"][mode]["levels"]:
+            assert level["errors"] == 0 and level["commits_per_s"] > 0
+
+
+def test_etcd_runs_beside_its_bare_gateway_client(django_db_blocker: Any, tmp_path: Any) -> None:
+    """Round trip against a bare watch/put ping-pong, fan-out, connections and idle, on etcd."""
+    bench(
+        "latency",
+        "fanout",
+        "connections",
+        "idle",
+        "--backends",
+        "etcd",
+        "--quick",
+        "--subscribers",
+        str(N),
+        "--json",
+        str(tmp_path / "etcd.json"),
+        "--no-progress",
+        blocker=django_db_blocker,
+    )
+    result = json.loads((tmp_path / "etcd.json").read_text())
+    latency = result["latency"]["etcd"]
+    assert latency["raw_client"].startswith("etcd watch / put")
+    assert latency["layer"]["lost"] == latency["raw"]["lost"] == 0
+    assert latency["layer"]["p50"] > 0 and latency["raw"]["p50"] > 0
+    assert result["fanout"]["etcd"]["lost"] == 0
+    assert result["connections"]["etcd"]["etcd_watchers"] >= N
+    assert "etcd" in result["idle"]["etcd"]["server_cpu_pct"]

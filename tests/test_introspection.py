@@ -338,7 +338,9 @@ def ping_process(harness: Any, *args: str, url: str | None = None) -> subprocess
 
 
 def unreachable(url: str) -> str:
-    """``url`` with its port changed to one that nothing listens on."""
+    """``url`` with its port changed to one that nothing listens on (each, in a list)."""
+    if "," in url:
+        return ",".join(unreachable(part) for part in url.split(","))
     parts = urllib.parse.urlsplit(url)
     netloc = parts.netloc.rsplit(":", 1)[0] + f":{free_port()}"
     return parts._replace(netloc=netloc).geturl()

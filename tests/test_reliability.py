@@ -43,6 +43,8 @@ def unique(name: str) -> str:
 
 def down_settings(harness) -> dict:
     """Settings pointing at a server that is down (nothing listens on its port)."""
+    if hasattr(harness, "down_settings"):
+        return harness.down_settings(**FAST)
     settings = harness.settings(**FAST)
     if harness.name == "memory":
         return settings

@@ -22,7 +22,7 @@ from django.views.debug import SafeExceptionReporterFilter
 from pulp_pubsub import get_backend
 from pulp_pubsub.conf import Options, Secret, SecretURL, get_settings
 from pulp_pubsub.introspection import ControlClient
-from pulp_pubsub.testing import PostgresServer, RedisServer
+from pulp_pubsub.testing import EtcdServer, PostgresServer, RedisServer
 
 from .reliability_util import FAST
 from .test_security import spellings
@@ -198,3 +198,23 @@ def test_djangos_error_page_hides_a_password_given_in_pubsub_options():
     assert PASSWORD not in repr(shown["PUBSUB_OPTIONS"])
     # Django does not know PUBSUB_URL holds a password: the layer cannot hide it there.
     assert QUOTED in shown["PUBSUB_URL"]
+
+
+@pytest.mark.backend
+@pytest.mark.servers
+@pytest.mark.parametrize("where", ["url", "options"])
+def test_etcd_objects_never_show_the_password_or_the_token(where):
+    with EtcdServer(password=PASSWORD) as server:
+        assert QUOTED in server.url
+        url, options = server.url, dict(FAST)
+        if where == "options":
+            url = f"etcd://{server.host}:{server.port}"
+            options.update(username="root", password=PASSWORD)
+        with override_settings(PUBSUB_BACKEND="etcd", PUBSUB_URL=url, PUBSUB_OPTIONS=options):
+            backend = get_backend()
+            with everything(backend, connect=True) as objects:
+                assert backend.password == PASSWORD
+                token = backend.client._token
+                assert token
+                assert leaks(objects, [*SECRETS, token]) == []
+            backend.close()

@@ -25,7 +25,7 @@ from django.test import override_settings
 
 from demo.models import Event
 from pulp_pubsub import get_backend, publish
-from pulp_pubsub.testing import PostgresServer, RedisServer
+from pulp_pubsub.testing import EtcdServer, PostgresServer, RedisServer
 
 from .conftest import CONTRACT_BACKENDS
 from .reliability_util import FAST, Inbox, dead_url
@@ -35,7 +35,9 @@ from .reliability_util import FAST, Inbox, dead_url
 # at one of them cannot leak the rest unnoticed.
 PASSWORD = "Zq8vKm/Xw3jNp@Lp7Hs:Rt9Yb"
 WRONG_PASSWORD = "Gh4TnQ/Bv6Wq@Mk2Pc"
-SERVER_BACKENDS = [name for name in CONTRACT_BACKENDS if name != "memory"]
+#: The relay's secrets (its token, the password of the PostgreSQL it NOTIFYs) are checked
+#: in tests/test_relay.py, against relays of its own.
+SERVER_BACKENDS = [name for name in CONTRACT_BACKENDS if name in ("postgres", "redis", "etcd")]
 #: "unquoted": the operator pasted the password into the URL without quoting it.
 STATES = ["working", "wrong password", "unquoted", "down", "frozen"]
 
@@ -47,7 +49,8 @@ def spellings(secret: str) -> list[str]:
 
 @pytest.fixture(scope="module", params=SERVER_BACKENDS)
 def secured(request) -> Iterator[Any]:
-    server = (PostgresServer if request.param == "postgres" else RedisServer)(password=PASSWORD)
+    launchers = {"postgres": PostgresServer, "redis": RedisServer, "etcd": EtcdServer}
+    server = launchers[request.param](password=PASSWORD)
     try:
         server.start()
         server.backend = request.param
@@ -117,7 +120,8 @@ def test_no_command_output_or_log_line_shows_the_password(secured, state, caplog
     captured = capfd.readouterr()
     texts += [caplog.text, captured.out, captured.err]
     texts += [record.getMessage() for record in caplog.records]
-    if state == "working":
+    # The etcd URL takes the credentials up to the last '@', so an unquoted password works.
+    if state == "working" or (state == "unquoted" and secured.backend == "etcd"):
         assert "round trip" in "".join(texts), "the commands did not reach the server"
     else:
         assert any("Error" in text for text in texts), "the commands did not fail"

@@ -15,7 +15,7 @@ from urllib.parse import unquote, urlsplit
 
 from ..conf import ALIASES, PubSubSettings
 from . import BenchError
-from .raw import PsycopgClient, RawClient, RedisClient
+from .raw import EtcdRawClient, PsycopgClient, RawClient, RedisClient
 from .servers import ServerSet
 
 
@@ -38,6 +38,11 @@ class Target:
 
 class Adapter:
     name: ClassVar[str]
+    #: The PUBSUB_BACKEND alias, when the adapter's name (a variant, a mode) is not one.
+    backend: ClassVar[str | None] = None
+    #: application_name of PostgreSQL sessions the backend holds outside the agents
+    #: (a relay's LISTEN session), counted with the subscribers' own.
+    extra_sessions: ClassVar[tuple[str, ...]] = ()
     #: The kind of server the backend talks to (a key of ServerSet), or None.
     server: ClassVar[str | None] = None
     in_process: ClassVar[bool] = False
@@ -53,7 +58,9 @@ class Adapter:
 
     def target(self, servers: ServerSet) -> Target:
         url = servers.url(self.server) if self.server else None
-        settings = PubSubSettings(backend=self.name, url=self.layer_url(url), options=self.options)
+        settings = PubSubSettings(
+            backend=self.backend or self.name, url=self.layer_url(url), options=self.options
+        )
         raw = None
         if self.raw_client is not None and url is not None:
             factory, raw_url = self.raw_client, url
@@ -100,8 +107,39 @@ class RedisAdapter(Adapter):
     raw_client = RedisClient
 
 
+class EtcdAdapter(Adapter):
+    name = "etcd"
+    server = "etcd"
+    raw_client = EtcdRawClient
+
+
+class RelayAdapter(Adapter):
+    """A relay over the benchmark's PostgreSQL; writers NOTIFY in their own transaction."""
+
+    name = "relay"
+    backend = "relay"
+    server = "relay"
+    options: ClassVar[dict[str, Any]] = {"publish": "pg_notify"}
+    extra_sessions = ("pulp-pubsub relay",)
+
+
+class DirectRelayAdapter(RelayAdapter):
+    """The same relay; writers send to it after commit, with no NOTIFY."""
+
+    name = "relay_direct"
+    options: ClassVar[dict[str, Any]] = {"publish": "direct"}
+
+
 ADAPTERS: dict[str, type[Adapter]] = {
-    adapter.name: adapter for adapter in (MemoryAdapter, PostgresAdapter, RedisAdapter)
+    adapter.name: adapter
+    for adapter in (
+        MemoryAdapter,
+        PostgresAdapter,
+        RedisAdapter,
+        RelayAdapter,
+        DirectRelayAdapter,
+        EtcdAdapter,
+    )
 }
 
 

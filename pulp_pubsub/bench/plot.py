@@ -6,7 +6,13 @@ from typing import Any
 
 from . import BenchError
 
-COLOURS = {"postgres": "#336791", "redis": "#d82c20", "memory": "#888888", "poll (Pulp)": "#e8a33d"}
+COLOURS = {
+    "postgres": "#336791",
+    "redis": "#d82c20",
+    "etcd": "#419eda",
+    "memory": "#888888",
+    "poll (Pulp)": "#e8a33d",
+}
 
 
 def _colour(name: str) -> str:

@@ -87,3 +87,78 @@ class RedisClient:
     def close(self) -> None:
         self.pubsub.close()
         self.client.close()
+
+
+class EtcdRawClient:
+    """etcd's v3 JSON gateway, used bare: one watch stream on the key, puts on another socket.
+
+    No lease, no probe, no listener thread: a put of the payload and a watch
+    read when its socket turns readable, what any client of the gateway does.
+    """
+
+    label = "etcd watch / put (v3 JSON gateway)"
+
+    def __init__(self, url: str) -> None:
+        from ..backends.etcd import parse_url
+        from ..backends.etcdhttp import Connection, Endpoint
+
+        hosts, tls, _, _ = parse_url(url)
+        if tls:
+            raise ValueError("the bare etcd client of the benchmark speaks plain HTTP only")
+        self.endpoint = Endpoint(*hosts[0], None)
+        self.publisher = Connection(self.endpoint)
+        self.sock: Any = None
+        self.reader: Any = None
+
+    def subscribe(self, channel: str) -> None:
+        import time
+
+        from ..backends.etcdhttp import HttpReader, b64, request_bytes
+
+        if self.sock is not None:
+            raise ValueError("one channel per bare etcd client")
+        self.sock = self.endpoint.connect(time.monotonic() + 5)
+        create = {"create_request": {"key": b64(channel.encode())}}
+        self.sock.sendall(request_bytes(self.endpoint, "/v3/watch", create, None))
+        self.reader = HttpReader()
+        while True:  # the confirmation: after it, puts on the key reach us
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("etcd closed the watch")
+            self.reader.feed(data)
+            if any(o.get("result", {}).get("created") for o in self.reader.take_json()):
+                self.sock.setblocking(False)
+                return
+
+    def fileno(self) -> int:
+        return int(self.sock.fileno())
+
+    def read(self) -> list[tuple[str, str]]:
+        from ..backends.etcdhttp import unb64
+
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                break
+            if not data:
+                raise ConnectionError("etcd closed the watch")
+            self.reader.feed(data)
+        return [
+            (unb64(e["kv"]["key"]).decode(), unb64(e["kv"].get("value", "")).decode())
+            for o in self.reader.take_json()
+            for e in o.get("result", {}).get("events", ())
+        ]
+
+    def publish(self, channel: str, payload: str) -> None:
+        import time
+
+        from ..backends.etcdhttp import b64
+
+        body = {"key": b64(channel.encode()), "value": b64(payload.encode())}
+        self.publisher.call("/v3/kv/put", body, time.monotonic() + 5)
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+        self.publisher.close()

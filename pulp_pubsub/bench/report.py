@@ -16,6 +16,10 @@ def _target(target: str, backend: str, measured: str, met: bool | None) -> dict:
     return {"target": target, "backend": backend, "measured": measured, "met": met}
 
 
+#: The relay in pg_notify mode: commits/s at N subscribers within this factor of 0.
+RELAY_NOTIFY_RATIO = 1.5
+
+
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for backend, r in result.get("latency", {}).items():
@@ -30,7 +34,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 )
             )
     for backend, r in result.get("connections", {}).items():
-        want = 0 if backend != "postgres" else r["subscribers"]
+        # A relay holds one session of its own, however many subscribers it serves.
+        want = {"postgres": r["subscribers"], "relay": 1, "relay_direct": 1}.get(backend, 0)
         out.append(
             _target(
                 f"PostgreSQL sessions held for wake-ups by N idle subscribers = {want}",
@@ -74,6 +79,35 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 bool(factor and factor > 1),
             )
         )
+    for mode, goal in (("relay", "pg_notify"), ("relay_direct", "direct")):
+        if mode not in commits:
+            continue
+        levels = commits[mode]["levels"]
+        top, bottom = levels[-1], levels[0]
+        if goal == "pg_notify":
+            # NOTIFY's lock costs per listening session: one relay instead of N.
+            factor = ratio(bottom["commits_per_s"], top["commits_per_s"])
+            out.append(
+                _target(
+                    f"relay (pg_notify): commits/s at {top['subscribers']} subscribers within "
+                    f"{RELAY_NOTIFY_RATIO:g}x of 0",
+                    mode,
+                    f"{top['commits_per_s']:.0f}/s vs {bottom['commits_per_s']:.0f}/s"
+                    + (f" = {factor:.2f}x" if factor else ""),
+                    bool(factor and factor <= RELAY_NOTIFY_RATIO),
+                )
+            )
+        elif "redis" in commits:
+            redis_top = commits["redis"]["levels"][-1]
+            out.append(
+                _target(
+                    f"relay (direct): commits/s at {top['subscribers']} subscribers >= the "
+                    "Redis backend's",
+                    mode,
+                    f"{top['commits_per_s']:.0f}/s vs {redis_top['commits_per_s']:.0f}/s",
+                    top["commits_per_s"] >= redis_top["commits_per_s"],
+                )
+            )
     poll = result.get("poll")
     if poll:
         base = poll["per_worker"].get("p50")
@@ -199,12 +233,12 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
         )
     if result.get("connections") or poll:
         rows = [
-            [b, r["subscribers"], r["pg_sessions"], r.get("redis_clients")]
+            [b, r["subscribers"], r["pg_sessions"], r.get("redis_clients", r.get("etcd_watchers"))]
             for b, r in result.get("connections", {}).items()
         ]
         if poll:
             rows.append(["poll (Pulp)", poll["workers"], poll["pg_sessions"], None])
-        headers = ["backend", "N", "PostgreSQL sessions", "Redis clients"]
+        headers = ["backend", "N", "PostgreSQL sessions", "Redis clients / etcd watchers"]
         out.append(("3. Connections held by N idle subscribers", table(headers, rows, markdown)))
     if result.get("idle") or poll:
         idle = list(result.get("idle", {}).items())
@@ -219,7 +253,7 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
                 r["cpu_pct_of_core"],
                 r["pg_xact_per_s"],
                 r.get("server_cpu_pct", {}).get("postgres"),
-                r.get("server_cpu_pct", {}).get("redis"),
+                _own_server_cpu(r),
             ]
             for b, r in idle
         ]
@@ -231,7 +265,7 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
             "% of one core",
             "DB transactions/s",
             "PostgreSQL CPU %",
-            "Redis CPU %",
+            "own server CPU %",
         ]
         out.append(("4. N idle subscribers", table(headers, rows, markdown)))
     if result.get("commit"):
@@ -316,3 +350,9 @@ def write_markdown(path: str, text: str) -> None:
         text = f"{head}{START}\n\n{text}\n{END}{tail}"
     with open(path, "w") as f:
         f.write(text)
+
+
+def _own_server_cpu(row: dict[str, Any]) -> float | None:
+    """CPU of the backend's own throwaway server (Redis, etcd), beside PostgreSQL's."""
+    others = [v for k, v in row.get("server_cpu_pct", {}).items() if k != "postgres"]
+    return others[0] if others else None

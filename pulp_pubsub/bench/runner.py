@@ -184,7 +184,7 @@ class BackendRun:
         listener = self.settings.options.get("application_name")
         if listener and listener not in names:
             names.append(listener)
-        return names
+        return names + list(self.target.adapter.extra_sessions)
 
     def shrink(self, count: int) -> None:
         self.fleet.shrink(count)
@@ -234,7 +234,8 @@ def run_benchmark(
                 f"at most --subscribers {adapter.max_subscribers}."
             )
     for adapter in adapters:
-        backend_class(adapter.name)  # imports it now: agents share the code, errors come early
+        # Imported now: agents share the code, and errors come early.
+        backend_class(adapter.backend or adapter.name)
     if any(a.server == "postgres" for a in adapters) or set(chosen) - {"latency", "fanout"}:
         from django.db.utils import load_backend
 

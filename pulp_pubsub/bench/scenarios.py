@@ -179,7 +179,26 @@ def connections(ctx: Context, run: BackendRun) -> dict[str, Any]:
     result: dict[str, Any] = {"subscribers": n, "pg_sessions": held, "pg_sessions_by_name": by_name}
     if run.target.settings.backend == "redis":  # for the record: what it holds instead
         result["redis_clients"] = ctx.redis_monitor().clients()
+    if run.target.settings.backend == "etcd":
+        result["etcd_watchers"] = etcd_watchers(ctx.servers.url("etcd"))
     return result
+
+
+def etcd_watchers(url: str) -> int | None:
+    """Watches open on an etcd member, from its /metrics (None when it cannot tell)."""
+    import urllib.request
+
+    from ..backends.etcd import parse_url
+
+    (host, port), *_ = parse_url(url)[0]
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("etcd_debugging_mvcc_watcher_total "):
+                    return int(float(line.split()[1]))
+    except OSError:
+        return None
+    return None
 
 
 # -- 4. idle ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The PostgreSQL and Redis servers of one benchmark run.
+"""The PostgreSQL, Redis and etcd servers of one benchmark run.
 
 A server given by URL is only checked, never stopped: the benchmark refuses
 one that cannot take the connections a run needs (the shared development
@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..conf import hide_password
-from ..testing import PostgresServer, RedisServer
+from ..testing import EtcdServer, PostgresServer, RedisServer, RelayServer
 from ..testing.processes import ServerProcess
 from . import BenchError
 
@@ -31,6 +31,17 @@ def start_redis() -> ServerProcess:
     return _started(RedisServer(extra_args=["--maxclients", "10000"]))
 
 
+def start_etcd() -> ServerProcess:
+    # etcd's default Raft timers (the test launcher shortens them) and hourly
+    # auto-compaction, as an operator would run it.
+    timers = ["--heartbeat-interval", "100", "--election-timeout", "1000"]
+    return _started(EtcdServer(extra_args=[*timers, "--auto-compaction-retention", "1"]))
+
+
+def start_relay(postgres_url: str) -> ServerProcess:
+    return _started(RelayServer(postgres_url, extra_args=["--max-clients", "10000"]))
+
+
 def _started(server: ServerProcess) -> ServerProcess:
     try:
         return server.start(timeout=60)
@@ -42,6 +53,8 @@ def _started(server: ServerProcess) -> ServerProcess:
 LAUNCHERS: dict[str, Callable[[ServerSet], ServerProcess]] = {
     "postgres": lambda servers: start_postgres(servers.max_connections),
     "redis": lambda servers: start_redis(),
+    "relay": lambda servers: start_relay(servers.url("postgres")),
+    "etcd": lambda servers: start_etcd(),
 }
 
 

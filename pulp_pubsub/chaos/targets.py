@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 
 from django.core.management.base import CommandError
 
-from ..testing import PostgresServer, RedisServer, TcpProxy
+from ..testing import EtcdServer, PostgresServer, RedisServer, RelayServer, TcpProxy
 
 #: Fault kinds, in the order the report lists them.
 SERVER_FAULTS = ("restart_graceful", "restart_kill", "kill_connections", "freeze")
@@ -30,6 +30,8 @@ class Target:
     #: False when subscribers must be threads of the orchestrator (the memory backend).
     cross_process: ClassVar[bool] = True
     fault_kinds: ClassVar[tuple[str, ...]] = SERVER_FAULTS + PROXY_FAULTS
+    #: True when a reconnecting subscriber is replayed what it missed (etcd), not resynced.
+    replays: ClassVar[bool] = False
 
     def __init__(self, run_id: str, options: dict[str, Any], subscribers: int = 4) -> None:
         self.run_id = run_id
@@ -203,10 +205,169 @@ class RedisTarget(_ServerTarget):
             return int(client.client_kill_filter(_type="pubsub"))
 
 
+class EtcdTarget(_ServerTarget):
+    """One etcd member with authentication on (user ``root``)."""
+
+    name = "etcd"
+    replays = True
+
+    def start(self) -> None:
+        self.server = EtcdServer()
+        self.server.start()
+        self.server.enable_auth("root", self.password)
+        self._with_proxies()
+
+    def spec(self, role: str) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        proxy = self.proxies[role]
+        return {
+            "backend": "etcd",
+            "url": f"etcd://root:{quote(self.password, safe='')}@{proxy.host}:{proxy.port}",
+            "options": dict(self.options),
+        }
+
+    def kill_subscriber_connections(self) -> int:
+        # etcd cannot drop a client's connections: they are reset where they pass.
+        proxy = self.proxies["subscriber"]
+        held = int(proxy.connections)
+        proxy.cut()
+        return held
+
+
+class _ProxyGroup:
+    """The proxies in front of every relay, faulted together as one."""
+
+    def __init__(self, proxies: list[TcpProxy]) -> None:
+        self.members = proxies
+
+    def url_for(self, urls: list[str]) -> str:
+        return ",".join(p.url_for(u) for p, u in zip(self.members, urls, strict=True))
+
+    def cut(self) -> None:
+        for proxy in self.members:
+            proxy.cut()
+
+    def stall(self) -> None:
+        for proxy in self.members:
+            proxy.stall()
+
+    def slow(self, delay_seconds: float) -> None:
+        for proxy in self.members:
+            proxy.slow(delay_seconds)
+
+    def resume(self) -> None:
+        for proxy in self.members:
+            proxy.resume()
+
+    def close(self) -> None:
+        for proxy in self.members:
+            proxy.close()
+
+
+class RelayTarget(Target):
+    """Two relays side by side; subscribers reach each through a proxy of its own.
+
+    ``pg_notify``: the relays LISTEN on a PostgreSQL of the run's own, which the
+    publisher NOTIFYs through its proxy; a restart restarts PostgreSQL under the
+    relays. ``direct``: the relays hold no PostgreSQL session and the publisher
+    sends to both; a restart restarts the relays. In both, ``kill_connections``
+    kills one relay (SIGKILL, then started again), in turn, with its subscribers
+    attached, and a freeze stops everything. The token is the run's secret.
+    """
+
+    name = "relay"
+    mode = "pg_notify"
+    relays_count = 2
+
+    def __init__(self, run_id: str, options: dict[str, Any], subscribers: int = 4) -> None:
+        super().__init__(run_id, options, subscribers)
+        self.postgres: PostgresServer | None = None
+        self.relays: list[RelayServer] = []
+        self._killed = 0
+
+    def start(self) -> None:
+        database_url = None
+        if self.mode == "pg_notify":
+            self.postgres = PostgresServer(password=self.password).start()
+            database_url = self.postgres.url
+        for _ in range(self.relays_count):
+            relay = RelayServer(database_url, self.password, probe_interval=1.0, probe_timeout=1.0)
+            self.relays.append(relay.start())
+        group = _ProxyGroup([TcpProxy(r.host, r.port).start() for r in self.relays])
+        self.proxies["subscriber"] = group
+        if self.postgres is not None:
+            self.proxies["publisher"] = TcpProxy(self.postgres.host, self.postgres.port).start()
+        else:
+            self.proxies["publisher"] = _ProxyGroup(
+                [TcpProxy(r.host, r.port).start() for r in self.relays]
+            )
+
+    def spec(self, role: str) -> dict[str, Any]:
+        urls = [r.url for r in self.relays]
+        options = {**self.options, "publish": self.mode, "token": self.password}
+        if role == "subscriber" or self.postgres is None:
+            url = self.proxies[role].url_for(urls)
+        else:
+            url = ",".join(urls)
+        if self.postgres is not None:
+            # Subscribers publish nothing but are configured as complete as a worker is.
+            options["notify_url"] = self.proxies["publisher"].url_for(self.postgres.url)
+        return {"backend": "relay", "url": url, "options": options}
+
+    def _servers(self) -> list[Any]:
+        return [self.postgres] if self.postgres is not None else list(self.relays)
+
+    def stop_server(self, mode: str) -> None:
+        for server in self._servers():
+            if mode == "kill":
+                server._kill_hard()
+            else:
+                server.stop()
+
+    def start_server(self) -> None:
+        for server in self._servers():
+            server.start()
+
+    def kill_subscriber_connections(self) -> int:
+        relay = self.relays[self._killed % len(self.relays)]
+        self._killed += 1
+        relay.restart("kill")
+        return 1
+
+    def freeze(self) -> None:
+        for relay in self.relays:
+            relay.freeze()
+        if self.postgres is not None:
+            self.postgres.freeze()
+
+    def thaw(self) -> None:
+        if self.postgres is not None:
+            self.postgres.thaw()
+        for relay in self.relays:
+            relay.thaw()
+
+    def cleanup(self) -> None:
+        try:
+            super().cleanup()
+        finally:
+            for server in [*self.relays, self.postgres]:
+                if server is not None:
+                    server.cleanup()
+
+
+class DirectRelayTarget(RelayTarget):
+    name = "relay_direct"
+    mode = "direct"
+
+
 TARGETS: dict[str, type[Target]] = {
     "memory": MemoryTarget,
     "postgres": PostgresTarget,
     "redis": RedisTarget,
+    "etcd": EtcdTarget,
+    "relay": RelayTarget,
+    "relay_direct": DirectRelayTarget,
 }
 
 

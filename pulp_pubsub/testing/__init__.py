@@ -7,16 +7,21 @@ overrides that), and ``cleanup()`` or interpreter exit removes it. Plain classes
 pytest, so the benchmark and the chaos run use them too.
 """
 
+from .etcd import EtcdCluster, EtcdServer
 from .postgres import PgBouncerServer, PostgresServer
 from .processes import LOOPBACK, free_port
 from .proxy import TcpProxy
 from .redis import RedisServer, SentinelCluster, SentinelServer
+from .relay import RelayServer
 
 __all__ = [
     "LOOPBACK",
+    "EtcdCluster",
+    "EtcdServer",
     "PgBouncerServer",
     "PostgresServer",
     "RedisServer",
+    "RelayServer",
     "SentinelCluster",
     "SentinelServer",
     "TcpProxy",

@@ -105,6 +105,10 @@ class ServerProcess:
     def _prepare(self) -> None:
         """Hook: write config files before each start (the first start may change the port)."""
 
+    def _env(self) -> dict[str, str] | None:
+        """Hook: the server's environment (None: this process's)."""
+        return None
+
     def _probe(self) -> bool:
         """Hook: one readiness check; True once the server answers its protocol."""
         raise NotImplementedError
@@ -142,6 +146,7 @@ class ServerProcess:
                     stdout=log,
                     stderr=log,
                     cwd=self.dir,
+                    env=self._env(),
                     start_new_session=True,
                     **kw,
                 )

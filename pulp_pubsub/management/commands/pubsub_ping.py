@@ -58,12 +58,35 @@ class Command(BaseCommand):
             try:
                 rtts = [self._round_trip(client, timeout) for _ in range(rounds)]
                 self.stdout.write(self.style.SUCCESS(f"{backend.name}: {_summary(rtts)}"))
+                if hasattr(backend, "relay_health"):
+                    self._relay_health(backend.relay_health(timeout))
                 if expect is not None:
                     self._ask_subscribers(client, rounds, timeout, expect)
             except IntrospectionDisabled as exc:
                 raise CommandError(str(exc)) from exc
             except (PubSubError, OSError) as exc:
                 raise CommandError(f"The {backend.name} server failed: {exc}") from exc
+
+    def _relay_health(self, relays: list[dict[str, Any]]) -> None:
+        """Each relay's own health: a relay down, or deaf to PostgreSQL, fails the check."""
+        unhealthy = []
+        for relay in relays:
+            url = relay["url"]
+            if "error" in relay:
+                unhealthy.append(f"{url}: {relay['error']}")
+                continue
+            postgres = relay["postgres"]
+            text = (
+                f"relay {url}: PostgreSQL {postgres}, {relay['clients']} client(s), "
+                f"{relay['channels']} channel(s), {relay['rtt'] * 1000:.2f} ms"
+            )
+            if postgres in ("listening", "off"):
+                self.stdout.write(self.style.SUCCESS(text))
+            else:
+                self.stdout.write(self.style.ERROR(text))
+                unhealthy.append(f"{url}: PostgreSQL {postgres} ({relay.get('postgres_error')})")
+        if unhealthy:
+            raise CommandError("Unhealthy relay(s): " + "; ".join(unhealthy))
 
     def _round_trip(self, client: ControlClient, timeout: float) -> float:
         rtt = client.round_trip(timeout)

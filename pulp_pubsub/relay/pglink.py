@@ -1,0 +1,230 @@
+"""The relay's one PostgreSQL session, LISTENing for all of its clients.
+
+It runs on a thread of its own through the PostgreSQL backend's transport
+(deadline-bound libpq calls, channel names as identifiers), and talks to the
+relay's event loop only through ``call_soon_threadsafe``. Being connected is
+not taken as hearing: after every (re)connect, and every ``probe_interval``,
+it NOTIFYs a private channel and must hear it back within ``probe_timeout``.
+A session behind a transaction pooler hears nothing, and the relay says so
+instead of going silently deaf.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+from ..backends.postgres import PostgresBackend, PostgresTransport
+from ..backends.selfpipe import drain, make_pipe, poke, wait_readable
+from ..exceptions import ConnectionLost
+
+logger = logging.getLogger(__name__)
+
+Batch = list[tuple[str, str]]
+
+
+class Deaf(ConnectionLost):
+    """Connected, but the session's own NOTIFY never came back."""
+
+
+class PgLink:
+    def __init__(
+        self,
+        backend: PostgresBackend,
+        loop: asyncio.AbstractEventLoop,
+        *,
+        on_up: Callable[[], None],
+        on_down: Callable[[str], None],
+        on_batch: Callable[[Batch], None],
+        probe_interval: float = 30.0,
+        probe_timeout: float = 10.0,
+        reconnect_max: float = 5.0,
+    ) -> None:
+        self.backend = backend
+        self._loop = loop
+        self._on_up, self._on_down, self._on_batch = on_up, on_down, on_batch
+        self.probe_interval, self.probe_timeout = probe_interval, probe_timeout
+        self.reconnect_max = reconnect_max
+        self.probe_channel = f"pubsub_relay_probe_{uuid.uuid4().hex[:12]}"
+        self.state = "connecting"
+        self.last_error: str | None = None
+        self.probe_rtt: float | None = None
+        self.connects = 0
+        #: Where the session goes, for operators (never a password).
+        self.where = ""
+        self._lock = threading.Lock()
+        self._wanted: frozenset[str] = frozenset()
+        self._waiters: list[Future[bool]] = []
+        self._notifies: deque[tuple[str, str]] = deque()
+        self._wake_r, self._wake_w = make_pipe()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pubsub-relay-pg", daemon=True)
+
+    # -- called from the event loop ----------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        poke(self._wake_w)
+        self._thread.join(self.backend.config["connect_timeout"] + 2)
+
+    def update(self, wanted: frozenset[str]) -> Future[bool]:
+        """LISTEN to exactly ``wanted``; the future says whether it is in force.
+
+        False when PostgreSQL is down: the channels are LISTENed on reconnect,
+        which sends every client a resync.
+        """
+        future: Future[bool] = Future()
+        with self._lock:
+            self._wanted = wanted
+            self._waiters.append(future)
+        poke(self._wake_w)
+        return future
+
+    def notify(self, channel: str, payload: str) -> bool:
+        """Queue a NOTIFY on the relay's session; False when PostgreSQL is down."""
+        if self.state != "listening":
+            return False
+        with self._lock:
+            self._notifies.append((channel, payload))
+        poke(self._wake_w)
+        return True
+
+    # -- the thread ----------------------------------------------------------------
+
+    def _run(self) -> None:
+        attempt = 0
+        warned = False
+        while not self._stopped.is_set():
+            transport: PostgresTransport | None = None
+            try:
+                transport = PostgresTransport(self.backend)
+                listening: set[str] = set()
+                self._apply(transport, listening)
+                self.probe_rtt = self._prove(transport, initial=True)
+                self.state, self.last_error, attempt = "listening", None, 0
+                self.connects += 1
+                if warned:
+                    logger.warning("Relay: PostgreSQL is back; telling every client to resync.")
+                warned = False
+                self._loop.call_soon_threadsafe(self._on_up)
+                self._serve(transport, listening)
+            except Exception as exc:
+                if self._stopped.is_set():
+                    break
+                cause = f"{type(exc).__name__}: {exc}"
+                if not warned:
+                    logger.warning("Relay: PostgreSQL session lost (%s); reconnecting.", cause)
+                    warned = True
+                was_up, self.state, self.last_error = self.state == "listening", "down", cause
+                if was_up:
+                    self._loop.call_soon_threadsafe(self._on_down, cause)
+            finally:
+                self.state = "down" if not self._stopped.is_set() else "stopped"
+                self._resolve(False)
+                with self._lock:
+                    self._notifies.clear()
+                if transport is not None:
+                    try:
+                        transport.close()
+                    except Exception:
+                        logger.debug("Closing a dead PostgreSQL session failed", exc_info=True)
+            delay = min(self.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
+            attempt += 1
+            deadline = time.monotonic() + delay
+            while not self._stopped.is_set() and (left := deadline - time.monotonic()) > 0:
+                if wait_readable([self._wake_r], left):
+                    drain(self._wake_r)
+                    self._resolve(False)
+
+    def _resolve(self, applied: bool, upto: int | None = None) -> None:
+        with self._lock:
+            done = self._waiters[:upto] if upto is not None else self._waiters
+            self._waiters = self._waiters[len(done) :]
+        for future in done:
+            if not future.done():
+                future.set_result(applied)
+
+    def _apply(self, transport: PostgresTransport, listening: set[str]) -> None:
+        with self._lock:
+            wanted = set(self._wanted) | {self.probe_channel}
+            upto = len(self._waiters)
+        if wanted - listening:
+            transport.listen(sorted(wanted - listening))
+        if listening - wanted:
+            transport.unlisten(sorted(listening - wanted))
+        listening.clear()
+        listening.update(wanted)
+        self._resolve(True, upto)
+
+    def _prove(self, transport: PostgresTransport, initial: bool = False) -> float:
+        """A NOTIFY round trip on the private channel; the notifications read meanwhile pass on."""
+        token = uuid.uuid4().hex
+        started = time.monotonic()
+        deadline = started + self.probe_timeout
+        transport.send_from_listener(self.probe_channel, token)
+        while True:
+            if self._take(transport.read(), token):
+                return time.monotonic() - started
+            left = deadline - time.monotonic()
+            if left <= 0 or self._stopped.is_set():
+                break
+            wait_readable([transport.fileno()], left)
+        if initial:
+            raise Deaf(
+                f"connected and LISTENing, but its own NOTIFY did not come back within "
+                f"{self.probe_timeout:g} s: is the relay's database connection going through a "
+                "transaction pooler (PgBouncer)? Point the relay at PostgreSQL itself."
+            )
+        raise Deaf(f"the liveness NOTIFY did not come back within {self.probe_timeout:g} s")
+
+    def _take(self, items: Any, token: str | None) -> bool:
+        """Pass notifications on; True when ``token`` came back on the probe channel."""
+        batch: Batch = []
+        heard = False
+        for channel, payload in items:
+            if channel == self.probe_channel:
+                heard = heard or payload == token
+            else:
+                batch.append((channel, payload))
+        if batch:
+            self._loop.call_soon_threadsafe(self._on_batch, batch)
+        return heard
+
+    def _serve(self, transport: PostgresTransport, listening: set[str]) -> None:
+        next_probe = time.monotonic() + self.probe_interval
+        token: str | None = None
+        sent_at = 0.0
+        while not self._stopped.is_set():
+            now = time.monotonic()
+            wait = (sent_at + self.probe_timeout if token else next_probe) - now
+            ready = wait_readable([transport.fileno(), self._wake_r], max(wait, 0))
+            if self._stopped.is_set():
+                return
+            if self._wake_r in ready:
+                drain(self._wake_r)
+                self._apply(transport, listening)
+                while True:
+                    with self._lock:
+                        if not self._notifies:
+                            break
+                        channel, payload = self._notifies.popleft()
+                    transport.send_from_listener(channel, payload)
+            if self._take(transport.read(), token):
+                self.probe_rtt, token = time.monotonic() - sent_at, None
+            now = time.monotonic()
+            if token and now >= sent_at + self.probe_timeout:
+                raise Deaf(f"the liveness NOTIFY did not come back within {self.probe_timeout:g} s")
+            if not token and now >= next_probe:
+                token, sent_at, next_probe = uuid.uuid4().hex, now, now + self.probe_interval
+                transport.send_from_listener(self.probe_channel, token)
