@@ -8,7 +8,6 @@ rather than silently missing its messages.
 
 from __future__ import annotations
 
-import re
 import threading
 import uuid
 from collections.abc import Callable
@@ -50,9 +49,10 @@ def _is_iso_time(payload: str) -> bool:
 
 
 def _is_wakeup_reason(payload: str) -> bool:
-    # Stock Pulp's receivers treat any other text as "do both"; senders
-    # should only ever say one of these (or nothing).
-    return re.fullmatch(r"unblock|handle|", payload) is not None
+    # Any text: pulpcore's receivers treat a reason they do not know as "do
+    # both", so a release that adds one must not make dispatch() raise here.
+    # The integration's seam check notices a new reason at start-up instead.
+    return True
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Registry:
                 WAKEUP,
                 "Wakes task workers.",
                 _is_wakeup_reason,
-                "unblock or handle",
+                "any text",
                 groups=(UNBLOCKERS, RUNNERS),
             )
             self.declare(CANCEL, "Cancels the task with this id.", _is_uuid, "a task UUID")

@@ -11,7 +11,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
-from pulp_pubsub import WAKEUP, get_backend, publish
+from pulp_pubsub import CANCEL, WAKEUP, get_backend, publish
 from pulp_pubsub.backends.memory import MemoryBackend
 
 from .test_subscriber import MEMORY
@@ -42,7 +42,7 @@ def test_publish_reaches_a_subscriber():
     "args, cause",
     [
         (["bad name", "x"], "whitespace"),
-        ([WAKEUP, "nonsense"], "expects unblock or handle"),
+        ([CANCEL, "nonsense"], "expects a task UUID"),
         (["demo_events", "x" * 8000], "limit is 7999 bytes"),
     ],
 )

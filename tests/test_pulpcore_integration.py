@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import select
+import time
 import types
 import uuid
 from datetime import datetime
@@ -144,6 +145,38 @@ def test_wakeup_worker_statement_publishes_without_touching_the_database(heard):
 
 
 @pytest.mark.django_db(transaction=True)
+@pytest.mark.backend
+def test_a_backend_outage_never_raises_into_pulpcore_and_is_logged_once(caplog):
+    from pulp_pubsub.testing import RedisServer
+
+    stand_in = publishers.NotifyingConnection(Untouchable())
+
+    def wakeup_worker() -> None:  # exactly pulpcore's wakeup_worker()
+        with stand_in.connection.cursor() as cursor:
+            cursor.execute("SELECT pg_notify('pulp_worker_wakeup', %s)", ("unblock",))
+
+    with RedisServer() as server:
+        settings = {**MEMORY, "PUBSUB_BACKEND": "redis", "PUBSUB_URL": server.url}
+        with override_settings(**settings, PUBSUB_OPTIONS={}):
+            backend = get_backend()
+            wakeup_worker()
+            server.stop()
+            for _ in range(3):
+                wakeup_worker()
+            errors = [r for r in caplog.records if r.name == publishers.__name__]
+            assert [r.levelname for r in errors] == ["ERROR"]
+            assert "Pulp goes on" in errors[0].getMessage()
+            assert backend.stats["pulpcore_messages_dropped"] == 3
+            server.start()
+            wakeup_worker()
+            back = [r for r in caplog.records if r.name == publishers.__name__][1:]
+            assert [r.getMessage() for r in back] == [
+                "pulp-pubsub is sending pulpcore's messages again; 3 could not be sent."
+            ]
+            assert backend.stats["published"] == 2
+
+
+@pytest.mark.django_db(transaction=True)
 def test_cancel_statement_inside_atomic_publishes_at_commit(heard):
     stand_in = publishers.NotifyingConnection(connection)
     task_id = str(uuid.uuid4())
@@ -268,9 +301,39 @@ def test_run_subscribes_through_the_layer_and_closes(new_worker):
 
 def test_messages_go_to_pulpcores_own_handler(new_worker):
     worker = new_worker()
-    message = Message(CANCEL, str(uuid.uuid4()))
+    message = Message(WAKEUP, "handle")
     worker.on_pubsub_message(message)
     assert worker.handled == [message]
+
+
+def test_a_cancel_the_database_confirms_goes_to_pulpcores_handler(new_worker):
+    worker = new_worker()
+    worker.task = types.SimpleNamespace(pk=uuid.uuid4())
+    worker._task_is_canceling = lambda: True
+    message = Message(CANCEL, str(worker.task.pk))
+    worker.on_pubsub_message(message)
+    assert worker.handled == [message]
+
+
+def test_a_forged_cancel_of_the_running_task_is_ignored_and_counted(new_worker, caplog):
+    worker = new_worker()
+    worker.task = types.SimpleNamespace(pk=uuid.uuid4())
+    worker._task_is_canceling = lambda: False  # the database: still running
+    before = get_backend().stats["pulpcore_cancels_refused"]
+    worker.on_pubsub_message(Message(CANCEL, str(worker.task.pk)))
+    assert worker.handled == [] and worker.cancel_task is False
+    assert get_backend().stats["pulpcore_cancels_refused"] == before + 1
+    assert "does not show it as being canceled" in caplog.text
+
+
+def test_a_cancel_for_another_task_never_asks_the_database(new_worker):
+    worker = new_worker()
+    worker.task = types.SimpleNamespace(pk=uuid.uuid4())
+    worker._task_is_canceling = lambda: pytest.fail("asked the database")
+    worker.on_pubsub_message(Message(CANCEL, str(uuid.uuid4())))
+    worker.task = None
+    worker.on_pubsub_message(Message(CANCEL, str(uuid.uuid4())))
+    assert worker.handled == [] and worker.cancel_task is False
 
 
 @pytest.mark.parametrize(("auxiliary", "unblock"), [(False, True), (True, False)])
@@ -329,19 +392,79 @@ def test_installing_the_worker_rebinds_class_and_select_once():
 @pytest.mark.parametrize(
     ("found", "ok"),
     [
-        ("3.123.0", True),
+        ("3.105.0", True),
+        ("3.105.25", True),
+        ("3.114.2", True),
         ("3.123.1", True),
         ("3.123.10", True),
         ("3.124.0", False),
-        ("3.122.9", False),
+        ("3.104.2", False),
         ("4.0.0", False),
         ("banana", False),
         (None, False),
     ],
 )
-def test_only_the_tested_pulpcore_series_is_accepted(monkeypatch, found, ok):
+def test_the_supported_series_run_from_3_105_to_3_123(monkeypatch, found, ok):
     monkeypatch.setattr(compat, "pulpcore_version", lambda: found)
     assert (compat.version_problem() is None) is ok
+
+
+def write_tasking(tmp_path, worker_source: str) -> Any:
+    (tmp_path / "worker.py").write_text(worker_source)
+    return compat.pubsub_sites(tmp_path)
+
+
+def test_the_site_count_reads_statements_not_docstrings(tmp_path):
+    found = write_tasking(
+        tmp_path,
+        '''
+class PulpcoreWorker:
+    """Signals the worker via Postgres LISTEN."""
+
+    def run(self):
+        self.cursor.execute("LISTEN pulp_worker_cancel")
+
+    def record_unblocked_waiting_tasks_metric(self, now):
+        self.cursor.execute(f"NOTIFY pulp_worker_metrics_heartbeat, '{str(now)}'")
+''',
+    )
+    assert found == {
+        ("worker", "PulpcoreWorker.run", "LISTEN pulp_worker_cancel"): 1,
+        (
+            "worker",
+            "PulpcoreWorker.record_unblocked_waiting_tasks_metric",
+            "NOTIFY pulp_worker_metrics_heartbeat, '{}'",
+        ): 1,
+    }
+
+
+def test_a_new_listen_notify_site_is_a_seam_problem(tmp_path, monkeypatch):
+    source = "\n".join(
+        f"def {scope.split('.')[-1]}():\n    execute({text!r})\n"
+        for (module, scope, text) in compat.EXPECTED_SITES
+        if module == "tasks"
+    )
+    (tmp_path / "tasks.py").write_text(source)
+    worker = ["class PulpcoreWorker:"]
+    for (module, scope, text), n in compat.EXPECTED_SITES.items():
+        if module == "worker":
+            name = scope.split(".")[-1]
+            worker.append(f"    def {name}(self):\n" + f"        execute({text!r})\n" * n)
+    (tmp_path / "worker.py").write_text("\n".join(worker))
+    spec = types.SimpleNamespace(submodule_search_locations=[str(tmp_path)])
+    monkeypatch.setattr(compat.importlib.util, "find_spec", lambda name: spec)
+    # Functions of the same name in one class collapse; count what the file says.
+    assert compat.pubsub_sites(tmp_path) == compat.EXPECTED_SITES
+    assert compat.site_problems() == []
+
+    with open(tmp_path / "worker.py", "a") as f:
+        f.write('\n    def dispatch_now(self):\n        execute("NOTIFY pulp_worker_wakeup")\n')
+    problems = compat.site_problems()
+    assert len(problems) == 1
+    assert "PulpcoreWorker.dispatch_now sends 'NOTIFY pulp_worker_wakeup'" in problems[0]
+
+    (tmp_path / "tasks.py").write_text("")
+    assert any("wakeup_worker no longer sends" in p for p in compat.site_problems())
 
 
 def test_without_pulpcore_nothing_is_installed_and_no_check_speaks():
@@ -360,18 +483,53 @@ def pulp_installed(monkeypatch):
     )
 
 
-def test_an_untested_pulpcore_fails_the_check(pulp_installed, monkeypatch):
+def test_a_pulpcore_outside_the_series_with_matching_seams_is_a_warning(
+    pulp_installed, monkeypatch
+):
     monkeypatch.setattr(compat, "pulpcore_version", lambda: "3.124.0")
     monkeypatch.setattr(checks, "version_problem", compat.version_problem)
-    errors = checks.check_pulpcore_version()
-    assert [e.id for e in errors] == ["pulp_pubsub.E101"]
-    assert "3.124.0" in errors[0].msg and "pulpcore>=3.123,<3.124" in errors[0].hint
+    monkeypatch.setattr(checks, "seam_problems", lambda: [])
+    found = checks.check_pulpcore_version()
+    assert [w.id for w in found] == ["pulp_pubsub.W103"]
+    assert "3.124.0" in found[0].msg and "pulpcore>=3.105,<3.124" in found[0].msg
+    assert checks.check_pulpcore_seams() == []
 
 
-def test_moved_seams_fail_the_check(pulp_installed, monkeypatch):
-    monkeypatch.setattr(checks, "version_problem", lambda: None)
+@pytest.mark.parametrize("version", ["3.123.1", "3.130.0"])
+def test_moved_seams_fail_the_check_whatever_the_version(pulp_installed, monkeypatch, version):
+    monkeypatch.setattr(compat, "pulpcore_version", lambda: version)
     monkeypatch.setattr(checks, "seam_problems", lambda: ["x no longer contains y"])
-    assert [e.id for e in checks.check_pulpcore_seams()] == ["pulp_pubsub.E102"]
+    errors = checks.check_pulpcore_seams()
+    assert [e.id for e in errors] == ["pulp_pubsub.E102"]
+    assert "PUBSUB_PULPCORE_INTEGRATION = False" in errors[0].hint
+    assert checks.check_pulpcore_version() == []  # the error says it all
+
+
+@pytest.mark.parametrize("program", ["pulpcore-worker", "pulpcore-api", "pulpcore-content"])
+def test_a_serving_process_on_another_backend_refuses_to_start(monkeypatch, program):
+    monkeypatch.setattr(integration.sys, "argv", [f"/usr/bin/{program}"])
+    with override_settings(PUBSUB_BACKEND="redis"):
+        with pytest.raises(integration.IntegrationUnavailable) as refused:
+            integration.fail_closed(["x no longer contains y"], checks.WAY_OUT)
+    message = str(refused.value)
+    assert "x no longer contains y" in message and "refuses to start" in message
+    assert checks.WAY_OUT in message
+
+
+def test_on_postgresql_a_serving_process_runs_stock_with_a_warning(monkeypatch, caplog):
+    monkeypatch.setattr(integration.sys, "argv", ["/usr/bin/pulpcore-worker"])
+    with override_settings(PUBSUB_BACKEND="postgres"):
+        integration.fail_closed(["x no longer contains y"], checks.WAY_OUT)
+    assert [r.levelname for r in caplog.records] == ["WARNING"]
+    assert "pulp_pubsub.E102: x no longer contains y" in caplog.text
+
+
+def test_admin_commands_on_another_backend_start_and_report(monkeypatch, caplog):
+    # pulpcore-manager check/migrate must run to show the error (and to migrate).
+    monkeypatch.setattr(integration.sys, "argv", ["/usr/bin/pulpcore-manager", "check"])
+    with override_settings(PUBSUB_BACKEND="redis"):
+        integration.fail_closed(["x no longer contains y"], checks.WAY_OUT)
+    assert [r.levelname for r in caplog.records] == ["ERROR"]
 
 
 def test_polling_redis_workers_turn_the_integration_off(pulp_installed):
@@ -518,17 +676,19 @@ def test_a_busy_sender_hands_every_handle_to_others(new_worker):
     worker_seam.select_shim.select([], [], [], 0)  # busy: takes no "handle"
     sender.cursor.execute("SELECT pg_notify('pulp_worker_wakeup', %s)", ("handle",))
     assert sender.wakeup_handle is False
+    # Handed to the sender before its pause reached the server, it is given back.
+    deadline = time.monotonic() + 10
+    while not any(m.payload == "handle" for m in other.handled):
+        assert time.monotonic() < deadline, "the handle never reached the idle worker"
+        sender.pubsub.dispatch(timeout=0.05)
+        other.pubsub.dispatch(timeout=0.05)
     assert wakeups([sender, other]) == [[], ["handle"]]
 
 
-def test_cancels_and_empty_wakeups_stay_broadcasts(new_worker):
-    workers = [listening(new_worker) for _ in range(2)]
-    task_id = str(uuid.uuid4())
-    for worker in workers:
-        worker.cursor.execute("LISTEN pulp_worker_cancel")
-    with publishers.NotifyingConnection(Untouchable()).cursor() as cursor:
-        cursor.execute("SELECT pg_notify('pulp_worker_cancel', %s)", (task_id,))
-    assert wakeups(workers) == [[task_id]] * 2  # and the empty wake-up reached both
+def test_an_empty_wakeup_stays_a_broadcast(new_worker):
+    workers = [listening(new_worker) for _ in range(3)]
+    wakeups(workers)  # returns once every worker has had the empty wake-up
+    assert all(any(m.payload == "" for m in w.handled) for w in workers)
 
 
 def test_a_busy_worker_leaves_handle_to_an_idle_one(new_worker):

@@ -2,9 +2,8 @@
 
 Nothing to call: a Pulp install that lists ``pulp_pubsub`` in
 ``INSTALLED_APPS`` gets :func:`setup` run from ``PulpPubSubConfig.ready()``.
-When pulpcore is of a tested version, its seams are where they should be and
-``WORKER_TYPE`` is ``"pulpcore"``, it rebinds three module-level names and
-nothing else:
+When pulpcore's seams are where they should be and ``WORKER_TYPE`` is
+``"pulpcore"``, it rebinds three module-level names and nothing else:
 
 * ``pulpcore.tasking.tasks.connection``: a stand-in that publishes the
   ``pg_notify`` of ``wakeup_worker()`` and ``cancel_task()`` through the layer
@@ -14,24 +13,45 @@ nothing else:
 * ``pulpcore.tasking.worker.select``: a ``select`` that also waits on the
   subscriber's ``fileno()``.
 
-Otherwise it installs nothing, logs why, and the system checks
-``pulp_pubsub.E101``/``E102`` fail. See docs/pulp.md.
+Otherwise it installs nothing and the system check ``pulp_pubsub.E102``
+fails. A serving process (``pulpcore-worker``, ``pulpcore-api``,
+``pulpcore-content``) then fails closed: with a backend other than
+``postgres`` stock Pulp would be a worker that never hears a wake-up (its
+peers publish elsewhere, and behind a transaction pooler its LISTEN goes
+nowhere), so it refuses to start; with ``postgres``, the same wire as stock,
+it runs stock Pulp with a WARNING. See docs/pulp.md.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 
 from django.apps import apps
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 logger = logging.getLogger(__name__)
 
 #: The setting that turns the integration off (``PULP_PUBSUB_PULPCORE_INTEGRATION=false``).
 SETTING = "PUBSUB_PULPCORE_INTEGRATION"
 PULPCORE_APP = "pulpcore.app"
+#: Pulp's serving programs: these fail closed when the integration cannot install.
+SERVING_PROGRAMS = frozenset({"pulpcore-worker", "pulpcore-api", "pulpcore-content"})
+#: Modules being imported while such a program starts Django (also when run
+#: another way, e.g. ``gunicorn pulpcore.app.wsgi:application``).
+SERVING_MODULES = (
+    "pulpcore.tasking.entrypoint",
+    "pulpcore.app.wsgi",
+    "pulpcore.content.entrypoint",
+)
+
+
+class IntegrationUnavailable(ImproperlyConfigured):
+    """A serving Pulp process whose backend is not PostgreSQL cannot carry its messages."""
 
 
 @dataclass
@@ -54,12 +74,18 @@ def worker_type() -> str:
     return str(getattr(settings, "WORKER_TYPE", "pulpcore"))
 
 
+def serving_process() -> bool:
+    """Whether this process is one of Pulp's workers, API or content servers."""
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return program in SERVING_PROGRAMS or any(name in sys.modules for name in SERVING_MODULES)
+
+
 def setup() -> State:
     """Install the integration when this is a Pulp process that can take it."""
     global state
     if state.installed or not apps.is_installed(PULPCORE_APP):
         return state
-    from . import checks  # noqa: F401  (registers pulp_pubsub.E101 and friends)
+    from . import checks  # (registers pulp_pubsub.E102 and friends)
     from .compat import seam_problems, version_problem
 
     state = State(reason="")
@@ -67,21 +93,39 @@ def setup() -> State:
         state.reason = f"{SETTING} is False"
     elif worker_type() != "pulpcore":
         state.reason = f"WORKER_TYPE is {worker_type()!r}; only 'pulpcore' workers use NOTIFY"
-    elif problem := version_problem():
-        state.problems = [problem]
     else:
         state.problems = seam_problems()
     if state.problems:
         state.reason = "pulpcore is not as the integration expects"
-        logger.error(
-            "pulp-pubsub left pulpcore unchanged, so this process signals its workers "
-            "with PostgreSQL LISTEN/NOTIFY: %s. Run `pulpcore-manager check`.",
-            "; ".join(state.problems),
-        )
+        fail_closed(state.problems, checks.WAY_OUT)
     if state.reason:
         return state
+    if problem := version_problem():
+        logger.warning("%s; its seams match, so the integration is on.", problem)
     install()
     return state
+
+
+def fail_closed(problems: list[str], way_out: str) -> None:
+    """Refuse to serve on a backend stock Pulp cannot hear; on PostgreSQL, warn."""
+    from ...conf import ALIASES, get_settings
+
+    config = get_settings()
+    backend, postgres = config.backend, config.backend_path == ALIASES["postgres"]
+    why = "; ".join(problems)
+    if not postgres and serving_process():
+        raise IntegrationUnavailable(
+            f"pulp-pubsub cannot carry this Pulp process's messages on the {backend!r} "
+            f"backend (pulp_pubsub.E102: {why}), and stock Pulp's LISTEN/NOTIFY would not "
+            f"hear the rest of the fleet, so it refuses to start. {way_out}"
+        )
+    level = logging.WARNING if postgres else logging.ERROR
+    logger.log(
+        level,
+        "pulp-pubsub left pulpcore unchanged, so this process signals its workers with "
+        "PostgreSQL LISTEN/NOTIFY (pulp_pubsub.E102: %s). Run `pulpcore-manager check`.",
+        why,
+    )
 
 
 def install() -> None:

@@ -1,9 +1,10 @@
-"""System checks for the pulpcore integration (``pulp_pubsub.E101`` ...).
+"""System checks for the pulpcore integration (``pulp_pubsub.E102`` ...).
 
 Pulp runs the checks in ``pulpcore-manager migrate`` and ``check``, which
-every upgrade runs: a pulpcore the integration was not tested with stops the
-upgrade there rather than leaving a fleet half on the layer and half on
-LISTEN/NOTIFY.
+every upgrade runs: a pulpcore whose seams moved stops the upgrade there
+rather than leaving a fleet half on the layer and half on LISTEN/NOTIFY.
+The checks read pulpcore's own classes, so they give the same answer before
+and after the integration has installed itself in the process.
 """
 
 from __future__ import annotations
@@ -15,12 +16,20 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from ...conf import get_settings
 from . import PULPCORE_APP, SETTING, enabled, worker_type
-from .compat import TESTED_TEXT, pulpcore_version, seam_problems, version_problem
+from .compat import SUPPORTED_TEXT, pulpcore_version, seam_problems, version_problem
 
-E101 = "pulp_pubsub.E101"  # pulpcore version not tested
 E102 = "pulp_pubsub.E102"  # a seam the integration relies on has moved
 W101 = "pulp_pubsub.W101"  # WORKER_TYPE is not "pulpcore": integration off
 W102 = "pulp_pubsub.W102"  # integration off while PUBSUB_BACKEND is not postgres
+W103 = "pulp_pubsub.W103"  # pulpcore outside the supported series, but its seams match
+
+#: The way out of E102, also in the error a serving process stops with.
+WAY_OUT = (
+    f"Install a pulpcore of a supported series (pulpcore{SUPPORTED_TEXT}) or a pulp-pubsub "
+    f"release that supports this one; or run stock Pulp: {SETTING} = False and "
+    "PUBSUB_BACKEND = 'postgres' on every Pulp process, with the workers' database "
+    "connections direct rather than through a transaction pooler (docs/pulp.md, rolling back)."
+)
 
 
 def _active() -> bool:
@@ -29,35 +38,28 @@ def _active() -> bool:
 
 @register(Tags.compatibility)
 def check_pulpcore_version(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    if not _active():
+    if not _active() or seam_problems():
         return []
     problem = version_problem()
     if problem is None:
         return []
     return [
-        Error(
-            f"The pulp-pubsub integration is off: {problem}. Pulp processes on this "
-            "pulp-pubsub would signal workers with PostgreSQL LISTEN/NOTIFY while the "
-            "rest of the fleet uses the layer.",
-            hint=f'Install "pulpcore{TESTED_TEXT}", or a pulp-pubsub release tested with '
-            f"pulpcore {pulpcore_version()}, or set {SETTING} = False on every Pulp process "
-            "(see docs/pulp.md, rolling back).",
-            id=E101,
+        Warning(
+            f"{problem}. Every seam the integration relies on is where it expects, so it "
+            "is on, but no end-to-end run has covered this release.",
+            hint=f"Prefer pulpcore{SUPPORTED_TEXT}, or a pulp-pubsub release that names "
+            f"pulpcore {pulpcore_version()} as supported.",
+            id=W103,
         )
     ]
 
 
 @register(Tags.compatibility)
 def check_pulpcore_seams(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    if not _active() or version_problem() is not None:
+    if not _active():
         return []
     return [
-        Error(
-            f"The pulp-pubsub integration is off: {problem}.",
-            hint="This pulpcore build differs from the tested release; reinstall pulpcore "
-            f"from PyPI or set {SETTING} = False on every Pulp process.",
-            id=E102,
-        )
+        Error(f"The pulp-pubsub integration is off: {problem}.", hint=WAY_OUT, id=E102)
         for problem in seam_problems()
     ]
 

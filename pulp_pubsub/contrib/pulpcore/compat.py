@@ -1,23 +1,34 @@
-"""Which pulpcore the integration was tested with, and whether its seams are still there.
+"""Which pulpcore the integration supports, and whether its seams are still there.
 
 The integration relies on a handful of facts about pulpcore's source, listed
-in :data:`SEAMS`. A pulpcore outside :data:`TESTED` is refused outright; and
-even inside it, each seam is checked at start-up, so a patch release that
-moved one makes the system check fail instead of a worker going deaf.
+in :data:`SEAMS`, and on pulpcore sending LISTEN/NOTIFY from exactly the
+places in :data:`EXPECTED_SITES`. Those facts, not the version number, decide
+whether it installs: every start-up reads pulpcore's own classes (never the
+integrated subclass put in their place) and a moved seam or a new pub/sub
+site is an error. The version only decides whether a release whose seams all
+match is one the end-to-end run has covered (:data:`SUPPORTED`) or merely
+looks the same (a warning).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import inspect
 import re
+from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
-#: The pulpcore release series (major, minor) the integration has been tested with.
-TESTED = (3, 123)
-TESTED_TEXT = ">=3.123,<3.124"
+#: The pulpcore series supported: the oldest and the newest are run end to end.
+SUPPORTED = ((3, 105), (3, 123))
+SUPPORTED_TEXT = ">=3.105,<3.124"
+#: The series the end-to-end run installs from PyPI (the ends of SUPPORTED).
+E2E_SERIES = ("3.105", "3.123")
+#: What pulpcore's own wake-up reasons may be (pulpcore.constants.TASK_WAKEUP_*).
+WAKEUP_REASONS = frozenset({"unblock", "handle"})
 
 
 def pulpcore_version() -> str | None:
@@ -28,17 +39,21 @@ def pulpcore_version() -> str | None:
 
 
 def version_problem(found: str | None = None) -> str | None:
-    """Why this pulpcore version is not supported, or None when it is."""
+    """Why this pulpcore is outside the supported series, or None when it is inside.
+
+    Outside is a warning, not a refusal: the seams decide (:func:`seam_problems`).
+    """
     found = pulpcore_version() if found is None else found
     if found is None:
         return "pulpcore is not installed"
     match = re.match(r"(\d+)\.(\d+)(?:\.\d+)*", found)
     if match is None:
         return f"pulpcore reports an unreadable version {found!r}"
-    if (int(match[1]), int(match[2])) != TESTED:
+    series = (int(match[1]), int(match[2]))
+    if not SUPPORTED[0] <= series <= SUPPORTED[1]:
         return (
-            f"pulpcore {found} is installed, but this pulp-pubsub was tested only with "
-            f"pulpcore{TESTED_TEXT}"
+            f"pulpcore {found} is outside the series this pulp-pubsub supports "
+            f"(pulpcore{SUPPORTED_TEXT})"
         )
     return None
 
@@ -119,13 +134,123 @@ SEAMS: tuple[Seam, ...] = (
 ENTRYPOINT = "pulpcore.tasking.entrypoint"
 
 
+#: Every LISTEN/NOTIFY statement in pulpcore's tasking code, as
+#: (module, enclosing function, statement with ``{}`` for an f-string's
+#: fields): the integration translates exactly these, so one more (or one
+#: fewer) is a seam that moved.
+EXPECTED_SITES: Counter[tuple[str, str, str]] = Counter(
+    {
+        ("tasks", "wakeup_worker", "SELECT pg_notify('pulp_worker_wakeup', %s)"): 1,
+        ("tasks", "cancel_task", "SELECT pg_notify('pulp_worker_cancel', %s)"): 1,
+        (
+            "worker",
+            "PulpcoreWorker.notify_workers",
+            "SELECT pg_notify('pulp_worker_wakeup', %s)",
+        ): 1,
+        (
+            "worker",
+            "PulpcoreWorker.record_unblocked_waiting_tasks_metric",
+            "NOTIFY pulp_worker_metrics_heartbeat, '{}'",
+        ): 1,
+        ("worker", "PulpcoreWorker.run", "LISTEN pulp_worker_cancel"): 1,
+        ("worker", "PulpcoreWorker.run", "LISTEN pulp_worker_metrics_heartbeat"): 1,
+        ("worker", "PulpcoreWorker.run", "LISTEN pulp_worker_wakeup"): 1,
+        ("worker", "PulpcoreWorker.run", "UNLISTEN pulp_worker_cancel"): 1,
+        ("worker", "PulpcoreWorker.run", "UNLISTEN pulp_worker_metrics_heartbeat"): 1,
+        ("worker", "PulpcoreWorker.run", "UNLISTEN pulp_worker_wakeup"): 1,
+    }
+)
+#: A string that is a pub/sub statement (not a docstring that mentions one).
+_STATEMENT = re.compile(r"\s*(?:SELECT\s+pg_notify\s*\(|NOTIFY\s|(?:UN)?LISTEN\s)", re.IGNORECASE)
+TASKING = "pulpcore.tasking"
+
+
+def stock(obj: Any) -> Any:
+    """pulpcore's own class behind an integrated subclass (the object itself otherwise).
+
+    The check runs again in every ``pulpcore-manager`` command, after the
+    integration has put its subclass in pulpcore's module: reading the
+    subclass's methods would find our code, not pulpcore's.
+    """
+    from .worker import PubSubWorkerMixin
+
+    if isinstance(obj, type) and issubclass(obj, PubSubWorkerMixin):
+        return next(base for base in obj.__mro__ if not issubclass(base, PubSubWorkerMixin))
+    return obj
+
+
 def _source(where: str) -> str:
     module_name, _, qualname = where.partition(":")
     module = importlib.import_module(module_name)
     obj: Any = module
     for part in qualname.split(".") if qualname else ():
-        obj = getattr(obj, part)
-    return inspect.getsource(obj)
+        obj = getattr(stock(obj), part)
+    return inspect.getsource(stock(obj))
+
+
+def _text(node: ast.AST) -> str | None:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return node.value
+    if isinstance(node, ast.JoinedStr):
+        return "".join(
+            str(part.value) if isinstance(part, ast.Constant) else "{}" for part in node.values
+        )
+    return None
+
+
+def pubsub_sites(directory: Path) -> Counter[tuple[str, str, str]]:
+    """The LISTEN/NOTIFY statements in the ``.py`` files of ``directory``, read as source."""
+    found: Counter[tuple[str, str, str]] = Counter()
+
+    def visit(node: ast.AST, module: str, scope: tuple[str, ...]) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                visit(child, module, (*scope, child.name))
+                continue
+            text = _text(child)
+            if text is not None and _STATEMENT.match(text):
+                found[(module, ".".join(scope), text.strip())] += 1
+            elif not isinstance(child, ast.JoinedStr):
+                visit(child, module, scope)
+
+    for path in sorted(directory.glob("*.py")):
+        visit(ast.parse(path.read_text(encoding="utf-8")), path.stem, ())
+    return found
+
+
+def site_problems() -> list[str]:
+    """A LISTEN/NOTIFY site pulpcore's tasking code added, or one it no longer has."""
+    spec = importlib.util.find_spec(TASKING)
+    if spec is None or not spec.submodule_search_locations:
+        return [f"{TASKING} is missing"]
+    found: Counter[tuple[str, str, str]] = Counter()
+    for location in spec.submodule_search_locations:
+        found += pubsub_sites(Path(location))
+    problems = []
+    for (module, scope, text), n in sorted((found - EXPECTED_SITES).items()):
+        problems.append(
+            f"{TASKING}.{module}:{scope or '<module>'} sends {text!r} ({n} new site(s)), "
+            "which the integration does not carry"
+        )
+    for (module, scope, text), n in sorted((EXPECTED_SITES - found).items()):
+        problems.append(f"{TASKING}.{module}:{scope} no longer sends {text!r} ({n} site(s) gone)")
+    return problems
+
+
+def wakeup_reason_problem() -> str | None:
+    """A wake-up reason in ``pulpcore.constants`` the integration does not know."""
+    try:
+        constants = importlib.import_module("pulpcore.constants")
+    except ImportError as exc:
+        return f"pulpcore.constants cannot be read ({exc})"
+    reasons = {
+        value
+        for name, value in vars(constants).items()
+        if name.startswith("TASK_WAKEUP_") and isinstance(value, str)
+    }
+    if not reasons or reasons - WAKEUP_REASONS:
+        return f"pulpcore's wake-up reasons are {sorted(reasons)}, not {sorted(WAKEUP_REASONS)}"
+    return None
 
 
 def _entrypoint_problem() -> str | None:
@@ -145,7 +270,7 @@ def _entrypoint_problem() -> str | None:
 
 
 def seam_problems() -> list[str]:
-    """Each seam that is not where the integration expects it."""
+    """Each seam that is not where the integration expects it, on pulpcore's own code."""
     import select
 
     import django.db
@@ -160,6 +285,9 @@ def seam_problems() -> list[str]:
         missing = [needle for needle in seam.needs if needle not in text]
         if missing:
             problems.append(f"{seam.where} no longer contains {missing}: {seam.why}")
+    problems += site_problems()
+    if problem := wakeup_reason_problem():
+        problems.append(problem)
     tasks = importlib.import_module("pulpcore.tasking.tasks")
     worker = importlib.import_module("pulpcore.tasking.worker")
     from .publishers import NotifyingConnection

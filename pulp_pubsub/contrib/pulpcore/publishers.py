@@ -22,18 +22,28 @@ Wake-ups are targeted (:func:`target`): ``unblock`` goes to one worker of the
 ``unblock`` group (the non-auxiliary workers: only one can hold the unblocking
 lock anyway), ``handle`` to idle workers of the ``handle`` group; any other
 payload, cancels and heartbeats stay broadcasts.
+
+A backend outage is never pulpcore's error (:func:`carry`): the task row is
+committed either way, so a failed wake-up is logged once per outage and
+counted, and the workers' subscribers resync when the backend returns, which
+makes every worker look for work.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any
 
 from django.conf import settings
+from django.db import transaction
 
-from ... import publish
+from ... import get_backend, publish
+from ...exceptions import PubSubError
+from ...metrics import count
 from ...registry import RUNNERS, UNBLOCKERS, WAKEUP
 from .sql import UntranslatableStatement, parse
 
@@ -68,6 +78,68 @@ def target(channel: str, payload: str) -> str | None:
     return GROUPS.get(payload)
 
 
+class Outage:
+    """Publishes that failed since the last one that went through: one log line each way."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.failed = 0
+
+    def failure(self, channel: str, exc: BaseException) -> None:
+        with self._lock:
+            self.failed += 1
+            first = self.failed == 1
+        if first:
+            logger.error(
+                "pulp-pubsub could not send pulpcore's %r message (%s). Pulp goes on: tasks "
+                "are accepted and workers resync when the backend is back. Further failures "
+                "are counted (pulp_pubsub.messages.sent with error.type), not logged.",
+                channel,
+                exc,
+            )
+
+    def success(self) -> None:
+        if not self.failed:
+            return
+        with self._lock:
+            failed, self.failed = self.failed, 0
+        if failed:
+            logger.warning(
+                "pulp-pubsub is sending pulpcore's messages again; %d could not be sent.", failed
+            )
+
+
+outage = Outage()
+
+
+def carry(channel: str, payload: str, group: str | None = None, receivers: int = 1) -> None:
+    """Publish one of pulpcore's messages; a backend failure is never pulpcore's error.
+
+    Inside ``atomic()`` the message waits for the commit here rather than in
+    the backend, so a failure at commit takes the same once-per-outage path.
+    PostgreSQL's native path stays inside the transaction, as pulpcore's NOTIFY.
+    """
+    backend = get_backend()
+    if backend.publish_on_commit and not backend.defers_natively and backend.in_atomic_block():
+        transaction.on_commit(
+            partial(_carry_now, channel, payload, group, receivers),
+            using=backend.database_alias,
+        )
+        return
+    _carry_now(channel, payload, group, receivers)
+
+
+def _carry_now(channel: str, payload: str, group: str | None, receivers: int) -> None:
+    try:
+        publish(channel, payload, group=group, receivers=receivers)
+    except PubSubError as exc:
+        backend = get_backend()
+        count(backend.stats, "pulpcore_messages_dropped", backend.name, channel, error=exc)
+        outage.failure(channel, exc)
+    else:
+        outage.success()
+
+
 class TranslatingCursor:
     """A cursor that publishes pub/sub statements and runs everything else.
 
@@ -94,7 +166,7 @@ class TranslatingCursor:
                 f"{statement.verb.upper()} outside the worker is not expected from pulpcore: "
                 f"{sql!r}"
             )
-        publish(
+        carry(
             statement.channel,
             statement.payload,
             group=target(statement.channel, statement.payload),

@@ -33,7 +33,11 @@ it to the flags exactly as for a PostgreSQL notification (a ``Message`` has
 the same ``channel`` and ``payload``). Only a ``resync`` (messages may have
 been lost) is handled here: for wake-ups it does what an unknown payload
 does, both flags; for cancel it asks the database whether the running task is
-being canceled; the heartbeat timer needs nothing.
+being canceled; the heartbeat timer needs nothing. And a cancel message is
+trusted no more than a resync: the worker acts on it only when the database
+shows its task as being canceled, so publishing on the backend alone cannot
+cancel a task. Publishing never raises into the worker
+(:func:`~.publishers.carry`).
 """
 
 from __future__ import annotations
@@ -44,12 +48,13 @@ import select as _select
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ... import get_backend, publish
+from ... import get_backend
 from ...backends.listener import Subscriber
 from ...message import Message
+from ...metrics import count
 from ...registry import CANCEL, RUNNERS, UNBLOCKERS, WAKEUP
 from ...validation import MAX_RECEIVERS
-from .publishers import also_notify, target, targeted
+from .publishers import also_notify, carry, target, targeted
 from .sql import parse
 
 logger = logging.getLogger(__name__)
@@ -90,8 +95,8 @@ class WorkerCursor:
                     self.worker.wakeup_handle = True
                     subscriber.set_accepting(WAKEUP, RUNNERS, False)
                     receivers -= 1
-            if receivers:
-                publish(statement.channel, statement.payload, group=group, receivers=receivers)
+            if receivers:  # carry() never raises into the worker
+                carry(statement.channel, statement.payload, group=group, receivers=receivers)
             if also_notify():
                 self._real().execute(sql, params)  # the stock NOTIFY too (rollout)
         return self
@@ -204,6 +209,9 @@ class PubSubWorkerMixin:
         )
 
     def on_pubsub_message(self, message: Message) -> None:
+        if message.channel == CANCEL and not message.resync:
+            self._on_cancel(message)
+            return
         if not message.resync:
             self._pg_notify_handler(message)
             return
@@ -214,6 +222,28 @@ class PubSubWorkerMixin:
         elif message.channel == CANCEL and self.task is not None:
             self.cancel_task = self.cancel_task or self._task_is_canceling()
         # A missed metrics heartbeat only means this worker may report once more.
+
+    def _on_cancel(self, message: Message) -> None:
+        """Act on a cancel only when the database says the running task is being canceled.
+
+        Anyone who can publish on the backend (often a Redis shared with the
+        cache) could otherwise cancel any running task whose id the API shows.
+        pulpcore's ``cancel_task()`` commits the ``canceling`` state before it
+        sends the message, so a genuine cancel always passes.
+        """
+        task = self.task
+        if task is None or message.payload != str(task.pk):
+            return  # pulpcore ignores it too: not the task this worker runs
+        if self._task_is_canceling():
+            self._pg_notify_handler(message)
+            return
+        backend = get_backend()
+        count(backend.stats, "pulpcore_cancels_refused", backend.name, message.channel)
+        logger.warning(
+            "Ignored a cancel message for task %s: the database does not show it as being "
+            "canceled, so it did not come from Pulp's cancel.",
+            message.payload,
+        )
 
     def _task_is_canceling(self) -> bool:
         from pulpcore.app.models import Task

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..compat import E2E_SERIES
 from .figures import as_dict, contrast, table, verdicts
 from .scenarios import Config, Run
 
@@ -27,6 +28,12 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(defaults.scenarios),
         help=f"comma-separated, from: {','.join(defaults.scenarios)}",
     )
+    parser.add_argument(
+        "--series",
+        default=defaults.series,
+        help=f"the pulpcore series from PyPI, MAJOR.MINOR (end-to-end: {', '.join(E2E_SERIES)})",
+    )
+    parser.add_argument("--outage-seconds", type=float, default=defaults.outage_seconds)
     parser.add_argument("--venv", type=Path, default=None, help="the pulpcore virtualenv")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the logs here")
@@ -40,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         latency_tasks=args.latency_tasks,
         idle_seconds=args.idle_seconds,
         scenarios=tuple(name for name in args.scenarios.split(",") if name),
+        series=args.series,
+        outage_seconds=args.outage_seconds,
         venv=args.venv,
         keep_logs=args.keep_logs,
     )
@@ -50,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = Run(config, log).run()
     out = sys.stdout
+    out.write(f"pulpcore {report.pulpcore}\n")
     out.write(table(report) + "\n\n")
     for line in contrast(report):
         out.write(line + "\n")

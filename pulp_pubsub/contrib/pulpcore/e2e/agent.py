@@ -204,6 +204,13 @@ def main(argv: list[str]) -> int:
     command, opts = argv[0], json.loads(argv[1]) if len(argv) > 1 else {}
     if command == "drive":
         result = drive(opts)
+    elif command == "dispatch":
+        setup_django()
+        from pulpcore.app.tasks.test import sleep as sleep_task
+        from pulpcore.tasking.tasks import dispatch
+
+        task = dispatch(sleep_task, args=(float(opts["seconds"]),))
+        result = {"task": str(task.pk)}
     elif command == "contract":
         from .contract import run_contract
 

@@ -16,7 +16,6 @@ import signal
 import threading
 import time
 import uuid
-from types import SimpleNamespace
 from typing import Any
 
 CHANNELS = ("pulp_worker_wakeup", "pulp_worker_cancel", "pulp_worker_metrics_heartbeat")
@@ -187,22 +186,38 @@ class Contract:
             self.pump(worker, lambda: worker.last_metric_heartbeat == stamp),
         )
 
-        task_id = uuid.uuid4()
+        from pulpcore.app.models import Task
+        from pulpcore.app.tasks.test import sleep as sleep_task
+        from pulpcore.tasking.tasks import dispatch
+
+        task = dispatch(sleep_task, args=(0,))
+        Task.objects.filter(pk=task.pk).update(state="running")
         self.reset(worker)
-        publish(CANCEL, str(task_id))
+        publish(CANCEL, str(task.pk))
         self.marker(worker)
         idle_ignores = not worker.cancel_task
-        worker.task = SimpleNamespace(pk=task_id)
+        worker.task = task
         publish(CANCEL, str(uuid.uuid4()))
         self.marker(worker)
         other_ignored = not worker.cancel_task
-        publish(CANCEL, str(task_id))
+        publish(CANCEL, str(task.pk))  # forged: the database says running
+        self.marker(worker)
+        forged_ignored = not worker.cancel_task
+        Task.objects.filter(pk=task.pk).update(state="canceling")
+        publish(CANCEL, str(task.pk))
         matched = self.pump(worker, lambda: worker.cancel_task)
         worker.task = None
+        Task.objects.filter(pk=task.pk).update(state="canceled")
         self.check(
-            f"{kind}: cancel acts only on the running task's id",
-            idle_ignores and other_ignored and matched,
-            {"idle": idle_ignores, "other": other_ignored, "match": matched},
+            f"{kind}: cancel acts only on the running task's id, once the database says "
+            "it is being canceled",
+            idle_ignores and other_ignored and forged_ignored and matched,
+            {
+                "idle": idle_ignores,
+                "other": other_ignored,
+                "forged": forged_ignored,
+                "match": matched,
+            },
         )
 
         self.reset(worker)

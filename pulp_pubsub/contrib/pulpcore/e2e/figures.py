@@ -90,6 +90,7 @@ def verdicts(report: Report) -> list[Verdict]:
             + (f"; failed: {failed}" if failed else ""),
         )
     )
+    out += operator_verdicts(report)
     stock, ours = report.outcomes.get("stock_direct"), report.outcomes.get("pubsub_redis")
     if ours is not None:
         out.append(
@@ -154,6 +155,72 @@ def verdicts(report: Report) -> list[Verdict]:
     return out
 
 
+#: A task dispatched during the outage starts within this long of the backend's return
+#: (the subscribers' reconnect backoff is capped at 5 s).
+OUTAGE_RETURN_SECONDS = 10.0
+
+
+def operator_verdicts(report: Report) -> list[Verdict]:
+    op = report.operator
+    if op is None:
+        return []
+    out = [
+        Verdict(
+            "operator: admin commands exit 0 with the integration on",
+            bool(op.admin) and not any(op.admin.values()) and op.ping == 0,
+            ", ".join(f"{k} {v}" for k, v in op.admin.items())
+            + f", pubsub_ping --expect-subscribers {op.ping}"
+            + (f"; {op.problems}" if op.problems else ""),
+        ),
+        Verdict(
+            "operator: pulpcore-api and pulpcore-content serve (PULP_* environment only)",
+            bool(op.serving) and all(op.serving.values()),
+            str(op.serving),
+        ),
+    ]
+    rest = op.rest_cancel or {}
+    out.append(
+        Verdict(
+            f"operator: PATCH cancel of a running task within {CANCEL_SECONDS:.0f} s",
+            rest.get("http") == 200
+            and rest.get("state") == "canceled"
+            and rest.get("latency") is not None
+            and rest["latency"] < CANCEL_SECONDS,
+            f"HTTP {rest.get('http')} (answered in {_ms(rest.get('http_seconds'))}), "
+            f"{rest.get('state')} {_ms(rest.get('latency'))} after the request",
+        )
+    )
+    forged = op.forged_cancel or {}
+    out.append(
+        Verdict(
+            "operator: a forged cancel on Redis leaves the task running",
+            forged.get("receivers", 0) > 0
+            and forged.get("refused") is True
+            and forged.get("state") == "completed",
+            f"heard by {forged.get('receivers')} worker(s), refused by the one running it; "
+            f"task {forged.get('state')}",
+        )
+    )
+    outage = op.outage or {}
+    after = outage.get("first_start_after_return")
+    out.append(
+        Verdict(
+            "operator: Redis down, the API accepts every task and all run when it returns",
+            bool(outage)
+            and outage["accepted"] == outage["requests"]
+            and outage["completed"] == outage["requests"]
+            and after is not None
+            and after < OUTAGE_RETURN_SECONDS
+            and op.serving.get("after_outage", False),
+            f"down {outage.get('seconds_down', 0):.0f} s: {outage.get('accepted')}/"
+            f"{outage.get('requests')} accepted, {outage.get('completed')} completed; the first "
+            f"started {_ms(after)} after Redis returned, the last (one at a time: orphan "
+            f"cleanup's lock) finished {_ms(outage.get('done_after_return'))} after",
+        )
+    )
+    return out
+
+
 def _rate(outcome: Outcome) -> str:
     rate = outcome.idle_rate
     return (
@@ -187,7 +254,9 @@ def contrast(report: Report) -> list[str]:
 
 def as_dict(report: Report) -> dict[str, Any]:
     return {
+        "pulpcore": report.pulpcore,
         "config": {k: str(v) for k, v in vars(report.config).items()},
+        "operator": None if report.operator is None else vars(report.operator),
         "seconds": report.seconds,
         "total_seconds": report.total_seconds,
         "contract": report.contract,

@@ -1,6 +1,8 @@
 """The scenarios of the end-to-end run and the figures they produce.
 
 1. ``contract``: the worker contract on pulpcore's real classes (:mod:`.contract`).
+   ``operator``: real API, content app and workers configured by ``PULP_*`` alone:
+   admin commands, REST cancel, a forged cancel, a Redis outage (:mod:`.operator`).
 2. ``head_to_head``, two fleets at once, their latency tasks alternating in rounds:
    ``stock_direct``, stock pulpcore with LISTEN/NOTIFY on direct connections (the
    baseline), and ``pubsub_redis``, the integration on Redis with every worker's
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..compat import E2E_SERIES
 from .site import LOG_CONF, Site, default_venv, ensure_venv
 
 LISTENER_NAME = "pulp-pubsub listener"
@@ -54,13 +57,18 @@ class Config:
     stock_pgbouncer_wait: float = 15.0
     scenarios: tuple[str, ...] = (
         "contract",
+        "operator",
         "head_to_head",
         "stock_pgbouncer",
         "mixed",
         "rollout",
         "redis_worker",
     )
+    #: The pulpcore series (MAJOR.MINOR) to install from PyPI.
+    series: str = E2E_SERIES[-1]
     venv: Path | None = None
+    #: How long Redis stays down in the operator scenario's outage.
+    outage_seconds: float = 20.0
     #: Copy the server and process logs here before the throwaway servers go.
     keep_logs: Path | None = None
 
@@ -115,6 +123,8 @@ class Outcome:
 class Report:
     config: Config
     contract: dict[str, dict[str, Any]] = field(default_factory=dict)
+    operator: Any = None  # an operator.OperatorOutcome
+    pulpcore: str | None = None
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
@@ -132,7 +142,8 @@ class Run:
         from pulp_pubsub.testing import PgBouncerServer, PostgresServer, RedisServer
 
         began = time.monotonic()
-        venv = ensure_venv(self.config.venv or default_venv(), self.log)
+        series = self.config.series
+        venv = ensure_venv(self.config.venv or default_venv(series), series, self.log)
         self.report.seconds["virtualenv"] = time.monotonic() - began
         k = self.config.workers
         postgres = PostgresServer(max_connections=100 + 4 * k, extra_conf=LOG_CONF)
@@ -147,6 +158,8 @@ class Run:
             ).start()
             site = Site(venv, postgres)
             self.site, self.redis_url, self.bouncer = site, redis_server.url, bouncer
+            self.redis_server = redis_server
+            self.report.pulpcore = site.pulpcore_version()
             self.log("migrating a throwaway database")
             self.report.seconds["migrate"] = site.migrate_template()
             for name in self.config.scenarios:
@@ -272,6 +285,16 @@ class Run:
             settings, "contract", {"redis_url": self.redis_url, "observer_dsn": self.site.dsn(db)}
         )
         self.report.contract = result["checks"]
+
+    def operator(self) -> None:
+        from .operator import Operator
+
+        self.log(
+            "operator: pulpcore-api, pulpcore-content and workers configured by PULP_* only; "
+            f"admin commands, REST cancel, forged cancel, Redis down "
+            f"{self.config.outage_seconds:.0f} s"
+        )
+        self.report.operator = Operator(self, outage_seconds=self.config.outage_seconds)()
 
     def head_to_head(self) -> None:
         """Stock on direct connections against the integration behind PgBouncer.

@@ -27,9 +27,8 @@ from typing import Any
 
 import pulp_pubsub
 
-from ..compat import TESTED_TEXT
+from ..compat import E2E_SERIES
 
-PULPCORE_SPEC = f"pulpcore{TESTED_TEXT}"
 #: What the virtualenv needs besides pulpcore (which brings psycopg and redis).
 EXTRA_PACKAGES = ("hiredis>=2.0",)
 VENV_ENV = "PULP_PUBSUB_E2E_VENV"
@@ -48,20 +47,32 @@ _LOG_LINE = re.compile(
 POOLER_CHECK = "select 1"
 
 
-def default_venv() -> Path:
-    if os.environ.get(VENV_ENV):
-        return Path(os.environ[VENV_ENV])
+def pulpcore_spec(series: str) -> str:
+    """``pulpcore>=3.105,<3.106`` for ``"3.105"``: the newest release of a series."""
+    match = re.fullmatch(r"(\d+)\.(\d+)", series)
+    if match is None:
+        raise ValueError(f"a pulpcore series is MAJOR.MINOR, like 3.123, not {series!r}")
+    major, minor = int(match[1]), int(match[2])
+    return f"pulpcore>={major}.{minor},<{major}.{minor + 1}"
+
+
+def default_venv(series: str = E2E_SERIES[-1]) -> Path:
+    """Where the virtualenv of ``series`` is cached (``$PULP_PUBSUB_E2E_VENV`` is a directory
+    holding one per series)."""
     tag = f"py{sys.version_info.major}{sys.version_info.minor}"
-    return Path.home() / ".cache" / "pulp-pubsub" / f"e2e-pulpcore-3.123-{tag}"
+    base = Path(os.environ.get(VENV_ENV) or Path.home() / ".cache" / "pulp-pubsub")
+    return base / f"e2e-pulpcore-{series}-{tag}"
 
 
-def ensure_venv(path: Path, log: Callable[[str], None] = lambda _: None) -> Path:
-    """A virtualenv with pulpcore from PyPI; made once, then reused."""
+def ensure_venv(
+    path: Path, series: str = E2E_SERIES[-1], log: Callable[[str], None] = lambda _: None
+) -> Path:
+    """A virtualenv with pulpcore of ``series`` from PyPI; made once, then reused."""
     marker = path / ".pulp-pubsub-e2e"
-    wanted = " ".join((PULPCORE_SPEC, *EXTRA_PACKAGES))
+    wanted = " ".join((pulpcore_spec(series), *EXTRA_PACKAGES))
     if marker.exists() and marker.read_text() == wanted:
         return path
-    log(f"making {path} with {wanted} (about 30 s, once)")
+    log(f"making {path} with {wanted} (about a minute, once)")
     shutil.rmtree(path, ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
@@ -73,13 +84,17 @@ def ensure_venv(path: Path, log: Callable[[str], None] = lambda _: None) -> Path
             "install",
             "--quiet",
             "--disable-pip-version-check",
-            PULPCORE_SPEC,
+            pulpcore_spec(series),
             *EXTRA_PACKAGES,
         ],
         check=True,
     )
     marker.write_text(wanted)
     return path
+
+
+#: A settings file, or the ``PULP_*`` environment variables that replace one.
+Settings = Path | dict[str, str]
 
 
 def _py(value: Any) -> str:
@@ -144,6 +159,19 @@ class Site:
     def bin(self, name: str) -> str:
         return str(self.venv / "bin" / name)
 
+    def pulpcore_version(self) -> str:
+        done = subprocess.run(
+            [
+                self.bin("python"),
+                "-c",
+                "from importlib import metadata as m; print(m.version('pulpcore'))",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return done.stdout.strip()
+
     def run_python(self, code: str, *args: str) -> None:
         subprocess.run([self.bin("python"), "-c", code, *args], check=True)
 
@@ -166,12 +194,21 @@ class Site:
         path.write_text("".join(f"{key} = {_py(value)}\n" for key, value in base.items()))
         return path
 
-    def env(self, settings: Path, **extra: str) -> dict[str, str]:
+    def env(self, settings: Settings, **extra: str) -> dict[str, str]:
+        """A process's environment: a settings file, or ``PULP_*`` variables alone.
+
+        With a dict, ``PULP_SETTINGS`` names a file that does not exist, so
+        the process is configured through the environment only, as an
+        operator of a container image configures Pulp.
+        """
         env = {
             key: value
             for key, value in os.environ.items()
             if not key.startswith(("PULP_", "PUBSUB_", "DJANGO_"))
         }
+        if isinstance(settings, dict):
+            env.update(settings)
+            settings = self.root / "run" / "no-settings-file.py"
         env.update(
             PULP_SETTINGS=str(settings),
             DJANGO_SETTINGS_MODULE="pulpcore.app.settings",
@@ -185,8 +222,16 @@ class Site:
 
     # -- programs ----------------------------------------------------------------
 
-    def manage(self, settings: Path, *args: str, timeout: float = 300) -> str:
-        done = subprocess.run(
+    def manage(self, settings: Settings, *args: str, timeout: float = 300) -> str:
+        done = self.manage_run(settings, *args, timeout=timeout)
+        if done.returncode:
+            raise RuntimeError(f"pulpcore-manager {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+        return done.stdout
+
+    def manage_run(
+        self, settings: Settings, *args: str, timeout: float = 300
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
             [self.bin("pulpcore-manager"), *args],
             env=self.env(settings),
             cwd=self.root / "tmp",
@@ -194,12 +239,9 @@ class Site:
             text=True,
             timeout=timeout,
         )
-        if done.returncode:
-            raise RuntimeError(f"pulpcore-manager {' '.join(args)} failed:\n{done.stderr[-3000:]}")
-        return done.stdout
 
     def agent(
-        self, settings: Path, command: str, opts: dict[str, Any], timeout: float = 240
+        self, settings: Settings, command: str, opts: dict[str, Any], timeout: float = 240
     ) -> dict[str, Any]:
         done = subprocess.run(
             [
@@ -224,7 +266,7 @@ class Site:
             f"{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
         )
 
-    def start_worker(self, name: str, settings: Path, *args: str, **env: str) -> Process:
+    def start_worker(self, name: str, settings: Settings, *args: str, **env: str) -> Process:
         return self.start(name, settings, [self.bin("pulpcore-worker"), *args], **env)
 
     def start_bridge(self, name: str, settings: Path, postgres_url: str) -> Process:
@@ -232,7 +274,7 @@ class Site:
         argv = [self.bin("python"), "-m", module, "--postgres-url", postgres_url]
         return self.start(name, settings, argv)
 
-    def start(self, name: str, settings: Path, argv: list[str], **env: str) -> Process:
+    def start(self, name: str, settings: Settings, argv: list[str], **env: str) -> Process:
         log_path = self.root / "logs" / f"{name}.log"
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
