@@ -123,9 +123,10 @@ class Contract:
         ready = threading.Event()
         subscribe = worker.pubsub.subscribe
 
-        def spy(channel: str, callback: Any) -> None:
-            subscribe(channel, callback)
-            seen.append(channel)
+        def spy(channel: str, callback: Any, group: str | None = None) -> None:
+            subscribe(channel, callback, group=group)
+            if group is None:  # a group joined on a channel is not another subscription
+                seen.append(channel)
             if channel == CHANNELS[0]:
                 ready.set()
 
