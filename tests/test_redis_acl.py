@@ -33,12 +33,13 @@ pytestmark = [pytest.mark.backend, pytest.mark.servers]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PASSWORD = "fleet-Secret-7"
 ADMIN_PASSWORD = "admin-Secret-9"
+TARGETED = "pulp-targeted"
 OPTIONS = {"probe_interval": 0.3, "probe_timeout": 2.0, "connect_timeout": 2.0}
 
 
-def documented_acl() -> str:
+def documented_acl(user: str = "pulp") -> str:
     with open(os.path.join(ROOT, "docs", "security.md")) as page:
-        [line] = [line.strip() for line in page if line.startswith("user pulp on ")]
+        [line] = [line.strip() for line in page if line.startswith(f"user {user} on ")]
     return line
 
 
@@ -47,6 +48,7 @@ def server() -> Iterator[RedisServer]:
     acl = [
         f"user default on >{ADMIN_PASSWORD} ~* &* +@all",
         documented_acl().replace(">CHANGE-ME", f">{PASSWORD}"),
+        documented_acl(TARGETED).replace(">CHANGE-ME", f">{PASSWORD}"),
     ]
     with RedisServer(acl_lines=acl) as running:
         yield running
@@ -58,10 +60,10 @@ def admin(server: RedisServer) -> redis.Redis:
     )
 
 
-def settings_for(server: RedisServer, prefix: str) -> dict[str, Any]:
+def settings_for(server: RedisServer, prefix: str, user: str = "pulp") -> dict[str, Any]:
     return {
         "PUBSUB_BACKEND": "redis",
-        "PUBSUB_URL": f"redis://pulp:{PASSWORD}@{server.host}:{server.port}/0",
+        "PUBSUB_URL": f"redis://{user}:{PASSWORD}@{server.host}:{server.port}/0",
         "PUBSUB_CHANNEL_PREFIX": prefix,
         "PUBSUB_OPTIONS": OPTIONS,
     }
@@ -102,6 +104,28 @@ def test_a_user_with_the_documented_acl_works_end_to_end(server):
             assert sub.stats["reconnects"] == 0, sub.last_error
         backend.close()
     # Nothing the layer sent was refused, not even quietly (a client library's extras).
+    assert admin(server).acl_log() == []
+
+
+def test_the_documented_targeted_acl_carries_targeted_delivery(server):
+    """The second documented line: a Pulp fleet's targeted wake-ups, and nothing refused."""
+    admin(server).acl_log_reset()
+    with override_settings(**settings_for(server, "site1.", user=TARGETED)):
+        backend = get_backend()
+        with backend.subscriber(manual_ack=True) as holder, backend.subscriber() as other:
+            held, inbox = Inbox(holder), Inbox(other)
+            holder.subscribe("demo_events", held, group="workers")
+            assert holder.wait_connected(10), holder.last_error
+            backend.publish("demo_events", "one of you", group="workers")
+            held.wait(lambda messages: [m.payload for m in messages] == ["one of you"])
+            other.subscribe("demo_events", inbox, group="workers")
+            assert other.wait_connected(10), other.last_error
+            # Busy: the held message is given back and handed to the other member.
+            holder.set_accepting("demo_events", "workers", False)
+            inbox.wait(lambda messages: [m.payload for m in messages] == ["one of you"])
+            for sub in (holder, other):
+                assert sub.stats["reconnects"] == 0, sub.last_error
+        backend.close()
     assert admin(server).acl_log() == []
 
 
