@@ -655,10 +655,13 @@ class Subscriber:
             self._enqueue(Message(channel, "", resync=True, since=self._lost_since))
 
     def _on_disconnected(self, exc: BaseException) -> None:
+        # The state an observer reads (connected, deaf, last_error, the log) is
+        # settled before the counters that announce the loss move.
+        self._connected.clear()
         cause = f"{type(exc).__name__}: {exc}".strip()
-        if isinstance(exc, Deaf):
+        deaf = isinstance(exc, Deaf)
+        if deaf:
             self.deaf = True
-            count(self.stats, "deaf", self.backend.name, error=exc)
             now = time.monotonic()
             if self._deaf_logged_at is None or now - self._deaf_logged_at >= OUTAGE_LOG_INTERVAL:
                 self._deaf_logged_at = now
@@ -669,6 +672,8 @@ class Subscriber:
         # Only a connection that heard since the last loss moves the window's start.
         if self.last_heard is not None:
             self._lost_since = self.last_heard
+        if deaf:
+            count(self.stats, "deaf", self.backend.name, error=exc)
         count(self.stats, "reconnects", self.backend.name, error=exc)
         self._answer_requests(None, set())
 
