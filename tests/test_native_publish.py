@@ -14,6 +14,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
+import psycopg
 import pytest
 from django.db import connections, transaction
 from django.test import override_settings
@@ -124,3 +125,30 @@ def test_a_cold_publish_to_a_frozen_server_is_bounded_by_djangos_connect_timeout
             error, elapsed = timed(lambda: backend.publish(channel, "cold"))
     assert isinstance(error, PublishError), repr(error)
     assert elapsed < CONNECT_TIMEOUT + SLACK, f"publish took {elapsed:.2f} s"
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+def test_a_publish_as_the_first_statement_of_atomic_waits_for_the_commit(
+    server, django_db_blocker, outcome
+):
+    """The bounded path bypasses Django's cursor, and with it psycopg's lazy BEGIN."""
+    channel = f"native_{uuid.uuid4().hex[:8]}"
+    with django_db_blocker.unblock(), native_backend(server) as (backend, alias):
+        with backend.subscriber() as sub:
+            got: list[Message] = []
+            sub.subscribe(channel, got.append)
+            assert sub.wait_connected(10)
+            with contextlib.suppress(RuntimeError), transaction.atomic(using=alias):
+                backend.publish(channel, "first statement")
+                # Notifications arrive in commit order: one that escaped the
+                # transaction would come before this one, sent and committed after it.
+                with psycopg.connect(server.url, autocommit=True) as other:
+                    other.execute("SELECT pg_notify(%s, 'probe')", [channel])
+                dispatch_until(sub, lambda: any(m.payload == "probe" for m in got))
+                assert [m.payload for m in got] == ["probe"]
+                if outcome == "rollback":
+                    raise RuntimeError("roll back")
+            backend.publish(channel, "after")
+            dispatch_until(sub, lambda: any(m.payload == "after" for m in got))
+            kept = ["first statement"] if outcome == "commit" else []
+            assert [m.payload for m in got] == ["probe", *kept, "after"]

@@ -58,6 +58,18 @@ QUEUE_WARNING = 0.5
 _PYTHON_ONLY = ("cursor_factory", "context", "prepare_threshold", "row_factory", "autocommit")
 
 
+def _begin_statement(raw: Any) -> bytes:
+    """The BEGIN psycopg would send on ``raw``, with its transaction characteristics."""
+    words = ["BEGIN"]
+    if raw.isolation_level is not None:
+        words.append("ISOLATION LEVEL " + raw.isolation_level.name.replace("_", " "))
+    if raw.read_only is not None:
+        words.append("READ ONLY" if raw.read_only else "READ WRITE")
+    if raw.deferrable is not None:
+        words.append("DEFERRABLE" if raw.deferrable else "NOT DEFERRABLE")
+    return " ".join(words).encode()
+
+
 def _notify_on(connection: Any, channel: str, payload: str, timeout: float) -> None:
     """NOTIFY on Django's ``connection``: its session, in its transaction if any.
 
@@ -82,6 +94,11 @@ def _notify_on(connection: Any, channel: str, payload: str, timeout: float) -> N
         if not raw.lock.acquire(timeout=max(0.0, timeout)):
             raise Timeout("another thread holds this connection")
         try:
+            if not raw.autocommit and raw.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+                # Inside atomic() with nothing run yet: psycopg sends its BEGIN lazily,
+                # before its own first query, and this one bypasses it. Without it the
+                # NOTIFY would go out at once and survive a rollback.
+                check(run_on(raw.pgconn, _begin_statement(raw), [], deadline))
             results = run_on(
                 raw.pgconn, NOTIFY_BOUND, [channel.encode(), payload.encode()], deadline
             )
@@ -89,7 +106,10 @@ def _notify_on(connection: Any, channel: str, payload: str, timeout: float) -> N
             raw.lock.release()
             connection.close()
             raise
-        except psycopg.Error:
+        except ServerError as exc:
+            raw.lock.release()
+            raise DatabaseError(str(exc)) from None
+        except BaseException:
             raw.lock.release()
             raise
         raw.lock.release()
