@@ -102,19 +102,7 @@ class GroupReader:
         now = time.monotonic()
         if not self.history_read:
             # Entries handed to this consumer on a connection that then died.
-            self._send(
-                "read",
-                members,
-                "XREADGROUP",
-                "GROUP",
-                CONSUMER_GROUP,
-                consumer,
-                "COUNT",
-                "1",
-                "STREAMS",
-                *keys,
-                *["0"] * len(keys),
-            )
+            self._read_group(members, consumer, keys, "0")
             self.history_read = True
         elif now >= self.next_sweep:
             for key in keys:
@@ -133,21 +121,7 @@ class GroupReader:
             self.next_sweep = now + self._sweep_interval()
         else:
             block = max(1, int((self.next_sweep - now) * 1000))
-            self._send(
-                "read",
-                members,
-                "XREADGROUP",
-                "GROUP",
-                CONSUMER_GROUP,
-                consumer,
-                "COUNT",
-                "1",
-                "BLOCK",
-                str(block),
-                "STREAMS",
-                *keys,
-                *[">"] * len(keys),
-            )
+            self._read_group(members, consumer, keys, ">", "BLOCK", str(block))
             self.reading = members
             self.block_until = now + block / 1000
 
@@ -155,6 +129,23 @@ class GroupReader:
         # Redelivery comes within two claim timeouts; an idle member looks
         # about once per claim timeout, jittered so a fleet does not look at once.
         return self.claim_ms / 1000 * random.uniform(0.8, 1.0)
+
+    def _read_group(
+        self,
+        members: frozenset[tuple[str, str]],
+        consumer: str,
+        keys: list[str],
+        start: str,
+        *block: str,
+    ) -> None:
+        """One entry of any of ``keys``: from ``start`` ("0": this consumer's own pending
+        entries; ">": new ones), waiting as ``block`` says."""
+        self._send(
+            "read",
+            members,
+            "XREADGROUP", "GROUP", CONSUMER_GROUP, consumer, "COUNT", "1", *block,
+            "STREAMS", *keys, *[start] * len(keys),
+        )  # fmt: skip
 
     def _send(self, kind: str, what: Any, *args: str) -> None:
         try:

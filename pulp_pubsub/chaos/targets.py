@@ -143,6 +143,21 @@ class _ServerTarget(Target):
         for role in ("subscriber", "publisher"):
             self.proxies[role] = TcpProxy(self.server.host, self.server.port).start()
 
+    def spec(self, role: str) -> dict[str, Any]:
+        """The server's own URL, pointed through the role's proxy."""
+        return {
+            "backend": self.name,
+            "url": self.proxies[role].url_for(self.server.url),
+            "options": dict(self.options),
+        }
+
+    def _cut_subscriber_proxy(self) -> int:
+        """Reset every subscriber connection where it passes, as a dead middlebox would."""
+        proxy = self.proxies["subscriber"]
+        held = int(proxy.connections)
+        proxy.cut()
+        return held
+
     def stop_server(self, mode: str) -> None:
         if mode == "kill":
             # kill -9 of every server process at once: no shutdown code runs at all.
@@ -265,13 +280,6 @@ class RedisTarget(_ServerTarget):
         self.server.start()
         self._with_proxies()
 
-    def spec(self, role: str) -> dict[str, Any]:
-        return {
-            "backend": "redis",
-            "url": self.proxies[role].url_for(self.server.url),
-            "options": dict(self.options),
-        }
-
     def kill_subscriber_connections(self) -> int:
         import redis
 
@@ -303,10 +311,7 @@ class EtcdTarget(_ServerTarget):
 
     def kill_subscriber_connections(self) -> int:
         # etcd cannot drop a client's connections: they are reset where they pass.
-        proxy = self.proxies["subscriber"]
-        held = int(proxy.connections)
-        proxy.cut()
-        return held
+        return self._cut_subscriber_proxy()
 
 
 class NatsTarget(_ServerTarget):
@@ -321,20 +326,10 @@ class NatsTarget(_ServerTarget):
         self.server.start()
         self._with_proxies()
 
-    def spec(self, role: str) -> dict[str, Any]:
-        return {
-            "backend": "nats",
-            "url": self.proxies[role].url_for(self.server.url),
-            "options": dict(self.options),
-        }
-
     def kill_subscriber_connections(self) -> int:
         # nats-server 2.9 has no verb to drop a client: reset every subscriber connection
         # where it passes through the subscribers' proxy (RST, as a dead middlebox would).
-        proxy = self.proxies["subscriber"]
-        held = int(proxy.connections)
-        proxy.cut()
-        return held
+        return self._cut_subscriber_proxy()
 
 
 class _ProxyGroup:
