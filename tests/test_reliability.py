@@ -6,6 +6,7 @@ that would disturb other tests (a frozen server) are undone in ``finally``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -157,6 +158,7 @@ def test_a_thousand_subscriber_lifecycles_leave_no_threads_fds_or_connections(ha
     with harness.configured(**FAST) as backend:
         channel = unique("cycle")
         backend.publish(channel, "warm")  # the publisher's connection is part of the baseline
+        gc.collect()  # what earlier tests left for the collector is not this test's to count
         threads, fds = threading.active_count(), open_fds()
         connections = server_connections(harness)
         for i in range(1000):
@@ -169,8 +171,9 @@ def test_a_thousand_subscriber_lifecycles_leave_no_threads_fds_or_connections(ha
                 inbox.wait_payload(f"cycle {i}")
             sub.unsubscribe(channel)
             sub.close()
-        wait_until(lambda: threading.active_count() == threads, PATIENCE, "threads to end")
-        assert open_fds() == fds
+        # At most the baseline: an earlier test's leftovers may still close meanwhile.
+        wait_until(lambda: threading.active_count() <= threads, PATIENCE, "threads to end")
+        assert open_fds() <= fds
         wait_until(
             lambda: server_connections(harness) == connections, PATIENCE, "server connections"
         )
