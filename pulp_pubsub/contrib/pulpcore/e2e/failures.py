@@ -97,7 +97,7 @@ class Pooler:
         out.ping = ping.returncode
         out.ping_says = (ping.stderr.strip().splitlines() or [""])[-1][-600:]
         out.hear = site.agent(
-            env, "hear", {"direct_dsn": site.dsn(self.db), "notifies": NOTIFIES, "timeout": 30}
+            env, "hear", {"direct_dsn": site.dsn(self.db), "notifies": NOTIFIES, "timeout": WAIT}
         )
         out.worker_alive = worker.popen.poll() is None
         site.stop_all()
