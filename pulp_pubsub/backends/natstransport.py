@@ -359,9 +359,9 @@ class NatsTransport(Transport):
         # A message keeps its own subject; each consumer has exactly one.
         with self._lock:
             pair = self._work_pairs.get(msg.subject)
-            request = self._pulling.get(pair) if pair is not None else None
-            if request is not None:
-                self._end_pull(request)
+            waiting = self._pulling.get(pair) if pair is not None else None
+            if waiting is not None:
+                self._end_pull(waiting)
             take = (
                 pair is not None
                 and pair in self._wanted
