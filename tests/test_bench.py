@@ -19,7 +19,7 @@ from pulp_pubsub.bench import SCENARIOS
 from pulp_pubsub.testing import PostgresServer, RedisServer
 
 N = 3
-BACKENDS = ("memory", "postgres", "redis", "nats")
+BACKENDS = ("memory", "postgres", "redis", "nats", "natsjs")
 
 
 def bench(*args: str, blocker: Any) -> tuple[str, str]:
@@ -99,7 +99,7 @@ def test_fanout_is_compared_with_the_bare_client(full_run: dict[str, Any]) -> No
 
 
 #: The backends of the full run that deliver targeted messages natively.
-TARGETING = {"memory", "redis"}
+TARGETING = {"memory", "redis", "natsjs"}
 
 
 def test_targeted_delivery_reaches_one_subscriber_where_the_backend_targets(
