@@ -402,10 +402,12 @@ class NatsBackend(BaseBackend):
         )
         jsm = nc.jsm(timeout=self.config["connect_timeout"])
         try:
+            # The server updates an existing consumer's ack_wait to this member's
+            # claim_timeout, so a changed setting takes effect as the fleet restarts.
             await jsm.add_consumer(self.work_stream_name, config)
         except nats.js.errors.BadRequestError:
-            # It exists with another configuration (a member with another claim_timeout
-            # made it): join it as it is rather than change it under the others.
+            # A change it does not allow (a server older than its consumer updates, an
+            # operator's edit): join the consumer as it is.
             await jsm.consumer_info(self.work_stream_name, name)
         return name
 

@@ -68,7 +68,8 @@ class NatsTransport(Transport):
         self._heard: dict[str, float] = {}
         # Targeted delivery: the inbox our pull requests are answered on, each request's
         # (wire, group) and end, the request waiting per pair, what the listener wants
-        # now, and the pairs whose handed message it has not read yet.
+        # now, the pairs whose handed message it has not read yet, and the pairs handed
+        # one since its last want() (none more until it asks again, having read it).
         self._pull_inbox: str | None = None
         self._consumers: dict[Pair, str] = {}
         self._work_pairs: dict[str, Pair] = {}
@@ -76,6 +77,7 @@ class NatsTransport(Transport):
         self._pulling: dict[Pair, str] = {}
         self._wanted: frozenset[Pair] = frozenset()
         self._unread: set[Pair] = set()
+        self._handed: set[Pair] = set()
         self._pull_ids = itertools.count(1)
         self._runner = loop_runner()
         self._timeout = backend.config["connect_timeout"]
@@ -289,6 +291,7 @@ class NatsTransport(Transport):
         now = time.monotonic()
         with self._lock:
             self._wanted = members
+            self._handed &= self._unread
             for request, (_, ends) in list(self._pulls.items()):
                 if now > ends + self._timeout:
                     # Its end was never announced (a lost server answer): a new one.
@@ -302,7 +305,7 @@ class NatsTransport(Transport):
         requests = []
         for pair in self._wanted:
             name = self._consumers.get(pair)
-            if name is None or pair in self._pulling or pair in self._unread or self._closed:
+            if name is None or pair in self._pulling or pair in self._handed or self._closed:
                 continue
             request = str(next(self._pull_ids))
             self._pulls[request] = (pair, now + PULL_EXPIRES)
@@ -365,11 +368,12 @@ class NatsTransport(Transport):
             take = (
                 pair is not None
                 and pair in self._wanted
-                and pair not in self._unread
+                and pair not in self._handed
                 and not self._closed
             )
             if take and pair is not None:
                 self._unread.add(pair)
+                self._handed.add(pair)
                 handed = Handed(pair[0], pair[1], msg.data.decode("utf-8", "replace"), msg.reply)
                 self._inbox.append(handed)
                 poke(self._pipe_w)
