@@ -530,3 +530,27 @@ def test_targeted_messages_published_while_the_members_were_away_arrive_after(js
             away_then_back(harness, sub, publish_gap)
             inbox.wait_payload("during")
             assert [m.payload for m in inbox.messages if not m.resync] == ["before", "during"]
+
+
+def test_a_targeted_consumer_deleted_on_the_server_is_made_again_by_its_members(js_server):
+    """Its waiting pull requests end with "consumer deleted": a loss; the rejoin remakes it."""
+    with override_settings(**nats_settings(js_server.url, jetstream=True)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("remade", inbox, group="runners")
+            backend.publish("remade", "before", group="runners")
+            inbox.wait_payload("before")
+            name = backend.work_consumer(backend.wire_name("remade"), "runners")
+
+            async def delete_consumer() -> None:
+                nc = await nats.connect(js_server.url)
+                await nc.jsm().delete_consumer(backend.work_stream_name, name)
+                await nc.close()
+
+            asyncio.run(delete_consumer())
+            # What was published while it did not exist reached nobody: a resync says so.
+            inbox.wait(lambda messages: any(m.resync for m in messages))
+            assert sub.stats["reconnects"] >= 1
+            backend.publish("remade", "after", group="runners")
+            inbox.wait_payload("after")

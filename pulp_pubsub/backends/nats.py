@@ -380,36 +380,47 @@ class NatsBackend(BaseBackend):
                 )
             self._work_stream_checked = True
 
-    async def ensure_work_consumer(self, nc: Client, wire: str, group: str) -> str:
+    async def ensure_work_consumer(self, nc: Client, wire: str, group: str) -> tuple[str, bool]:
         """The durable pull consumer of (``wire``, ``group``), shared by its members.
 
         A message handed to a member and not acked within ``ack_wait`` (the
         ``claim_timeout``) goes to another; ``max_deliver`` is unlimited, so
-        nothing is dropped for having been redelivered often.
+        nothing is dropped for having been redelivered often. Returns its name
+        and whether it had to be made (what was published while it did not exist
+        reached nobody).
         """
         name = self.work_consumer(wire, group)
         subject = self.work_subject(wire, group)
+        ack_wait = float(self.config["claim_timeout"])
+        jsm = nc.jsm(timeout=self.config["connect_timeout"])
+        try:
+            info = await jsm.consumer_info(self.work_stream_name, name)
+        except nats.js.errors.NotFoundError:
+            made = True
+        else:
+            made = False
+            if info.config.ack_wait == ack_wait:
+                return name, made
         config = nats.js.api.ConsumerConfig(
             durable_name=name,
             description=f"pulp-pubsub targeted delivery of {subject}",
             filter_subject=subject,
             deliver_policy=nats.js.api.DeliverPolicy.ALL,
             ack_policy=nats.js.api.AckPolicy.EXPLICIT,
-            ack_wait=float(self.config["claim_timeout"]),
+            ack_wait=ack_wait,
             max_deliver=-1,
             max_ack_pending=-1,
             max_waiting=MAX_WAITING,
         )
-        jsm = nc.jsm(timeout=self.config["connect_timeout"])
         try:
-            # The server updates an existing consumer's ack_wait to this member's
-            # claim_timeout, so a changed setting takes effect as the fleet restarts.
+            # Made, or (another claim_timeout) updated: the server changes an existing
+            # consumer's ack_wait, so a changed setting takes effect as the fleet restarts.
             await jsm.add_consumer(self.work_stream_name, config)
         except nats.js.errors.BadRequestError:
-            # A change it does not allow (a server older than its consumer updates, an
-            # operator's edit): join the consumer as it is.
-            await jsm.consumer_info(self.work_stream_name, name)
-        return name
+            if made:
+                raise
+            # A change this server does not allow: join the consumer as it is.
+        return name, made
 
     async def publish_on(self, nc: Client, wire: str, data: bytes) -> None:
         timeout = self.config["publish_timeout"]

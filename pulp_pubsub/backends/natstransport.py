@@ -43,9 +43,11 @@ Pair = tuple[str, str]
 #: Seconds a pull request waits at the server; an idle member renews it when it expires.
 PULL_EXPIRES = 30.0
 #: Pull-request answers that end it without a message and say nothing is wrong:
-#: 404 no messages, 408 expired, 409 for a limit (max waiting, a leader change).
+#: 404 no messages, 408 expired; a 409 for a limit (max waiting, a leader change) is
+#: followed by a new request after a pause, and one saying the consumer is gone is a loss.
 _PULL_OVER = {"404", "408"}
 _CONSUMER_GONE = ("consumer deleted", "push based")
+PULL_RETRY = 0.5
 
 
 class NatsTransport(Transport):
@@ -73,12 +75,17 @@ class NatsTransport(Transport):
         self._pull_inbox: str | None = None
         self._consumers: dict[Pair, str] = {}
         self._work_pairs: dict[str, Pair] = {}
+        # Request id -> (wire, group), when the server last spoke of it (a heartbeat).
         self._pulls: dict[str, tuple[Pair, float]] = {}
         self._pulling: dict[Pair, str] = {}
         self._wanted: frozenset[Pair] = frozenset()
         self._unread: set[Pair] = set()
         self._handed: set[Pair] = set()
         self._pull_ids = itertools.count(1)
+        self._resumed = False
+        # A waiting pull request hears a heartbeat this often; silence means its
+        # consumer is gone (deleted, or lost with its node) while the connection lives.
+        self._heartbeat = min(float(backend.config["probe_interval"]), PULL_EXPIRES / 3)
         self._runner = loop_runner()
         self._timeout = backend.config["connect_timeout"]
         self._established = False
@@ -282,20 +289,26 @@ class NatsTransport(Transport):
             await self._nc.subscribe(inbox + ".*", cb=self._on_pulled)
             self._pull_inbox = inbox
         for wire, group in members:
-            name = await backend.ensure_work_consumer(self._nc, wire, group)
+            name, made = await backend.ensure_work_consumer(self._nc, wire, group)
+            if made and self._resumed:
+                # Reconnected, and the group's consumer was gone (deleted, or lost with
+                # its stream): targeted messages published meanwhile reached nobody.
+                self._push((wire, None))
             with self._lock:
                 self._consumers[(wire, group)] = name
                 self._work_pairs[backend.work_subject(wire, group)] = (wire, group)
 
     def want(self, members: frozenset[Pair], consumer: str) -> None:
         now = time.monotonic()
+        limit = 3 * self._heartbeat + self._timeout
         with self._lock:
             self._wanted = members
             self._handed &= self._unread
-            for request, (_, ends) in list(self._pulls.items()):
-                if now > ends + self._timeout:
-                    # Its end was never announced (a lost server answer): a new one.
-                    self._end_pull(request)
+            for pair, heard in self._pulls.values():
+                if now - heard > limit:
+                    raise ConnectionLost(
+                        f"the JetStream consumer of {pair!r} fell silent for {limit:g} s"
+                    )
             requests = self._new_pulls(now)
         if requests:
             self._runner.submit(self._pull(requests))
@@ -308,7 +321,7 @@ class NatsTransport(Transport):
             if name is None or pair in self._pulling or pair in self._handed or self._closed:
                 continue
             request = str(next(self._pull_ids))
-            self._pulls[request] = (pair, now + PULL_EXPIRES)
+            self._pulls[request] = (pair, now)
             self._pulling[pair] = request
             requests.append((request, name))
         return requests
@@ -323,7 +336,13 @@ class NatsTransport(Transport):
         return entry[0]
 
     async def _pull(self, requests: list[tuple[str, str]]) -> None:
-        body = json.dumps({"batch": 1, "expires": int(PULL_EXPIRES * 1e9)}).encode()
+        body = json.dumps(
+            {
+                "batch": 1,
+                "expires": int(PULL_EXPIRES * 1e9),
+                "idle_heartbeat": int(self._heartbeat * 1e9),
+            }
+        ).encode()
         stream = self.backend.work_stream_name
         try:
             for request, name in requests:
@@ -342,16 +361,18 @@ class NatsTransport(Transport):
             request = msg.subject.rpartition(".")[2]
             description = (msg.headers or {}).get("Description", "")
             with self._lock:
+                if status == "100":  # an idle heartbeat: the request still waits
+                    entry = self._pulls.get(request)
+                    if entry is not None:
+                        self._pulls[request] = (entry[0], time.monotonic())
+                    return
                 pair = self._end_pull(request)
-            if status == "100":
-                return  # an idle heartbeat (not asked for)
-            if status in _PULL_OVER or (
-                status == "409" and not any(s in description.lower() for s in _CONSUMER_GONE)
-            ):
-                with self._lock:
-                    requests = self._new_pulls(time.monotonic())
-                if requests:
-                    await self._pull(requests)
+            if status in _PULL_OVER:
+                await self._renew_pulls()
+                return
+            if status == "409" and not any(s in description.lower() for s in _CONSUMER_GONE):
+                loop = asyncio.get_running_loop()
+                loop.call_later(PULL_RETRY, lambda: loop.create_task(self._renew_pulls()))
                 return
             self._push(
                 dead=f"JetStream ended the pull for {pair!r}: {status} {description}".strip()
@@ -379,8 +400,19 @@ class NatsTransport(Transport):
                 poke(self._pipe_w)
         if not take:
             # No longer wanted (the member took another, was paused or is leaving):
-            # straight back, for another member.
-            await self._nc.publish(msg.reply, b"-NAK")
+            # straight back, for another member. Not sent (the connection is going):
+            # the server hands it out again after ack_wait.
+            try:
+                await self._nc.publish(msg.reply, b"-NAK")
+            except Exception:
+                pass
+
+    async def _renew_pulls(self) -> None:
+        """A pull request ended without a message: a new one for what is still wanted."""
+        with self._lock:
+            requests = self._new_pulls(time.monotonic())
+        if requests:
+            await self._pull(requests)
 
     def ack(self, handed: Collection[Handed]) -> None:
         self._answer(handed, b"+ACK")
@@ -411,6 +443,7 @@ class NatsTransport(Transport):
         if position.get("stream") != self.backend.stream_name:
             return False
         self._resume_from = dict(position.get("seen") or {})
+        self._resumed = True
         return True
 
     def probe(self, channel: str, payload: str) -> None:
