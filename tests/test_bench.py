@@ -120,7 +120,7 @@ def test_targeted_delivery_reaches_one_subscriber_where_the_backend_targets(
 
 def test_only_the_postgres_backend_holds_sessions(full_run: dict[str, Any]) -> None:
     held = {b: r["pg_sessions"] for b, r in full_run["connections"].items()}
-    assert held == {"memory": 0, "postgres": N, "redis": 0, "nats": 0}
+    assert held == {"memory": 0, "postgres": N, "redis": 0, "nats": 0, "natsjs": 0}
     assert full_run["connections"]["redis"]["redis_clients"] >= N
     assert full_run["poll"]["pg_sessions"] == N
 
