@@ -554,3 +554,39 @@ def test_a_targeted_consumer_deleted_on_the_server_is_made_again_by_its_members(
             assert sub.stats["reconnects"] >= 1
             backend.publish("remade", "after", group="runners")
             inbox.wait_payload("after")
+
+
+#: The permissions docs/backends.md gives a JetStream user with targeted delivery (prefix pulp).
+TARGETED_USER = """
+authorization { users = [ { user: "pulp", password: "pulp-pw", permissions: {
+  publish: ["pulp.*", "pulp._work.>", "_INBOX.>", "$JS.API.>", "$JS.ACK.>"],
+  subscribe: ["pulp.*", "_INBOX.>"]
+} } ] }
+"""
+
+
+def test_the_documented_permissions_carry_targeted_delivery():
+    with NatsServer(jetstream=True, extra_config=TARGETED_USER) as running:
+        url = running.url.replace("nats://", "nats://pulp:pulp-pw@")
+        with override_settings(**nats_settings(url, "pulp", jetstream=True)):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("jobs", inbox, group="runners")
+                for n in range(3):
+                    backend.publish("jobs", f"job {n}", group="runners")
+                backend.publish("jobs", "broadcast")
+                inbox.wait(lambda messages: len(messages) == 4)
+                assert sorted(inbox.payloads()) == ["broadcast", "job 0", "job 1", "job 2"]
+
+                async def left_in_stream() -> int:
+                    nc = await nats.connect(url)
+                    try:
+                        info = await nc.jsm().stream_info(backend.work_stream_name)
+                        return int(info.state.messages)
+                    finally:
+                        await nc.close()
+
+                # Acked (interest retention drops them), not waiting for a claim timeout.
+                wait_until(lambda: asyncio.run(left_in_stream()) == 0, 3, "the acks")
+                assert sub.stats["reconnects"] == 0 and not sub.last_error
