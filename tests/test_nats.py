@@ -588,5 +588,5 @@ def test_the_documented_permissions_carry_targeted_delivery():
                         await nc.close()
 
                 # Acked (interest retention drops them), not waiting for a claim timeout.
-                wait_until(lambda: asyncio.run(left_in_stream()) == 0, 3, "the acks")
+                wait_until(lambda: asyncio.run(left_in_stream()) == 0, 10, "the acks")
                 assert sub.stats["reconnects"] == 0 and not sub.last_error
