@@ -19,7 +19,8 @@ rounds, so load from anything else on the machine falls on both alike:
   dispatch. (``per_task_less_idle`` subtracts the rate measured over the idle
   window instead, which is noisier.) Before the idle window each fleet has
   dispatched and finished pulpcore's scheduled tasks (its first beat
-  dispatches them), so they land in neither fleet's window. And
+  dispatches them), so they land in neither fleet's window. A round's window
+  closes once the database has seen nothing but heartbeats for a second. And
   created->started p50/p95.
 * ``burst``: B tasks dispatched at once onto the burst fleet size; time from the
   first created to the last started.
@@ -181,6 +182,33 @@ class HerdRun(Run):
         beats = sum(1 for texts in counted if is_heartbeat(texts))
         return len(counted), beats
 
+    def wait_settled(self, db: str, quiet: float = 1.0, timeout: float = 30) -> None:
+        """Until ``db`` has seen no statement but heartbeats for ``quiet`` seconds.
+
+        32 workers beat about three times a second, so waiting for no
+        statement at all would make the window longer (and its heartbeats
+        more) the larger the fleet.
+        """
+
+        def settled() -> bool:
+            now = time.time()
+            statements: dict[str, list[tuple[float, str]]] = {}
+            for stamp, vxid, text in reversed(self.site.log.read(db)):
+                if stamp < now - 60:
+                    break
+                statements.setdefault(vxid, []).append((stamp, text.strip()))
+            last = max(
+                (
+                    max(stamp for stamp, _ in entries)
+                    for entries in statements.values()
+                    if not is_heartbeat({text for _, text in entries})
+                ),
+                default=0.0,
+            )
+            return now - last >= quiet
+
+        self.site.wait(settled, timeout, f"{db} to settle")
+
     def wait_scheduled(self, db: str, timeout: float = 60) -> None:
         """Until pulpcore's scheduled tasks that are due have been dispatched and have finished.
 
@@ -253,7 +281,7 @@ class HerdRun(Run):
                     api, "sequential", {"observer_dsn": self.site.dsn(db), "tasks": per_round}
                 )
                 window = res["window"]
-                self.site.wait_quiet(db)  # the last task's echo belongs to it
+                self.wait_settled(db)  # the last task's echo belongs to it
                 end = time.time()
                 total = totals[kind]
                 xacts, beats = self.classify(db, [window[0], end], res["own_backends"])
