@@ -15,9 +15,19 @@ from .exceptions import InvalidChannel, InvalidPayload
 
 MAX_CHANNEL_BYTES = 63
 FORBIDDEN_CHARACTERS = frozenset("'\"`;\\*>")
+_FAST_CHECKED = (" ", *sorted(FORBIDDEN_CHARACTERS))
 
 
 def _bad_character(name: str) -> str | None:
+    if name.isascii() and name.isprintable():
+        # The usual name, checked without a Unicode lookup per character (every
+        # publish checks its channel): printable ASCII has no control, format or
+        # unassigned character, and its only whitespace is the space.
+        found = [i for i in map(name.find, _FAST_CHECKED) if i >= 0]
+        if not found:
+            return None
+        first = name[min(found)]  # the first bad character, as the full check reports
+        return "whitespace" if first == " " else f"the character {first!r}"
     for char in name:
         if char.isspace():
             return "whitespace"

@@ -234,6 +234,12 @@ class StandInWorker:
         self.wakeup_unblock = self.wakeup_handle = self.cancel_task = False
         self.cursor: Any = types.SimpleNamespace(close=lambda: None)  # pulpcore's LISTEN cursor
         self.handled: list[Message] = []
+        #: What unblock_tasks() returns, in turn: None when the lock was taken.
+        self.unblock_results: list[bool | None] = []
+
+    def unblock_tasks(self) -> bool | None:
+        self.wakeup_unblock = False
+        return self.unblock_results.pop(0) if self.unblock_results else False
 
     def _pg_notify_handler(self, notification: Any) -> None:
         self.handled.append(notification)
@@ -713,6 +719,29 @@ def test_a_wakeup_is_acknowledged_when_the_worker_is_back_in_its_wait(new_worker
     assert worker.pubsub.holding == 1  # until it has acted on it
     worker_seam.select_shim.select([sentinel_r], [], [], 0)
     assert worker.pubsub.holding == 0
+
+
+def test_a_worker_that_finds_the_unblocking_lock_taken_looks_again(new_worker):
+    worker = listening(new_worker)  # the newest worker is the one the shim serves
+    worker.unblock_results = [None, None, False]  # the lock taken twice, then free
+    assert worker.unblock_tasks() is None
+    sentinel_r, _ = os.pipe()
+    for expected in (None, False):
+        # No message comes: the wait ends at the retry, far sooner than its timeout.
+        worker_seam.select_shim.select([sentinel_r], [], [], 60)
+        assert worker.wakeup_unblock is True
+        assert worker.unblock_tasks() is expected
+    assert worker.unblock_retry_at is None  # it got the lock: no more tries
+    worker_seam.select_shim.select([sentinel_r], [], [], 0)
+    assert worker.wakeup_unblock is False
+
+
+def test_an_untargeted_worker_does_not_retry_unblocking(new_worker):
+    with override_settings(PUBSUB_PULPCORE_TARGETED=False):
+        worker = listening(new_worker)
+        worker.unblock_results = [None]
+        assert worker.unblock_tasks() is None
+        assert worker.unblock_retry_at is None
 
 
 @pytest.mark.parametrize("setting", [False])

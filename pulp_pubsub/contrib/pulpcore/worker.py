@@ -27,6 +27,10 @@ busy or dead worker: it is given back, or handed to another after
 ``claim_timeout``. The ``handle`` the unblocking worker sends goes to as many
 idle workers as there are tasks ready to run, the sender itself first when it
 is idle (it is awake already; on PostgreSQL it would hear its own NOTIFY).
+An ``unblock`` reaches one worker, so when that worker finds the unblocking
+lock taken (another worker is scanning, perhaps from before the task this
+wake-up is about was committed) it looks again shortly, backing off, until
+it gets the lock: under broadcast another worker's later try covered that.
 
 Each message then goes to pulpcore's own ``_pg_notify_handler``, which maps
 it to the flags exactly as for a PostgreSQL notification (a ``Message`` has
@@ -45,6 +49,7 @@ from __future__ import annotations
 import logging
 import os
 import select as _select
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -58,6 +63,10 @@ from .publishers import also_notify, carry, target, targeted
 from .sql import parse
 
 logger = logging.getLogger(__name__)
+
+#: After finding the unblocking lock taken, look again this soon, doubling up to the cap.
+UNBLOCK_RETRY = 0.05
+UNBLOCK_RETRY_MAX = 1.0
 
 
 class WorkerCursor:
@@ -143,13 +152,23 @@ class SelectShim:
         subscriber = self._subscriber
         if subscriber is None or self._pid != os.getpid():
             return _select.select(rlist, wlist, xlist, timeout)
-        if self._worker is not None:
+        worker = self._worker
+        retry_at = None
+        if worker is not None:
             # Back in its wait, the worker has acted on the wake-ups it was
             # handed; while it runs a task, "handle" is for the idle ones.
-            subscriber.set_accepting(WAKEUP, RUNNERS, self._worker.task is None)
+            subscriber.set_accepting(WAKEUP, RUNNERS, worker.task is None)
             subscriber.ack()
+            retry_at = worker.unblock_retry_at
+            if retry_at is not None:
+                left = max(0.0, retry_at - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
         fd = subscriber.fileno()
         readable, writable, failed = _select.select([*rlist, fd], wlist, xlist, timeout)
+        if retry_at is not None and time.monotonic() >= retry_at:
+            # pulpcore's loop unblocks right after select() when the flag is set.
+            worker.unblock_retry_at = None
+            worker.wakeup_unblock = not worker.auxiliary
         if fd in readable:
             subscriber.dispatch()
             readable = [item for item in readable if not (isinstance(item, int) and item == fd)]
@@ -174,6 +193,9 @@ class PubSubWorkerMixin:
     wakeup_handle: bool
     cancel_task: bool
     _pg_notify_handler: Callable[[Any], None]
+    #: When to try the unblocking lock again (time.monotonic()), or None.
+    unblock_retry_at: float | None = None
+    _unblock_backoff: float = UNBLOCK_RETRY
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -192,6 +214,17 @@ class PubSubWorkerMixin:
             select_shim.detach(self.pubsub)
             self.pubsub.close()
             self.cursor.close()
+
+    def unblock_tasks(self) -> Any:
+        """pulpcore's, looking again shortly when the lock was taken (see the module doc)."""
+        result = super().unblock_tasks()  # type: ignore[misc]
+        if result is None and targeted() and self.pubsub.backend.targets:
+            self.unblock_retry_at = time.monotonic() + self._unblock_backoff
+            self._unblock_backoff = min(self._unblock_backoff * 2, UNBLOCK_RETRY_MAX)
+        else:
+            self.unblock_retry_at = None
+            self._unblock_backoff = UNBLOCK_RETRY
+        return result
 
     def wakeup_groups(self) -> tuple[str, ...]:
         """Only non-auxiliary workers unblock tasks."""
