@@ -169,6 +169,12 @@ class RelayConnection:
         self._protocol.send_text(encode(**frame).encode())
         self._flush(deadline)
 
+    def send_many(self, deadline: float, frames: list[dict[str, Any]]) -> None:
+        """Several frames in one write."""
+        for frame in frames:
+            self._protocol.send_text(encode(**frame).encode())
+        self._flush(deadline)
+
     def read(self) -> list[dict[str, Any]]:
         """The frames that have arrived, without waiting; ConnectionLost once closed."""
         while self._receive():
