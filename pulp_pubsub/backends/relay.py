@@ -48,7 +48,7 @@ from .listener import PROBE_PREFIX
 from .selfpipe import wait_readable
 
 try:
-    from ..relay.protocol import RelayConnection, check_url
+    from ..relay.protocol import MAX_FRAME, RelayConnection, check_url
 except ImportError as exc:
     raise MissingDependency("relay", "relay", exc) from exc
 
@@ -58,7 +58,7 @@ MODES = ("pg_notify", "direct")
 #: At most one warning per process in this many seconds about unreachable relays.
 WARNING_INTERVAL = 60.0
 #: Publishes after commit sent to the relays in one round trip at most.
-DIRECT_SLICE = 64
+DIRECT_SLICE = 256
 
 
 class RelayTransport(Transport):
@@ -160,6 +160,8 @@ class _Publishers:
         self.lock = threading.Lock()
         self.conns: dict[str, RelayConnection] = {}
         self.ids = itertools.count(1)
+        #: Relays that do not know ``publish_many`` (older ones): one frame per message.
+        self.singles: set[str] = set()
 
 
 class RelayBackend(BaseBackend):
@@ -374,11 +376,48 @@ class RelayBackend(BaseBackend):
     def _send_to_all(
         self, pubs: _Publishers, messages: list[tuple[str, str]], deadline: float
     ) -> list[dict[str, str]]:
-        """Send to every relay and wait for their answers; the failures by message and URL."""
+        """Send to every relay and wait for their answers; the failures by message and URL.
+
+        Several messages go as one ``publish_many`` frame (answered once); a relay
+        that does not know it (an older one) gets them one ``publish`` frame each.
+        """
         failures: list[dict[str, str]] = [{} for _ in messages]
-        # Per relay: request id -> message index, of the frames not answered yet.
-        waiting: dict[str, dict[int, int]] = {}
+        # Per relay: request id -> the indexes of the messages it carries, not answered yet.
+        waiting: dict[str, dict[int, list[int]]] = {}
         may_retry: dict[str, bool] = {}
+
+        def singles(indexes: list[int]) -> list[tuple[dict[str, Any], list[int]]]:
+            return [
+                (
+                    {
+                        "type": "publish",
+                        "channel": messages[i][0],
+                        "payload": messages[i][1],
+                        "notify": False,
+                    },
+                    [i],
+                )
+                for i in indexes
+            ]
+
+        def frames(url: str, indexes: list[int]) -> list[tuple[dict[str, Any], list[int]]]:
+            if len(indexes) == 1 or url in pubs.singles:
+                return singles(indexes)
+            out: list[tuple[dict[str, Any], list[int]]] = []
+            group: list[int] = []
+            size = 0
+            for i in indexes:
+                # JSON may spell a character in up to 6 bytes; stay well inside MAX_FRAME.
+                cost = 16 + 6 * (len(messages[i][0]) + len(messages[i][1]))
+                if group and size + cost > MAX_FRAME // 2:
+                    out.append(({"type": "publish_many"}, group))
+                    group, size = [], 0
+                group.append(i)
+                size += cost
+            out.append(({"type": "publish_many"}, group))
+            for frame, group in out:
+                frame["messages"] = [list(messages[i]) for i in group]
+            return out
 
         def start(url: str, indexes: list[int], retry: bool) -> None:
             conn = pubs.conns.get(url)
@@ -389,23 +428,17 @@ class RelayBackend(BaseBackend):
                     conn = pubs.conns[url] = self.connect(
                         url, max(0.01, min(left, self.config["connect_timeout"]))
                     )
-                ids = {next(pubs.ids): i for i in indexes}
-                conn.send_many(
-                    deadline,
-                    [
-                        {
-                            "type": "publish",
-                            "id": request_id,
-                            "channel": messages[i][0],
-                            "payload": messages[i][1],
-                            "notify": False,
-                        }
-                        for request_id, i in ids.items()
-                    ],
-                )
-                waiting[url] = ids
+                ids: dict[int, list[int]] = {}
+                out = []
+                for frame, group in frames(url, indexes):
+                    request_id = next(pubs.ids)
+                    ids[request_id] = group
+                    out.append({**frame, "id": request_id})
+                conn.send_many(deadline, out)
+                waiting.setdefault(url, {}).update(ids)
                 may_retry[url] = reused and not retry
             except ConnectionLost as exc:
+                waiting.pop(url, None)
                 self._drop(pubs, url)
                 if reused and not retry:
                     # The cached connection had died while idle: one fresh try.
@@ -421,38 +454,54 @@ class RelayBackend(BaseBackend):
             for url, ids in list(waiting.items()):
                 conn = pubs.conns[url]
                 try:
-                    frames = conn.read()
+                    answers = conn.read()
                 except ConnectionLost as exc:
                     del waiting[url]
                     self._drop(pubs, url)
+                    left = sorted(i for group in ids.values() for i in group)
                     if may_retry[url]:
-                        start(url, sorted(ids.values()), True)
+                        start(url, left, True)
                     else:
-                        for i in ids.values():
+                        for i in left:
                             failures[i][url] = str(exc)
                     continue
-                for answer in frames:
+                for answer in answers:
                     request_id = answer.get("id")
                     if request_id not in ids:
                         continue
-                    i = ids.pop(request_id)
+                    group = ids.pop(request_id)
                     may_retry[url] = False  # it answers: a later loss is no idle death
-                    if answer["type"] == "error":
-                        failures[i][url] = f"{url} refused it: {answer.get('error')}"
+                    if answer["type"] != "error":
+                        continue
+                    if len(group) > 1:
+                        # An older relay, or one message it refuses: one frame each
+                        # tells which (and older relays get single frames from now on).
+                        if "unknown frame type" in str(answer.get("error")):
+                            pubs.singles.add(url)
+                        for frame, single in singles(group):
+                            request = next(pubs.ids)
+                            ids[request] = single
+                            try:
+                                conn.send(deadline, id=request, **frame)
+                            except ConnectionLost:
+                                break  # the next read() reports it
+                        continue
+                    failures[group[0]][url] = f"{url} refused it: {answer.get('error')}"
                 if not ids:
-                    del waiting[url]
-            left = deadline - time.monotonic()
+                    waiting.pop(url, None)
+            left_s = deadline - time.monotonic()
             if not waiting:
                 break
-            if left <= 0:
+            if left_s <= 0:
                 for url, ids in waiting.items():
                     self._drop(pubs, url)
-                    for i in ids.values():
-                        failures[i][url] = (
-                            f"{url} did not answer within {self.config['publish_timeout']} s"
-                        )
+                    for group in ids.values():
+                        for i in group:
+                            failures[i][url] = (
+                                f"{url} did not answer within {self.config['publish_timeout']} s"
+                            )
                 break
-            wait_readable([pubs.conns[url].fileno() for url in waiting], left)
+            wait_readable([pubs.conns[url].fileno() for url in waiting], left_s)
         return failures
 
     def _process_publishers(self) -> _Publishers:
@@ -464,6 +513,7 @@ class RelayBackend(BaseBackend):
 
     @staticmethod
     def _drop(pubs: _Publishers, url: str) -> None:
+        pubs.singles.discard(url)  # the next connection may reach a newer relay
         conn = pubs.conns.pop(url, None)
         if conn is not None:
             conn.close()
