@@ -44,6 +44,8 @@ class SessionSampler:
         self.most = 0
         self.most_relay = 0
         self.samples = 0
+        #: The sessions seen when the most were: application name, client port, state, query.
+        self.at_most: list[tuple[str, int | None, str, str]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="e2e-sessions", daemon=True)
 
@@ -59,16 +61,17 @@ class SessionSampler:
         # On the 'postgres' database, so this connection is not counted.
         with self.site.connect() as conn:
             while not self._stop.wait(0.05):
-                row = conn.execute(
-                    "SELECT count(*), count(*) FILTER (WHERE application_name = %s) "
+                rows = conn.execute(
+                    "SELECT application_name, client_port, state, left(query, 60) "
                     "FROM pg_stat_activity WHERE datname = %s AND backend_type = "
                     "'client backend' AND application_name <> %s",
-                    [RELAY_APPLICATION_NAME, self.dbname, OBSERVER_APPLICATION_NAME],
-                ).fetchone()
-                if row:
-                    self.most = max(self.most, int(row[0]))
-                    self.most_relay = max(self.most_relay, int(row[1]))
-                    self.samples += 1
+                    [self.dbname, OBSERVER_APPLICATION_NAME],
+                ).fetchall()
+                relays = sum(1 for row in rows if row[0] == RELAY_APPLICATION_NAME)
+                if len(rows) > self.most:
+                    self.most, self.at_most = len(rows), [tuple(row) for row in rows]
+                self.most_relay = max(self.most_relay, relays)
+                self.samples += 1
 
 
 def ensure_websockets(run: Run) -> None:
@@ -161,6 +164,7 @@ def relay_pgbouncer(run: Run) -> None:
         "postgres_sessions_most": sessions.most,
         "relay_sessions_most": sessions.most_relay,
         "session_samples": sessions.samples,
+        "sessions_at_most": sessions.at_most,
         "pool_size": pool,
     }
     outcome.notes.append(
