@@ -134,7 +134,7 @@ EVENTS: dict[str, tuple[str, str, str, dict[str, str]]] = {
     "probe_failures": (
         "pulp_pubsub.probe.failures",
         "{probe}",
-        "Liveness probes that did not come back in time.",
+        "Liveness probes that could not be sent or did not come back in time.",
         {},
     ),
 }

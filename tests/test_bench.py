@@ -19,7 +19,7 @@ from pulp_pubsub.bench import SCENARIOS
 from pulp_pubsub.testing import PostgresServer, RedisServer
 
 N = 3
-BACKENDS = ("memory", "postgres", "redis", "nats")
+BACKENDS = ("memory", "postgres", "redis", "nats", "natsjs")
 
 
 def bench(*args: str, blocker: Any) -> tuple[str, str]:
@@ -99,7 +99,7 @@ def test_fanout_is_compared_with_the_bare_client(full_run: dict[str, Any]) -> No
 
 
 #: The backends of the full run that deliver targeted messages natively.
-TARGETING = {"memory", "redis"}
+TARGETING = {"memory", "redis", "natsjs"}
 
 
 def test_targeted_delivery_reaches_one_subscriber_where_the_backend_targets(
@@ -120,7 +120,7 @@ def test_targeted_delivery_reaches_one_subscriber_where_the_backend_targets(
 
 def test_only_the_postgres_backend_holds_sessions(full_run: dict[str, Any]) -> None:
     held = {b: r["pg_sessions"] for b, r in full_run["connections"].items()}
-    assert held == {"memory": 0, "postgres": N, "redis": 0, "nats": 0}
+    assert held == {"memory": 0, "postgres": N, "redis": 0, "nats": 0, "natsjs": 0}
     assert full_run["connections"]["redis"]["redis_clients"] >= N
     assert full_run["poll"]["pg_sessions"] == N
 

@@ -403,3 +403,190 @@ def test_the_first_message_after_subscribe_always_arrives(server):
                 backend.publish(f"first{i}", f"m{i}")
                 inbox.wait_payload(f"m{i}", channel=f"first{i}")
                 sub.unsubscribe(f"first{i}")
+
+
+# -- targeted delivery -----------------------------------------------------------------
+
+
+def test_jetstream_targets_natively_and_core_nats_broadcasts(server, js_server, capsys):
+    with override_settings(**nats_settings(server.url)):
+        core = get_backend()
+        assert not core.targets and core.delivery("runners") == "broadcast"
+        assert core.describe()["targeted_delivery"] == "broadcast (core NATS)"
+    with override_settings(**nats_settings(js_server.url, "pulp", jetstream=True)):
+        backend = get_backend()
+        assert backend.targets and backend.delivery("runners") == "targeted"
+        assert backend.delivery(None) == "broadcast"
+        assert backend.work_subject(backend.wire_name("a.b"), "x.y") == "pulp._work.a%2Eb.x%2Ey"
+        info = backend.describe()
+        assert info["work_stream"] == "PUBSUB_pulp_WORK"
+        assert info["work_subjects"] == "pulp._work.*.*"
+        call_command("pubsub_channels")
+        out = capsys.readouterr().out
+        assert "targeted (groups:" in out and "cannot target" not in out
+
+
+def fork_member(channel: str, group: str) -> tuple[int, int]:
+    """A member in a child process; it writes one byte when a targeted message reaches it.
+
+    Returns (pid, read end). The child never acks (manual ack) and lives until killed.
+    """
+    from django.db import connections
+
+    got_r, got_w = os.pipe()
+    connections.close_all()  # no child may share the parent's database socket
+    pid = os.fork()
+    if pid == 0:
+        status = 1
+        try:
+            os.close(got_r)
+            backend = get_backend()
+            sub = backend.subscriber(manual_ack=True)
+            sub.subscribe(channel, lambda m: m.resync or os.write(got_w, b"m"), group=group)
+            os.write(got_w, b"j")  # joined: its pull request goes out now
+            while True:
+                sub.dispatch(timeout=1.0)
+        finally:
+            os._exit(status)
+    os.close(got_w)
+    return pid, got_r
+
+
+def read_byte(fd: int, timeout: float = 15) -> bytes:
+    import select
+
+    ready, _, _ = select.select([fd], [], [], timeout)
+    assert ready, f"the member process said nothing within {timeout} s"
+    return os.read(fd, 1)
+
+
+def test_a_member_killed_holding_a_message_loses_it_to_another_after_claim_timeout(js_server):
+    import signal
+
+    with override_settings(**nats_settings(js_server.url, jetstream=True, claim_timeout=1.0)):
+        backend = get_backend()
+        pid, got = fork_member("killed", "runners")
+        try:
+            assert read_byte(got) == b"j"
+            backend.publish("killed", "job", group="runners")
+            assert read_byte(got) == b"m"  # the only member has it, and never acks
+            with backend.subscriber() as other:
+                inbox = Inbox(other)
+                other.subscribe("killed", inbox, group="runners")
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pid = 0
+                killed_at = time.monotonic()
+                inbox.wait_payload("job")
+                print(f"redelivered {time.monotonic() - killed_at:.2f} s after the SIGKILL")
+                assert [m.group for m in inbox.messages if not m.resync] == ["runners"]
+        finally:
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            os.close(got)
+
+
+def test_a_member_killed_while_idle_takes_nothing_with_it(js_server):
+    """Its waiting pull request dies with its connection: the next message goes to a live one.
+
+    The claim timeout is long, so only that (and no redelivery) can bring it over in time.
+    """
+    import signal
+
+    with override_settings(**nats_settings(js_server.url, jetstream=True, claim_timeout=60)):
+        backend = get_backend()
+        pid, got = fork_member("idle", "runners")
+        try:
+            assert read_byte(got) == b"j"
+            with backend.subscriber() as other:
+                inbox = Inbox(other)
+                other.subscribe("idle", inbox, group="runners")
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pid = 0
+                backend.publish("idle", "job", group="runners")
+                inbox.wait(lambda messages: "job" in [m.payload for m in messages], timeout=10)
+        finally:
+            if pid:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            os.close(got)
+
+
+def test_targeted_messages_published_while_the_members_were_away_arrive_after(js_server):
+    harness = NatsHarness(js_server, jetstream=True)
+    with override_settings(**nats_settings(js_server.url, jetstream=True, **AWAY)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("away", inbox, group="runners")
+            backend.publish("away", "before", group="runners")
+            inbox.wait_payload("before")
+
+            def publish_gap() -> None:
+                backend.publish("away", "during", group="runners")
+
+            away_then_back(harness, sub, publish_gap)
+            inbox.wait_payload("during")
+            assert [m.payload for m in inbox.messages if not m.resync] == ["before", "during"]
+
+
+def test_a_targeted_consumer_deleted_on_the_server_is_made_again_by_its_members(js_server):
+    """Its waiting pull requests end with "consumer deleted": a loss; the rejoin remakes it."""
+    with override_settings(**nats_settings(js_server.url, jetstream=True)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("remade", inbox, group="runners")
+            backend.publish("remade", "before", group="runners")
+            inbox.wait_payload("before")
+            name = backend.work_consumer(backend.wire_name("remade"), "runners")
+
+            async def delete_consumer() -> None:
+                nc = await nats.connect(js_server.url)
+                await nc.jsm().delete_consumer(backend.work_stream_name, name)
+                await nc.close()
+
+            asyncio.run(delete_consumer())
+            # What was published while it did not exist reached nobody: a resync says so.
+            inbox.wait(lambda messages: any(m.resync for m in messages))
+            assert sub.stats["reconnects"] >= 1
+            backend.publish("remade", "after", group="runners")
+            inbox.wait_payload("after")
+
+
+#: The permissions docs/backends.md gives a JetStream user with targeted delivery (prefix pulp).
+TARGETED_USER = """
+authorization { users = [ { user: "pulp", password: "pulp-pw", permissions: {
+  publish: ["pulp.*", "pulp._work.>", "_INBOX.>", "$JS.API.>", "$JS.ACK.>"],
+  subscribe: ["pulp.*", "_INBOX.>"]
+} } ] }
+"""
+
+
+def test_the_documented_permissions_carry_targeted_delivery():
+    with NatsServer(jetstream=True, extra_config=TARGETED_USER) as running:
+        url = running.url.replace("nats://", "nats://pulp:pulp-pw@")
+        with override_settings(**nats_settings(url, "pulp", jetstream=True)):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("jobs", inbox, group="runners")
+                for n in range(3):
+                    backend.publish("jobs", f"job {n}", group="runners")
+                backend.publish("jobs", "broadcast")
+                inbox.wait(lambda messages: len(messages) == 4)
+                assert sorted(inbox.payloads()) == ["broadcast", "job 0", "job 1", "job 2"]
+
+                async def left_in_stream() -> int:
+                    nc = await nats.connect(url)
+                    try:
+                        info = await nc.jsm().stream_info(backend.work_stream_name)
+                        return int(info.state.messages)
+                    finally:
+                        await nc.close()
+
+                # Acked (interest retention drops them), not waiting for a claim timeout.
+                wait_until(lambda: asyncio.run(left_in_stream()) == 0, 10, "the acks")
+                assert sub.stats["reconnects"] == 0 and not sub.last_error

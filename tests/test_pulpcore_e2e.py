@@ -4,8 +4,8 @@ Makes (once, then reuses) a virtualenv per series with pulpcore from PyPI
 (``$PULP_PUBSUB_E2E_VENV`` or ``~/.cache/pulp-pubsub/``), starts throwaway
 PostgreSQL, PgBouncer and Redis servers, and runs the scenarios of
 :mod:`pulp_pubsub.contrib.pulpcore.e2e.scenarios`: on the oldest supported
-series the ones the issue asks of every series (contract, operator,
-head to head), on the newest all of them. The figures of each series are
+series the ones the issue asks of every series (contract, operator, pooler,
+fail closed, head to head), on the newest all of them. The figures of each series are
 printed whether the tests pass or not, and written as JSON to
 ``$PULP_PUBSUB_E2E_JSON_DIR/e2e-<series>.json`` when that is set.
 
@@ -39,7 +39,7 @@ from pulp_pubsub.contrib.pulpcore.e2e.scenarios import Config, Report, Run
 LATENCY_RATIO_CI = 1.5
 OLDEST, NEWEST = E2E_SERIES[0], E2E_SERIES[-1]
 #: What every supported series must show; the newest also runs the contrast scenarios.
-EVERY_SERIES = ("contract", "operator", "head_to_head")
+EVERY_SERIES = ("contract", "operator", "pooler", "fail_closed", "head_to_head")
 
 pytestmark = [pytest.mark.pulp, pytest.mark.backend, pytest.mark.timeout(1500)]
 
@@ -111,6 +111,26 @@ def test_operator_scenario(report: Report, verdict: int) -> None:
     found = operator_verdicts(report)
     assert len(found) == 5
     assert found[verdict].ok, f"{found[verdict].name}: {found[verdict].figure}"
+
+
+def test_the_pooler_error_names_the_pooler_and_the_way_out(report: Report) -> None:
+    """The PostgreSQL backend behind PgBouncer, no PUBSUB_URL: loud, not silent."""
+    pooler = report.pooler
+    assert pooler is not None and pooler.error is not None
+    assert "PgBouncer" in pooler.error and "PUBSUB_URL" in pooler.error
+    assert pooler.ping not in (None, 0) and "PUBSUB_URL" in pooler.ping_says
+    assert pooler.hear["heard"] == 0 and pooler.hear["deaf"] is True
+
+
+def test_serving_programs_refuse_to_start_when_a_seam_moved_on_redis(report: Report) -> None:
+    """Fail closed on Redis; on PostgreSQL, stock Pulp with a WARNING."""
+    closed = report.fail_closed
+    assert closed is not None
+    assert set(closed.refused) == {"pulpcore-worker", "pulpcore-api", "pulpcore-content"}
+    for name, refused in closed.refused.items():
+        assert refused["exit"] not in (None, 0), name
+        assert refused["refuses"] and refused["way_out"], refused["says"]
+    assert closed.postgres_worker["running"] and closed.postgres_worker["warning"]
 
 
 def test_every_contract_check_passes_on_pulpcores_own_classes(report: Report) -> None:

@@ -29,6 +29,7 @@ from django.test import override_settings
 from pulp_pubsub import Message, get_backend, publish
 from pulp_pubsub.backends.listener import Subscriber
 from pulp_pubsub.backends.redis import RedisBackend
+from pulp_pubsub.backends.redisgroups import CONSUMER_GROUP, stream_key
 from pulp_pubsub.exceptions import MissingDependency, PublishError
 from pulp_pubsub.testing import RedisServer, SentinelCluster, TcpProxy
 
@@ -694,3 +695,49 @@ def test_publishes_at_commit_leave_the_committing_thread_in_order(server):
         assert inbox.payloads() == [str(n) for n in range(50)]
         assert sent_from and threading.get_ident() not in sent_from
         assert backend.stats["published"] == 50
+
+
+# -- targeted delivery: consumers of processes long gone ---------------------------------
+
+
+def consumers(client: redis.Redis, key: str) -> dict[str, dict[str, Any]]:
+    return {c["name"]: c for c in client.xinfo_consumers(key, CONSUMER_GROUP)}
+
+
+@backend_test
+def test_a_member_removes_consumers_long_gone_but_none_holding_entries(server):
+    """A SIGKILLed member never leaves its group; a live member's tidy removes it.
+
+    Two ghosts, made with a bare client as a dead process leaves them: one holds
+    nothing, one holds an entry nobody has claimed yet (claim_timeout is long).
+    """
+    channel = f"tidy.{os.urandom(4).hex()}"
+    key = stream_key(channel, "workers")
+    admin = redis.Redis.from_url(server.url, decode_responses=True)
+    admin.xgroup_create(key, CONSUMER_GROUP, "$", mkstream=True)
+    done = admin.xadd(key, {"p": "acked by a ghost"})
+    admin.xreadgroup(CONSUMER_GROUP, "ghost-empty", {key: ">"}, count=1)
+    admin.xack(key, CONSUMER_GROUP, done)
+    admin.xadd(key, {"p": "held by a ghost"})
+    admin.xreadgroup(CONSUMER_GROUP, "ghost-holding", {key: ">"}, count=1)
+    assert {name: c["pending"] for name, c in consumers(admin, key).items()} == {
+        "ghost-empty": 0,
+        "ghost-holding": 1,
+    }
+    expiry = 0.5
+    # The server's own idle clock, not ours: both ghosts are past the expiry.
+    wait_until(
+        lambda: all(c["idle"] >= expiry * 1000 for c in consumers(admin, key).values()),
+        timeout=10,
+        what="the ghosts to be idle",
+    )
+    with redis_backend(server.url, consumer_expiry=expiry, claim_timeout=60) as backend:
+        with backend.subscriber() as sub:
+            sub.subscribe(channel, lambda message: None, group="workers")
+            assert sub.wait_connected(10), sub.last_error
+            wait_until(lambda: backend.stats["consumers_removed"] >= 1, timeout=10, what="the tidy")
+            left = consumers(admin, key)
+            assert "ghost-empty" not in left
+            assert left["ghost-holding"]["pending"] == 1
+            assert backend.stats["consumers_removed"] == 1
+            assert len(left) == 2  # the holding ghost and the live member

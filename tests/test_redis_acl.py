@@ -21,6 +21,7 @@ from django.core.management import CommandError, call_command
 from django.test import override_settings
 
 from pulp_pubsub import get_backend
+from pulp_pubsub.backends.redisgroups import CONSUMER_GROUP
 from pulp_pubsub.exceptions import PublishError
 from pulp_pubsub.introspection import gather
 from pulp_pubsub.testing import RedisServer
@@ -60,12 +61,14 @@ def admin(server: RedisServer) -> redis.Redis:
     )
 
 
-def settings_for(server: RedisServer, prefix: str, user: str = "pulp") -> dict[str, Any]:
+def settings_for(
+    server: RedisServer, prefix: str, user: str = "pulp", options: dict[str, Any] = OPTIONS
+) -> dict[str, Any]:
     return {
         "PUBSUB_BACKEND": "redis",
         "PUBSUB_URL": f"redis://{user}:{PASSWORD}@{server.host}:{server.port}/0",
         "PUBSUB_CHANNEL_PREFIX": prefix,
-        "PUBSUB_OPTIONS": OPTIONS,
+        "PUBSUB_OPTIONS": options,
     }
 
 
@@ -127,6 +130,65 @@ def test_the_documented_targeted_acl_carries_targeted_delivery(server):
                 assert sub.stats["reconnects"] == 0, sub.last_error
         backend.close()
     assert admin(server).acl_log() == []
+
+
+TIDY_COMMANDS = " +xinfo|consumers +xgroup|delconsumer"
+
+
+def ghost(server: RedisServer, key: str) -> None:
+    """A consumer as a SIGKILLed member leaves it: in the group, holding nothing, idle."""
+    client = admin(server)
+    client.xgroup_create(key, CONSUMER_GROUP, "$", mkstream=True)
+    entry = client.xadd(key, {"p": "done"})
+    client.xreadgroup(CONSUMER_GROUP, "ghost", {key: ">"}, count=1)
+    client.xack(key, CONSUMER_GROUP, entry)
+    wait_until(
+        lambda: all(c["idle"] >= 500 for c in client.xinfo_consumers(key, CONSUMER_GROUP)),
+        what="the ghost to be idle",
+    )
+
+
+def consumer_names(server: RedisServer, key: str) -> set[str]:
+    return {c["name"] for c in admin(server).xinfo_consumers(key, CONSUMER_GROUP)}
+
+
+def test_the_documented_targeted_acl_lets_members_remove_consumers_long_gone(server):
+    assert TIDY_COMMANDS in documented_acl(TARGETED)
+    admin(server).acl_log_reset()
+    ghost(server, "site1.tidy#workers")
+    options = {**OPTIONS, "consumer_expiry": 0.5, "claim_timeout": 60}
+    with override_settings(**settings_for(server, "site1.", user=TARGETED, options=options)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            sub.subscribe("tidy", lambda message: None, group="workers")
+            assert sub.wait_connected(10), sub.last_error
+            wait_until(lambda: "ghost" not in consumer_names(server, "site1.tidy#workers"))
+        backend.close()
+    assert admin(server).acl_log() == []
+
+
+def test_a_targeted_acl_without_the_consumer_commands_only_leaves_them(server, caplog):
+    """An ACL written before the consumer commands: a WARNING, and delivery as before."""
+    user = "pulp-targeted-old"
+    line = documented_acl(TARGETED).replace(TARGETED, user).replace(TIDY_COMMANDS, "")
+    admin(server).execute_command("ACL", "SETUSER", *line.split()[1:])
+    admin(server).execute_command("ACL", "SETUSER", user, f">{PASSWORD}")
+    ghost(server, "site1.old#workers")
+    options = {**OPTIONS, "consumer_expiry": 0.5, "claim_timeout": 60}
+    with override_settings(**settings_for(server, "site1.", user=user, options=options)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("old", inbox, group="workers")
+            assert sub.wait_connected(10), sub.last_error
+            wait_until(lambda: "stale consumers" in caplog.text, what="the warning")
+            backend.publish("old", "still delivered", group="workers")
+            inbox.wait(lambda messages: [m.payload for m in messages] == ["still delivered"])
+            assert sub.stats["reconnects"] == 0, sub.last_error
+        backend.close()
+    assert "ghost" in consumer_names(server, "site1.old#workers")
+    assert "+xinfo|consumers +xgroup|delconsumer" in caplog.text
+    assert PASSWORD not in caplog.text
 
 
 def test_a_user_limited_to_another_prefix_gets_an_error_naming_the_acl(server, caplog):

@@ -8,7 +8,8 @@ this module and in :mod:`pulp_pubsub.backends.listener`, so a new backend is
 one short module that knows only its server.
 
 Targeted (work-queue) delivery is optional: a backend that can hand a message
-to a bounded number of a group's members sets ``targets = True`` and supplies
+to a bounded number of a group's members sets ``targets = True`` (on the class,
+or on the instance when its configuration decides) and supplies
 ``send_targeted()`` and the transport's ``want()``/``ack()``/``release()``;
 every other backend sends a targeted publish as a broadcast (the default here).
 
@@ -222,7 +223,8 @@ class BaseBackend:
     options: ClassVar[dict[str, Any]] = {}
     #: True when the backend delivers targeted messages itself; otherwise a
     #: targeted publish is a broadcast (every subscriber of the channel gets it).
-    targets: ClassVar[bool] = False
+    #: An instance may decide it from its configuration (NATS targets with JetStream only).
+    targets: bool = False
     #: True: publishes deferred to commit are sent from a thread of their own
     #: (see :meth:`send_batch`), so a commit never waits for the server.
     after_commit_thread: ClassVar[bool] = True

@@ -58,7 +58,11 @@ class HearCheck:
         return True
 
     def step(self, now: float, probe_answered_at: float, channel: str, stats: Counter[str]) -> bool:
-        """Send or judge the check; True when a probe must first show the session is alive."""
+        """Send or judge the check; True when a probe should go out now.
+
+        One goes out with every check, so that by its deadline the session has shown
+        whether it is alive since, and deafness is judged after one timeout, not two.
+        """
         if self.interval is None:
             return False
         if self.token and now >= self.deadline:
@@ -81,4 +85,5 @@ class HearCheck:
             self.token, self.sent_at = token, time.monotonic()
             self.deadline = self.sent_at + self.timeout
             self.next = self.sent_at + self.interval * random.uniform(0.75, 1.0)
+            return True
         return False

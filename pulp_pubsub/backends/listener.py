@@ -785,7 +785,12 @@ class Subscriber:
             if not token and now >= next_probe:
                 token = uuid.uuid4().hex
                 sent_at, deadline, next_probe = now, now + probe_timeout, now + interval
-                transport.probe(self._probe_channel, token)
+                try:
+                    transport.probe(self._probe_channel, token)
+                except Exception:
+                    # A probe that cannot even be sent failed as surely as an unanswered one.
+                    count(self.stats, "probe_failures", self.backend.name)
+                    raise
                 self.stats["probes"] += 1
 
     def _release_pipes(self, exiting: bool = False) -> None:

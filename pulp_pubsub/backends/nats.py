@@ -29,11 +29,21 @@ subscription is an ephemeral push consumer. A reconnecting subscriber
 starts its consumers just after the last stream sequence it saw, so a gap
 is delivered rather than resynced; a channel is resynced only when the
 stream no longer holds that sequence.
+
+With JetStream, targeted (work-queue) delivery is native too: a targeted
+publish goes to ``<prefix>._work.<channel>.<group>``, captured by a second
+stream with interest retention (``<stream>_WORK``, or the one the operator
+names in ``work_stream``), and each (channel, group) is one durable pull
+consumer with explicit acks and ``ack_wait = claim_timeout`` (see
+:mod:`.natstransport`). Core NATS falls back to broadcast: its queue groups
+hand a message to one member but cannot hand it again when that member dies
+before acting on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import re
@@ -51,7 +61,7 @@ from ..conf import hide_password
 from ..exceptions import MissingDependency, PublishError, PubSubError
 from .base import BaseBackend
 from .natsloop import loop_runner
-from .natsnames import escape_token, parse_servers, unescape_token
+from .natsnames import WORK_TOKEN, escape_token, parse_servers, unescape_token, work_subject
 
 try:
     import nats
@@ -66,6 +76,8 @@ except ImportError as exc:
 from .natstransport import NatsTransport
 
 DEFAULT_URL = "nats://localhost:4222"
+#: Pull requests one targeted-delivery consumer keeps waiting at most: one per member.
+MAX_WAITING = 16384
 _STREAM_NAME = re.compile(r"[^A-Za-z0-9_-]")
 
 
@@ -76,6 +88,8 @@ class _Publisher:
         self.pid = os.getpid()
         self.nc: Client | None = None
         self.lock = threading.Lock()
+        # The targeted-delivery stream was checked (or made) on this connection.
+        self.work_ready = False
 
 
 class NatsBackend(BaseBackend):
@@ -100,6 +114,8 @@ class NatsBackend(BaseBackend):
         "stream_max_bytes": 256 * 1024 * 1024,
         "stream_replicas": 1,
         "stream_storage": "file",
+        # JetStream targeted delivery: the work-queue stream, when the operator makes it.
+        "work_stream": None,
         # The server's HTTP monitoring endpoint, for pubsub_channels' subscriber counts.
         "monitor_url": None,
     }
@@ -108,7 +124,8 @@ class NatsBackend(BaseBackend):
         super().__init__(*args, **kwargs)
         self.servers = parse_servers(self.url or DEFAULT_URL)
         config = self.config
-        for key in ("user", "password", "token", "nkey_seed", "creds", "tls_hostname", "stream"):
+        strings = ("user", "password", "token", "nkey_seed", "creds", "tls_hostname")
+        for key in (*strings, "stream", "work_stream"):
             if config[key] is not None and not (isinstance(config[key], str) and config[key]):
                 raise ImproperlyConfigured(f"Option {key!r} for NatsBackend must be a string.")
         for key in ("nkey_seed", "creds", "tls_ca", "tls_cert", "tls_key"):
@@ -141,7 +158,12 @@ class NatsBackend(BaseBackend):
         self.jetstream: bool = config["jetstream"]
         self._root = self._subject_root(self.channel_prefix)
         self.stream_name: str = config["stream"] or self._default_stream_name()
+        self.work_stream_name: str = config["work_stream"] or self.stream_name + "_WORK"
         self._stream_checked = False
+        self._work_stream_checked = False
+        # Targeted delivery needs what only JetStream has: a message handed to a member
+        # that dies before acking goes to another after ack_wait. Core NATS broadcasts.
+        self.targets = self.jetstream
         self._publisher = _Publisher()
         self._tls_context: ssl.SSLContext | None = None
         try:
@@ -164,6 +186,20 @@ class NatsBackend(BaseBackend):
     def stream_subjects(self) -> str:
         """What the layer's stream captures: exactly one token under the prefix."""
         return self._root + "*"
+
+    @property
+    def work_subjects(self) -> str:
+        """What the targeted-delivery stream captures: ``<prefix>._work.<channel>.<group>``."""
+        return f"{self._root}{WORK_TOKEN}.*.*"
+
+    def work_subject(self, wire: str, group: str) -> str:
+        """The subject a targeted publish of ``wire`` (a wire name) to ``group`` goes to."""
+        return work_subject(self._root, wire[len(self._root) :], group)
+
+    def work_consumer(self, wire: str, group: str) -> str:
+        """The durable consumer of one (channel, group): a digest, as names allow few characters."""
+        digest = hashlib.sha256(self.work_subject(wire, group).encode()).hexdigest()
+        return f"pubsub_{digest[:32]}"
 
     def wire_name(self, channel: str) -> str:
         # Checked as every backend checks it (prefix and name together), so a
@@ -295,6 +331,97 @@ class NatsBackend(BaseBackend):
             self._stream_checked = True
         return info
 
+    async def ensure_work_stream(self, nc: Client) -> None:
+        """The targeted-delivery stream; made by the layer when it does not exist yet.
+
+        Interest retention: a message is kept until its (channel, group) consumer acks it,
+        and one published before any member joined is dropped at once, like a broadcast
+        nobody hears (as on the other backends that target).
+        """
+        jsm = nc.jsm(timeout=self.config["connect_timeout"])
+        name = self.work_stream_name
+        try:
+            info = await jsm.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            if self.config["work_stream"]:
+                raise PubSubError(
+                    f"The JetStream stream {name!r} named in PUBSUB_OPTIONS['work_stream'] does "
+                    f"not exist; create it with the subjects {self.work_subjects!r} and "
+                    "interest or work-queue retention."
+                ) from None
+            config = nats.js.api.StreamConfig(
+                name=name,
+                description="pulp-pubsub targeted delivery",
+                subjects=[self.work_subjects],
+                retention=nats.js.api.RetentionPolicy.INTEREST,
+                max_age=float(self.config["stream_max_age"]),
+                max_bytes=int(self.config["stream_max_bytes"]),
+                num_replicas=int(self.config["stream_replicas"]),
+                storage=nats.js.api.StorageType(self.config["stream_storage"]),
+                discard=nats.js.api.DiscardPolicy.OLD,
+            )
+            try:
+                info = await jsm.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                try:  # another process made it first
+                    info = await jsm.stream_info(name)
+                except nats.js.errors.NotFoundError:
+                    raise PubSubError(
+                        f"JetStream refused to make the stream {name!r} for "
+                        f"{self.work_subjects!r}: {exc.description} (does another stream, such "
+                        "as a replay stream capturing '>', overlap these subjects?)"
+                    ) from None
+        if not self._work_stream_checked:
+            subjects = info.config.subjects or []
+            if self.work_subjects not in subjects:
+                raise PubSubError(
+                    f"The JetStream stream {name!r} captures {subjects}, not this install's "
+                    f"targeted-delivery subjects {self.work_subjects!r}."
+                )
+            self._work_stream_checked = True
+
+    async def ensure_work_consumer(self, nc: Client, wire: str, group: str) -> tuple[str, bool]:
+        """The durable pull consumer of (``wire``, ``group``), shared by its members.
+
+        A message handed to a member and not acked within ``ack_wait`` (the
+        ``claim_timeout``) goes to another; ``max_deliver`` is unlimited, so
+        nothing is dropped for having been redelivered often. Returns its name
+        and whether it had to be made (what was published while it did not exist
+        reached nobody).
+        """
+        name = self.work_consumer(wire, group)
+        subject = self.work_subject(wire, group)
+        ack_wait = float(self.config["claim_timeout"])
+        jsm = nc.jsm(timeout=self.config["connect_timeout"])
+        try:
+            info = await jsm.consumer_info(self.work_stream_name, name)
+        except nats.js.errors.NotFoundError:
+            made = True
+        else:
+            made = False
+            if info.config.ack_wait == ack_wait:
+                return name, made
+        config = nats.js.api.ConsumerConfig(
+            durable_name=name,
+            description=f"pulp-pubsub targeted delivery of {subject}",
+            filter_subject=subject,
+            deliver_policy=nats.js.api.DeliverPolicy.ALL,
+            ack_policy=nats.js.api.AckPolicy.EXPLICIT,
+            ack_wait=ack_wait,
+            max_deliver=-1,
+            max_ack_pending=-1,
+            max_waiting=MAX_WAITING,
+        )
+        try:
+            # Made, or (another claim_timeout) updated: the server changes an existing
+            # consumer's ack_wait, so a changed setting takes effect as the fleet restarts.
+            await jsm.add_consumer(self.work_stream_name, config)
+        except nats.js.errors.BadRequestError:
+            if made:
+                raise
+            # A change this server does not allow: join the consumer as it is.
+        return name, made
+
     async def publish_on(self, nc: Client, wire: str, data: bytes) -> None:
         timeout = self.config["publish_timeout"]
         if self.jetstream:
@@ -303,18 +430,31 @@ class NatsBackend(BaseBackend):
             await nc.publish(wire, data)
             await nc.flush(timeout)
 
-    async def _send(self, wire: str, data: bytes) -> None:
+    async def _send(self, wire: str, data: bytes, copies: int = 0) -> None:
+        """Publish ``data`` to ``wire``; with ``copies``, that many targeted messages."""
         publisher = self._publisher
         nc = publisher.nc
         if nc is None or not nc.is_connected:
             if nc is not None:
                 await nc.close()
             publisher.nc = None
+            publisher.work_ready = False
             nc = publisher.nc = await self.connect(allow_reconnect=False)
             if self.jetstream:
                 await self.ensure_stream(nc)
         try:
-            await self.publish_on(nc, wire, data)
+            if copies:
+                if not publisher.work_ready:
+                    await self.ensure_work_stream(nc)
+                    publisher.work_ready = True
+                timeout = self.config["publish_timeout"]
+                js = nc.jetstream(timeout=timeout)
+                # Each copy is stored (acked by the stream) before the publish returns.
+                await asyncio.gather(
+                    *(js.publish(wire, data, timeout=timeout) for _ in range(copies))
+                )
+            else:
+                await self.publish_on(nc, wire, data)
         except BaseException:
             # Unknown state (a frozen server, a lost ack): start afresh next time.
             publisher.nc = None
@@ -325,6 +465,12 @@ class NatsBackend(BaseBackend):
         loop_runner().submit(_abandon(nc))
 
     def send(self, channel: str, payload: str) -> None:
+        self._deliver(channel, payload)
+
+    def send_targeted(self, channel: str, payload: str, group: str, receivers: int) -> None:
+        self._deliver(self.work_subject(channel, group), payload, receivers)
+
+    def _deliver(self, subject: str, payload: str, copies: int = 0) -> None:
         publisher = self._publisher
         if publisher.pid != os.getpid():
             # Forked: the parent's connection is not ours; its loop thread is gone.
@@ -335,7 +481,7 @@ class NatsBackend(BaseBackend):
             raise PublishError(f"nats backend could not publish within {timeout} s")
         try:
             left = max(0.0, deadline - time.monotonic())
-            loop_runner().run(self._send(channel, payload.encode("utf-8")), left)
+            loop_runner().run(self._send(subject, payload.encode("utf-8"), copies), left)
         except PubSubError as exc:
             raise PublishError(f"nats backend could not publish: {exc}") from exc
         except BaseException as exc:
@@ -408,7 +554,16 @@ class NatsBackend(BaseBackend):
             nats_py=NATS_PY_VERSION,
         )
         if self.jetstream:
-            info.update(stream=self.stream_name, stream_subjects=self.stream_subjects)
+            info.update(
+                stream=self.stream_name,
+                stream_subjects=self.stream_subjects,
+                work_stream=self.work_stream_name,
+                work_subjects=self.work_subjects,
+                claim_timeout=self.config["claim_timeout"],
+            )
+        info["targeted_delivery"] = (
+            "native (JetStream pull consumers)" if self.targets else "broadcast (core NATS)"
+        )
         info["monitor_url"] = hide_password(self.config["monitor_url"])
         info["warnings"] = (
             []

@@ -15,6 +15,10 @@ from django.core.exceptions import ImproperlyConfigured
 from ..conf import Secret, hide_password
 
 SCHEMES = {"nats": False, "tls": True}
+#: The leading token (after the prefix) of targeted-delivery subjects:
+#: ``<prefix>._work.<channel>.<group>``. Three tokens where a broadcast has one, so a
+#: targeted message never reaches a broadcast subscriber or the replay stream.
+WORK_TOKEN = "_work"
 _ESCAPES = {"%": "%25", ".": "%2E", "$": "%24"}
 _UNESCAPE = re.compile(r"%(25|2E|24)")
 
@@ -28,6 +32,11 @@ def unescape_token(token: str) -> str | None:
     """Undo :func:`escape_token`; None for a token it cannot have made."""
     name = _UNESCAPE.sub(lambda m: chr(int(m.group(1), 16)), token)
     return name if escape_token(name) == token else None
+
+
+def work_subject(root: str, channel_token: str, group: str) -> str:
+    """The subject of a targeted publish to ``group`` (``root`` is the prefix token and a dot)."""
+    return f"{root}{WORK_TOKEN}.{channel_token}.{escape_token(group)}"
 
 
 def hide_credentials(url: str) -> str:

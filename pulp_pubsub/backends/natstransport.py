@@ -4,11 +4,21 @@ nats-py calls back on the loop thread; the transport queues what arrives and pok
 self-pipe, the descriptor the shared listener waits on. With JetStream each channel is an
 ephemeral push consumer that starts just after the last stream sequence seen, which is
 how a reconnecting subscriber is handed its gap instead of a resync.
+
+Targeted delivery (JetStream only) uses the (channel, group)'s durable pull consumer: while
+the listener wants messages of a group, the transport keeps one pull request for one
+message waiting at the server, answered on an inbox of its own. A message that arrives
+when the listener no longer wants it (it took another, was paused, or is leaving) is given
+back at once with a NAK; ack() is an ACK and release() a NAK. A member that dies holding a
+message never acks it: the server hands it to another member after ``ack_wait``, the
+``claim_timeout``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import threading
 import time
 from collections import deque
@@ -22,12 +32,22 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from ..exceptions import ConnectionLost, PubSubError
-from .base import Transport
+from .base import Handed, Transport
 from .natsloop import loop_runner
 from .selfpipe import close_fds, drain, make_pipe, poke
 
 if TYPE_CHECKING:
     from .nats import NatsBackend
+
+Pair = tuple[str, str]
+#: Seconds a pull request waits at the server; an idle member renews it when it expires.
+PULL_EXPIRES = 30.0
+#: Pull-request answers that end it without a message and say nothing is wrong:
+#: 404 no messages, 408 expired; a 409 for a limit (max waiting, a leader change) is
+#: followed by a new request after a pause, and one saying the consumer is gone is a loss.
+_PULL_OVER = {"404", "408"}
+_CONSUMER_GONE = ("consumer deleted", "push based")
+PULL_RETRY = 0.5
 
 
 class NatsTransport(Transport):
@@ -38,7 +58,7 @@ class NatsTransport(Transport):
     def __init__(self, backend: NatsBackend) -> None:
         super().__init__(backend)
         self._lock = threading.Lock()
-        self._inbox: deque[tuple[str, str | None]] = deque()
+        self._inbox: deque[tuple[str, str | None] | Handed] = deque()
         self._dead: str | None = None
         self._closed = False
         self._pipe_r, self._pipe_w = make_pipe()
@@ -48,6 +68,24 @@ class NatsTransport(Transport):
         self._seen: dict[str, int] = {}
         self._resume_from: dict[str, int] = {}
         self._heard: dict[str, float] = {}
+        # Targeted delivery: the inbox our pull requests are answered on, each request's
+        # (wire, group) and end, the request waiting per pair, what the listener wants
+        # now, the pairs whose handed message it has not read yet, and the pairs handed
+        # one since its last want() (none more until it asks again, having read it).
+        self._pull_inbox: str | None = None
+        self._consumers: dict[Pair, str] = {}
+        self._work_pairs: dict[str, Pair] = {}
+        # Request id -> (wire, group), when the server last spoke of it (a heartbeat).
+        self._pulls: dict[str, tuple[Pair, float]] = {}
+        self._pulling: dict[Pair, str] = {}
+        self._wanted: frozenset[Pair] = frozenset()
+        self._unread: set[Pair] = set()
+        self._handed: set[Pair] = set()
+        self._pull_ids = itertools.count(1)
+        self._resumed = False
+        # A waiting pull request hears a heartbeat this often; silence means its
+        # consumer is gone (deleted, or lost with its node) while the connection lives.
+        self._heartbeat = min(float(backend.config["probe_interval"]), PULL_EXPIRES / 3)
         self._runner = loop_runner()
         self._timeout = backend.config["connect_timeout"]
         self._established = False
@@ -71,7 +109,9 @@ class NatsTransport(Transport):
 
     # -- callbacks on the loop thread --------------------------------------------
 
-    def _push(self, item: tuple[str, str | None] | None = None, dead: str | None = None) -> None:
+    def _push(
+        self, item: tuple[str, str | None] | Handed | None = None, dead: str | None = None
+    ) -> None:
         with self._lock:
             if self._closed:
                 return
@@ -220,18 +260,176 @@ class NatsTransport(Transport):
             elif sub is not None:
                 await sub.unsubscribe()
 
-    def read(self) -> list[tuple[str, str | None]]:
+    def read(self) -> list[tuple[str, str | None] | Handed]:
         drain(self._pipe_r)
         with self._lock:
             items = list(self._inbox)
             self._inbox.clear()
             dead = self._dead
+            for item in items:
+                if isinstance(item, Handed):
+                    self._unread.discard((item.wire, item.group))
         if dead:
             if items:
                 poke(self._pipe_w)  # hand these out first; raise on the next read
                 return items
             raise ConnectionLost(dead)
         return items
+
+    # -- targeted delivery ----------------------------------------------------------
+
+    def join(self, members: Collection[Pair]) -> None:
+        self._run(self._join(list(members)))
+
+    async def _join(self, members: list[Pair]) -> None:
+        backend = self.backend
+        if self._pull_inbox is None:
+            await backend.ensure_work_stream(self._nc)
+            inbox = self._nc.new_inbox()
+            await self._nc.subscribe(inbox + ".*", cb=self._on_pulled)
+            self._pull_inbox = inbox
+        for wire, group in members:
+            name, made = await backend.ensure_work_consumer(self._nc, wire, group)
+            if made and self._resumed:
+                # Reconnected, and the group's consumer was gone (deleted, or lost with
+                # its stream): targeted messages published meanwhile reached nobody.
+                self._push((wire, None))
+            with self._lock:
+                self._consumers[(wire, group)] = name
+                self._work_pairs[backend.work_subject(wire, group)] = (wire, group)
+
+    def want(self, members: frozenset[Pair], consumer: str) -> None:
+        now = time.monotonic()
+        limit = 3 * self._heartbeat + self._timeout
+        with self._lock:
+            self._wanted = members
+            self._handed &= self._unread
+            for pair, heard in self._pulls.values():
+                if now - heard > limit:
+                    raise ConnectionLost(
+                        f"the JetStream consumer of {pair!r} fell silent for {limit:g} s"
+                    )
+            requests = self._new_pulls(now)
+        if requests:
+            self._runner.submit(self._pull(requests))
+
+    def _new_pulls(self, now: float) -> list[tuple[str, str]]:
+        """Pull requests to send for wanted pairs that have none waiting (lock held)."""
+        requests = []
+        for pair in self._wanted:
+            name = self._consumers.get(pair)
+            if name is None or pair in self._pulling or pair in self._handed or self._closed:
+                continue
+            request = str(next(self._pull_ids))
+            self._pulls[request] = (pair, now)
+            self._pulling[pair] = request
+            requests.append((request, name))
+        return requests
+
+    def _end_pull(self, request: str) -> Pair | None:
+        """Forget a pull request that was answered or ended (lock held)."""
+        entry = self._pulls.pop(request, None)
+        if entry is None:
+            return None
+        if self._pulling.get(entry[0]) == request:
+            del self._pulling[entry[0]]
+        return entry[0]
+
+    async def _pull(self, requests: list[tuple[str, str]]) -> None:
+        body = json.dumps(
+            {
+                "batch": 1,
+                "expires": int(PULL_EXPIRES * 1e9),
+                "idle_heartbeat": int(self._heartbeat * 1e9),
+            }
+        ).encode()
+        stream = self.backend.work_stream_name
+        try:
+            for request, name in requests:
+                await self._nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
+                    body,
+                    reply=f"{self._pull_inbox}.{request}",
+                )
+        except Exception as exc:
+            self._push(dead=f"pull request not sent: {self.backend.explain(exc)}")
+
+    async def _on_pulled(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status:
+            # Sent to the request's own reply subject.
+            request = msg.subject.rpartition(".")[2]
+            description = (msg.headers or {}).get("Description", "")
+            with self._lock:
+                if status == "100":  # an idle heartbeat: the request still waits
+                    entry = self._pulls.get(request)
+                    if entry is not None:
+                        self._pulls[request] = (entry[0], time.monotonic())
+                    return
+                pair = self._end_pull(request)
+            if status in _PULL_OVER:
+                await self._renew_pulls()
+                return
+            if status == "409" and not any(s in description.lower() for s in _CONSUMER_GONE):
+                loop = asyncio.get_running_loop()
+                loop.call_later(PULL_RETRY, lambda: loop.create_task(self._renew_pulls()))
+                return
+            self._push(
+                dead=f"JetStream ended the pull for {pair!r}: {status} {description}".strip()
+            )
+            return
+        if not msg.reply:
+            return
+        # A message keeps its own subject; each consumer has exactly one.
+        with self._lock:
+            pair = self._work_pairs.get(msg.subject)
+            waiting = self._pulling.get(pair) if pair is not None else None
+            if waiting is not None:
+                self._end_pull(waiting)
+            take = (
+                pair is not None
+                and pair in self._wanted
+                and pair not in self._handed
+                and not self._closed
+            )
+            if take and pair is not None:
+                self._unread.add(pair)
+                self._handed.add(pair)
+                handed = Handed(pair[0], pair[1], msg.data.decode("utf-8", "replace"), msg.reply)
+                self._inbox.append(handed)
+                poke(self._pipe_w)
+        if not take:
+            # No longer wanted (the member took another, was paused or is leaving):
+            # straight back, for another member. Not sent (the connection is going):
+            # the server hands it out again after ack_wait.
+            try:
+                await self._nc.publish(msg.reply, b"-NAK")
+            except Exception:
+                pass
+
+    async def _renew_pulls(self) -> None:
+        """A pull request ended without a message: a new one for what is still wanted."""
+        with self._lock:
+            requests = self._new_pulls(time.monotonic())
+        if requests:
+            await self._pull(requests)
+
+    def ack(self, handed: Collection[Handed]) -> None:
+        self._answer(handed, b"+ACK")
+
+    def release(self, handed: Collection[Handed]) -> None:
+        self._answer(handed, b"-NAK")
+
+    def _answer(self, handed: Collection[Handed], verdict: bytes) -> None:
+        if handed:
+            # An ack subject works from any connection: what an earlier one was handed
+            # is acked (or given back) on this one.
+            self._run(self._publish_all([item.token for item in handed], verdict))
+
+    async def _publish_all(self, subjects: list[str], data: bytes) -> None:
+        for subject in subjects:
+            await self._nc.publish(subject, data)
+        await self._nc.flush(self._timeout)
 
     def position(self) -> Any:
         if not self.backend.jetstream:
@@ -245,6 +443,7 @@ class NatsTransport(Transport):
         if position.get("stream") != self.backend.stream_name:
             return False
         self._resume_from = dict(position.get("seen") or {})
+        self._resumed = True
         return True
 
     def probe(self, channel: str, payload: str) -> None:
@@ -272,6 +471,13 @@ class NatsTransport(Transport):
             if self._closed:
                 return
             self._closed = True
+            # Handed over but never read by the listener: back for another member now.
+            unread = [item.token for item in self._inbox if isinstance(item, Handed)]
+        try:
+            if unread and self._nc.is_connected:
+                self._runner.run(self._publish_all(unread, b"-NAK"), self._timeout)
+        except BaseException:
+            pass  # not given back: the server hands them out again after ack_wait
         try:
             self._runner.run(self._nc.close(), self._timeout)
         except BaseException:

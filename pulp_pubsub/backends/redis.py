@@ -313,6 +313,39 @@ class RedisTransport(Transport):
             pipe.xdel(key, item.token)
         self._execute(pipe, "give back")
 
+    def tidy(self, keys: Collection[str]) -> None:
+        """Remove the consumers of members long gone from their groups.
+
+        A SIGKILLed process never says goodbye, so without this a group keeps
+        one consumer for every process that ever joined it. Only a consumer that
+        holds nothing (others have claimed its entries) and has not read for
+        ``consumer_expiry`` goes; a live member reads at least once per
+        ``claim_timeout``, and one removed all the same is made again by its
+        next read. Delivery does not depend on this, so a refusal (a user whose
+        ACL predates these commands) is logged once, not fatal.
+        """
+        backend = self.backend
+        publisher = backend.clients().publisher
+        expiry_ms = backend.config["consumer_expiry"] * 1000
+        try:
+            for key in keys:
+                for consumer in publisher.xinfo_consumers(key, CONSUMER_GROUP):
+                    if consumer["pending"] == 0 and consumer["idle"] >= expiry_ms:
+                        publisher.xgroup_delconsumer(key, CONSUMER_GROUP, consumer["name"])
+                        count(backend.stats, "consumers_removed", backend.name)
+        except redis.exceptions.NoPermissionError as exc:
+            if not backend.tidy_refused:
+                backend.tidy_refused = True
+                logger.warning(
+                    "Redis refused to list or remove stale consumers (%s); they stay in "
+                    "their groups. Grant +xinfo|consumers +xgroup|delconsumer.",
+                    explain(exc),
+                )
+        except redis.ResponseError:
+            pass  # NOGROUP: the stream is gone; the next group read reports it
+        except redis.RedisError as exc:
+            raise ConnectionLost(f"listing consumers failed: {explain(exc)}") from exc
+
     def _execute(self, pipe: Any, what: str) -> None:
         try:
             pipe.execute()
@@ -377,12 +410,17 @@ class RedisBackend(BaseBackend):
         # The sentinels' own credentials (a sentinel URL carries the master's).
         "sentinel_username": None,
         "sentinel_password": None,
+        # Targeted delivery: seconds after which a consumer that holds nothing and has not
+        # read is taken for a process long gone and removed from its group.
+        "consumer_expiry": 3600.0,
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.target = self._resolve()
         self._clients: _ProcessClients | None = None
+        # Set once stale consumers could not be removed (logged once: see RedisTransport.tidy).
+        self.tidy_refused = False
         # Clients inherited through fork(): kept, never used or closed, since
         # their sockets belong to the parent.
         self._inherited: list[_ProcessClients] = []

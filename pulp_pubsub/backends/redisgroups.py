@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 CONSUMER_GROUP = "pulp-pubsub"
 #: Entries a targeted-delivery stream keeps at most (unread ones; acked ones are deleted).
 STREAM_MAXLEN = 10000
+#: Seconds between a member's looks for consumers of processes long gone (jittered).
+TIDY_INTERVAL = 300.0
 
 
 def stream_key(wire: str, group: str) -> str:
@@ -80,6 +82,7 @@ class GroupReader:
         self.unblocking: bool = False
         self.history_read: bool = False
         self.next_sweep: float = time.monotonic()
+        self.next_tidy: float = self.next_sweep
         self.consumer: str = ""
 
     def want(self, members: frozenset[tuple[str, str]], consumer: str) -> None:
@@ -119,6 +122,9 @@ class GroupReader:
                     "1",
                 )
             self.next_sweep = now + self._sweep_interval()
+            if now >= self.next_tidy:
+                self.next_tidy = now + TIDY_INTERVAL * random.uniform(0.8, 1.0)
+                self.transport.tidy(keys)
         else:
             block = max(1, int((self.next_sweep - now) * 1000))
             self._read_group(members, consumer, keys, ">", "BLOCK", str(block))

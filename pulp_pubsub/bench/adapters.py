@@ -119,6 +119,15 @@ class NatsAdapter(Adapter):
     raw_client = NatsClient
 
 
+class NatsJetStreamAdapter(NatsAdapter):
+    """NATS with JetStream: replay, and native targeted delivery."""
+
+    name = "natsjs"
+    backend = "nats"
+    server = "natsjs"
+    options: ClassVar[dict[str, Any]] = {"jetstream": True}
+
+
 class RelayAdapter(Adapter):
     """A relay over the benchmark's PostgreSQL; writers NOTIFY in their own transaction."""
 
@@ -146,6 +155,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
         DirectRelayAdapter,
         EtcdAdapter,
         NatsAdapter,
+        NatsJetStreamAdapter,
     )
 }
 

@@ -266,8 +266,10 @@ def publisher(settings: PubSubSettings) -> Role:
 
         def run(command: dict[str, Any]) -> None:
             sent = time.monotonic()
-            backend.publish(command["channel"], command["publish"], group=command.get("group"))
-            link.send({"t0": sent, "t1": time.monotonic()})
+            group = command.get("group")
+            backend.publish(command["channel"], command["publish"], group=group)
+            # What this backend, as configured, made of it (NATS targets with JetStream only).
+            link.send({"t0": sent, "t1": time.monotonic(), "delivery": backend.delivery(group)})
 
         _command_loop(link, run)
         backend.close()

@@ -12,7 +12,6 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..handler import backend_class
 from . import BenchError, roles
 from .agents import Fleet
 from .board import Board
@@ -253,6 +252,7 @@ def targeted(ctx: Context, run: BackendRun) -> dict[str, Any]:
         setup=run.setup("publisher"),
     )
     modes: dict[str, dict[str, Any]] = {}
+    delivery = "broadcast"
     try:
         wait_ready(pub, ctx, f"targeted {target.name}: publisher")
         for mode, group in (("targeted", WORK_GROUP), ("broadcast", None)):
@@ -266,6 +266,8 @@ def targeted(ctx: Context, run: BackendRun) -> dict[str, Any]:
                     round_ = run.next_round()
                     pub.send({"publish": str(round_), "channel": WORK, "group": group})
                     [sent] = pub.gather(ROUND_WAIT, lambda m: "t0" in m).values()
+                    if group is not None:
+                        delivery = sent["delivery"]
                     got = run.board.collect_any(round_, n, ROUND_WAIT, linger=0.2)
                     if not got:
                         lost += 1
@@ -290,7 +292,7 @@ def targeted(ctx: Context, run: BackendRun) -> dict[str, Any]:
     return {
         "subscribers": n,
         "rounds": ctx.params.rounds,
-        "delivery": "targeted" if backend_class(target.settings.backend).targets else "broadcast",
+        "delivery": delivery,
         **modes,
     }
 

@@ -38,8 +38,8 @@ def start_etcd() -> ServerProcess:
     return _started(EtcdServer(extra_args=[*timers, "--auto-compaction-retention", "1"]))
 
 
-def start_nats() -> ServerProcess:
-    return _started(NatsServer())
+def start_nats(jetstream: bool = False) -> ServerProcess:
+    return _started(NatsServer(jetstream=jetstream))
 
 
 def start_relay(postgres_url: str) -> ServerProcess:
@@ -60,6 +60,7 @@ LAUNCHERS: dict[str, Callable[[ServerSet], ServerProcess]] = {
     "relay": lambda servers: start_relay(servers.url("postgres")),
     "etcd": lambda servers: start_etcd(),
     "nats": lambda servers: start_nats(),
+    "natsjs": lambda servers: start_nats(jetstream=True),
 }
 
 

@@ -194,6 +194,44 @@ def _integration_state() -> dict[str, Any]:
     }
 
 
+def hear(opts: dict[str, Any]) -> dict[str, Any]:
+    """Subscribe through the layer as configured, then ``pg_notify`` it directly.
+
+    Sends ``notifies`` wake-ups on a direct connection (``direct_dsn``) once the
+    subscription is confirmed, and watches until the subscriber is found deaf or
+    ``timeout`` passes: what it heard, its error and how long finding out took.
+    """
+    import psycopg
+
+    setup_django()
+    from pulp_pubsub import WAKEUP, get_backend
+
+    backend = get_backend()
+    heard: list[Any] = []
+    began = time.monotonic()
+    subscriber = backend.subscriber()
+    try:
+        subscriber.subscribe(WAKEUP, heard.append)
+        with psycopg.connect(opts["direct_dsn"], autocommit=True) as conn:
+            for _ in range(int(opts["notifies"])):
+                conn.execute("SELECT pg_notify(%s, 'handle')", [backend.wire_name(WAKEUP)])
+        deadline = began + float(opts["timeout"])
+        while not subscriber.deaf and time.monotonic() < deadline:
+            subscriber.dispatch(0.05)
+        deaf_after = time.monotonic() - began if subscriber.deaf else None
+        subscriber.dispatch(0)
+        return {
+            "backend": backend.name,
+            "sent": int(opts["notifies"]),
+            "heard": sum(1 for m in heard if not m.resync),
+            "deaf": subscriber.deaf,
+            "deaf_after": deaf_after,
+            "last_error": subscriber.last_error,
+        }
+    finally:
+        subscriber.close()
+
+
 def _default(value: Any) -> Any:
     if isinstance(value, dt.datetime):
         return value.isoformat()
@@ -211,6 +249,8 @@ def main(argv: list[str]) -> int:
 
         task = dispatch(sleep_task, args=(float(opts["seconds"]),))
         result = {"task": str(task.pk)}
+    elif command == "hear":
+        result = hear(opts)
     elif command == "contract":
         from .contract import run_contract
 

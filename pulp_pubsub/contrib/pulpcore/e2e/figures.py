@@ -91,6 +91,7 @@ def verdicts(report: Report) -> list[Verdict]:
         )
     )
     out += operator_verdicts(report)
+    out += failure_verdicts(report)
     stock, ours = report.outcomes.get("stock_direct"), report.outcomes.get("pubsub_redis")
     if ours is not None:
         out.append(
@@ -224,6 +225,68 @@ def operator_verdicts(report: Report) -> list[Verdict]:
     return out
 
 
+def failure_verdicts(report: Report) -> list[Verdict]:
+    """The pooler and fail-closed scenarios (:mod:`.failures`)."""
+    out = []
+    pooler = report.pooler
+    if pooler is not None:
+        hear = pooler.hear or {}
+        seconds = pooler.seconds_to_error
+        out.append(
+            Verdict(
+                "pooler: the PostgreSQL backend behind PgBouncer fails loudly, not silently",
+                seconds is not None
+                and pooler.names_pooler
+                and pooler.names_pubsub_url
+                and pooler.ping not in (None, 0)
+                and "PUBSUB_URL" in pooler.ping_says
+                and hear.get("heard") == 0
+                and hear.get("deaf") is True
+                and pooler.worker_alive
+                and pooler.api_serves,
+                f"worker log names the pooler and PUBSUB_URL "
+                f"{'-' if seconds is None else f'{seconds:.1f} s'} after pulpcore-worker started; "
+                f"pubsub_ping --expect-subscribers 1 exits {pooler.ping}; a subscriber heard "
+                f"{hear.get('heard')} of {hear.get('sent')} direct pg_notify and was found deaf "
+                f"in {_seconds(hear.get('deaf_after'))}",
+            )
+        )
+    closed = report.fail_closed
+    if closed is not None:
+        refused = closed.refused
+        stock = closed.postgres_worker
+        out.append(
+            Verdict(
+                "fail closed: a moved seam on Redis: worker, API and content refuse to start",
+                len(refused) == 3
+                and all(
+                    r["exit"] not in (None, 0) and r["refuses"] and r["way_out"]
+                    for r in refused.values()
+                )
+                and closed.check not in (None, 0)
+                and closed.check_names_seam,
+                ", ".join(
+                    f"{name} exit {r['exit']}"
+                    + ("" if r["refuses"] and r["way_out"] else " (no refusal or way out shown)")
+                    for name, r in refused.items()
+                )
+                + f"; pulpcore-manager check exits {closed.check}",
+            )
+        )
+        out.append(
+            Verdict(
+                "fail closed: on PostgreSQL the worker runs stock Pulp with a WARNING",
+                bool(stock.get("running")) and bool(stock.get("warning")),
+                f"running {stock.get('running')}, WARNING {stock.get('warning')}",
+            )
+        )
+    return out
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
+
+
 def _rate(outcome: Outcome) -> str:
     rate = outcome.idle_rate
     return (
@@ -260,6 +323,8 @@ def as_dict(report: Report) -> dict[str, Any]:
         "pulpcore": report.pulpcore,
         "config": {k: str(v) for k, v in vars(report.config).items()},
         "operator": None if report.operator is None else vars(report.operator),
+        "pooler": None if report.pooler is None else vars(report.pooler),
+        "fail_closed": None if report.fail_closed is None else vars(report.fail_closed),
         "seconds": report.seconds,
         "total_seconds": report.total_seconds,
         "contract": report.contract,

@@ -45,6 +45,46 @@ FORGED_TASK_SECONDS = 15
 FINAL = ("completed", "failed", "canceled")
 
 
+def pulp_environment(
+    site: Any, db: str, server: Any, content_port: int, **pubsub: str
+) -> dict[str, str]:
+    """A Pulp process's whole configuration as ``PULP_*`` variables, the integration on.
+
+    ``server`` is where Django's database connections go (the PostgreSQL server or a
+    PgBouncer in front of it); ``pubsub`` adds ``PULP_PUBSUB_*`` variables.
+    """
+    env = {
+        "PULP_SECRET_KEY": secrets.token_urlsafe(32),
+        "PULP_CONTENT_ORIGIN": f"http://127.0.0.1:{content_port}",
+        "PULP_ANALYTICS": "false",
+        "PULP_DATABASES__default__ENGINE": "django.db.backends.postgresql",
+        "PULP_DATABASES__default__NAME": db,
+        "PULP_DATABASES__default__USER": site.postgres.user,
+        "PULP_DATABASES__default__HOST": server.host,
+        "PULP_DATABASES__default__PORT": str(server.port),
+        "PULP_DEPLOY_ROOT": str(site.root),
+        "PULP_MEDIA_ROOT": str(site.root / "media"),
+        "PULP_STATIC_ROOT": str(site.root / "assets"),
+        "PULP_WORKING_DIRECTORY": str(site.root / "tmp"),
+        "PULP_FILE_UPLOAD_TEMP_DIR": str(site.root / "tmp"),
+        "PULP_DB_ENCRYPTION_KEY": str(site.key),
+        "PULP_INSTALLED_APPS": "@merge pulp_pubsub",
+        **pubsub,
+    }
+    if server is not site.postgres:  # transaction pooling needs it
+        env["PULP_DATABASES__default__DISABLE_SERVER_SIDE_CURSORS"] = "true"
+    return env
+
+
+def responds(url: str) -> bool:
+    """Whether ``url`` answers 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return bool(response.status == 200)
+    except (urllib.error.HTTPError, OSError):
+        return False
+
+
 @dataclass
 class OperatorOutcome:
     admin: dict[str, int] = field(default_factory=dict)
@@ -71,28 +111,15 @@ class Operator:
     # -- configuration ---------------------------------------------------------------
 
     def environment(self) -> dict[str, str]:
-        bouncer, site = self.run.bouncer, self.site
-        return {
-            "PULP_SECRET_KEY": secrets.token_urlsafe(32),
-            "PULP_CONTENT_ORIGIN": f"http://127.0.0.1:{self.content_port}",
-            "PULP_ANALYTICS": "false",
-            "PULP_DATABASES__default__ENGINE": "django.db.backends.postgresql",
-            "PULP_DATABASES__default__NAME": self.db,
-            "PULP_DATABASES__default__USER": site.postgres.user,
-            "PULP_DATABASES__default__HOST": bouncer.host,
-            "PULP_DATABASES__default__PORT": str(bouncer.port),
-            "PULP_DATABASES__default__DISABLE_SERVER_SIDE_CURSORS": "true",
-            "PULP_DEPLOY_ROOT": str(site.root),
-            "PULP_MEDIA_ROOT": str(site.root / "media"),
-            "PULP_STATIC_ROOT": str(site.root / "assets"),
-            "PULP_WORKING_DIRECTORY": str(site.root / "tmp"),
-            "PULP_FILE_UPLOAD_TEMP_DIR": str(site.root / "tmp"),
-            "PULP_DB_ENCRYPTION_KEY": str(site.key),
-            "PULP_INSTALLED_APPS": "@merge pulp_pubsub",
-            "PULP_PUBSUB_BACKEND": "redis",
-            "PULP_PUBSUB_URL": self.run.redis_url,
-            "PULP_PUBSUB_CHANNEL_PREFIX": PREFIX,
-        }
+        return pulp_environment(
+            self.site,
+            self.db,
+            self.run.bouncer,
+            self.content_port,
+            PULP_PUBSUB_BACKEND="redis",
+            PULP_PUBSUB_URL=self.run.redis_url,
+            PULP_PUBSUB_CHANNEL_PREFIX=PREFIX,
+        )
 
     # -- HTTP --------------------------------------------------------------------------
 
@@ -130,11 +157,7 @@ class Operator:
         return code
 
     def responds(self, url: str) -> bool:
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                return bool(response.status == 200)
-        except (urllib.error.HTTPError, OSError):
-            return False
+        return responds(url)
 
     # -- the database --------------------------------------------------------------------
 

@@ -3,6 +3,11 @@
 1. ``contract``: the worker contract on pulpcore's real classes (:mod:`.contract`).
    ``operator``: real API, content app and workers configured by ``PULP_*`` alone:
    admin commands, REST cancel, a forged cancel, a Redis outage (:mod:`.operator`).
+   ``pooler``: the PostgreSQL backend behind PgBouncer with no ``PUBSUB_URL``: a loud
+   error in the worker's log and a failing ``pubsub_ping``, not silence.
+   ``fail_closed``: a pulpcore whose seam moved: on Redis the worker, API and content
+   app refuse to start; on PostgreSQL the worker runs stock with a WARNING
+   (:mod:`.failures`).
 2. ``head_to_head``, two fleets at once, their latency tasks alternating in rounds:
    ``stock_direct``, stock pulpcore with LISTEN/NOTIFY on direct connections (the
    baseline), and ``pubsub_redis``, the integration on Redis with every worker's
@@ -58,6 +63,8 @@ class Config:
     scenarios: tuple[str, ...] = (
         "contract",
         "operator",
+        "pooler",
+        "fail_closed",
         "head_to_head",
         "stock_pgbouncer",
         "mixed",
@@ -124,6 +131,8 @@ class Report:
     config: Config
     contract: dict[str, dict[str, Any]] = field(default_factory=dict)
     operator: Any = None  # an operator.OperatorOutcome
+    pooler: Any = None  # a failures.PoolerOutcome
+    fail_closed: Any = None  # a failures.FailClosedOutcome
     pulpcore: str | None = None
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -295,6 +304,24 @@ class Run:
             f"{self.config.outage_seconds:.0f} s"
         )
         self.report.operator = Operator(self, outage_seconds=self.config.outage_seconds)()
+
+    def pooler(self) -> None:
+        from .failures import Pooler
+
+        self.log(
+            "pooler: the PostgreSQL backend, Django's database through PgBouncer (transaction "
+            "pooling), no PUBSUB_URL: pulpcore-worker and pulpcore-api"
+        )
+        self.report.pooler = Pooler(self)()
+
+    def fail_closed(self) -> None:
+        from .failures import FailClosed
+
+        self.log(
+            "fail-closed: a moved seam; on Redis pulpcore-worker, -api and -content must refuse "
+            "to start, on PostgreSQL the worker runs stock with a WARNING"
+        )
+        self.report.fail_closed = FailClosed(self)()
 
     def head_to_head(self) -> None:
         """Stock on direct connections against the integration behind PgBouncer.

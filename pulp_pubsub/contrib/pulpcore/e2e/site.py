@@ -229,11 +229,11 @@ class Site:
         return done.stdout
 
     def manage_run(
-        self, settings: Settings, *args: str, timeout: float = 300
+        self, settings: Settings, *args: str, timeout: float = 300, **env: str
     ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [self.bin("pulpcore-manager"), *args],
-            env=self.env(settings),
+            env=self.env(settings, **env),
             cwd=self.root / "tmp",
             capture_output=True,
             text=True,
@@ -241,7 +241,12 @@ class Site:
         )
 
     def agent(
-        self, settings: Settings, command: str, opts: dict[str, Any], timeout: float = 240
+        self,
+        settings: Settings,
+        command: str,
+        opts: dict[str, Any],
+        timeout: float = 240,
+        **env: str,
     ) -> dict[str, Any]:
         done = subprocess.run(
             [
@@ -251,7 +256,7 @@ class Site:
                 command,
                 json.dumps(opts),
             ],
-            env=self.env(settings),
+            env=self.env(settings, **env),
             cwd=self.root / "tmp",
             capture_output=True,
             text=True,
