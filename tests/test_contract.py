@@ -150,6 +150,31 @@ def test_publish_in_atomic_is_sent_at_commit_and_dropped_on_rollback(harness):
         assert payloads(got) == ["committed", "marker"]
 
 
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_publishes_at_commit_go_out_in_order_off_the_committing_thread(harness):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got = collect(sub, "contract.after")
+        sent_from: set[int] = set()
+        real = backend.send_batch
+
+        def spy(batch):
+            sent_from.add(threading.get_ident())
+            real(batch)
+
+        backend.send_batch = spy
+        for n in range(30):
+            with transaction.atomic(using=harness.db_alias):
+                publish("contract.after", str(n))
+        assert backend.flush(timeout=30)
+        dispatch_until(sub, lambda: len(payloads(got)) >= 30)
+        assert payloads(got) == [str(n) for n in range(30)]
+        if backend.defers_natively or not backend.after_commit_thread:
+            assert not sent_from  # the server (NOTIFY) or the committing thread sent them
+        else:
+            assert sent_from and threading.get_ident() not in sent_from
+            assert backend.stats["published"] >= 30
+
+
 def test_an_outside_client_reaches_subscribers(harness):
     with harness.configured() as backend, backend.subscriber() as sub:
         got = collect(sub, "pulp_worker_wakeup")

@@ -679,13 +679,13 @@ def test_publishes_at_commit_leave_the_committing_thread_in_order(server):
     ):
         backend = get_backend()
         sent_from: set[int] = set()
-        real = backend._send_batch
+        real = backend.send_batch
 
         def spy(batch):
             sent_from.add(threading.get_ident())
             real(batch)
 
-        backend._send_batch = spy
+        backend.send_batch = spy
         with subscribed(backend, "after") as inbox:
             for n in range(50):
                 with transaction.atomic():

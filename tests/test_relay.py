@@ -26,6 +26,7 @@ from django.db import connections, transaction
 from django.test import override_settings
 
 from pulp_pubsub import get_backend, publish
+from pulp_pubsub.backends.aftercommit import Deferred
 from pulp_pubsub.backends.relay import RelayBackend
 from pulp_pubsub.exceptions import ConnectionLost
 from pulp_pubsub.relay.protocol import RelayConnection
@@ -158,6 +159,71 @@ def test_a_full_relay_refuses_with_503_and_a_slow_client_is_disconnected():
             slow.close()
             publisher.close()
         assert "fell 50 messages behind" in relay.log_tail()
+
+
+def _answers(conn: RelayConnection, ids: set[int]) -> dict[int, dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    got: dict[int, dict[str, Any]] = {}
+    while not ids <= set(got):
+        got.update({f["id"]: f for f in conn.read() if f.get("id") in ids})
+        assert ids <= set(got) or conn.wait(deadline), f"no answer to {ids - set(got)}"
+    return got
+
+
+def test_publish_many_delivers_in_order_and_a_refused_frame_delivers_nothing():
+    with RelayServer(None, TOKEN) as relay:
+        sub = RelayConnection(relay.url, TOKEN, 5)
+        publisher = RelayConnection(relay.url, TOKEN, 5)
+        try:
+            sub.send(time.monotonic() + 5, type="subscribe", id=1, channels=["relay.many"])
+            _answers(sub, {1})
+            deadline = time.monotonic() + 5
+            messages = [["relay.many", str(n)] for n in range(100)]
+            publisher.send(deadline, type="publish_many", id=2, messages=messages)
+            # A bad channel among good ones: refused whole, nothing of it delivered.
+            bad = [["relay.many", "not sent"], ["has space", "x"]]
+            publisher.send(deadline, type="publish_many", id=3, messages=bad)
+            publisher.send(deadline, type="publish", id=4, channel="relay.many", payload="end")
+            answers = _answers(publisher, {2, 3, 4})
+            assert answers[2]["type"] == "published" and answers[2]["count"] == 100
+            assert answers[3]["type"] == "error" and "has space" in answers[3]["error"]
+            heard: list[str] = []
+            while "end" not in heard:
+                heard += [f["payload"] for f in sub.read() if f["type"] == "message"]
+                assert "end" in heard or sub.wait(deadline)
+            assert heard == [str(n) for n in range(100)] + ["end"]
+        finally:
+            sub.close()
+            publisher.close()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_batch_after_commit_with_a_refused_message_sends_the_others_one_by_one(caplog):
+    """A publish_many refused for one message: the rest go as single frames, in order."""
+    with (
+        RelayServer(None, TOKEN) as relay,
+        override_settings(
+            PUBSUB_BACKEND="relay",
+            PUBSUB_URL=relay.url,
+            PUBSUB_OPTIONS={"publish": "direct", "token": TOKEN},
+            PUBSUB_CHANNEL_PREFIX="",
+        ),
+    ):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("relay.batch", inbox)
+            # publish() checks names first, so only send_batch() can carry one the relay
+            # refuses: it stands in for any message a relay refuses.
+            batch = [Deferred("relay.batch", str(n), None, 1) for n in range(5)]
+            batch.insert(2, Deferred("no such;channel", "refused", None, 1))
+            with caplog.at_level(logging.ERROR, logger="pulp_pubsub"):
+                backend.send_batch(batch)
+            inbox.wait(lambda messages: len(inbox.payloads()) == 5)
+            assert inbox.payloads() == [str(n) for n in range(5)]
+        assert backend.stats["published"] == 5
+        assert backend.stats["deferred_failures"] == 1
+        assert "after commit failed" in caplog.text
 
 
 def test_a_relay_behind_a_transaction_pooler_says_it_is_deaf():

@@ -12,11 +12,20 @@ to a bounded number of a group's members sets ``targets = True`` (on the class,
 or on the instance when its configuration decides) and supplies
 ``send_targeted()`` and the transport's ``want()``/``ack()``/``release()``;
 every other backend sends a targeted publish as a broadcast (the default here).
+
+Publishes deferred to a commit leave the committing thread: an
+:class:`~pulp_pubsub.backends.aftercommit.AfterCommitSender` of the
+backend's own hands them to ``send_batch()`` in order, which by default sends
+them one by one and which a backend that can send several in one round trip
+overrides. A backend whose server defers them itself (``defers_natively``)
+never gets there; one that sets ``after_commit_thread = False`` sends them on
+the committing thread.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import weakref
 from collections import Counter
@@ -39,6 +48,7 @@ from ..validation import (
     validate_prefix,
     validate_receivers,
 )
+from .aftercommit import AfterCommitSender, Deferred
 
 if TYPE_CHECKING:
     from .listener import Subscriber
@@ -215,6 +225,9 @@ class BaseBackend:
     #: targeted publish is a broadcast (every subscriber of the channel gets it).
     #: An instance may decide it from its configuration (NATS targets with JetStream only).
     targets: bool = False
+    #: True: publishes deferred to commit are sent from a thread of their own
+    #: (see :meth:`send_batch`), so a commit never waits for the server.
+    after_commit_thread: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -230,6 +243,7 @@ class BaseBackend:
         self.stats: Counter[str] = Counter()
         self._subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
         self._lock = threading.Lock()
+        self._sender: AfterCommitSender | None = None
 
     @classmethod
     def build_options(cls, given: dict[str, Any]) -> dict[str, Any]:
@@ -326,20 +340,56 @@ class BaseBackend:
     def _send_deferred(
         self, wire: str, payload: str, group: str | None = None, receivers: int = 1
     ) -> None:
+        item = Deferred(wire, payload, group, receivers)
+        # Off the committing thread: its failure cannot reach the caller anyway.
+        # When the sender's queue is full, this thread sends it itself.
+        if not self.after_commit_thread or not self._after_commit_sender().put(item):
+            self._send_committed(item)
+
+    def _after_commit_sender(self) -> AfterCommitSender:
+        sender = self._sender
+        if sender is None or sender.pid != os.getpid():
+            with self._lock:
+                sender = self._sender
+                # A forked child makes its own: the parent's thread is not in it.
+                if sender is None or sender.pid != os.getpid():
+                    sender = self._sender = AfterCommitSender(
+                        self.send_batch, self.config["publish_timeout"] * 2
+                    )
+        return sender
+
+    def _send_committed(self, item: Deferred) -> None:
         # The transaction has committed: raising here would hide the commit
         # from the caller, so the failure is logged and counted instead.
         try:
-            self._send_now(wire, payload, group, receivers)
+            self._send_now(item.wire, item.payload, item.group, item.receivers)
         except PubSubError as exc:
-            count(self.stats, "deferred_failures", self.name, self.channel_name(wire), error=exc)
-            logger.error("Publish to %r after commit failed: %s", wire, exc)
+            count(
+                self.stats, "deferred_failures", self.name, self.channel_name(item.wire), error=exc
+            )
+            logger.error("Publish to %r after commit failed: %s", item.wire, exc)
+
+    def send_batch(self, batch: list[Deferred]) -> None:
+        """Send publishes deferred to commit, in order, on the after-commit thread.
+
+        Never raises: each failure is counted (``publish_errors`` and
+        ``deferred_failures``) and logged. The default sends them one by one
+        through ``send()``/``send_targeted()``; a backend that can send several
+        in one round trip overrides it.
+        """
+        for item in batch:
+            self._send_committed(item)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until publishes deferred to commit have been sent or have failed.
 
-        Backends that send them on the committing thread have nothing to wait for.
+        False when some are still on their way after ``timeout`` seconds (by
+        default twice ``publish_timeout``).
         """
-        return True
+        sender = self._sender
+        if sender is None or sender.pid != os.getpid():
+            return True
+        return sender.flush(timeout)
 
     def send(self, channel: str, payload: str) -> None:
         """Hand one message to the server now; ``channel`` is the wire name."""
@@ -379,6 +429,10 @@ class BaseBackend:
         return ""
 
     def close(self) -> None:
+        # What was committed goes out first, while the backend's connections are open.
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.close()
         for sub in list(self._subscribers):
             sub.close()
 

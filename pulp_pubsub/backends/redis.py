@@ -59,7 +59,7 @@ from django.core.exceptions import ImproperlyConfigured
 from ..conf import Options, SecretURL, hide_password
 from ..exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
 from ..metrics import count
-from .aftercommit import AfterCommitSender, Deferred
+from .aftercommit import Deferred
 from .base import BaseBackend, Handed, Transport
 
 try:
@@ -419,7 +419,6 @@ class RedisBackend(BaseBackend):
         super().__init__(*args, **kwargs)
         self.target = self._resolve()
         self._clients: _ProcessClients | None = None
-        self._sender: AfterCommitSender | None = None
         # Set once stale consumers could not be removed (logged once: see RedisTransport.tidy).
         self.tidy_refused = False
         # Clients inherited through fork(): kept, never used or closed, since
@@ -559,19 +558,7 @@ class RedisBackend(BaseBackend):
 
     # -- publishing after commit -------------------------------------------------
 
-    def _send_deferred(
-        self, wire: str, payload: str, group: str | None = None, receivers: int = 1
-    ) -> None:
-        # Off the committing thread: its failure cannot reach the caller anyway.
-        sender = self._sender
-        if sender is None or sender.pid != os.getpid():
-            sender = self._sender = AfterCommitSender(
-                self._send_batch, self.config["publish_timeout"] * 2
-            )
-        if not sender.put(Deferred(wire, payload, group, receivers)):
-            super()._send_deferred(wire, payload, group, receivers)
-
-    def _send_batch(self, batch: list[Deferred]) -> None:
+    def send_batch(self, batch: list[Deferred]) -> None:
         """Everything in one round trip; every message of a failed batch counts as failed.
 
         The commands are packed by hand and written at once on one pooled
@@ -615,12 +602,6 @@ class RedisBackend(BaseBackend):
             pool = clients.publisher.connection_pool
             clients.after_commit = cast(Connection, pool.make_connection())
         return clients.after_commit
-
-    def flush(self, timeout: float | None = None) -> bool:
-        sender = self._sender
-        if sender is None or sender.pid != os.getpid():
-            return True
-        return sender.flush(timeout)
 
     def send_targeted(self, channel: str, payload: str, group: str, receivers: int) -> None:
         key = stream_key(channel, group)
@@ -683,9 +664,6 @@ class RedisBackend(BaseBackend):
         return info
 
     def close(self) -> None:
-        sender, self._sender = self._sender, None
-        if sender is not None:
-            sender.close()
         super().close()
         clients, self._clients = self._clients, None
         if clients is not None and clients.pid == os.getpid():

@@ -42,12 +42,13 @@ from django.core.exceptions import ImproperlyConfigured
 from ..conf import Secret, hide_password, secret_url
 from ..exceptions import ConnectionLost, MissingDependency, PublishError
 from ..metrics import count
+from .aftercommit import Deferred
 from .base import BaseBackend, Transport
 from .listener import PROBE_PREFIX
 from .selfpipe import wait_readable
 
 try:
-    from ..relay.protocol import RelayConnection, check_url
+    from ..relay.protocol import MAX_FRAME, RelayConnection, check_url
 except ImportError as exc:
     raise MissingDependency("relay", "relay", exc) from exc
 
@@ -56,6 +57,8 @@ logger = logging.getLogger(__name__)
 MODES = ("pg_notify", "direct")
 #: At most one warning per process in this many seconds about unreachable relays.
 WARNING_INTERVAL = 60.0
+#: Publishes after commit sent to the relays in one round trip at most.
+DIRECT_SLICE = 256
 
 
 class RelayTransport(Transport):
@@ -157,6 +160,8 @@ class _Publishers:
         self.lock = threading.Lock()
         self.conns: dict[str, RelayConnection] = {}
         self.ids = itertools.count(1)
+        #: Relays that do not know ``publish_many`` (older ones): one frame per message.
+        self.singles: set[str] = set()
 
 
 class RelayBackend(BaseBackend):
@@ -288,47 +293,133 @@ class RelayBackend(BaseBackend):
             self._send_direct(channel, payload)
 
     def _send_direct(self, channel: str, payload: str) -> None:
+        failures = self._send_direct_many([(channel, payload)])[0]
+        if len(failures) == len(self.urls):
+            raise PublishError(self._none_took(channel, failures))
+        if failures:
+            self._missed([channel], failures)
+
+    def send_batch(self, batch: list[Deferred]) -> None:
+        if self._pg is not None:
+            super().send_batch(batch)  # notify_url: one NOTIFY each, on the layer's connection
+            return
+        # Pipelined: every relay gets a slice's frames at once and answers them all,
+        # one round trip per slice. A slice stays well inside a relay's send queue
+        # (--send-queue), which the answers fill until the relay writes them out.
+        for start in range(0, len(batch), DIRECT_SLICE):
+            self._send_direct_slice(batch[start : start + DIRECT_SLICE])
+
+    def _send_direct_slice(self, batch: list[Deferred]) -> None:
+        try:
+            results = self._send_direct_many([(item.wire, item.payload) for item in batch])
+        except PublishError as exc:
+            results = [dict.fromkeys(self.urls, str(exc)) for _ in batch]
+        lost: list[str] = []
+        missed: list[str] = []
+        last_failures: dict[str, str] = {}
+        first_error: PublishError | None = None
+        for item, failures in zip(batch, results, strict=True):
+            channel = self.channel_name(item.wire)
+            if len(failures) == len(self.urls):
+                error = PublishError(self._none_took(item.wire, failures))
+                first_error = first_error or error
+                count(self.stats, "publish_errors", self.name, channel, error=error)
+                count(self.stats, "deferred_failures", self.name, channel, error=error)
+                lost.append(item.wire)
+                continue
+            if failures:
+                missed.append(item.wire)
+                last_failures = failures
+            count(self.stats, "published", self.name, channel)
+        if first_error is not None:
+            logger.error("Publish of %d message(s) after commit failed: %s", len(lost), first_error)
+        if missed:
+            self._missed(missed, last_failures)
+
+    def _none_took(self, channel: str, failures: dict[str, str]) -> str:
+        return (
+            f"relay backend could not publish to {channel!r}: no relay took it ("
+            + "; ".join(failures.values())
+            + ")"
+        )
+
+    def _missed(self, channels: list[str], failures: dict[str, str]) -> None:
+        for channel in channels:
+            count(self.stats, "relays_missed", self.name, self.channel_name(channel))
+        now = time.monotonic()
+        if self._warned_at is None or now - self._warned_at > WARNING_INTERVAL:
+            self._warned_at = now
+            logger.warning(
+                "A publish to %r reached %d of %d relays (%s); their clients resync "
+                "when they move.",
+                channels[0],
+                len(self.urls) - len(failures),
+                len(self.urls),
+                "; ".join(failures.values()),
+            )
+
+    def _send_direct_many(self, messages: list[tuple[str, str]]) -> list[dict[str, str]]:
+        """Send every (wire, payload) to every relay; each one's failures by relay URL."""
         timeout = self.config["publish_timeout"]
         deadline = time.monotonic() + timeout
         pubs = self._process_publishers()
         if not pubs.lock.acquire(timeout=timeout):
             raise PublishError(
-                f"relay backend could not publish to {channel!r}: another publish has held "
-                f"this process's relay connections for over {timeout} s."
+                f"relay backend could not publish to {messages[0][0]!r}: another publish has "
+                f"held this process's relay connections for over {timeout} s."
             )
         try:
-            failures = self._send_to_all(pubs, channel, payload, deadline)
+            return self._send_to_all(pubs, messages, deadline)
         finally:
             pubs.lock.release()
-        if len(failures) == len(self.urls):
-            raise PublishError(
-                f"relay backend could not publish to {channel!r}: no relay took it ("
-                + "; ".join(failures.values())
-                + ")"
-            )
-        if failures:
-            count(self.stats, "relays_missed", self.name, self.channel_name(channel))
-            now = time.monotonic()
-            if self._warned_at is None or now - self._warned_at > WARNING_INTERVAL:
-                self._warned_at = now
-                logger.warning(
-                    "A publish to %r reached %d of %d relays (%s); their clients resync "
-                    "when they move.",
-                    channel,
-                    len(self.urls) - len(failures),
-                    len(self.urls),
-                    "; ".join(failures.values()),
-                )
 
     def _send_to_all(
-        self, pubs: _Publishers, channel: str, payload: str, deadline: float
-    ) -> dict[str, str]:
-        """Send to every relay and wait for their answers; return the failures by URL."""
-        failures: dict[str, str] = {}
-        waiting: dict[str, tuple[int, bool]] = {}
-        frame = {"type": "publish", "channel": channel, "payload": payload, "notify": False}
+        self, pubs: _Publishers, messages: list[tuple[str, str]], deadline: float
+    ) -> list[dict[str, str]]:
+        """Send to every relay and wait for their answers; the failures by message and URL.
 
-        def start(url: str, retry: bool) -> None:
+        Several messages go as one ``publish_many`` frame (answered once); a relay
+        that does not know it (an older one) gets them one ``publish`` frame each.
+        """
+        failures: list[dict[str, str]] = [{} for _ in messages]
+        # Per relay: request id -> the indexes of the messages it carries, not answered yet.
+        waiting: dict[str, dict[int, list[int]]] = {}
+        may_retry: dict[str, bool] = {}
+
+        def singles(indexes: list[int]) -> list[tuple[dict[str, Any], list[int]]]:
+            return [
+                (
+                    {
+                        "type": "publish",
+                        "channel": messages[i][0],
+                        "payload": messages[i][1],
+                        "notify": False,
+                    },
+                    [i],
+                )
+                for i in indexes
+            ]
+
+        def frames(url: str, indexes: list[int]) -> list[tuple[dict[str, Any], list[int]]]:
+            if len(indexes) == 1 or url in pubs.singles:
+                return singles(indexes)
+            out: list[tuple[dict[str, Any], list[int]]] = []
+            group: list[int] = []
+            size = 0
+            for i in indexes:
+                # JSON may spell a character in up to 6 bytes; stay well inside MAX_FRAME.
+                cost = 16 + 6 * (len(messages[i][0]) + len(messages[i][1]))
+                if group and size + cost > MAX_FRAME // 2:
+                    out.append(({"type": "publish_many"}, group))
+                    group, size = [], 0
+                group.append(i)
+                size += cost
+            out.append(({"type": "publish_many"}, group))
+            for frame, group in out:
+                frame["messages"] = [list(messages[i]) for i in group]
+            return out
+
+        def start(url: str, indexes: list[int], retry: bool) -> None:
             conn = pubs.conns.get(url)
             reused = conn is not None
             try:
@@ -337,50 +428,80 @@ class RelayBackend(BaseBackend):
                     conn = pubs.conns[url] = self.connect(
                         url, max(0.01, min(left, self.config["connect_timeout"]))
                     )
-                request_id = next(pubs.ids)
-                conn.send(deadline, id=request_id, **frame)
-                waiting[url] = (request_id, reused and not retry)
+                ids: dict[int, list[int]] = {}
+                out = []
+                for frame, group in frames(url, indexes):
+                    request_id = next(pubs.ids)
+                    ids[request_id] = group
+                    out.append({**frame, "id": request_id})
+                conn.send_many(deadline, out)
+                waiting.setdefault(url, {}).update(ids)
+                may_retry[url] = reused and not retry
             except ConnectionLost as exc:
+                waiting.pop(url, None)
                 self._drop(pubs, url)
                 if reused and not retry:
                     # The cached connection had died while idle: one fresh try.
-                    start(url, True)
+                    start(url, indexes, True)
                 else:
-                    failures[url] = str(exc)
+                    for i in indexes:
+                        failures[i][url] = str(exc)
 
+        every = list(range(len(messages)))
         for url in self.urls:
-            start(url, False)
+            start(url, every, False)
         while waiting:
-            for url, (request_id, may_retry) in list(waiting.items()):
+            for url, ids in list(waiting.items()):
                 conn = pubs.conns[url]
                 try:
-                    frames = conn.read()
+                    answers = conn.read()
                 except ConnectionLost as exc:
                     del waiting[url]
                     self._drop(pubs, url)
-                    if may_retry:
-                        start(url, True)
+                    left = sorted(i for group in ids.values() for i in group)
+                    if may_retry[url]:
+                        start(url, left, True)
                     else:
-                        failures[url] = str(exc)
+                        for i in left:
+                            failures[i][url] = str(exc)
                     continue
-                for answer in frames:
-                    if answer.get("id") != request_id:
+                for answer in answers:
+                    request_id = answer.get("id")
+                    if request_id not in ids:
                         continue
-                    del waiting[url]
-                    if answer["type"] == "error":
-                        failures[url] = f"{url} refused it: {answer.get('error')}"
-                    break
-            left = deadline - time.monotonic()
+                    group = ids.pop(request_id)
+                    may_retry[url] = False  # it answers: a later loss is no idle death
+                    if answer["type"] != "error":
+                        continue
+                    if len(group) > 1:
+                        # An older relay, or one message it refuses: one frame each
+                        # tells which (and older relays get single frames from now on).
+                        if "unknown frame type" in str(answer.get("error")):
+                            pubs.singles.add(url)
+                        for frame, single in singles(group):
+                            request = next(pubs.ids)
+                            ids[request] = single
+                            try:
+                                conn.send(deadline, id=request, **frame)
+                            except ConnectionLost:
+                                break  # the next read() reports it
+                        continue
+                    failures[group[0]][url] = f"{url} refused it: {answer.get('error')}"
+                if not ids:
+                    waiting.pop(url, None)
+            left_s = deadline - time.monotonic()
             if not waiting:
                 break
-            if left <= 0:
-                for url in waiting:
+            if left_s <= 0:
+                for url, ids in waiting.items():
                     self._drop(pubs, url)
-                    failures[url] = (
-                        f"{url} did not answer within {self.config['publish_timeout']} s"
-                    )
+                    for group in ids.values():
+                        for i in group:
+                            failures[i][url] = (
+                                f"{url} did not answer within {self.config['publish_timeout']} s"
+                            )
                 break
-            wait_readable([pubs.conns[url].fileno() for url in waiting], left)
+            wait_readable([pubs.conns[url].fileno() for url in waiting], left_s)
         return failures
 
     def _process_publishers(self) -> _Publishers:
@@ -392,6 +513,7 @@ class RelayBackend(BaseBackend):
 
     @staticmethod
     def _drop(pubs: _Publishers, url: str) -> None:
+        pubs.singles.discard(url)  # the next connection may reach a newer relay
         conn = pubs.conns.pop(url, None)
         if conn is not None:
             conn.close()

@@ -291,6 +291,7 @@ def writer(settings: PubSubSettings, channel: str) -> Role:
             commits = errors = 0
             first_error = None
             publish = command["publish"]
+            failed_before = backend.stats["deferred_failures"]
             started = time.monotonic()
             end = started + command["run"]
             while time.monotonic() < end:
@@ -303,7 +304,16 @@ def writer(settings: PubSubSettings, channel: str) -> Role:
                 except Exception as exc:
                     errors += 1
                     first_error = first_error or f"{type(exc).__name__}: {exc}"
+            # Wake-ups still queued for the after-commit thread are part of the run:
+            # the clock stops when the last one has gone out.
+            if not backend.flush(command["run"] + 30):
+                errors += 1
+                first_error = first_error or "publishes after commit still unsent"
             elapsed = time.monotonic() - started
+            lost = backend.stats["deferred_failures"] - failed_before
+            if lost:
+                errors += lost
+                first_error = first_error or f"{lost} publish(es) after commit failed"
             link.send(
                 {
                     "commits": commits,

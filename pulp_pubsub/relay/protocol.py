@@ -14,6 +14,9 @@ publish        to relay   ``id``, ``channel``, ``payload``, ``notify`` (bool). `
                           relay runs ``pg_notify`` on its own session (PostgreSQL fans it out
                           to every relay); otherwise the relay hands it to its own clients
                           only. Answered by ``published`` (or ``error``).
+publish_many   to relay   ``id``, ``messages`` (a list of ``[channel, payload]``): several
+                          publishes without ``notify``, in order, checked whole first.
+                          Answered once by ``published`` (or ``error``: nothing was sent).
 ping           to relay   ``id``. Answered by ``pong`` with the relay's health: ``postgres``
                           (``listening``, ``down`` or ``off``), ``clients``, ``channels``.
 message        to client  ``channel``, ``payload``: a notification, byte-exact.
@@ -167,6 +170,12 @@ class RelayConnection:
 
     def send(self, deadline: float, **frame: Any) -> None:
         self._protocol.send_text(encode(**frame).encode())
+        self._flush(deadline)
+
+    def send_many(self, deadline: float, frames: list[dict[str, Any]]) -> None:
+        """Several frames in one write."""
+        for frame in frames:
+            self._protocol.send_text(encode(**frame).encode())
         self._flush(deadline)
 
     def read(self) -> list[dict[str, Any]]:

@@ -263,6 +263,22 @@ class Relay:
                 else:
                     self.deliver(channel, payload)
                 self._push(client, encode(type="published", id=request_id))
+            elif kind == "publish_many":
+                # Several direct publishes in one frame, delivered in order, answered once;
+                # checked whole first, so a refused frame delivered nothing.
+                messages = frame.get("messages")
+                if not isinstance(messages, list):
+                    raise InvalidPayload("'messages' must be a list of [channel, payload]")
+                checked = []
+                for item in messages:
+                    if not (isinstance(item, list) and len(item) == 2):
+                        raise InvalidPayload("each message must be [channel, payload]")
+                    if not isinstance(item[1], str):
+                        raise InvalidPayload("'payload' must be a string")
+                    checked.append((validate_channel(item[0]), item[1]))
+                for channel, payload in checked:
+                    self.deliver(channel, payload)
+                self._push(client, encode(type="published", id=request_id, count=len(checked)))
             elif kind == "ping":
                 self._push(client, encode(type="pong", id=request_id, **self.health()))
             else:

@@ -12,6 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connections
 
 from pulp_pubsub.exceptions import MissingDependency
 
@@ -82,6 +83,9 @@ class Command(BaseCommand):
         parser.add_argument("--probe-timeout", type=_positive(float), default=10.0)
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # The system checks may have used Django's connection (pulpcore's query the
+        # database); the relay holds one session, its LISTEN, and never uses Django's.
+        connections.close_all()
         try:
             from pulp_pubsub.relay.server import Relay
         except ImportError as exc:

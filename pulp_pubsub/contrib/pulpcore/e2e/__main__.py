@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..compat import E2E_SERIES
 from .figures import as_dict, contrast, table, verdicts
-from .scenarios import Config, Run
+from .scenarios import OPTIONAL_SCENARIOS, Config, Run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--scenarios",
         default=",".join(defaults.scenarios),
-        help=f"comma-separated, from: {','.join(defaults.scenarios)}",
+        help=f"comma-separated, from: {','.join((*defaults.scenarios, *OPTIONAL_SCENARIOS))}",
     )
     parser.add_argument(
         "--series",
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the logs here")
     args = parser.parse_args(argv)
-    unknown = set(args.scenarios.split(",")) - set(defaults.scenarios)
+    unknown = set(args.scenarios.split(",")) - {*defaults.scenarios, *OPTIONAL_SCENARIOS}
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
     config = Config(

@@ -153,6 +153,9 @@ def verdicts(report: Report) -> list[Verdict]:
                     + (f"; {'; '.join(cancels)}" if cancels else ""),
                 )
             )
+    from .relayfleet import relay_verdicts
+
+    out += relay_verdicts(report)
     return out
 
 

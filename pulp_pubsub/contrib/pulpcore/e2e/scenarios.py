@@ -462,3 +462,12 @@ class Run:
         self.idle({db: outcome}, self.config.contrast_idle_seconds, settle=False)  # it polls
         self.site.stop_all()
         self.report.outcomes[db] = outcome
+
+    def relay_pgbouncer(self) -> None:
+        from .relayfleet import relay_pgbouncer
+
+        relay_pgbouncer(self)
+
+
+#: Scenarios run only when named (``--scenarios``), not by default.
+OPTIONAL_SCENARIOS = ("relay_pgbouncer",)
