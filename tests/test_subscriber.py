@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import select
 import threading
@@ -255,6 +256,7 @@ def test_a_silent_connection_fails_its_probe_and_reconnects(backend, monkeypatch
 
 
 def test_close_stops_the_threads_and_releases_descriptors(backend):
+    gc.collect()  # what earlier tests left for the collector is not this test's to count
     before_threads = threading.active_count()
     before_fds = len(os.listdir("/proc/self/fd"))
     for _ in range(20):
@@ -262,8 +264,9 @@ def test_close_stops_the_threads_and_releases_descriptors(backend):
         sub.subscribe("a", lambda m: None)
         sub.start()
         sub.close()
-    assert threading.active_count() == before_threads
-    assert len(os.listdir("/proc/self/fd")) == before_fds
+    # At most the baseline: an earlier test's leftovers may still close meanwhile.
+    assert threading.active_count() <= before_threads
+    assert len(os.listdir("/proc/self/fd")) <= before_fds
     with pytest.raises(SubscriberClosed):
         sub.subscribe("a", lambda m: None)
     with pytest.raises(SubscriberClosed):
