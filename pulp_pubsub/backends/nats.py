@@ -306,15 +306,8 @@ class NatsBackend(BaseBackend):
                     f"The JetStream stream {self.stream_name!r} named in PUBSUB_OPTIONS does not "
                     f"exist; create it with the subjects {self.stream_subjects!r}."
                 ) from None
-            config = nats.js.api.StreamConfig(
-                name=self.stream_name,
-                description="pulp-pubsub replay history",
-                subjects=[self.stream_subjects],
-                max_age=float(self.config["stream_max_age"]),
-                max_bytes=int(self.config["stream_max_bytes"]),
-                num_replicas=int(self.config["stream_replicas"]),
-                storage=nats.js.api.StorageType(self.config["stream_storage"]),
-                discard=nats.js.api.DiscardPolicy.OLD,
+            config = self._stream_config(
+                self.stream_name, "pulp-pubsub replay history", self.stream_subjects
             )
             try:
                 info = await jsm.add_stream(config)
@@ -330,6 +323,22 @@ class NatsBackend(BaseBackend):
                 )
             self._stream_checked = True
         return info
+
+    def _stream_config(
+        self, name: str, description: str, subjects: str, **extra: Any
+    ) -> nats.js.api.StreamConfig:
+        """A stream the layer makes: bounded in age and size as the options say."""
+        return nats.js.api.StreamConfig(
+            name=name,
+            description=description,
+            subjects=[subjects],
+            max_age=float(self.config["stream_max_age"]),
+            max_bytes=int(self.config["stream_max_bytes"]),
+            num_replicas=int(self.config["stream_replicas"]),
+            storage=nats.js.api.StorageType(self.config["stream_storage"]),
+            discard=nats.js.api.DiscardPolicy.OLD,
+            **extra,
+        )
 
     async def ensure_work_stream(self, nc: Client) -> None:
         """The targeted-delivery stream; made by the layer when it does not exist yet.
@@ -349,16 +358,11 @@ class NatsBackend(BaseBackend):
                     f"not exist; create it with the subjects {self.work_subjects!r} and "
                     "interest or work-queue retention."
                 ) from None
-            config = nats.js.api.StreamConfig(
-                name=name,
-                description="pulp-pubsub targeted delivery",
-                subjects=[self.work_subjects],
+            config = self._stream_config(
+                name,
+                "pulp-pubsub targeted delivery",
+                self.work_subjects,
                 retention=nats.js.api.RetentionPolicy.INTEREST,
-                max_age=float(self.config["stream_max_age"]),
-                max_bytes=int(self.config["stream_max_bytes"]),
-                num_replicas=int(self.config["stream_replicas"]),
-                storage=nats.js.api.StorageType(self.config["stream_storage"]),
-                discard=nats.js.api.DiscardPolicy.OLD,
             )
             try:
                 info = await jsm.add_stream(config)
