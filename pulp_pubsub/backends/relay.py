@@ -31,7 +31,6 @@ import logging
 import os
 import random
 import ssl
-import threading
 import time
 from collections.abc import Collection
 from typing import Any, ClassVar
@@ -45,10 +44,10 @@ from ..metrics import count
 from .aftercommit import Deferred
 from .base import BaseBackend, Transport
 from .listener import PROBE_PREFIX
-from .selfpipe import wait_readable
 
 try:
-    from ..relay.protocol import MAX_FRAME, RelayConnection, check_url
+    from ..relay.protocol import RelayConnection, check_url
+    from .relaydirect import DirectPublisher
 except ImportError as exc:
     raise MissingDependency("relay", "relay", exc) from exc
 
@@ -152,18 +151,6 @@ def _items(frame: dict[str, Any]) -> list[tuple[str, str | None]]:
     return []
 
 
-class _Publishers:
-    """This process's connections to every relay, for ``direct`` publishing."""
-
-    def __init__(self) -> None:
-        self.pid = os.getpid()
-        self.lock = threading.Lock()
-        self.conns: dict[str, RelayConnection] = {}
-        self.ids = itertools.count(1)
-        #: Relays that do not know ``publish_many`` (older ones): one frame per message.
-        self.singles: set[str] = set()
-
-
 class RelayBackend(BaseBackend):
     name = "relay"
     # NOTIFY's limits in both modes, so an install can switch modes without
@@ -210,7 +197,7 @@ class RelayBackend(BaseBackend):
                 )
             # Publishes inside atomic() on this alias wait for its commit.
             self.database_alias = self.config["database"]
-        self._publishers: _Publishers | None = None
+        self._publisher: DirectPublisher | None = None
         self._warned_at: float | None = None
 
     def __repr__(self) -> str:
@@ -293,7 +280,7 @@ class RelayBackend(BaseBackend):
             self._send_direct(channel, payload)
 
     def _send_direct(self, channel: str, payload: str) -> None:
-        failures = self._send_direct_many([(channel, payload)])[0]
+        failures = self._direct().send_many([(channel, payload)])[0]
         if len(failures) == len(self.urls):
             raise PublishError(self._none_took(channel, failures))
         if failures:
@@ -311,7 +298,7 @@ class RelayBackend(BaseBackend):
 
     def _send_direct_slice(self, batch: list[Deferred]) -> None:
         try:
-            results = self._send_direct_many([(item.wire, item.payload) for item in batch])
+            results = self._direct().send_many([(item.wire, item.payload) for item in batch])
         except PublishError as exc:
             results = [dict.fromkeys(self.urls, str(exc)) for _ in batch]
         lost: list[str] = []
@@ -358,165 +345,12 @@ class RelayBackend(BaseBackend):
                 "; ".join(failures.values()),
             )
 
-    def _send_direct_many(self, messages: list[tuple[str, str]]) -> list[dict[str, str]]:
-        """Send every (wire, payload) to every relay; each one's failures by relay URL."""
-        timeout = self.config["publish_timeout"]
-        deadline = time.monotonic() + timeout
-        pubs = self._process_publishers()
-        if not pubs.lock.acquire(timeout=timeout):
-            raise PublishError(
-                f"relay backend could not publish to {messages[0][0]!r}: another publish has "
-                f"held this process's relay connections for over {timeout} s."
-            )
-        try:
-            return self._send_to_all(pubs, messages, deadline)
-        finally:
-            pubs.lock.release()
-
-    def _send_to_all(
-        self, pubs: _Publishers, messages: list[tuple[str, str]], deadline: float
-    ) -> list[dict[str, str]]:
-        """Send to every relay and wait for their answers; the failures by message and URL.
-
-        Several messages go as one ``publish_many`` frame (answered once); a relay
-        that does not know it (an older one) gets them one ``publish`` frame each.
-        """
-        failures: list[dict[str, str]] = [{} for _ in messages]
-        # Per relay: request id -> the indexes of the messages it carries, not answered yet.
-        waiting: dict[str, dict[int, list[int]]] = {}
-        may_retry: dict[str, bool] = {}
-
-        def singles(indexes: list[int]) -> list[tuple[dict[str, Any], list[int]]]:
-            return [
-                (
-                    {
-                        "type": "publish",
-                        "channel": messages[i][0],
-                        "payload": messages[i][1],
-                        "notify": False,
-                    },
-                    [i],
-                )
-                for i in indexes
-            ]
-
-        def frames(url: str, indexes: list[int]) -> list[tuple[dict[str, Any], list[int]]]:
-            if len(indexes) == 1 or url in pubs.singles:
-                return singles(indexes)
-            out: list[tuple[dict[str, Any], list[int]]] = []
-            group: list[int] = []
-            size = 0
-            for i in indexes:
-                # JSON may spell a character in up to 6 bytes; stay well inside MAX_FRAME.
-                cost = 16 + 6 * (len(messages[i][0]) + len(messages[i][1]))
-                if group and size + cost > MAX_FRAME // 2:
-                    out.append(({"type": "publish_many"}, group))
-                    group, size = [], 0
-                group.append(i)
-                size += cost
-            out.append(({"type": "publish_many"}, group))
-            for frame, group in out:
-                frame["messages"] = [list(messages[i]) for i in group]
-            return out
-
-        def start(url: str, indexes: list[int], retry: bool) -> None:
-            conn = pubs.conns.get(url)
-            reused = conn is not None
-            try:
-                if conn is None:
-                    left = deadline - time.monotonic()
-                    conn = pubs.conns[url] = self.connect(
-                        url, max(0.01, min(left, self.config["connect_timeout"]))
-                    )
-                ids: dict[int, list[int]] = {}
-                out = []
-                for frame, group in frames(url, indexes):
-                    request_id = next(pubs.ids)
-                    ids[request_id] = group
-                    out.append({**frame, "id": request_id})
-                conn.send_many(deadline, out)
-                waiting.setdefault(url, {}).update(ids)
-                may_retry[url] = reused and not retry
-            except ConnectionLost as exc:
-                waiting.pop(url, None)
-                self._drop(pubs, url)
-                if reused and not retry:
-                    # The cached connection had died while idle: one fresh try.
-                    start(url, indexes, True)
-                else:
-                    for i in indexes:
-                        failures[i][url] = str(exc)
-
-        every = list(range(len(messages)))
-        for url in self.urls:
-            start(url, every, False)
-        while waiting:
-            for url, ids in list(waiting.items()):
-                conn = pubs.conns[url]
-                try:
-                    answers = conn.read()
-                except ConnectionLost as exc:
-                    del waiting[url]
-                    self._drop(pubs, url)
-                    left = sorted(i for group in ids.values() for i in group)
-                    if may_retry[url]:
-                        start(url, left, True)
-                    else:
-                        for i in left:
-                            failures[i][url] = str(exc)
-                    continue
-                for answer in answers:
-                    request_id = answer.get("id")
-                    if request_id not in ids:
-                        continue
-                    group = ids.pop(request_id)
-                    may_retry[url] = False  # it answers: a later loss is no idle death
-                    if answer["type"] != "error":
-                        continue
-                    if len(group) > 1:
-                        # An older relay, or one message it refuses: one frame each
-                        # tells which (and older relays get single frames from now on).
-                        if "unknown frame type" in str(answer.get("error")):
-                            pubs.singles.add(url)
-                        for frame, single in singles(group):
-                            request = next(pubs.ids)
-                            ids[request] = single
-                            try:
-                                conn.send(deadline, id=request, **frame)
-                            except ConnectionLost:
-                                break  # the next read() reports it
-                        continue
-                    failures[group[0]][url] = f"{url} refused it: {answer.get('error')}"
-                if not ids:
-                    waiting.pop(url, None)
-            left_s = deadline - time.monotonic()
-            if not waiting:
-                break
-            if left_s <= 0:
-                for url, ids in waiting.items():
-                    self._drop(pubs, url)
-                    for group in ids.values():
-                        for i in group:
-                            failures[i][url] = (
-                                f"{url} did not answer within {self.config['publish_timeout']} s"
-                            )
-                break
-            wait_readable([pubs.conns[url].fileno() for url in waiting], left_s)
-        return failures
-
-    def _process_publishers(self) -> _Publishers:
-        pubs = self._publishers
-        if pubs is None or pubs.pid != os.getpid():
+    def _direct(self) -> DirectPublisher:
+        publisher = self._publisher
+        if publisher is None or publisher.pid != os.getpid():
             # A fork's child never writes to its parent's sockets.
-            pubs = self._publishers = _Publishers()
-        return pubs
-
-    @staticmethod
-    def _drop(pubs: _Publishers, url: str) -> None:
-        pubs.singles.discard(url)  # the next connection may reach a newer relay
-        conn = pubs.conns.pop(url, None)
-        if conn is not None:
-            conn.close()
+            publisher = self._publisher = DirectPublisher(self)
+        return publisher
 
     # -- subscribing ---------------------------------------------------------
 
@@ -579,10 +413,8 @@ class RelayBackend(BaseBackend):
 
     def close(self) -> None:
         super().close()
-        pubs = self._publishers
-        if pubs is not None and pubs.pid == os.getpid():
-            with pubs.lock:
-                for url in list(pubs.conns):
-                    self._drop(pubs, url)
+        publisher = self._publisher
+        if publisher is not None and publisher.pid == os.getpid():
+            publisher.close()
         if self._pg is not None:
             self._pg.close()

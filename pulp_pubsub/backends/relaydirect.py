@@ -1,0 +1,190 @@
+"""Direct publishing: every publish to every relay, answered, from one process.
+
+Kept apart from :mod:`.relay`, which is about the relay list, the modes and
+subscribing. One :class:`DirectPublisher` per process (a forked child makes
+its own) holds a connection to each relay, made on first use and dropped when
+it fails.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..exceptions import ConnectionLost, PublishError
+from ..relay.protocol import MAX_FRAME, RelayConnection
+from .selfpipe import wait_readable
+
+if TYPE_CHECKING:
+    from .relay import RelayBackend
+
+
+class DirectPublisher:
+    """This process's connections to every relay, for ``direct`` publishing."""
+
+    def __init__(self, backend: RelayBackend) -> None:
+        self.backend = backend
+        self.pid = os.getpid()
+        self.lock = threading.Lock()
+        self.conns: dict[str, RelayConnection] = {}
+        self.ids = itertools.count(1)
+        #: Relays that do not know ``publish_many`` (older ones): one frame per message.
+        self.singles: set[str] = set()
+
+    def send_many(self, messages: list[tuple[str, str]]) -> list[dict[str, str]]:
+        """Send every (wire, payload) to every relay; each one's failures by relay URL."""
+        timeout = self.backend.config["publish_timeout"]
+        deadline = time.monotonic() + timeout
+        if not self.lock.acquire(timeout=timeout):
+            raise PublishError(
+                f"relay backend could not publish to {messages[0][0]!r}: another publish has "
+                f"held this process's relay connections for over {timeout} s."
+            )
+        try:
+            return self._send_to_all(messages, deadline)
+        finally:
+            self.lock.release()
+
+    def _send_to_all(
+        self, messages: list[tuple[str, str]], deadline: float
+    ) -> list[dict[str, str]]:
+        """Send to every relay and wait for their answers; the failures by message and URL.
+
+        Several messages go as one ``publish_many`` frame (answered once); a relay
+        that does not know it (an older one) gets them one ``publish`` frame each.
+        """
+        timeout = self.backend.config["publish_timeout"]
+        failures: list[dict[str, str]] = [{} for _ in messages]
+        # Per relay: request id -> the indexes of the messages it carries, not answered yet.
+        waiting: dict[str, dict[int, list[int]]] = {}
+        may_retry: dict[str, bool] = {}
+
+        def singles(indexes: list[int]) -> list[tuple[dict[str, Any], list[int]]]:
+            return [
+                (
+                    {
+                        "type": "publish",
+                        "channel": messages[i][0],
+                        "payload": messages[i][1],
+                        "notify": False,
+                    },
+                    [i],
+                )
+                for i in indexes
+            ]
+
+        def frames(url: str, indexes: list[int]) -> list[tuple[dict[str, Any], list[int]]]:
+            if len(indexes) == 1 or url in self.singles:
+                return singles(indexes)
+            out: list[tuple[dict[str, Any], list[int]]] = []
+            group: list[int] = []
+            size = 0
+            for i in indexes:
+                # JSON may spell a character in up to 6 bytes; stay well inside MAX_FRAME.
+                cost = 16 + 6 * (len(messages[i][0]) + len(messages[i][1]))
+                if group and size + cost > MAX_FRAME // 2:
+                    out.append(({"type": "publish_many"}, group))
+                    group, size = [], 0
+                group.append(i)
+                size += cost
+            out.append(({"type": "publish_many"}, group))
+            for frame, group in out:
+                frame["messages"] = [list(messages[i]) for i in group]
+            return out
+
+        def start(url: str, indexes: list[int], retry: bool) -> None:
+            conn = self.conns.get(url)
+            reused = conn is not None
+            try:
+                if conn is None:
+                    left = deadline - time.monotonic()
+                    conn = self.conns[url] = self.backend.connect(
+                        url, max(0.01, min(left, self.backend.config["connect_timeout"]))
+                    )
+                ids: dict[int, list[int]] = {}
+                out = []
+                for frame, group in frames(url, indexes):
+                    request_id = next(self.ids)
+                    ids[request_id] = group
+                    out.append({**frame, "id": request_id})
+                conn.send_many(deadline, out)
+                waiting.setdefault(url, {}).update(ids)
+                may_retry[url] = reused and not retry
+            except ConnectionLost as exc:
+                waiting.pop(url, None)
+                self.drop(url)
+                if reused and not retry:
+                    # The cached connection had died while idle: one fresh try.
+                    start(url, indexes, True)
+                else:
+                    for i in indexes:
+                        failures[i][url] = str(exc)
+
+        every = list(range(len(messages)))
+        for url in self.backend.urls:
+            start(url, every, False)
+        while waiting:
+            for url, ids in list(waiting.items()):
+                conn = self.conns[url]
+                try:
+                    answers = conn.read()
+                except ConnectionLost as exc:
+                    del waiting[url]
+                    self.drop(url)
+                    left = sorted(i for group in ids.values() for i in group)
+                    if may_retry[url]:
+                        start(url, left, True)
+                    else:
+                        for i in left:
+                            failures[i][url] = str(exc)
+                    continue
+                for answer in answers:
+                    request_id = answer.get("id")
+                    if request_id not in ids:
+                        continue
+                    group = ids.pop(request_id)
+                    may_retry[url] = False  # it answers: a later loss is no idle death
+                    if answer["type"] != "error":
+                        continue
+                    if len(group) > 1:
+                        # An older relay, or one message it refuses: one frame each
+                        # tells which (and older relays get single frames from now on).
+                        if "unknown frame type" in str(answer.get("error")):
+                            self.singles.add(url)
+                        for frame, single in singles(group):
+                            request = next(self.ids)
+                            ids[request] = single
+                            try:
+                                conn.send(deadline, id=request, **frame)
+                            except ConnectionLost:
+                                break  # the next read() reports it
+                        continue
+                    failures[group[0]][url] = f"{url} refused it: {answer.get('error')}"
+                if not ids:
+                    waiting.pop(url, None)
+            left_s = deadline - time.monotonic()
+            if not waiting:
+                break
+            if left_s <= 0:
+                for url, ids in waiting.items():
+                    self.drop(url)
+                    for group in ids.values():
+                        for i in group:
+                            failures[i][url] = f"{url} did not answer within {timeout} s"
+                break
+            wait_readable([self.conns[url].fileno() for url in waiting], left_s)
+        return failures
+
+    def drop(self, url: str) -> None:
+        self.singles.discard(url)  # the next connection may reach a newer relay
+        conn = self.conns.pop(url, None)
+        if conn is not None:
+            conn.close()
+
+    def close(self) -> None:
+        with self.lock:
+            for url in list(self.conns):
+                self.drop(url)
