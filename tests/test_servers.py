@@ -16,6 +16,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from pulp_pubsub.testing import PgBouncerServer, PostgresServer, RedisServer, TcpProxy, free_port
+from pulp_pubsub.testing.processes import ServerProcess, require_binary
 
 pytestmark = pytest.mark.servers
 
@@ -184,3 +185,28 @@ def test_proxy_in_front_of_postgres_cut() -> None:
 def test_proxy_refuses_remote_targets() -> None:
     with pytest.raises(ValueError):
         TcpProxy("8.8.8.8", 53)
+
+
+def test_a_missing_server_binary_fails_with_its_install_line() -> None:
+    class Missing(ServerProcess):
+        kind = "missing"
+        package = "pgbouncer"
+
+        def _command(self) -> list[str]:
+            return ["/nonexistent/bin/pgbouncer", "pgbouncer.ini"]
+
+        def _probe(self) -> bool:
+            return False
+
+    server = Missing()
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            server.start()
+        assert str(caught.value) == (
+            "pgbouncer is not installed; install it with: apt-get install pgbouncer"
+        )
+        assert not server.running
+    finally:
+        server.cleanup()
+    with pytest.raises(RuntimeError, match="apt-get install postgresql"):
+        require_binary("no-such-initdb", "postgresql")

@@ -17,7 +17,14 @@ import threading
 import urllib.parse
 from typing import Any
 
-from .processes import LOOPBACK, ServerProcess, _as_postgres, _own, _scratch_base
+from .processes import (
+    LOOPBACK,
+    ServerProcess,
+    _as_postgres,
+    _own,
+    _scratch_base,
+    require_binary,
+)
 
 
 def _pg_bin(name: str) -> str:
@@ -26,7 +33,9 @@ def _pg_bin(name: str) -> str:
     for d in [os.environ.get("PUBSUB_PG_BIN", ""), *reversed(versions)]:
         if d and os.access(os.path.join(d, name), os.X_OK):
             return os.path.join(d, name)
-    return shutil.which(name) or name
+    path = shutil.which(name) or name
+    require_binary(path, "postgresql")
+    return path
 
 
 _TEMPLATE: str | None = None
@@ -75,6 +84,7 @@ class PostgresServer(ServerProcess):
     """A private cluster: trust on 127.0.0.1, or scram-sha-256 when ``password`` is given."""
 
     kind = "postgres"
+    package = "postgresql"
     stop_signals = {"fast": signal.SIGINT, "smart": signal.SIGTERM, "immediate": signal.SIGQUIT}
     cleanup_mode = "immediate"  # the data is thrown away: skip the shutdown checkpoint
     run_as_postgres = True
@@ -155,6 +165,7 @@ class PgBouncerServer(ServerProcess):
     """PgBouncer in front of a PostgresServer; ``admin_url`` reaches SHOW POOLS and friends."""
 
     kind = "pgbouncer"
+    package = "pgbouncer"
     stop_signals = {"fast": signal.SIGTERM, "safe": signal.SIGINT, "kill": signal.SIGKILL}
     run_as_postgres = True
 

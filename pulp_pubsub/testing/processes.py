@@ -82,6 +82,15 @@ def _signal_all(pids: list[int], sig: int) -> None:
             os.kill(p, sig)
 
 
+def require_binary(path: str, package: str | None) -> None:
+    """Fail with the line that installs a missing server, never with a bare traceback."""
+    found = os.access(path, os.X_OK) if os.sep in path else shutil.which(path) is not None
+    if not found and package is not None:
+        raise RuntimeError(
+            f"{os.path.basename(path)} is not installed; install it with: apt-get install {package}"
+        )
+
+
 class ServerProcess:
     """Shared lifecycle: spawn, probe the real protocol until ready, stop, freeze, clean up."""
 
@@ -89,6 +98,8 @@ class ServerProcess:
     stop_signals: dict[str, int] = {"graceful": signal.SIGTERM, "kill": signal.SIGKILL}
     cleanup_mode: str | None = None  # stop mode cleanup() uses; None means the first one
     run_as_postgres = False
+    #: The Debian package that brings the server's binary, named when it is missing.
+    package: str | None = None
 
     def __init__(self) -> None:
         self.host = LOOPBACK
@@ -137,11 +148,13 @@ class ServerProcess:
             return self
         for attempt in range(3):
             self._prepare()
+            command = self._command()
+            require_binary(command[0], self.package)
             kw = _as_postgres() if self.run_as_postgres else {}
             with open(self.log_path, "ab") as log:
                 # New session: a Ctrl-C in the terminal must not reach the servers directly.
                 self._proc = subprocess.Popen(
-                    self._command(),
+                    command,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,

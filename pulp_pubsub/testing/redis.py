@@ -69,6 +69,7 @@ class RedisServer(ServerProcess):
     """A private redis-server without persistence; optional password, ACL file and TLS."""
 
     kind = "redis"
+    package = "redis-server"
 
     def __init__(
         self,
@@ -146,6 +147,7 @@ class SentinelServer(ServerProcess):
     """One redis-server in sentinel mode watching ``service_name`` (added for the redis tests)."""
 
     kind = "sentinel"
+    package = "redis-server"
 
     def __init__(
         self,
