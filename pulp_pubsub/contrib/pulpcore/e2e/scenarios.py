@@ -406,7 +406,7 @@ class Run:
         integrated = self.pulp_settings(f"{db}-pubsub", db, via_bouncer=True, **layer)
         fleet = [("stock0", stock)] + [(f"pubsub{i}", integrated) for i in range(pubsub)]
         self.start_fleet(
-            db, fleet, ready=lambda: self.site.listener_sessions(LISTENER_NAME) == pubsub
+            db, fleet, ready=lambda: self.site.listener_sessions(LISTENER_NAME, db) == pubsub
         )
         self.drive(outcome, db, stock, async_tasks=0, burst_tasks=3 * k, burst_seconds=0.5)
         self.site.stop_all()
@@ -439,7 +439,7 @@ class Run:
             fleet,
             ready=lambda: (
                 self.redis_subscribers("rollout.pulp_worker_wakeup") == moved
-                and self.site.listener_sessions(BRIDGE_NAME) == 1
+                and self.site.listener_sessions(BRIDGE_NAME, db) == 1
             ),
         )
         for api in (old, new):  # each side's API dispatches and cancels

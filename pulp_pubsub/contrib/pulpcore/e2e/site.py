@@ -362,11 +362,14 @@ class Site:
             ).fetchone()
         return int(row[0]) if row else 0
 
-    def listener_sessions(self, application_name: str) -> int:
+    def listener_sessions(self, application_name: str, dbname: str) -> int:
+        """Sessions of ``dbname`` by that name (a shared PgBouncer keeps other scenarios'
+        server connections, with the name their last client gave, in its pool)."""
         with self.connect() as conn:
             row = conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
-                [application_name],
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = %s AND datname = %s",
+                [application_name, dbname],
             ).fetchone()
         return int(row[0]) if row else 0
 
