@@ -287,7 +287,7 @@ def build_report(
         recovery_max=recovery["max"],
         leaks=len(leaking_lines(texts, secrets)),
         agent_failures=failures,
-        notes=notes,
+        notes=notes + _publish_error_notes(publishes),
         missing_examples=missing[:10],
         missing_messages=missing[:MISSING_LISTED],
         resync_margin=margin,
@@ -311,3 +311,9 @@ def build_report(
         ],
         workdir=workdir,
     )
+
+
+def _publish_error_notes(publishes: list[Any]) -> list[str]:
+    """The most frequent publish errors, worded: a run that fails for them says why."""
+    errors = Counter(p.error for p in publishes if p.error)
+    return [f"publish error x{n}: {text}" for text, n in errors.most_common(3)]
