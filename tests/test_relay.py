@@ -226,6 +226,24 @@ def test_a_batch_after_commit_with_a_refused_message_sends_the_others_one_by_one
         assert "after commit failed" in caplog.text
 
 
+def test_a_publisher_connection_caught_closing_is_replaced_not_kept():
+    """A cached connection whose close handshake has begun (the relay went away while it
+    sat idle) refused every later send; each publish failed on it, and it was never dropped."""
+    with RelayServer(None, TOKEN) as relay:
+        backend = RelayBackend(url=relay.url, options={"publish": "direct", "token": TOKEN})
+        try:
+            backend.publish("relay.closing", "first")
+            [conn] = backend._direct().conns.values()
+            conn._protocol.send_close()  # the state a close frame from the relay leaves it in
+            with pytest.raises(ConnectionLost, match="is closing"):
+                conn.send(time.monotonic() + 1, type="ping", id=1)
+            backend.publish("relay.closing", "second")  # on a fresh connection
+            assert backend._direct().conns[relay.url] is not conn
+            assert backend.stats["published"] == 2
+        finally:
+            backend.close()
+
+
 def test_a_relay_behind_a_transaction_pooler_says_it_is_deaf():
     with (
         PostgresServer() as server,

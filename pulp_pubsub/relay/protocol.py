@@ -47,7 +47,7 @@ import time
 from typing import Any
 
 from websockets.client import ClientProtocol
-from websockets.exceptions import InvalidStatus, InvalidURI
+from websockets.exceptions import InvalidState, InvalidStatus, InvalidURI
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 from websockets.typing import Subprotocol
@@ -169,13 +169,22 @@ class RelayConnection:
         return self.sock.fileno()
 
     def send(self, deadline: float, **frame: Any) -> None:
-        self._protocol.send_text(encode(**frame).encode())
-        self._flush(deadline)
+        self.send_many(deadline, [frame])
 
     def send_many(self, deadline: float, frames: list[dict[str, Any]]) -> None:
-        """Several frames in one write."""
-        for frame in frames:
-            self._protocol.send_text(encode(**frame).encode())
+        """Several frames in one write; ConnectionLost once the relay has begun closing.
+
+        A connection the relay closed while nobody read it (its close frame waits in
+        the socket) refuses to send: that is a lost connection, for the caller to
+        drop and replace, never an error that would stay with it.
+        """
+        try:
+            for frame in frames:
+                self._protocol.send_text(encode(**frame).encode())
+        except InvalidState as exc:
+            raise ConnectionLost(
+                f"the connection to the relay {self.url} is closing: {exc}"
+            ) from None
         self._flush(deadline)
 
     def read(self) -> list[dict[str, Any]]:
