@@ -156,9 +156,10 @@ def count(
     channel: str | None = None,
     *,
     error: BaseException | None = None,
+    n: int = 1,
 ) -> None:
-    """Count one ``event`` of ``backend`` (on ``channel``, failing with ``error``)."""
-    stats[event] += 1
+    """Count ``n`` of ``event`` of ``backend`` (on ``channel``, failing with ``error``)."""
+    stats[event] += n
     instruments = _instruments()
     if instruments is None:
         return
@@ -169,10 +170,21 @@ def count(
     if error is not None:
         attributes[ERROR_TYPE] = error_type(error)
     try:
-        instruments.counters[name].add(1, attributes)
+        instruments.counters[name].add(n, attributes)
     except Exception:
         # An exporter's problem must never become the listener's.
         logger.debug("Recording %s failed", name, exc_info=True)
+
+
+def count_each(
+    stats: Counter[str], event: str, backend: str, channels: Iterable[str | None]
+) -> None:
+    """Count ``event`` once per item of ``channels``, one call per distinct channel.
+
+    A batch sent after commit usually carries one channel many times.
+    """
+    for channel, n in Counter(channels).items():
+        count(stats, event, backend, channel, n=n)
 
 
 def record_probe_rtt(backend: str, seconds: float) -> None:

@@ -99,6 +99,13 @@ def test_an_unknown_option_names_the_backend_and_the_option():
         MemoryBackend(options={"colour": "blue"})
 
 
+@pytest.mark.parametrize("value", [-0.5, "0.01", True])
+def test_send_interval_may_be_zero_but_not_negative(value):
+    assert MemoryBackend(options={"send_interval": 0}).config["send_interval"] == 0
+    with pytest.raises(ImproperlyConfigured, match=r"'send_interval'.* must be a number >= 0"):
+        MemoryBackend(options={"send_interval": value})
+
+
 @pytest.mark.parametrize("value", [0, -1, "5", True])
 def test_a_numeric_option_must_be_a_positive_number(value):
     with pytest.raises(ImproperlyConfigured, match="must be a positive number"):

@@ -35,7 +35,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS, connections, transaction
+from django.db import DEFAULT_DB_ALIAS, connections
 from django.utils.connection import ConnectionDoesNotExist
 
 from ..conf import Options, hide_password, secret_url
@@ -51,6 +51,8 @@ from ..validation import (
 from .aftercommit import AfterCommitSender, Deferred
 
 if TYPE_CHECKING:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
     from .listener import Subscriber
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,9 @@ COMMON_OPTIONS: dict[str, Any] = {
     "reconnect_max": 5.0,
     "connect_timeout": 5.0,
     "publish_timeout": 5.0,
+    # Publishes deferred to commit leave a process at most once per this many seconds
+    # (the first after a quiet spell at once): fewer round trips when commits are many.
+    "send_interval": 0.02,
     # Messages waiting for dispatch() per subscriber before new ones are dropped
     # (a dropped message is replaced by a resync for its channel, never lost silently).
     "max_pending": 1000,
@@ -72,6 +77,11 @@ COMMON_OPTIONS: dict[str, Any] = {
     # within this many seconds (it died, hangs or is busy) goes to another member.
     "claim_timeout": 4.0,
 }
+
+#: Channels whose wire names a backend remembers (a process uses a handful).
+WIRE_CACHE_SIZE = 1024
+#: Numeric options where 0 means "off" rather than a mistake.
+MAY_BE_ZERO = frozenset({"send_interval"})
 
 BROADCAST = "broadcast"
 TARGETED = "targeted"
@@ -244,6 +254,8 @@ class BaseBackend:
         self._subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._sender: AfterCommitSender | None = None
+        # Channel -> wire name, for names already checked: every publish needs one.
+        self._wires: dict[str, str] = {}
 
     @classmethod
     def build_options(cls, given: dict[str, Any]) -> dict[str, Any]:
@@ -260,11 +272,15 @@ class BaseBackend:
                 )
             default = known[key]
             numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+            floor = 0 if key in MAY_BE_ZERO else None
             if numeric and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or (value < 0 if floor == 0 else value <= 0)
             ):
+                kind = "a number >= 0" if floor == 0 else "a positive number"
                 raise ImproperlyConfigured(
-                    f"Option {key!r} for {cls.__name__} must be a positive number, not {value!r}."
+                    f"Option {key!r} for {cls.__name__} must be {kind}, not {value!r}."
                 )
         return Options({**known, **given})
 
@@ -272,10 +288,15 @@ class BaseBackend:
 
     def wire_name(self, channel: str) -> str:
         """The name on the server: the prefix and the channel, checked together."""
+        wire = self._wires.get(channel) if type(channel) is str else None
+        if wire is not None:
+            return wire
         validate_channel(channel)
         wire = self.channel_prefix + channel
         if wire != channel:
             validate_channel(wire, what="prefixed channel name")
+        if len(self._wires) < WIRE_CACHE_SIZE:
+            self._wires[channel] = wire
         return wire
 
     def channel_name(self, wire: str) -> str | None:
@@ -303,12 +324,11 @@ class BaseBackend:
         if group is not None:
             validate_group(group)
             validate_receivers(receivers)
-        if self.publish_on_commit and not self.defers_natively and self.in_atomic_block():
-            transaction.on_commit(
-                partial(self._send_deferred, wire, payload, group, receivers),
-                using=self.database_alias,
-            )
-            return
+        if self.publish_on_commit and not self.defers_natively:
+            atomic = _atomic_connection(self.database_alias)
+            if atomic is not None:
+                atomic.on_commit(partial(self._send_deferred, wire, payload, group, receivers))
+                return
         self._send_now(wire, payload, group, receivers)
 
     def delivery(self, group: str | None) -> str:
@@ -317,7 +337,7 @@ class BaseBackend:
 
     def in_atomic_block(self) -> bool:
         """Whether the caller is inside ``atomic()`` on :attr:`database_alias`."""
-        return _in_atomic_block(self.database_alias)
+        return _atomic_connection(self.database_alias) is not None
 
     def _send_now(
         self, wire: str, payload: str, group: str | None = None, receivers: int = 1
@@ -354,7 +374,9 @@ class BaseBackend:
                 # A forked child makes its own: the parent's thread is not in it.
                 if sender is None or sender.pid != os.getpid():
                     sender = self._sender = AfterCommitSender(
-                        self.send_batch, self.config["publish_timeout"] * 2
+                        self.send_batch,
+                        self.config["publish_timeout"] * 2,
+                        self.config["send_interval"],
                     )
         return sender
 
@@ -437,10 +459,14 @@ class BaseBackend:
             sub.close()
 
 
-def _in_atomic_block(alias: str = DEFAULT_DB_ALIAS) -> bool:
-    # A plain attribute read: it never opens a database connection, so a
-    # worker on a non-PostgreSQL backend touches no database to publish.
+def _atomic_connection(alias: str = DEFAULT_DB_ALIAS) -> BaseDatabaseWrapper | None:
+    """The connection ``alias`` when it is inside ``atomic()``, else None.
+
+    A plain attribute read: it never opens a database connection, so a
+    worker on a non-PostgreSQL backend touches no database to publish.
+    """
     try:
-        return bool(connections[alias].in_atomic_block)
+        connection = connections[alias]
     except (ImproperlyConfigured, ConnectionDoesNotExist):
-        return False
+        return None
+    return connection if connection.in_atomic_block else None

@@ -40,7 +40,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ..conf import Secret, hide_password, secret_url
 from ..exceptions import ConnectionLost, MissingDependency, PublishError
-from ..metrics import count
+from ..metrics import count, count_each
 from .aftercommit import Deferred
 from .base import BaseBackend, Transport
 from .listener import PROBE_PREFIX
@@ -303,9 +303,13 @@ class RelayBackend(BaseBackend):
             results = [dict.fromkeys(self.urls, str(exc)) for _ in batch]
         lost: list[str] = []
         missed: list[str] = []
+        sent: list[str] = []
         last_failures: dict[str, str] = {}
         first_error: PublishError | None = None
         for item, failures in zip(batch, results, strict=True):
+            if not failures:
+                sent.append(item.wire)
+                continue
             channel = self.channel_name(item.wire)
             if len(failures) == len(self.urls):
                 error = PublishError(self._none_took(item.wire, failures))
@@ -314,10 +318,10 @@ class RelayBackend(BaseBackend):
                 count(self.stats, "deferred_failures", self.name, channel, error=error)
                 lost.append(item.wire)
                 continue
-            if failures:
-                missed.append(item.wire)
-                last_failures = failures
-            count(self.stats, "published", self.name, channel)
+            missed.append(item.wire)
+            last_failures = failures
+            sent.append(item.wire)
+        count_each(self.stats, "published", self.name, [self.channel_name(w) for w in sent])
         if first_error is not None:
             logger.error("Publish of %d message(s) after commit failed: %s", len(lost), first_error)
         if missed:

@@ -20,8 +20,9 @@ rounds, so load from anything else on the machine falls on both alike:
   window instead, which is noisier.) Before the idle window each fleet has
   dispatched and finished pulpcore's scheduled tasks (its first beat
   dispatches them), so they land in neither fleet's window. A round's window
-  closes once the database has seen nothing but heartbeats for a second. And
-  created->started p50/p95.
+  ends at its last statement that is not a heartbeat's (found once the
+  database has seen nothing else for a second: that wait is no task's, and
+  its heartbeats would grow with K). And created->started p50/p95.
 * ``burst``: B tasks dispatched at once onto the burst fleet size; time from the
   first created to the last started.
 * ``faults`` (integrated only): a worker SIGKILLed right after it was handed
@@ -81,7 +82,7 @@ WAKEUP = "pulp_worker_wakeup"
 @dataclass
 class HerdConfig:
     sizes: tuple[int, ...] = (4, 16, 32)
-    tasks: int = 20
+    tasks: int = 40
     #: The sequential tasks alternate between the two fleets in this many rounds.
     rounds: int = 4
     burst_tasks: int = 64
@@ -182,15 +183,19 @@ class HerdRun(Run):
         beats = sum(1 for texts in counted if is_heartbeat(texts))
         return len(counted), beats
 
-    def wait_settled(self, db: str, quiet: float = 1.0, timeout: float = 30) -> None:
+    def wait_settled(self, db: str, quiet: float = 1.0, timeout: float = 30) -> float:
         """Until ``db`` has seen no statement but heartbeats for ``quiet`` seconds.
 
         32 workers beat about three times a second, so waiting for no
         statement at all would make the window longer (and its heartbeats
-        more) the larger the fleet.
+        more) the larger the fleet. Returns the time of the last statement
+        that was not a heartbeat's: the end of what the dispatches caused,
+        where a round's window ends (the quiet wait after it is no task's).
         """
+        last_seen = 0.0
 
         def settled() -> bool:
+            nonlocal last_seen
             now = time.time()
             statements: dict[str, list[tuple[float, str]]] = {}
             for stamp, vxid, text in reversed(self.site.log.read(db)):
@@ -205,9 +210,11 @@ class HerdRun(Run):
                 ),
                 default=0.0,
             )
+            last_seen = last
             return now - last >= quiet
 
         self.site.wait(settled, timeout, f"{db} to settle")
+        return last_seen
 
     def wait_scheduled(self, db: str, timeout: float = 60) -> None:
         """Until pulpcore's scheduled tasks that are due have been dispatched and have finished.
@@ -281,8 +288,8 @@ class HerdRun(Run):
                     api, "sequential", {"observer_dsn": self.site.dsn(db), "tasks": per_round}
                 )
                 window = res["window"]
-                self.wait_settled(db)  # the last task's echo belongs to it
-                end = time.time()
+                # The last task's echo belongs to the round; the quiet wait after it does not.
+                end = max(self.wait_settled(db), window[1]) + 0.001
                 total = totals[kind]
                 xacts, beats = self.classify(db, [window[0], end], res["own_backends"])
                 total["xacts"] += xacts
