@@ -263,3 +263,16 @@ def test_etcd_runs_beside_its_bare_gateway_client(django_db_blocker: Any, tmp_pa
     assert result["fanout"]["etcd"]["lost"] == 0
     assert result["connections"]["etcd"]["etcd_watchers"] >= N
     assert "etcd" in result["idle"]["etcd"]["server_cpu_pct"]
+
+
+@pytest.mark.parametrize(("with_wakeup", "met"), [(950, True), (850, False)])
+def test_the_commit_share_target_compares_redis_with_and_without_wakeups(
+    with_wakeup: int, met: bool
+) -> None:
+    from pulp_pubsub.bench.report import evaluate_targets
+
+    level = {"subscribers": 0, "commits_per_s": with_wakeup, "plain_commits_per_s": 1000}
+    result = {"commit": {"redis": {"levels": [level, {**level, "subscribers": 3}]}}}
+    [target] = [t for t in evaluate_targets(result) if t["backend"] == "redis"]
+    assert target["met"] is met
+    assert target["measured"].startswith(f"{with_wakeup // 10}%")

@@ -34,12 +34,15 @@ from pulp_pubsub.contrib.pulpcore.e2e.figures import (
     table,
     verdicts,
 )
+from pulp_pubsub.contrib.pulpcore.e2e.relayfleet import relay_verdicts
 from pulp_pubsub.contrib.pulpcore.e2e.scenarios import Config, Report, Run
 
 LATENCY_RATIO_CI = 1.5
 OLDEST, NEWEST = E2E_SERIES[0], E2E_SERIES[-1]
-#: What every supported series must show; the newest also runs the contrast scenarios.
+#: What every supported series must show; the newest also runs the contrast scenarios
+#: and the relay fleet behind PgBouncer (run only when named, as here).
 EVERY_SERIES = ("contract", "operator", "pooler", "fail_closed", "head_to_head")
+NEWEST_ONLY = ("relay_pgbouncer",)
 
 pytestmark = [pytest.mark.pulp, pytest.mark.backend, pytest.mark.timeout(1500)]
 
@@ -52,7 +55,7 @@ def run_series(series: str, capture: object) -> Report:
         pytest.fail(f"the pulpcore {series} run failed: {_failed[series]}")
     if series in _reports:
         return _reports[series]
-    scenarios = Config().scenarios if series == NEWEST else EVERY_SERIES
+    scenarios = (*Config().scenarios, *NEWEST_ONLY) if series == NEWEST else EVERY_SERIES
     lines: list[str] = []
     try:
         result = Run(Config(series=series, scenarios=scenarios), lines.append).run()
@@ -191,3 +194,11 @@ def test_a_mixed_fleet_runs_every_task_and_cancel(newest: Report, scenario: str)
     assert mixed.cancel is not None and mixed.cancel["state"] == "canceled"
     assert mixed.workers_used.get("pubsub", 0) > 0
     assert all(n.endswith("canceled") for n in mixed.notes if n.startswith("cancel"))
+
+
+@pytest.mark.parametrize("verdict", range(2))
+def test_the_relay_runs_pulp_with_workers_behind_pgbouncer(newest: Report, verdict: int) -> None:
+    """Every task and cancel through one relay; PostgreSQL holds the pool and the relay."""
+    found = relay_verdicts(newest)
+    assert len(found) == 2
+    assert found[verdict].ok, f"{found[verdict].name}: {found[verdict].figure}"

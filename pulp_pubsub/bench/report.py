@@ -18,6 +18,8 @@ def _target(target: str, backend: str, measured: str, met: bool | None) -> dict:
 
 #: The relay in pg_notify mode: commits/s at N subscribers within this factor of 0.
 RELAY_NOTIFY_RATIO = 1.5
+#: Redis commits with a wake-up per transaction, as a share of those without.
+WAKEUP_COMMIT_SHARE = 0.9
 
 
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -77,6 +79,24 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 if factor
                 else "-",
                 bool(factor and factor > 1),
+            )
+        )
+    if "redis" in commits:
+        # Publishing after commit must cost commits little (issue: at least 90% of without).
+        levels = commits["redis"]["levels"]
+        shares = [ratio(r["commits_per_s"], r["plain_commits_per_s"]) or 0.0 for r in levels]
+        together = ratio(
+            sum(r["commits_per_s"] for r in levels), sum(r["plain_commits_per_s"] for r in levels)
+        )
+        out.append(
+            _target(
+                f"Redis: commits/s with a wake-up >= {WAKEUP_COMMIT_SHARE:.0%} of without "
+                "(all subscriber levels together)",
+                "redis",
+                f"{together:.0%} ({min(shares):.0%} to {max(shares):.0%} by level)"
+                if together
+                else "-",
+                bool(together and together >= WAKEUP_COMMIT_SHARE),
             )
         )
     for mode, goal in (("relay", "pg_notify"), ("relay_direct", "direct")):

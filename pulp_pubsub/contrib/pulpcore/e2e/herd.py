@@ -91,6 +91,9 @@ class HerdConfig:
     #: Two heartbeat periods (WORKER_TTL / 3 = 10 s): every worker beats twice.
     idle_seconds: float = 20.0
     faults: bool = True
+    #: The fleets to run; ``("pubsub",)`` alone shows how the layer's own figures move
+    #: with K without a stock fleet of the same size beside it on the machine.
+    kinds: tuple[str, ...] = KINDS
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -248,7 +251,7 @@ class HerdRun(Run):
             self.result["sizes"][str(k)] = self.sequential(k)
             self.site.stop_all()
         k = config.burst_workers
-        for kind in KINDS if config.burst_tasks else ():
+        for kind in config.kinds if config.burst_tasks else ():
             self.log(f"burst: {config.burst_tasks} tasks onto {k} {kind} workers")
             db, api = self.fleet(kind, k, "burst")
             res = self.herd_agent(
@@ -267,7 +270,8 @@ class HerdRun(Run):
 
     def sequential(self, k: int) -> dict[str, Any]:
         config = self.herd_config
-        fleets = {kind: self.fleet(kind, k, "herd") for kind in KINDS}
+        kinds = config.kinds
+        fleets = {kind: self.fleet(kind, k, "herd") for kind in kinds}
         for db, _ in fleets.values():
             self.wait_scheduled(db)
         for db, _ in fleets.values():
@@ -277,12 +281,12 @@ class HerdRun(Run):
         threading.Event().wait(config.idle_seconds)  # a measuring window
         idle_end = time.time()
         totals: dict[str, dict[str, Any]] = {
-            kind: {"xacts": 0, "beats": 0, "span": 0.0, "waits": [], "tasks": 0} for kind in KINDS
+            kind: {"xacts": 0, "beats": 0, "span": 0.0, "waits": [], "tasks": 0} for kind in kinds
         }
         rounds = max(1, min(config.rounds, config.tasks))
         per_round = -(-config.tasks // rounds)
         for n in range(rounds):
-            for kind in KINDS if n % 2 == 0 else KINDS[::-1]:
+            for kind in kinds if n % 2 == 0 else kinds[::-1]:
                 db, api = fleets[kind]
                 res = self.herd_agent(
                     api, "sequential", {"observer_dsn": self.site.dsn(db), "tasks": per_round}
@@ -448,16 +452,23 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     exact = all(
-        "per_task_less_heartbeats" in r[kind] for r in result["sizes"].values() for kind in KINDS
+        "per_task_less_heartbeats" in fleet
+        for r in result["sizes"].values()
+        for fleet in r.values()
     )
     less = "per_task_less_heartbeats" if exact else "per_task_less_idle"
-    for k, row in result["sizes"].items():
-        stock, ours = row["stock"], row["pubsub"]
-        lines.append(
-            f"| {k} | {stock['per_task']} ({stock[less]}) "
-            f"| {ours['per_task']} ({ours[less]}) "
-            f"| {stock['p50_ms']} / {stock['p95_ms']} ms | {ours['p50_ms']} / {ours['p95_ms']} ms |"
+
+    def cells(fleet: dict[str, Any] | None) -> tuple[str, str]:
+        if fleet is None:
+            return "not run", "not run"
+        return (
+            f"{fleet['per_task']} ({fleet[less]})",
+            f"{fleet['p50_ms']} / {fleet['p95_ms']} ms",
         )
+
+    for k, row in result["sizes"].items():
+        stock, ours = cells(row.get("stock")), cells(row.get("pubsub"))
+        lines.append(f"| {k} | {stock[0]} | {ours[0]} | {stock[1]} | {ours[1]} |")
     lines.append("")
     if exact:
         lines.append(
@@ -505,6 +516,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-workers", type=int, default=defaults.burst_workers)
     parser.add_argument("--idle-seconds", type=float, default=defaults.idle_seconds)
     parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument(
+        "--fleets",
+        default=",".join(KINDS),
+        help="which fleets run: stock,pubsub (default), or one of them alone",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     parser.add_argument("--load", type=Path, default=None, help="run nothing: render this result")
     parser.add_argument(
@@ -518,6 +534,9 @@ def main(argv: list[str] | None = None) -> int:
         result = json.loads(args.load.read_text())
     else:
         sizes = tuple(int(x) for x in args.sizes.split(",") if x)
+        kinds = tuple(x for x in args.fleets.split(",") if x)
+        if not kinds or not set(kinds) <= set(KINDS):
+            parser.error(f"--fleets takes {' and/or '.join(KINDS)}, e.g. --fleets pubsub")
         if sizes and min(sizes) < 1:
             parser.error("--sizes takes positive fleet sizes, e.g. 4,16,32 (or none)")
         herd = HerdConfig(
@@ -528,6 +547,7 @@ def main(argv: list[str] | None = None) -> int:
             burst_workers=args.burst_workers,
             idle_seconds=args.idle_seconds,
             faults=not args.no_faults,
+            kinds=kinds,
         )
 
         def log(text: str) -> None:
