@@ -272,13 +272,14 @@ class BaseBackend:
                 )
             default = known[key]
             numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
-            floor = 0 if key in MAY_BE_ZERO else None
+            zero_ok = key in MAY_BE_ZERO
             if numeric and (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))
-                or (value < 0 if floor == 0 else value <= 0)
+                or value < 0
+                or (value == 0 and not zero_ok)
             ):
-                kind = "a number >= 0" if floor == 0 else "a positive number"
+                kind = "a number >= 0" if zero_ok else "a positive number"
                 raise ImproperlyConfigured(
                     f"Option {key!r} for {cls.__name__} must be {kind}, not {value!r}."
                 )
