@@ -56,18 +56,20 @@ class Observer:
 
     def rows(self, pks: list[str]) -> dict[str, dict[str, Any]]:
         cur = self.conn.execute(
-            "SELECT t.pulp_id::text, t.state, t.pulp_created, t.started_at, t.finished_at,"
-            " a.name FROM core_task t LEFT JOIN core_appstatus a ON a.pulp_id = t.app_lock_id"
+            "SELECT t.pulp_id::text, t.state, t.pulp_created, t.unblocked_at, t.started_at,"
+            " t.finished_at, a.name"
+            " FROM core_task t LEFT JOIN core_appstatus a ON a.pulp_id = t.app_lock_id"
             " WHERE t.pulp_id::text = ANY(%s)",
             [pks],
         )
         out = {}
-        for pk, state, created, started, finished, worker in cur.fetchall():
+        for pk, state, created, unblocked, started, finished, worker in cur.fetchall():
             if worker:
                 self.seen_lock[pk] = worker
             out[pk] = {
                 "state": state,
                 "created": created,
+                "unblocked": unblocked,
                 "started": started,
                 "finished": finished,
             }
@@ -95,6 +97,8 @@ def _record(observer: Observer, pk: str, row: dict[str, Any]) -> dict[str, Any]:
         "id": pk,
         "state": row["state"],
         "wait": _seconds(row["created"], row["started"]),
+        # The first hop of ``wait``: the unblock wake-up and the unblocking transaction.
+        "unblock": _seconds(row["created"], row["unblocked"]),
         "run": _seconds(row["started"], row["finished"]),
         "worker": observer.seen_lock.get(pk),
     }

@@ -281,7 +281,8 @@ class HerdRun(Run):
         threading.Event().wait(config.idle_seconds)  # a measuring window
         idle_end = time.time()
         totals: dict[str, dict[str, Any]] = {
-            kind: {"xacts": 0, "beats": 0, "span": 0.0, "waits": [], "tasks": 0} for kind in kinds
+            kind: {"xacts": 0, "beats": 0, "span": 0.0, "waits": [], "unblocks": [], "tasks": 0}
+            for kind in kinds
         }
         rounds = max(1, min(config.rounds, config.tasks))
         per_round = -(-config.tasks // rounds)
@@ -301,6 +302,7 @@ class HerdRun(Run):
                 total["span"] += end - window[0]
                 total["tasks"] += len(res["records"])
                 total["waits"] += [r["wait"] for r in res["records"] if r["wait"] is not None]
+                total["unblocks"] += [r["unblock"] for r in res["records"] if r.get("unblock")]
         row = {}
         for kind, total in totals.items():
             db = fleets[kind][0]
@@ -319,6 +321,10 @@ class HerdRun(Run):
                 "idle_per_s": round(idle_rate, 2),
                 "p50_ms": ms(statistics.median(waits)) if waits else None,
                 "p95_ms": ms(pct(waits, 0.95)),
+                # created->unblocked: where in created->started a change with K lies.
+                "unblock_p50_ms": ms(statistics.median(total["unblocks"]))
+                if total["unblocks"]
+                else None,
             }
         return row
 
