@@ -192,7 +192,8 @@ class Operator:
             out.admin[" ".join(args[:1])] = done.returncode
             if done.returncode:
                 out.problems.append(f"{args[0]}: {done.stderr[-1500:]}")
-        site.manage(env, "reset-admin-password", "--password", self.password)
+        # One argument: a random password may begin with "-", which argparse takes for an option.
+        site.manage(env, "reset-admin-password", f"--password={self.password}")
 
         for i in range(self.workers):
             site.start_worker(f"operator-worker{i}", env, "--name-template", f"op{i}@operator")
