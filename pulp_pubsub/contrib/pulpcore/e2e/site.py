@@ -225,7 +225,12 @@ class Site:
     def manage(self, settings: Settings, *args: str, timeout: float = 300) -> str:
         done = self.manage_run(settings, *args, timeout=timeout)
         if done.returncode:
-            raise RuntimeError(f"pulpcore-manager {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+            # The command line without values of secret options (an admin password).
+            shown = " ".join(
+                arg.partition("=")[0] + "=***" if arg.startswith("--password=") else arg
+                for arg in args
+            )
+            raise RuntimeError(f"pulpcore-manager {shown} failed:\n{done.stderr[-3000:]}")
         return done.stdout
 
     def manage_run(
