@@ -176,17 +176,6 @@ def count(
         logger.debug("Recording %s failed", name, exc_info=True)
 
 
-def count_each(
-    stats: Counter[str], event: str, backend: str, channels: Iterable[str | None]
-) -> None:
-    """Count ``event`` once per item of ``channels``, one call per distinct channel.
-
-    A batch sent after commit usually carries one channel many times.
-    """
-    for channel, n in Counter(channels).items():
-        count(stats, event, backend, channel, n=n)
-
-
 def record_probe_rtt(backend: str, seconds: float) -> None:
     """Record one liveness probe's round trip."""
     instruments = _instruments()

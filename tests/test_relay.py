@@ -183,10 +183,14 @@ def test_publish_many_delivers_in_order_and_a_refused_frame_delivers_nothing():
             # A bad channel among good ones: refused whole, nothing of it delivered.
             bad = [["relay.many", "not sent"], ["has space", "x"]]
             publisher.send(deadline, type="publish_many", id=3, messages=bad)
+            # A channel that is not even a string (nor hashable) is refused the same way.
+            odd = [["relay.many", "not sent either"], [["relay.many"], "x"]]
+            publisher.send(deadline, type="publish_many", id=5, messages=odd)
             publisher.send(deadline, type="publish", id=4, channel="relay.many", payload="end")
-            answers = _answers(publisher, {2, 3, 4})
+            answers = _answers(publisher, {2, 3, 4, 5})
             assert answers[2]["type"] == "published" and answers[2]["count"] == 100
             assert answers[3]["type"] == "error" and "has space" in answers[3]["error"]
+            assert answers[5]["type"] == "error" and "must be a str" in answers[5]["error"]
             heard: list[str] = []
             while "end" not in heard:
                 heard += [f["payload"] for f in sub.read() if f["type"] == "message"]

@@ -306,6 +306,14 @@ class BaseBackend:
             return None
         return wire[len(self.channel_prefix) :]
 
+    def count_published(self, wires: Iterable[str]) -> None:
+        """Count a batch's sent messages, one call per distinct channel.
+
+        A batch sent after commit usually carries one channel many times.
+        """
+        for wire, n in Counter(wires).items():
+            count(self.stats, "published", self.name, self.channel_name(wire), n=n)
+
     # -- publishing ----------------------------------------------------------
 
     def publish(

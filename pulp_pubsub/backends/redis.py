@@ -58,7 +58,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ..conf import Options, SecretURL, hide_password
 from ..exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
-from ..metrics import count, count_each
+from ..metrics import count
 from .aftercommit import Deferred
 from .base import BaseBackend, Handed, Transport
 
@@ -592,9 +592,7 @@ class RedisBackend(BaseBackend):
                 count(self.stats, "deferred_failures", self.name, channel, error=error)
             logger.error("Publish of %d message(s) after commit failed: %s", len(batch), error)
             return
-        count_each(
-            self.stats, "published", self.name, [self.channel_name(item.wire) for item in batch]
-        )
+        self.count_published(item.wire for item in batch)
 
     def _sender_connection(self) -> Connection:
         """The after-commit thread's own connection (no pool: nobody else uses it)."""

@@ -40,7 +40,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from ..conf import Secret, hide_password, secret_url
 from ..exceptions import ConnectionLost, MissingDependency, PublishError
-from ..metrics import count, count_each
+from ..metrics import count
 from .aftercommit import Deferred
 from .base import BaseBackend, Transport
 from .listener import PROBE_PREFIX
@@ -321,7 +321,7 @@ class RelayBackend(BaseBackend):
             missed.append(item.wire)
             last_failures = failures
             sent.append(item.wire)
-        count_each(self.stats, "published", self.name, [self.channel_name(w) for w in sent])
+        self.count_published(sent)
         if first_error is not None:
             logger.error("Publish of %d message(s) after commit failed: %s", len(lost), first_error)
         if missed:

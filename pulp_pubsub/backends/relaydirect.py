@@ -15,11 +15,19 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConnectionLost, PublishError
-from ..relay.protocol import MAX_FRAME, RelayConnection
+from ..relay.protocol import MAX_FRAME, RelayConnection, encode
 from .selfpipe import wait_readable
 
 if TYPE_CHECKING:
     from .relay import RelayBackend
+
+
+#: One frame ready to send: its request id, its bytes, the indexes of the messages it carries.
+Encoded = tuple[int, bytes, list[int]]
+
+
+def _many(messages: list[tuple[str, str]], group: list[int]) -> dict[str, Any]:
+    return {"type": "publish_many", "messages": [messages[i] for i in group]}
 
 
 class DirectPublisher:
@@ -53,22 +61,25 @@ class DirectPublisher:
     ) -> list[dict[str, str]]:
         """Send to every relay and wait for their answers; the failures by message and URL.
 
-        Several messages go as one ``publish_many`` frame (answered once); a relay
-        that does not know it (an older one) gets them one ``publish`` frame each.
+        Several messages go as one ``publish_many`` frame (answered once), encoded
+        once for every relay; a relay that does not know it (an older one) gets
+        them one ``publish`` frame each.
         """
         timeout = self.backend.config["publish_timeout"]
         failures: list[dict[str, str]] = [{} for _ in messages]
         # Per relay: request id -> the indexes of the messages it carries, not answered yet.
         waiting: dict[str, dict[int, list[int]]] = {}
         may_retry: dict[str, bool] = {}
-        # JSON may spell a character in up to 6 bytes; a frame stays well inside MAX_FRAME.
-        fits_one_frame = (
-            16 * len(messages) + 6 * sum(len(w) + len(p) for w, p in messages) <= MAX_FRAME // 2
-        )
+        # The whole batch as one frame, once encoded (request ids are per connection).
+        whole: list[Encoded] = []
 
-        def singles(indexes: list[int]) -> list[tuple[dict[str, Any], list[int]]]:
+        def encoded(frame: dict[str, Any], group: list[int]) -> Encoded:
+            request_id = next(self.ids)
+            return request_id, encode(**frame, id=request_id).encode(), group
+
+        def singles(indexes: list[int]) -> list[Encoded]:
             return [
-                (
+                encoded(
                     {
                         "type": "publish",
                         "channel": messages[i][0],
@@ -80,25 +91,27 @@ class DirectPublisher:
                 for i in indexes
             ]
 
-        def frames(url: str, indexes: list[int]) -> list[tuple[dict[str, Any], list[int]]]:
+        def frames(url: str, indexes: list[int]) -> list[Encoded]:
             if len(indexes) == 1 or url in self.singles:
                 return singles(indexes)
-            if len(indexes) == len(messages) and fits_one_frame:
+            if len(indexes) == len(messages):
                 # The usual batch: all of it, in one frame (JSON writes the tuples as arrays).
-                return [({"type": "publish_many", "messages": messages}, indexes)]
-            out: list[tuple[dict[str, Any], list[int]]] = []
+                if not whole:
+                    whole.append(encoded({"type": "publish_many", "messages": messages}, indexes))
+                if len(whole[0][1]) <= MAX_FRAME // 2:
+                    return whole
+            out: list[Encoded] = []
             group: list[int] = []
             size = 0
             for i in indexes:
+                # JSON may spell a character in up to 6 bytes; a frame stays inside MAX_FRAME.
                 cost = 16 + 6 * (len(messages[i][0]) + len(messages[i][1]))
                 if group and size + cost > MAX_FRAME // 2:
-                    out.append(({"type": "publish_many"}, group))
+                    out.append(encoded(_many(messages, group), group))
                     group, size = [], 0
                 group.append(i)
                 size += cost
-            out.append(({"type": "publish_many"}, group))
-            for frame, group in out:
-                frame["messages"] = [list(messages[i]) for i in group]
+            out.append(encoded(_many(messages, group), group))
             return out
 
         def start(url: str, indexes: list[int], retry: bool) -> None:
@@ -110,14 +123,9 @@ class DirectPublisher:
                     conn = self.conns[url] = self.backend.connect(
                         url, max(0.01, min(left, self.backend.config["connect_timeout"]))
                     )
-                ids: dict[int, list[int]] = {}
-                out = []
-                for frame, group in frames(url, indexes):
-                    request_id = next(self.ids)
-                    ids[request_id] = group
-                    out.append({**frame, "id": request_id})
-                conn.send_many(deadline, out)
-                waiting.setdefault(url, {}).update(ids)
+                out = frames(url, indexes)
+                conn.send_encoded(deadline, [data for _, data, _ in out])
+                waiting.setdefault(url, {}).update((rid, group) for rid, _, group in out)
                 may_retry[url] = reused and not retry
             except ConnectionLost as exc:
                 waiting.pop(url, None)
@@ -133,8 +141,20 @@ class DirectPublisher:
         for url in self.backend.urls:
             start(url, every, False)
         while waiting:
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                for url, ids in waiting.items():
+                    self.drop(url)
+                    for group in ids.values():
+                        for i in group:
+                            failures[i][url] = f"{url} did not answer within {timeout} s"
+                break
+            # Answers take a round trip: wait for them rather than try a read first.
+            readable = wait_readable([self.conns[url].fileno() for url in waiting], left_s)
             for url, ids in list(waiting.items()):
                 conn = self.conns[url]
+                if conn.fileno() not in readable:
+                    continue
                 try:
                     answers = conn.read()
                 except ConnectionLost as exc:
@@ -160,28 +180,16 @@ class DirectPublisher:
                         # tells which (and older relays get single frames from now on).
                         if "unknown frame type" in str(answer.get("error")):
                             self.singles.add(url)
-                        for frame, single in singles(group):
-                            request = next(self.ids)
-                            ids[request] = single
-                            try:
-                                conn.send(deadline, id=request, **frame)
-                            except ConnectionLost:
-                                break  # the next read() reports it
+                        out = singles(group)
+                        ids.update((rid, single) for rid, _, single in out)
+                        try:
+                            conn.send_encoded(deadline, [data for _, data, _ in out])
+                        except ConnectionLost:
+                            pass  # the next read() reports it
                         continue
                     failures[group[0]][url] = f"{url} refused it: {answer.get('error')}"
                 if not ids:
                     waiting.pop(url, None)
-            left_s = deadline - time.monotonic()
-            if not waiting:
-                break
-            if left_s <= 0:
-                for url, ids in waiting.items():
-                    self.drop(url)
-                    for group in ids.values():
-                        for i in group:
-                            failures[i][url] = f"{url} did not answer within {timeout} s"
-                break
-            wait_readable([self.conns[url].fileno() for url in waiting], left_s)
         return failures
 
     def drop(self, url: str) -> None:

@@ -178,9 +178,13 @@ class RelayConnection:
         the socket) refuses to send: that is a lost connection, for the caller to
         drop and replace, never an error that would stay with it.
         """
+        self.send_encoded(deadline, [encode(**frame).encode() for frame in frames])
+
+    def send_encoded(self, deadline: float, texts: list[bytes]) -> None:
+        """:meth:`send_many` for frames already encoded (one encoding for several relays)."""
         try:
-            for frame in frames:
-                self._protocol.send_text(encode(**frame).encode())
+            for text in texts:
+                self._protocol.send_text(text)
         except InvalidState as exc:
             raise ConnectionLost(
                 f"the connection to the relay {self.url} is closing: {exc}"

@@ -269,16 +269,19 @@ class Relay:
                 messages = frame.get("messages")
                 if not isinstance(messages, list):
                     raise InvalidPayload("'messages' must be a list of [channel, payload]")
-                checked = []
+                # A batch usually repeats one channel: each name is checked once.
+                names: set[str] = set()
                 for item in messages:
                     if not (isinstance(item, list) and len(item) == 2):
                         raise InvalidPayload("each message must be [channel, payload]")
-                    if not isinstance(item[1], str):
+                    channel, payload = item
+                    if not isinstance(payload, str):
                         raise InvalidPayload("'payload' must be a string")
-                    checked.append((validate_channel(item[0]), item[1]))
-                for channel, payload in checked:
+                    if type(channel) is not str or channel not in names:
+                        names.add(validate_channel(channel))
+                for channel, payload in messages:
                     self.deliver(channel, payload)
-                self._push(client, encode(type="published", id=request_id, count=len(checked)))
+                self._push(client, encode(type="published", id=request_id, count=len(messages)))
             elif kind == "ping":
                 self._push(client, encode(type="pong", id=request_id, **self.health()))
             else:
