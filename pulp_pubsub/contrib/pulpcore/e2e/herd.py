@@ -94,6 +94,10 @@ class HerdConfig:
     #: The fleets to run; ``("pubsub",)`` alone shows how the layer's own figures move
     #: with K without a stock fleet of the same size beside it on the machine.
     kinds: tuple[str, ...] = KINDS
+    #: The sizes run this many times, in turn (4, 16, 32, 4, 16, 32, ...), on fresh
+    #: fleets, and each size's figures pool its passes: a machine whose speed drifts
+    #: over minutes then weighs on every size alike, not on whichever ran last.
+    passes: int = 1
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -246,10 +250,19 @@ class HerdRun(Run):
 
     def herd(self) -> None:
         config = self.herd_config
-        for k in config.sizes:
-            self.log(f"herd: K={k}: {config.tasks} sequential tasks a fleet, both fleets at once")
-            self.result["sizes"][str(k)] = self.sequential(k)
-            self.site.stop_all()
+        passes: dict[int, dict[str, list[dict[str, Any]]]] = {}
+        for n in range(config.passes):
+            for k in config.sizes:
+                self.log(
+                    f"herd: K={k}: {config.tasks} sequential tasks a fleet, "
+                    f"{' and '.join(config.kinds)} at once (pass {n + 1} of {config.passes})"
+                )
+                # A database per pass: a fresh fleet, and no name taken twice.
+                for kind, total in self.sequential(k, f"herd{n}" if n else "herd").items():
+                    passes.setdefault(k, {}).setdefault(kind, []).append(total)
+                self.site.stop_all()
+        for k, by_kind in passes.items():
+            self.result["sizes"][str(k)] = {kind: row(pool(t)) for kind, t in by_kind.items()}
         k = config.burst_workers
         for kind in config.kinds if config.burst_tasks else ():
             self.log(f"burst: {config.burst_tasks} tasks onto {k} {kind} workers")
@@ -268,10 +281,11 @@ class HerdRun(Run):
         if config.faults:
             self.result["faults"] = {"sigkill": self.sigkill(), "redis_restart": self.restart()}
 
-    def sequential(self, k: int) -> dict[str, Any]:
+    def sequential(self, k: int, tag: str = "herd") -> dict[str, dict[str, Any]]:
+        """One pass at size K: each fleet's sums (made into figures by :func:`row`)."""
         config = self.herd_config
         kinds = config.kinds
-        fleets = {kind: self.fleet(kind, k, "herd") for kind in kinds}
+        fleets = {kind: self.fleet(kind, k, tag) for kind in kinds}
         for db, _ in fleets.values():
             self.wait_scheduled(db)
         for db, _ in fleets.values():
@@ -303,30 +317,11 @@ class HerdRun(Run):
                 total["tasks"] += len(res["records"])
                 total["waits"] += [r["wait"] for r in res["records"] if r["wait"] is not None]
                 total["unblocks"] += [r["unblock"] for r in res["records"] if r.get("unblock")]
-        row = {}
         for kind, total in totals.items():
             db = fleets[kind][0]
-            idle_rate = self.count(db, [idle_start, idle_end], []) / (idle_end - idle_start)
-            tasks, xacts, waits = total["tasks"], total["xacts"], total["waits"]
-            less_idle = xacts - idle_rate * total["span"]
-            less_beats = xacts - total["beats"]
-            row[kind] = {
-                "tasks": tasks,
-                "started": len(waits),
-                "transactions": xacts,
-                "heartbeats": total["beats"],
-                "per_task": round(xacts / tasks, 1) if tasks else None,
-                "per_task_less_heartbeats": round(less_beats / tasks, 1) if tasks else None,
-                "per_task_less_idle": round(less_idle / tasks, 1) if tasks else None,
-                "idle_per_s": round(idle_rate, 2),
-                "p50_ms": ms(statistics.median(waits)) if waits else None,
-                "p95_ms": ms(pct(waits, 0.95)),
-                # created->unblocked: where in created->started a change with K lies.
-                "unblock_p50_ms": ms(statistics.median(total["unblocks"]))
-                if total["unblocks"]
-                else None,
-            }
-        return row
+            total["idle_xacts"] = self.count(db, [idle_start, idle_end], [])
+            total["idle_span"] = idle_end - idle_start
+        return totals
 
     def sigkill(self) -> dict[str, Any]:
         """Kill the worker holding the unblock wake-up; time until its task starts."""
@@ -427,6 +422,43 @@ class HerdRun(Run):
             conn.close()
 
 
+def pool(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """One fleet size's sums over its passes, and each pass's own p50."""
+    pooled: dict[str, Any] = {"pass_p50s": [median_ms(total["waits"]) for total in passes]}
+    for total in passes:
+        for key, value in total.items():
+            pooled[key] = pooled[key] + value if key in pooled else value
+    return pooled
+
+
+def row(total: dict[str, Any]) -> dict[str, Any]:
+    """A fleet's figures at one size, from the sums of its passes."""
+    tasks, xacts, waits = total["tasks"], total["xacts"], total["waits"]
+    idle_rate = total["idle_xacts"] / total["idle_span"]
+    less_idle = xacts - idle_rate * total["span"]
+    less_beats = xacts - total["beats"]
+    return {
+        "tasks": tasks,
+        "started": len(waits),
+        "transactions": xacts,
+        "heartbeats": total["beats"],
+        "per_task": round(xacts / tasks, 1) if tasks else None,
+        "per_task_less_heartbeats": round(less_beats / tasks, 1) if tasks else None,
+        "per_task_less_idle": round(less_idle / tasks, 1) if tasks else None,
+        "idle_per_s": round(idle_rate, 2),
+        "p50_ms": median_ms(waits),
+        "p95_ms": ms(pct(waits, 0.95)),
+        # created->unblocked: where in created->started a change with K lies.
+        "unblock_p50_ms": median_ms(total["unblocks"]),
+        # Each pass's own p50: how far the machine moves one size's figure between passes.
+        "pass_p50s_ms": total["pass_p50s"],
+    }
+
+
+def median_ms(seconds: list[float]) -> float | None:
+    return ms(statistics.median(seconds)) if seconds else None
+
+
 def ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 1)
 
@@ -521,6 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-tasks", type=int, default=defaults.burst_tasks)
     parser.add_argument("--burst-workers", type=int, default=defaults.burst_workers)
     parser.add_argument("--idle-seconds", type=float, default=defaults.idle_seconds)
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=defaults.passes,
+        help="run the sizes this many times in turn and pool each size's passes",
+    )
     parser.add_argument("--no-faults", action="store_true")
     parser.add_argument(
         "--fleets",
@@ -543,6 +581,8 @@ def main(argv: list[str] | None = None) -> int:
         kinds = tuple(x for x in args.fleets.split(",") if x)
         if not kinds or not set(kinds) <= set(KINDS):
             parser.error(f"--fleets takes {' and/or '.join(KINDS)}, e.g. --fleets pubsub")
+        if args.passes < 1:
+            parser.error("--passes takes a positive number")
         if sizes and min(sizes) < 1:
             parser.error("--sizes takes positive fleet sizes, e.g. 4,16,32 (or none)")
         herd = HerdConfig(
@@ -554,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
             idle_seconds=args.idle_seconds,
             faults=not args.no_faults,
             kinds=kinds,
+            passes=args.passes,
         )
 
         def log(text: str) -> None:
