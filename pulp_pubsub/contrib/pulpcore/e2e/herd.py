@@ -31,8 +31,12 @@ rounds, so load from anything else on the machine falls on both alike:
   another; and Redis restarted (killed and started again) during a spaced burst:
   how many tasks started.
 
+With ``--passes N`` the sizes run N times in turn, each pass on fresh fleets,
+and each size's figures pool the tasks of its passes: the first fleet of a run
+is often the slowest, and one pass per size cannot tell that from K.
+
 It prints the tables and writes everything as JSON (``--json``), from which
-``--markdown`` renders the README table without running anything (``--load``).
+``--load`` renders the README table without running anything.
 """
 
 from __future__ import annotations
