@@ -262,7 +262,7 @@ class HerdRun(Run):
                     f"{' and '.join(config.kinds)} at once (pass {n + 1} of {config.passes})"
                 )
                 # A database per pass: a fresh fleet, and no name taken twice.
-                for kind, total in self.sequential(k, f"herd{n}" if n else "herd").items():
+                for kind, total in self.sequential(k, f"herd{n}").items():
                     passes.setdefault(k, {}).setdefault(kind, []).append(total)
                 self.site.stop_all()
         for k, by_kind in passes.items():
@@ -285,7 +285,7 @@ class HerdRun(Run):
         if config.faults:
             self.result["faults"] = {"sigkill": self.sigkill(), "redis_restart": self.restart()}
 
-    def sequential(self, k: int, tag: str = "herd") -> dict[str, dict[str, Any]]:
+    def sequential(self, k: int, tag: str) -> dict[str, dict[str, Any]]:
         """One pass at size K: each fleet's sums (made into figures by :func:`row`)."""
         config = self.herd_config
         kinds = config.kinds

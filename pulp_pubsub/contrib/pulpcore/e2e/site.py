@@ -227,8 +227,7 @@ class Site:
         if done.returncode:
             # The command line without values of secret options (an admin password).
             shown = " ".join(
-                arg.partition("=")[0] + "=***" if arg.startswith("--password=") else arg
-                for arg in args
+                "--password=***" if arg.startswith("--password=") else arg for arg in args
             )
             raise RuntimeError(f"pulpcore-manager {shown} failed:\n{done.stderr[-3000:]}")
         return done.stdout
