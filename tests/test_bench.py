@@ -225,6 +225,8 @@ def test_the_relay_holds_one_session_and_reaches_every_subscriber_in_both_modes(
         "--quick",
         "--subscribers",
         str(N),
+        "--repeats",
+        "2",
         "--json",
         str(tmp_path / "relay.json"),
         "--no-progress",
@@ -236,6 +238,10 @@ def test_the_relay_holds_one_session_and_reaches_every_subscriber_in_both_modes(
         assert result["fanout"][mode]["lost"] == 0
         for level in result["commit"][mode]["levels"]:
             assert level["errors"] == 0 and level["commits_per_s"] > 0
+            # --repeats 2: two runs each way, and the share is the median of the pairs' ratios.
+            pairs = list(zip(level["samples"], level["plain_samples"], strict=True))
+            assert len(pairs) == 2
+            assert level["share"] == round(sum(a / b for a, b in pairs) / 2, 4)
 
 
 def test_etcd_runs_beside_its_bare_gateway_client(django_db_blocker: Any, tmp_path: Any) -> None:
@@ -276,3 +282,41 @@ def test_the_commit_share_target_compares_redis_with_and_without_wakeups(
     [target] = [t for t in evaluate_targets(result) if t["backend"] == "redis"]
     assert target["met"] is met
     assert target["measured"].startswith(f"{with_wakeup // 10}%")
+
+
+@pytest.mark.parametrize(
+    ("direct", "redis", "met"),
+    [
+        # The raw rates of runs minutes apart say less than each backend's own share.
+        ((6900, 7300, 0.95), (7200, 7800, 0.93), True),
+        ((7300, 7700, 0.90), (7200, 7600, 0.94), False),
+    ],
+)
+def test_direct_publishing_is_judged_by_its_share_against_redis(
+    direct: tuple[int, int, float], redis: tuple[int, int, float], met: bool
+) -> None:
+    from pulp_pubsub.bench.report import evaluate_targets
+
+    def levels(rates: tuple[int, int, float]) -> list[dict[str, Any]]:
+        top = {"subscribers": 250, "commits_per_s": rates[0], "plain_commits_per_s": rates[1]}
+        return [{**top, "subscribers": 0}, {**top, "share": rates[2]}]
+
+    result = {
+        "commit": {"relay_direct": {"levels": levels(direct)}, "redis": {"levels": levels(redis)}}
+    }
+    [target] = [t for t in evaluate_targets(result) if t["backend"] == "relay_direct"]
+    assert target["met"] is met
+    assert target["measured"].startswith(f"{direct[2]:.1%} vs {redis[2]:.1%}")
+
+
+def test_direct_publishing_without_shares_is_judged_by_raw_rates() -> None:
+    from pulp_pubsub.bench.report import evaluate_targets
+
+    def levels(rate: int) -> list[dict[str, Any]]:
+        return [{"subscribers": 250, "commits_per_s": rate, "plain_commits_per_s": 8000}]
+
+    result = {
+        "commit": {"relay_direct": {"levels": levels(7000)}, "redis": {"levels": levels(7100)}}
+    }
+    [target] = [t for t in evaluate_targets(result) if t["backend"] == "relay_direct"]
+    assert target["met"] is False and target["measured"] == "7000/s vs 7100/s"

@@ -22,6 +22,29 @@ RELAY_NOTIFY_RATIO = 1.5
 WAKEUP_COMMIT_SHARE = 0.9
 
 
+def _direct_target(top: dict[str, Any], redis_top: dict[str, Any]) -> dict[str, Any]:
+    """Direct publishing against Redis at the top level.
+
+    Judged by each backend's commits/s with a wake-up as a share of its own without
+    one (``share``), measured in turn seconds apart: the two backends run minutes
+    apart, and the plain rates of the very same writers differ between those runs
+    by as much as the two backends could. A result from before ``share`` existed
+    is judged by the raw rates.
+    """
+    raw = f"{top['commits_per_s']:.0f}/s vs {redis_top['commits_per_s']:.0f}/s"
+    mine, theirs = top.get("share"), redis_top.get("share")
+    if mine is None or theirs is None:
+        measured, met = raw, top["commits_per_s"] >= redis_top["commits_per_s"]
+    else:
+        measured, met = f"{mine:.1%} vs {theirs:.1%} of without a wake-up ({raw})", mine >= theirs
+    return _target(
+        f"relay (direct): commits/s at {top['subscribers']} subscribers >= the Redis backend's",
+        "relay_direct",
+        measured,
+        met,
+    )
+
+
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for backend, r in result.get("latency", {}).items():
@@ -118,16 +141,7 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
                 )
             )
         elif "redis" in commits:
-            redis_top = commits["redis"]["levels"][-1]
-            out.append(
-                _target(
-                    f"relay (direct): commits/s at {top['subscribers']} subscribers >= the "
-                    "Redis backend's",
-                    mode,
-                    f"{top['commits_per_s']:.0f}/s vs {redis_top['commits_per_s']:.0f}/s",
-                    top["commits_per_s"] >= redis_top["commits_per_s"],
-                )
-            )
+            out.append(_direct_target(top, commits["redis"]["levels"][-1]))
     poll = result.get("poll")
     if poll:
         base = poll["per_worker"].get("p50")
@@ -343,6 +357,9 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
         for b, r in result["commit"].items():
             rows.append([b, "yes", *(row["commits_per_s"] for row in r["levels"])])
             rows.append([b, "no", *(row["plain_commits_per_s"] for row in r["levels"])])
+            if any(row.get("share") is not None for row in r["levels"]):
+                shares = (row.get("share") for row in r["levels"])
+                rows.append([b, "yes ÷ no", *(f"{x:.1%}" if x else "-" for x in shares)])
         first = next(iter(result["commit"].values()))
         title = (
             f"5. Commits/s of {first['writers']} writers (INSERT + wake-up per transaction), "

@@ -37,6 +37,9 @@ class Params:
     window: float = 30.0
     writers: int = 4
     duration: float = 5.0
+    #: Commit runs per subscriber level, each with and without a wake-up in turn:
+    #: one backend's two rates then see the same drift of a shared machine.
+    repeats: int = 1
     poll_rounds: int = 10
     #: Seconds between the last agent starting and an idle window. PostgreSQL
     #: publishes a session's counters up to 10 s late (PGSTAT_IDLE_INTERVAL) when it
@@ -54,7 +57,7 @@ class Params:
         return sorted({0, min(100, self.subscribers), self.subscribers}, reverse=True)
 
     def check(self) -> None:
-        for name in ("subscribers", "pings", "rounds", "writers", "poll_rounds"):
+        for name in ("subscribers", "pings", "rounds", "writers", "repeats", "poll_rounds"):
             if getattr(self, name) < 1:
                 raise BenchError(f"--{name.replace('_', '-')} must be at least 1.")
         if self.window <= 0 or self.duration <= 0:

@@ -7,6 +7,7 @@ all N of them, then commit shrinks it to 100 and to 0.
 
 from __future__ import annotations
 
+import statistics
 import time
 import uuid
 from collections.abc import Callable
@@ -408,31 +409,51 @@ def idle(ctx: Context, run: BackendRun) -> dict[str, Any]:
 
 
 def commit(ctx: Context, run: BackendRun) -> dict[str, Any]:
-    """Commit rate of W writers with N, 100 and 0 idle subscribers (the fleet shrinks)."""
+    """Commit rate of W writers with N, 100 and 0 idle subscribers (the fleet shrinks).
+
+    With ``--repeats R`` each level measures R times with a wake-up and R times
+    without, in turn (the order flips every time), and reports the medians and
+    ``share``, the median of each pair's ratio: a 2-core machine drifts by a few
+    percent over minutes, and a ratio of two runs seconds apart does not see it.
+    """
     params, target, writers = ctx.params, run.target, run.writers
     levels = []
     for level in params.commit_levels:
         run.shrink(level)
         run.grow(level)
-        row: dict[str, Any] = {"subscribers": level}
-        for publish in (True, False):
-            key = "commits_per_s" if publish else "plain_commits_per_s"
-            label = f"commit {target.name}, {level} idle subscribers" + (
-                "" if publish else ", no publish"
-            )
-            with ctx.progress.step(label, 1, "runs") as step:
-                writers.send({"run": params.duration, "publish": publish})
-                got = writers.gather(params.duration + 60, lambda m: "commits" in m)
-                step.update(1)
-            commits = sum(m["commits"] for m in got.values())
-            elapsed = max(m["elapsed"] for m in got.values())
-            row[key] = round(commits / elapsed, 1)
-            row["errors" if publish else "plain_errors"] = sum(m["errors"] for m in got.values())
-            errors = [m["first_error"] for m in got.values() if m["first_error"]]
-            if errors:
-                row.setdefault("first_error", errors[0])
+        row: dict[str, Any] = {"subscribers": level, "errors": 0, "plain_errors": 0}
+        samples: dict[bool, list[float]] = {True: [], False: []}
+        for repeat in range(params.repeats):
+            for publish in (True, False) if repeat % 2 == 0 else (False, True):
+                label = f"commit {target.name}, {level} idle subscribers" + (
+                    "" if publish else ", no publish"
+                )
+                with ctx.progress.step(label, 1, "runs") as step:
+                    writers.send({"run": params.duration, "publish": publish})
+                    got = writers.gather(params.duration + 60, lambda m: "commits" in m)
+                    step.update(1)
+                commits = sum(m["commits"] for m in got.values())
+                elapsed = max(m["elapsed"] for m in got.values())
+                samples[publish].append(round(commits / elapsed, 1))
+                row["errors" if publish else "plain_errors"] += sum(
+                    m["errors"] for m in got.values()
+                )
+                errors = [m["first_error"] for m in got.values() if m["first_error"]]
+                if errors:
+                    row.setdefault("first_error", errors[0])
+        row["commits_per_s"] = round(statistics.median(samples[True]), 1)
+        row["plain_commits_per_s"] = round(statistics.median(samples[False]), 1)
+        pairs = [a / b for a, b in zip(samples[True], samples[False], strict=True) if b]
+        row["share"] = round(statistics.median(pairs), 4) if pairs else None
+        if params.repeats > 1:
+            row["samples"], row["plain_samples"] = samples[True], samples[False]
         levels.append(row)
-    return {"writers": params.writers, "duration_s": params.duration, "levels": levels[::-1]}
+    return {
+        "writers": params.writers,
+        "duration_s": params.duration,
+        "repeats": params.repeats,
+        "levels": levels[::-1],
+    }
 
 
 # -- 6. poll baseline ---------------------------------------------------------------

@@ -56,6 +56,12 @@ class Command(BaseCommand):
             help=f"Seconds per commit measurement (default {DEFAULTS.duration:g}).",
         )
         add(
+            "--repeats",
+            type=int,
+            help="Commit measurements per level, with and without a wake-up in turn; the "
+            f"medians count (default {DEFAULTS.repeats}).",
+        )
+        add(
             "--poll-rounds",
             type=int,
             help=f"Wake-ups for the poll baseline (default {DEFAULTS.poll_rounds}).",
@@ -98,7 +104,16 @@ class Command(BaseCommand):
 
     def _run(self, options: dict[str, Any]) -> dict[str, Any]:
         params = QUICK if options["quick"] else DEFAULTS
-        fields = ("subscribers", "pings", "rounds", "window", "writers", "duration", "poll_rounds")
+        fields = (
+            "subscribers",
+            "pings",
+            "rounds",
+            "window",
+            "writers",
+            "duration",
+            "repeats",
+            "poll_rounds",
+        )
         params = replace(params, **{f: options[f] for f in fields if options[f] is not None})
         chosen = options["scenarios"] or list(SCENARIOS)
         backends = [b.strip() for b in options["backends"].split(",") if b.strip()]
