@@ -359,7 +359,7 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
             rows.append([b, "no", *(row["plain_commits_per_s"] for row in r["levels"])])
             if any(row.get("share") is not None for row in r["levels"]):
                 shares = (row.get("share") for row in r["levels"])
-                rows.append([b, "yes ÷ no", *(f"{x:.1%}" if x else "-" for x in shares)])
+                rows.append([b, "yes ÷ no", *("-" if x is None else f"{x:.1%}" for x in shares)])
         first = next(iter(result["commit"].values()))
         title = (
             f"5. Commits/s of {first['writers']} writers (INSERT + wake-up per transaction), "

@@ -294,10 +294,8 @@ class Relay:
                         raise InvalidPayload("'payload' must be a string")
                     if type(channel) is not str or channel not in names:
                         names.add(validate_channel(channel))
-                listened = self.by_channel
                 for channel, payload in messages:
-                    if channel in listened:
-                        self.deliver(channel, payload)
+                    self.deliver(channel, payload)
                 return encode(type="published", id=request_id, count=len(messages))
             elif kind == "ping":
                 return encode(type="pong", id=request_id, **self.health())
