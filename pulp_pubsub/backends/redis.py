@@ -84,7 +84,8 @@ except ImportError as exc:
     raise MissingDependency("redis", "redis", exc) from exc
 
 # Needs redis-py too: after the check that names the pip extra.
-from .redisgroups import CONSUMER_GROUP, STREAM_MAXLEN, GroupReader, stream_key
+from .redisgroups import CONSUMER_GROUP, STREAM_MAXLEN, GroupReader, member_base, stream_key
+from .redislua import ALIVE_CLAIM_TIMEOUTS, HAND_OUT, PRUNE
 
 # redis-py grew what this module uses over its releases; pulpcore allows 4.3 and later, so
 # each is used only where it exists (tests/test_redis_floor.py runs the suite on 4.3).
@@ -304,13 +305,14 @@ class RedisTransport(Transport):
         self._execute(pipe, "XACK")
 
     def release(self, handed: Collection[Handed]) -> None:
-        # A fresh entry for the group and the old one acked, in one MULTI.
-        pipe = self.backend.clients().publisher.pipeline(transaction=True)
+        # A fresh entry for the group, handed to an idle member, and the old one acked.
+        backend = self.backend
+        pipe = backend.clients().publisher.pipeline(transaction=False)
         for item in handed:
             key = stream_key(item.wire, item.group)
-            pipe.xadd(key, {"p": item.payload}, maxlen=STREAM_MAXLEN, approximate=True)
-            pipe.xack(key, CONSUMER_GROUP, item.token)
-            pipe.xdel(key, item.token)
+            pipe.eval(
+                HAND_OUT, 1, key, *backend.hand_out_argv(item.group, item.payload, 1, item.token)
+            )
         self._execute(pipe, "give back")
 
     def tidy(self, keys: Collection[str]) -> None:
@@ -329,6 +331,7 @@ class RedisTransport(Transport):
         expiry_ms = backend.config["consumer_expiry"] * 1000
         try:
             for key in keys:
+                publisher.eval(PRUNE, 1, key, member_base(backend.channel_prefix))
                 for consumer in publisher.xinfo_consumers(key, CONSUMER_GROUP):
                     if consumer["pending"] == 0 and consumer["idle"] >= expiry_ms:
                         publisher.xgroup_delconsumer(key, CONSUMER_GROUP, consumer["name"])
@@ -570,8 +573,9 @@ class RedisBackend(BaseBackend):
             if item.group is None:
                 packed.append(_pack("PUBLISH", item.wire, item.payload))
             else:
-                xadd = _pack("XADD", stream_key(item.wire, item.group), *_XADD_TAIL, item.payload)
-                packed.extend([xadd] * item.receivers)
+                key = stream_key(item.wire, item.group)
+                argv = self.hand_out_argv(item.group, item.payload, item.receivers)
+                packed.append(_pack("EVAL", HAND_OUT, "1", key, *argv))
         try:
             conn = self._sender_connection()
             try:
@@ -603,17 +607,23 @@ class RedisBackend(BaseBackend):
         return clients.after_commit
 
     def send_targeted(self, channel: str, payload: str, group: str, receivers: int) -> None:
-        key = stream_key(channel, group)
-        pipe = self.clients().publisher.pipeline(transaction=False)
-        for _ in range(receivers):
-            pipe.xadd(key, {"p": payload}, maxlen=STREAM_MAXLEN, approximate=True)
+        argv = self.hand_out_argv(group, payload, receivers)
         try:
-            pipe.execute()
+            self.clients().publisher.eval(HAND_OUT, 1, stream_key(channel, group), *argv)
         except redis.RedisError as exc:
             raise PublishError(
                 f"redis backend could not publish to {self.where()}: "
                 f"{explain(exc, self.channel_prefix)}"
             ) from exc
+
+    def hand_out_argv(
+        self, group: str, payload: str, receivers: int, replaces: str = ""
+    ) -> tuple[str, ...]:
+        """The arguments of :data:`.redislua.HAND_OUT` after the stream."""
+        claim_ms = max(1, int(self.config["claim_timeout"] * 1000))
+        ttl = str(claim_ms * ALIVE_CLAIM_TIMEOUTS)
+        base = member_base(self.channel_prefix)
+        return (CONSUMER_GROUP, payload, str(receivers), str(STREAM_MAXLEN), base, ttl, replaces)
 
     def open_transport(self) -> RedisTransport:
         return RedisTransport(self)
@@ -670,9 +680,6 @@ class RedisBackend(BaseBackend):
 
 
 #: XADD's arguments between the key and the payload (see send_targeted()).
-_XADD_TAIL = ("MAXLEN", "~", str(STREAM_MAXLEN), "*", "p")
-
-
 def _pack(*args: str) -> bytes:
     """One command in RESP, as redis-py would send it."""
     out = [b"*%d\r\n" % len(args)]

@@ -1,10 +1,10 @@
 """Targeted delivery on Redis: streams with one consumer group each.
 
 One stream per (channel, group), ``<wire channel>#<group>``; a publish adds
-entries, each member reads them on a second connection of its own with
-blocking ``XREADGROUP``, one at a time, and the listener acknowledges or gives
-them back through the publish pool. Kept apart from :mod:`.redis`, which is
-about the server, the URL and PUB/SUB.
+entries and hands each to the member idle since the latest time (see
+:mod:`.redislua`), which waits for it on a second connection of its own, one at
+a time; the listener acknowledges or gives them back through the publish pool.
+Kept apart from :mod:`.redis`, which is about the server, the URL and PUB/SUB.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from redis.connection import Connection
 
 from ..exceptions import ConnectionLost
 from .base import Handed
+from .redislua import ALIVE_CLAIM_TIMEOUTS, MEMBER
 
 if TYPE_CHECKING:
     from .redis import RedisTransport
@@ -38,13 +39,14 @@ def stream_key(wire: str, group: str) -> str:
 
 
 class GroupReader:
-    """The second connection of a targeting transport: blocking group reads.
+    """The second connection of a targeting transport: the member's turns and its inbox.
 
-    One command at a time is outstanding: a blocking ``XREADGROUP`` over the
-    wanted streams, or the ``XAUTOCLAIM`` sweep, or the first read of this
-    consumer's own pending entries (taken before a reconnect and never seen).
-    A changed wish interrupts a blocked read with ``CLIENT UNBLOCK`` from the
-    publish connection; the nil reply then makes way for the new read.
+    One command at a time is outstanding: a turn (the :data:`.redislua.MEMBER`
+    script), or a blocking ``BLPOP`` on the member's inbox after a turn that
+    found nothing and recorded it idle. The block ends by the claim timeout, and
+    the turn that follows also sweeps for entries others have held too long. A
+    changed wish interrupts a blocked read with ``CLIENT UNBLOCK`` from the
+    publish connection; the nil reply then makes way for a turn with the new wish.
     """
 
     def __init__(
@@ -60,6 +62,7 @@ class GroupReader:
         backend = transport.backend
         self.claim_ms = max(1, int(backend.config["claim_timeout"] * 1000))
         self.probe_timeout = backend.config["probe_timeout"]
+        self.base = member_base(backend.channel_prefix)
         self.conn = cast(Connection, transport._pool.make_connection())
         try:
             self.conn.connect()
@@ -74,13 +77,15 @@ class GroupReader:
         if sock is None:
             raise ConnectionLost(f"could not connect to {backend.where()}")
         self.fd: int = sock.fileno()
-        # What each outstanding reply is: ("read", streams) or ("claim", key).
+        # What each outstanding reply is: ("turn", mode) or ("inbox", members).
         self.expect: deque[tuple[str, Any]] = deque()
         self.reading: frozenset[tuple[str, str]] | None = None
         # When the outstanding command should have answered by.
         self.block_until: float = 0.0
         self.unblocking: bool = False
         self.history_read: bool = False
+        # Recorded idle by the last turn: the next step is to wait on the inbox.
+        self.idle: bool = False
         self.next_sweep: float = time.monotonic()
         self.next_tidy: float = self.next_sweep
         self.consumer: str = ""
@@ -90,8 +95,13 @@ class GroupReader:
         if self.expect:
             if self.reading is not None and self.reading != members and not self.unblocking:
                 self.unblocking = True
+                publisher = self.transport.backend.clients().publisher
                 try:
-                    self.transport.backend.clients().publisher.client_unblock(self.client_id)
+                    if not members:
+                        # Paused or closing: no publish may pick this member from now on.
+                        publisher.eval(MEMBER, 0, *self._argv("leave"))
+                        self.idle = False
+                    publisher.client_unblock(self.client_id)
                 except redis.RedisError as exc:
                     raise ConnectionLost(f"CLIENT UNBLOCK failed: {self.explain(exc)}") from exc
             elif time.monotonic() > self.block_until + self.probe_timeout:
@@ -100,58 +110,44 @@ class GroupReader:
                 )
             return
         if not members:
+            if self.idle:
+                self._turn("leave", [])
             return
         keys = sorted(stream_key(wire, group) for wire, group in members)
         now = time.monotonic()
         if not self.history_read:
             # Entries handed to this consumer on a connection that then died.
-            self._read_group(members, consumer, keys, "0")
+            self._turn("fresh", keys)
             self.history_read = True
+        elif self.idle and now < self.next_sweep:
+            self.idle = False
+            block = self.next_sweep - now
+            self._send("inbox", members, "BLPOP", self._key("inbox"), f"{block:.3f}")
+            self.reading = members
+            self.block_until = now + block
         elif now >= self.next_sweep:
-            for key in keys:
-                self._send(
-                    "claim",
-                    key,
-                    "XAUTOCLAIM",
-                    key,
-                    CONSUMER_GROUP,
-                    consumer,
-                    str(self.claim_ms),
-                    "0-0",
-                    "COUNT",
-                    "1",
-                )
             self.next_sweep = now + self._sweep_interval()
+            self._turn("sweep", keys)
             if now >= self.next_tidy:
                 self.next_tidy = now + TIDY_INTERVAL * random.uniform(0.8, 1.0)
                 self.transport.tidy(keys)
         else:
-            block = max(1, int((self.next_sweep - now) * 1000))
-            self._read_group(members, consumer, keys, ">", "BLOCK", str(block))
-            self.reading = members
-            self.block_until = now + block / 1000
+            self._turn("turn", keys)
 
     def _sweep_interval(self) -> float:
         # Redelivery comes within two claim timeouts; an idle member looks
         # about once per claim timeout, jittered so a fleet does not look at once.
         return self.claim_ms / 1000 * random.uniform(0.8, 1.0)
 
-    def _read_group(
-        self,
-        members: frozenset[tuple[str, str]],
-        consumer: str,
-        keys: list[str],
-        start: str,
-        *block: str,
-    ) -> None:
-        """One entry of any of ``keys``: from ``start`` ("0": this consumer's own pending
-        entries; ">": new ones), waiting as ``block`` says."""
-        self._send(
-            "read",
-            members,
-            "XREADGROUP", "GROUP", CONSUMER_GROUP, consumer, "COUNT", "1", *block,
-            "STREAMS", *keys, *[start] * len(keys),
-        )  # fmt: skip
+    def _key(self, what: str) -> str:
+        return f"{self.base}{self.consumer}>{what}"
+
+    def _argv(self, mode: str) -> tuple[str, ...]:
+        ttl = str(self.claim_ms * ALIVE_CLAIM_TIMEOUTS)
+        return (CONSUMER_GROUP, self.consumer, self.base, ttl, mode, str(self.claim_ms))
+
+    def _turn(self, mode: str, keys: list[str]) -> None:
+        self._send("turn", mode, "EVAL", MEMBER, str(len(keys)), *keys, *self._argv(mode))
 
     def _send(self, kind: str, what: Any, *args: str) -> None:
         try:
@@ -176,31 +172,35 @@ class GroupReader:
             except redis.RedisError as exc:
                 raise ConnectionLost(self.explain(exc)) from exc
             kind, what = self.expect.popleft()
-            if kind == "read":
+            if kind == "inbox":
                 self.reading = None
                 self.unblocking = False
-                if isinstance(reply, list):
-                    for key, entries in reply:
-                        handed.extend(self._entries(text(key), entries))
-            elif isinstance(reply, list) and len(reply) >= 2:
-                handed.extend(self._entries(what, reply[1]))
+                if isinstance(reply, list) and len(reply) == 2:
+                    handed.extend(parse_items([reply[1]]))
+            else:
+                items = parse_items(reply if isinstance(reply, list) else [])
+                # A turn that found nothing recorded this member idle.
+                self.idle = what in ("turn", "sweep") and not items
+                handed.extend(items)
         return handed
-
-    @staticmethod
-    def _entries(key: str, entries: Any) -> list[Handed]:
-        wire, _, group = key.rpartition("#")
-        found = []
-        for entry in entries or ():
-            if not entry or entry[1] is None:
-                continue  # deleted while pending (trimmed)
-            entry_id, fields = entry
-            values = dict(zip(fields[::2], fields[1::2], strict=False))
-            payload = values.get(b"p", b"")
-            found.append(Handed(wire, group, text(payload), text(entry_id)))
-        return found
 
     def close(self) -> None:
         self.conn.disconnect()
+
+
+def member_base(prefix: str) -> str:
+    """Where a member's own keys start; see :mod:`.redislua`."""
+    return f"{prefix}>member>"
+
+
+def parse_items(items: list[Any]) -> list[Handed]:
+    """Entries as the scripts hand them out: ``stream\\nid\\npayload``."""
+    found = []
+    for item in items:
+        key, entry_id, payload = text(item).split("\n", 2)
+        wire, _, group = key.rpartition("#")
+        found.append(Handed(wire, group, payload, entry_id))
+    return found
 
 
 def text(value: object) -> str:

@@ -1,0 +1,114 @@
+"""Targeted delivery on Redis: which idle member a wake-up goes to, and members gone.
+
+A ghost is a member as a process killed while idle leaves it: its turn ran (it is
+recorded idle, its marks set) and nothing waits on its inbox. It is made with a bare
+client running the member's own script.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import redis
+
+from pulp_pubsub.backends.redisgroups import CONSUMER_GROUP, member_base, stream_key
+from pulp_pubsub.backends.redislua import MEMBER
+from pulp_pubsub.testing import RedisServer
+
+from .test_redis import Inbox, redis_backend
+from .util import wait_until
+
+pytestmark = pytest.mark.backend
+GROUP = "workers"
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with RedisServer() as running:
+        yield running
+
+
+@pytest.fixture
+def admin(server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    yield client
+    client.close()
+
+
+def new_channel() -> tuple[str, str]:
+    channel = f"idle.{os.urandom(4).hex()}"
+    return channel, stream_key(channel, GROUP)
+
+
+def idle(admin: redis.Redis, key: str) -> list[str]:
+    """The members recorded idle on a stream, the one idle since the latest time last."""
+    return admin.zrange(f"{key}>idle", 0, -1)
+
+
+def ghost(admin: redis.Redis, key: str, name: str, marks_ms: int) -> None:
+    if not admin.exists(key):
+        admin.xgroup_create(key, CONSUMER_GROUP, "$", mkstream=True)
+    args = (CONSUMER_GROUP, name, member_base(""), str(marks_ms), "turn", "1000")
+    assert admin.eval(MEMBER, 1, key, *args) == []
+
+
+def test_a_wake_up_goes_to_the_member_idle_since_the_latest_time(server, admin):
+    """Three wake-ups in a row all go to the member that finished last, none to the
+    one idle longer (Redis's own blocked-reader order would give it the first)."""
+    channel, key = new_channel()
+    with redis_backend(server.url) as backend:
+        with backend.subscriber() as cold, backend.subscriber() as warm:
+            cold.subscribe(channel, Inbox(cold), group=GROUP)
+            assert cold.wait_connected(10), cold.last_error
+            wait_until(lambda: idle(admin, key) == [cold._consumer], what="cold to be idle")
+            box = Inbox(warm)
+            warm.subscribe(channel, box, group=GROUP)
+            assert warm.wait_connected(10), warm.last_error
+            for n in range(3):
+                wait_until(
+                    lambda: idle(admin, key) == [cold._consumer, warm._consumer],
+                    what="warm to be idle again, after cold",
+                )
+                backend.publish(channel, str(n), group=GROUP)
+                box.wait_for_payload(str(n))
+            # A targeted message reaches one member: warm had all three.
+            assert box.payloads() == ["0", "1", "2"]
+
+
+def test_a_wake_up_handed_to_a_member_killed_while_idle_reaches_another(server, admin):
+    channel, key = new_channel()
+    with redis_backend(server.url, claim_timeout=0.5) as backend, backend.subscriber() as live:
+        box = Inbox(live)
+        live.subscribe(channel, box, group=GROUP)
+        assert live.wait_connected(10), live.last_error
+        wait_until(lambda: idle(admin, key) == [live._consumer], what="the member to be idle")
+        ghost(admin, key, "ghost", marks_ms=60_000)
+        assert idle(admin, key) == [live._consumer, "ghost"]
+        backend.publish(channel, "for the ghost", group=GROUP)
+        # Handed to the ghost (pending for it), then claimed by the live member's sweep.
+        box.wait_for_payload("for the ghost")
+        assert "ghost" not in idle(admin, key)
+        wait_until(lambda: admin.xpending(key, CONSUMER_GROUP)["pending"] == 0, what="the ack")
+
+
+def test_members_whose_marks_lapsed_are_passed_over_and_pruned(server, admin):
+    channel, key = new_channel()
+    # Below the live member in the stack, and above it: both killed long ago.
+    ghost(admin, key, "deep-ghost", marks_ms=1)
+    with redis_backend(server.url, claim_timeout=60) as backend, backend.subscriber() as live:
+        box = Inbox(live)
+        live.subscribe(channel, box, group=GROUP)
+        assert live.wait_connected(10), live.last_error
+        # The member's first sweep tidies: the deep ghost, never picked, is removed.
+        wait_until(lambda: idle(admin, key) == [live._consumer], what="the prune")
+        ghost(admin, key, "top-ghost", marks_ms=1)
+        wait_until(lambda: not admin.exists(f"{member_base('')}top-ghost>alive"), what="lapse")
+        assert idle(admin, key) == [live._consumer, "top-ghost"]
+        backend.publish(channel, "passed over", group=GROUP)
+        # Straight to the live member: a claim would take 60 s.
+        box.wait_for_payload("passed over")
+        assert "top-ghost" not in idle(admin, key)
+        holders = admin.xpending(key, CONSUMER_GROUP)["consumers"]
+        assert "top-ghost" not in [holder["name"] for holder in holders]
