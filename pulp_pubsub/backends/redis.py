@@ -84,7 +84,14 @@ except ImportError as exc:
     raise MissingDependency("redis", "redis", exc) from exc
 
 # Needs redis-py too: after the check that names the pip extra.
-from .redisgroups import CONSUMER_GROUP, STREAM_MAXLEN, GroupReader, member_base, stream_key
+from .redisgroups import (
+    CONSUMER_GROUP,
+    STREAM_MAXLEN,
+    GroupReader,
+    claim_ms,
+    member_base,
+    stream_key,
+)
 from .redislua import ALIVE_CLAIM_TIMEOUTS, HAND_OUT, PRUNE
 
 # redis-py grew what this module uses over its releases; pulpcore allows 4.3 and later, so
@@ -620,10 +627,9 @@ class RedisBackend(BaseBackend):
         self, group: str, payload: str, receivers: int, replaces: str = ""
     ) -> tuple[str, ...]:
         """The arguments of :data:`.redislua.HAND_OUT` after the stream."""
-        claim_ms = max(1, int(self.config["claim_timeout"] * 1000))
-        ttl = str(claim_ms * ALIVE_CLAIM_TIMEOUTS)
         base = member_base(self.channel_prefix)
-        return (CONSUMER_GROUP, payload, str(receivers), str(STREAM_MAXLEN), base, ttl, replaces)
+        marks = str(claim_ms(self.config) * ALIVE_CLAIM_TIMEOUTS)
+        return (CONSUMER_GROUP, payload, str(receivers), str(STREAM_MAXLEN), base, marks, replaces)
 
     def open_transport(self) -> RedisTransport:
         return RedisTransport(self)
@@ -679,7 +685,6 @@ class RedisBackend(BaseBackend):
             clients.close()
 
 
-#: XADD's arguments between the key and the payload (see send_targeted()).
 def _pack(*args: str) -> bytes:
     """One command in RESP, as redis-py would send it."""
     out = [b"*%d\r\n" % len(args)]

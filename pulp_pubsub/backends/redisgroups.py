@@ -60,7 +60,7 @@ class GroupReader:
         # Both from .redis, which knows the redis-py version's ways.
         self.read_reply = read_reply
         backend = transport.backend
-        self.claim_ms = max(1, int(backend.config["claim_timeout"] * 1000))
+        self.claim_ms = claim_ms(backend.config)
         self.probe_timeout = backend.config["probe_timeout"]
         self.base = member_base(backend.channel_prefix)
         self.conn = cast(Connection, transport._pool.make_connection())
@@ -77,15 +77,15 @@ class GroupReader:
         if sock is None:
             raise ConnectionLost(f"could not connect to {backend.where()}")
         self.fd: int = sock.fileno()
-        # What each outstanding reply is: ("turn", mode) or ("inbox", members).
+        # What each outstanding reply is: ("turn", members) or ("inbox", members).
         self.expect: deque[tuple[str, Any]] = deque()
         self.reading: frozenset[tuple[str, str]] | None = None
         # When the outstanding command should have answered by.
         self.block_until: float = 0.0
         self.unblocking: bool = False
         self.history_read: bool = False
-        # Recorded idle by the last turn: the next step is to wait on the inbox.
-        self.idle: bool = False
+        # What this member is recorded idle on (by its last turn): it waits on its inbox.
+        self.idle: frozenset[tuple[str, str]] | None = None
         self.next_sweep: float = time.monotonic()
         self.next_tidy: float = self.next_sweep
         self.consumer: str = ""
@@ -100,7 +100,7 @@ class GroupReader:
                     if not members:
                         # Paused or closing: no publish may pick this member from now on.
                         publisher.eval(MEMBER, 0, *self._argv("leave"))
-                        self.idle = False
+                        self.idle = None
                     publisher.client_unblock(self.client_id)
                 except redis.RedisError as exc:
                     raise ConnectionLost(f"CLIENT UNBLOCK failed: {self.explain(exc)}") from exc
@@ -110,29 +110,28 @@ class GroupReader:
                 )
             return
         if not members:
-            if self.idle:
-                self._turn("leave", [])
+            if self.idle is not None:
+                self._turn("leave", members, [])
             return
         keys = sorted(stream_key(wire, group) for wire, group in members)
         now = time.monotonic()
         if not self.history_read:
             # Entries handed to this consumer on a connection that then died.
-            self._turn("fresh", keys)
+            self._turn("fresh", members, keys)
             self.history_read = True
-        elif self.idle and now < self.next_sweep:
-            self.idle = False
+        elif self.idle == members and now < self.next_sweep:
             block = self.next_sweep - now
             self._send("inbox", members, "BLPOP", self._key("inbox"), f"{block:.3f}")
             self.reading = members
             self.block_until = now + block
         elif now >= self.next_sweep:
             self.next_sweep = now + self._sweep_interval()
-            self._turn("sweep", keys)
+            self._turn("sweep", members, keys)
             if now >= self.next_tidy:
                 self.next_tidy = now + TIDY_INTERVAL * random.uniform(0.8, 1.0)
                 self.transport.tidy(keys)
         else:
-            self._turn("turn", keys)
+            self._turn("turn", members, keys)
 
     def _sweep_interval(self) -> float:
         # Redelivery comes within two claim timeouts; an idle member looks
@@ -146,8 +145,10 @@ class GroupReader:
         ttl = str(self.claim_ms * ALIVE_CLAIM_TIMEOUTS)
         return (CONSUMER_GROUP, self.consumer, self.base, ttl, mode, str(self.claim_ms))
 
-    def _turn(self, mode: str, keys: list[str]) -> None:
-        self._send("turn", mode, "EVAL", MEMBER, str(len(keys)), *keys, *self._argv(mode))
+    def _turn(self, mode: str, members: frozenset[tuple[str, str]], keys: list[str]) -> None:
+        # Every mode but "leave" and "fresh" records the member idle when it finds nothing.
+        recorded = members if mode in ("turn", "sweep") else None
+        self._send("turn", recorded, "EVAL", MEMBER, str(len(keys)), *keys, *self._argv(mode))
 
     def _send(self, kind: str, what: Any, *args: str) -> None:
         try:
@@ -176,16 +177,21 @@ class GroupReader:
                 self.reading = None
                 self.unblocking = False
                 if isinstance(reply, list) and len(reply) == 2:
+                    # The publish that pushed it took this member off every idle set.
+                    self.idle = None
                     handed.extend(parse_items([reply[1]]))
             else:
                 items = parse_items(reply if isinstance(reply, list) else [])
-                # A turn that found nothing recorded this member idle.
-                self.idle = what in ("turn", "sweep") and not items
+                self.idle = None if items else what
                 handed.extend(items)
         return handed
 
     def close(self) -> None:
         self.conn.disconnect()
+
+
+def claim_ms(config: dict[str, Any]) -> int:
+    return max(1, int(config["claim_timeout"] * 1000))
 
 
 def member_base(prefix: str) -> str:
