@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+from pulp_pubsub.backends.listener import Subscriber
 from pulp_pubsub.backends.redisgroups import CONSUMER_GROUP, member_base, stream_key
 from pulp_pubsub.backends.redislua import MEMBER
 from pulp_pubsub.testing import RedisServer
@@ -54,18 +55,22 @@ def ghost(admin: redis.Redis, key: str, name: str, marks_ms: int) -> None:
     assert admin.eval(MEMBER, 1, key, *args) == []
 
 
+def join(sub: Subscriber, channel: str) -> Inbox:
+    box = Inbox(sub)
+    sub.subscribe(channel, box, group=GROUP)
+    assert sub.wait_connected(10), sub.last_error
+    return box
+
+
 def test_a_wake_up_goes_to_the_member_idle_since_the_latest_time(server, admin):
     """Three wake-ups in a row all go to the member that finished last, none to the
     one idle longer (Redis's own blocked-reader order would give it the first)."""
     channel, key = new_channel()
     with redis_backend(server.url) as backend:
         with backend.subscriber() as cold, backend.subscriber() as warm:
-            cold.subscribe(channel, Inbox(cold), group=GROUP)
-            assert cold.wait_connected(10), cold.last_error
+            join(cold, channel)
             wait_until(lambda: idle(admin, key) == [cold._consumer], what="cold to be idle")
-            box = Inbox(warm)
-            warm.subscribe(channel, box, group=GROUP)
-            assert warm.wait_connected(10), warm.last_error
+            box = join(warm, channel)
             for n in range(3):
                 wait_until(
                     lambda: idle(admin, key) == [cold._consumer, warm._consumer],
@@ -80,9 +85,7 @@ def test_a_wake_up_goes_to_the_member_idle_since_the_latest_time(server, admin):
 def test_a_wake_up_handed_to_a_member_killed_while_idle_reaches_another(server, admin):
     channel, key = new_channel()
     with redis_backend(server.url, claim_timeout=0.5) as backend, backend.subscriber() as live:
-        box = Inbox(live)
-        live.subscribe(channel, box, group=GROUP)
-        assert live.wait_connected(10), live.last_error
+        box = join(live, channel)
         wait_until(lambda: idle(admin, key) == [live._consumer], what="the member to be idle")
         ghost(admin, key, "ghost", marks_ms=60_000)
         assert idle(admin, key) == [live._consumer, "ghost"]
@@ -98,9 +101,7 @@ def test_members_whose_marks_lapsed_are_passed_over_and_pruned(server, admin):
     # Below the live member in the stack, and above it: both killed long ago.
     ghost(admin, key, "deep-ghost", marks_ms=1)
     with redis_backend(server.url, claim_timeout=60) as backend, backend.subscriber() as live:
-        box = Inbox(live)
-        live.subscribe(channel, box, group=GROUP)
-        assert live.wait_connected(10), live.last_error
+        box = join(live, channel)
         # The member's first sweep tidies: the deep ghost, never picked, is removed.
         wait_until(lambda: idle(admin, key) == [live._consumer], what="the prune")
         ghost(admin, key, "top-ghost", marks_ms=1)
