@@ -88,11 +88,11 @@ from .redisgroups import (
     CONSUMER_GROUP,
     STREAM_MAXLEN,
     GroupReader,
-    claim_ms,
+    marks_ms,
     member_base,
     stream_key,
 )
-from .redislua import ALIVE_CLAIM_TIMEOUTS, HAND_OUT, PRUNE
+from .redislua import HAND_OUT, PRUNE
 
 # redis-py grew what this module uses over its releases; pulpcore allows 4.3 and later, so
 # each is used only where it exists (tests/test_redis_floor.py runs the suite on 4.3).
@@ -628,7 +628,7 @@ class RedisBackend(BaseBackend):
     ) -> tuple[str, ...]:
         """The arguments of :data:`.redislua.HAND_OUT` after the stream."""
         base = member_base(self.channel_prefix)
-        marks = str(claim_ms(self.config) * ALIVE_CLAIM_TIMEOUTS)
+        marks = str(marks_ms(self.config))
         return (CONSUMER_GROUP, payload, str(receivers), str(STREAM_MAXLEN), base, marks, replaces)
 
     def open_transport(self) -> RedisTransport:

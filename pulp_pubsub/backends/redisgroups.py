@@ -61,6 +61,7 @@ class GroupReader:
         self.read_reply = read_reply
         backend = transport.backend
         self.claim_ms = claim_ms(backend.config)
+        self.marks_ms = marks_ms(backend.config)
         self.probe_timeout = backend.config["probe_timeout"]
         self.base = member_base(backend.channel_prefix)
         self.conn = cast(Connection, transport._pool.make_connection())
@@ -142,7 +143,7 @@ class GroupReader:
         return f"{self.base}{self.consumer}>{what}"
 
     def _argv(self, mode: str) -> tuple[str, ...]:
-        ttl = str(self.claim_ms * ALIVE_CLAIM_TIMEOUTS)
+        ttl = str(self.marks_ms)
         return (CONSUMER_GROUP, self.consumer, self.base, ttl, mode, str(self.claim_ms))
 
     def _turn(self, mode: str, members: frozenset[tuple[str, str]], keys: list[str]) -> None:
@@ -192,6 +193,11 @@ class GroupReader:
 
 def claim_ms(config: dict[str, Any]) -> int:
     return max(1, int(config["claim_timeout"] * 1000))
+
+
+def marks_ms(config: dict[str, Any]) -> int:
+    """How long a member's marks outlive its last turn."""
+    return claim_ms(config) * ALIVE_CLAIM_TIMEOUTS
 
 
 def member_base(prefix: str) -> str:
