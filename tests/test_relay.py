@@ -201,6 +201,58 @@ def test_publish_many_delivers_in_order_and_a_refused_frame_delivers_nothing():
             publisher.close()
 
 
+def _frames_until(conn: RelayConnection, request_id: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    frames: list[dict[str, Any]] = []
+    while not any(f.get("id") == request_id for f in frames):
+        frames += conn.read()
+        assert any(f.get("id") == request_id for f in frames) or conn.wait(deadline)
+    return frames
+
+
+def test_frames_answered_at_once_never_overtake_one_the_handler_still_holds(rig):
+    """Publishes are answered inside the read callback, except behind a frame that waits.
+
+    ``subscribe`` waits for PostgreSQL's LISTEN, and a message sent in fragments is put
+    together by the handler: a publish written right behind either is answered after it,
+    and the client's own messages come before the answer to the publish that sent them.
+    """
+    relay = rig.relays[0]
+    conn = RelayConnection(relay.url, TOKEN, 5)
+    try:
+        deadline = time.monotonic() + 5
+        conn.send_many(
+            deadline,
+            [
+                {"type": "subscribe", "id": 1, "channels": ["relay.order"]},
+                {"type": "publish", "id": 2, "channel": "relay.order", "payload": "a"},
+                {"type": "publish_many", "id": 3, "messages": [["relay.order", "b"]]},
+            ],
+        )
+        got = [(f["type"], f.get("id") or f.get("payload")) for f in _frames_until(conn, 3)]
+        assert got == [
+            ("subscribed", 1),
+            ("message", "a"),
+            ("published", 2),
+            ("message", "b"),
+            ("published", 3),
+        ]
+        # One publish in two fragments, then a whole one, in one write.
+        protocol = conn._protocol
+        protocol.send_text(b'{"type":"publish","id":4,', fin=False)
+        protocol.send_continuation(b'"channel":"relay.order","payload":"c"}', fin=True)
+        protocol.send_text(b'{"type":"ping","id":5}')
+        conn._flush(deadline)
+        got = [(f["type"], f.get("id") or f.get("payload")) for f in _frames_until(conn, 5)]
+        assert got == [("message", "c"), ("published", 4), ("pong", 5)]
+        # Nothing ahead of it: answered at once, still behind the message it sent itself.
+        conn.send(time.monotonic() + 5, type="publish", id=6, channel="relay.order", payload="d")
+        got = [(f["type"], f.get("id") or f.get("payload")) for f in _frames_until(conn, 6)]
+        assert got == [("message", "d"), ("published", 6)]
+    finally:
+        conn.close()
+
+
 @pytest.mark.django_db(transaction=True)
 def test_a_batch_after_commit_with_a_refused_message_sends_the_others_one_by_one(caplog):
     """A publish_many refused for one message: the rest go as single frames, in order."""

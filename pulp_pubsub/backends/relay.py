@@ -280,7 +280,7 @@ class RelayBackend(BaseBackend):
             self._send_direct(channel, payload)
 
     def _send_direct(self, channel: str, payload: str) -> None:
-        failures = self._direct().send_many([(channel, payload)])[0]
+        failures = self._direct().send_many([(channel, payload)]).get(0, {})
         if len(failures) == len(self.urls):
             raise PublishError(self._none_took(channel, failures))
         if failures:
@@ -300,13 +300,17 @@ class RelayBackend(BaseBackend):
         try:
             results = self._direct().send_many([(item.wire, item.payload) for item in batch])
         except PublishError as exc:
-            results = [dict.fromkeys(self.urls, str(exc)) for _ in batch]
+            results = {i: dict.fromkeys(self.urls, str(exc)) for i in range(len(batch))}
+        if not results:
+            self.count_published(item.wire for item in batch)
+            return
         lost: list[str] = []
         missed: list[str] = []
         sent: list[str] = []
         last_failures: dict[str, str] = {}
         first_error: PublishError | None = None
-        for item, failures in zip(batch, results, strict=True):
+        for i, item in enumerate(batch):
+            failures = results.get(i)
             if not failures:
                 sent.append(item.wire)
                 continue

@@ -12,6 +12,7 @@ import itertools
 import os
 import threading
 import time
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ConnectionLost, PublishError
@@ -42,8 +43,12 @@ class DirectPublisher:
         #: Relays that do not know ``publish_many`` (older ones): one frame per message.
         self.singles: set[str] = set()
 
-    def send_many(self, messages: list[tuple[str, str]]) -> list[dict[str, str]]:
-        """Send every (wire, payload) to every relay; each one's failures by relay URL."""
+    def send_many(self, messages: list[tuple[str, str]]) -> dict[int, dict[str, str]]:
+        """Send every (wire, payload) to every relay; the failures by message index and URL.
+
+        Only messages that failed somewhere have an entry: a batch that every
+        relay took costs nothing per message here.
+        """
         timeout = self.backend.config["publish_timeout"]
         deadline = time.monotonic() + timeout
         if not self.lock.acquire(timeout=timeout):
@@ -58,7 +63,7 @@ class DirectPublisher:
 
     def _send_to_all(
         self, messages: list[tuple[str, str]], deadline: float
-    ) -> list[dict[str, str]]:
+    ) -> dict[int, dict[str, str]]:
         """Send to every relay and wait for their answers; the failures by message and URL.
 
         Several messages go as one ``publish_many`` frame (answered once), encoded
@@ -66,7 +71,7 @@ class DirectPublisher:
         them one ``publish`` frame each.
         """
         timeout = self.backend.config["publish_timeout"]
-        failures: list[dict[str, str]] = [{} for _ in messages]
+        failures: defaultdict[int, dict[str, str]] = defaultdict(dict)
         # Per relay: request id -> the indexes of the messages it carries, not answered yet.
         waiting: dict[str, dict[int, list[int]]] = {}
         may_retry: dict[str, bool] = {}
@@ -190,7 +195,7 @@ class DirectPublisher:
                     failures[group[0]][url] = f"{url} refused it: {answer.get('error')}"
                 if not ids:
                     waiting.pop(url, None)
-        return failures
+        return dict(failures)
 
     def drop(self, url: str) -> None:
         self.singles.discard(url)  # the next connection may reach a newer relay

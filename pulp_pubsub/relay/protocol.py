@@ -73,6 +73,8 @@ class _NoCredentials(logging.Filter):
 WIRE_LOGGER.addFilter(_NoCredentials())
 #: Largest frame either side accepts: a 7,999-byte payload JSON-escaped with room to spare.
 MAX_FRAME = 2**20
+#: Bytes asked of the socket per read.
+RECV_SIZE = 65536
 #: Close code for a client whose send queue overflowed (RFC 6455 "try again later").
 TOO_SLOW = 1013
 _HINTS = {
@@ -82,8 +84,12 @@ _HINTS = {
 }
 
 
+#: One encoder for every frame: ``json.dumps`` with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
 def encode(**frame: Any) -> str:
-    return json.dumps(frame, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(frame)
 
 
 def decode(text: str | bytes) -> dict[str, Any]:
@@ -192,7 +198,12 @@ class RelayConnection:
         self._flush(deadline)
 
     def read(self) -> list[dict[str, Any]]:
-        """The frames that have arrived, without waiting; ConnectionLost once closed."""
+        """The frames that have arrived, without waiting; ConnectionLost once closed.
+
+        A read that did not fill the buffer took what there was: reading again
+        would be one more system call to learn that, on every answer a publisher
+        waits for. More that arrives later makes the socket readable again.
+        """
         while self._receive():
             pass
         out, self.frames = self.frames, []
@@ -215,9 +226,9 @@ class RelayConnection:
     # -- socket plumbing -------------------------------------------------------
 
     def _receive(self) -> bool:
-        """Read once; False when nothing more is there now."""
+        """Read once; False when nothing more is there now, as far as it can tell."""
         try:
-            data = self.sock.recv(65536)
+            data = self.sock.recv(RECV_SIZE)
         except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
             return False
         except (OSError, ssl.SSLError) as exc:
@@ -254,7 +265,8 @@ class RelayConnection:
                 code, text = protocol.close_rcvd.code, protocol.close_rcvd.reason
                 reason = f" (close code {code}{': ' + text if text else ''})"
             raise ConnectionLost(f"the relay {self.url} closed the connection{reason}")
-        return True
+        sock = self.sock
+        return len(data) == RECV_SIZE or (isinstance(sock, ssl.SSLSocket) and sock.pending() > 0)
 
     def _flush(self, deadline: float) -> None:
         data = b"".join(self._protocol.data_to_send())

@@ -22,7 +22,9 @@ from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
+from websockets.protocol import Event, State
 
 from ..conf import Secret
 from ..exceptions import InvalidChannel, InvalidPayload
@@ -55,6 +57,53 @@ class Client:
         except asyncio.QueueFull:
             self.dropped = True
             return False
+
+
+class PromptConnection(ServerConnection):
+    """Answers a frame inside the read callback when nothing is ahead of it.
+
+    A publisher waits on the answer to every batch: the handler task would cost
+    one more pass of the event loop and websockets' send bookkeeping for each,
+    which on a busy machine is most of a batch's CPU on the relay. A frame that
+    must wait (``subscribe``) or that arrives while an earlier one is still in
+    the handler, or while the socket's write buffer is not empty (the client is
+    not reading: the handler's ``send()`` waits for it to drain), goes the usual
+    way, so order and back-pressure hold.
+    """
+
+    client: Client | None = None
+    relay: Relay | None = None
+    #: Messages handed to the handler task and not yet answered by it.
+    queued = 0
+
+    def process_event(self, event: Event) -> None:
+        if not isinstance(event, Frame):
+            super().process_event(event)  # the handshake
+            return
+        client, relay = self.client, self.relay
+        if client is not None and relay is not None and self._may_answer(event, client):
+            answer = relay.answer_now(client, bytes(event.data))
+            if answer is not None:
+                if answer and client.queue.empty():
+                    self.protocol.send_text(answer.encode())
+                    self.send_data()
+                elif answer:  # it published to itself: the answer goes after those messages
+                    relay.queue_frame(client, answer)
+                return
+        if event.fin and event.opcode in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+            self.queued += 1
+        super().process_event(event)
+
+    def _may_answer(self, event: Frame, client: Client) -> bool:
+        return (
+            event.opcode is Opcode.TEXT
+            and event.fin
+            and self.queued == 0
+            and client.queue.empty()
+            and not client.dropped
+            and self.protocol.state is State.OPEN
+            and not self.transport.get_write_buffer_size()
+        )
 
 
 class Relay:
@@ -106,6 +155,7 @@ class Relay:
             close_timeout=2,
             compression=None,
             logger=WIRE_LOGGER,
+            create_connection=PromptConnection,
         )
         sockets = self._server.sockets
         if sockets:
@@ -126,7 +176,7 @@ class Relay:
             channels = sorted(client.channels)
             if channels:
                 self.stats["resyncs"] += 1
-                self._push(client, encode(type="resync", channels=channels))
+                self.queue_frame(client, encode(type="resync", channels=channels))
 
     def pg_down(self, cause: str) -> None:
         logger.debug("Relay: PostgreSQL down: %s", cause)
@@ -142,9 +192,9 @@ class Relay:
         frame = encode(type="message", channel=channel, payload=payload)
         self.stats["messages"] += 1
         for client in list(clients):
-            self._push(client, frame)
+            self.queue_frame(client, frame)
 
-    def _push(self, client: Client, frame: str) -> None:
+    def queue_frame(self, client: Client, frame: str) -> None:
         if client.push(frame) or client.ws.state.name != "OPEN":
             return
         if client.dropped and client in self.clients:
@@ -177,8 +227,10 @@ class Relay:
         return None
 
     async def _handle(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, PromptConnection)  # serve(create_connection=...)
         client = Client(ws, self.queue_size)
         self.clients.add(client)
+        ws.client, ws.relay = client, self
         writer = asyncio.ensure_future(self._write(client))
         try:
             async for raw in ws:
@@ -190,11 +242,28 @@ class Relay:
                     answer = await self._on_frame(client, frame)
                 if answer is not None:
                     await self._answer(client, answer)
+                ws.queued -= 1
         except ConnectionClosed:
             pass
         finally:
             self._forget(client)
             writer.cancel()
+
+    def answer_now(self, client: Client, data: bytes) -> str | None:
+        """The answer to a frame that needs no waiting ("" for none); None to queue it."""
+        try:
+            frame = decode(data.decode())
+        except ValueError:  # UnicodeDecodeError too: the usual path closes with 1007
+            return None
+        if frame["type"] == "subscribe":
+            return None
+        try:
+            return self._frame_now(client, frame) or ""
+        except Exception:
+            # Inside websockets' read callback an exception would end the connection
+            # with nothing said; the handler task would have failed the same way.
+            logger.exception("Relay: a %r frame failed.", frame["type"])
+            return encode(type="error", id=frame.get("id"), error="the relay failed on it")
 
     async def _answer(self, client: Client, frame: str) -> None:
         """An answer with nothing queued ahead of it goes out at once, not through the
@@ -206,7 +275,7 @@ class Relay:
         if client.queue.empty() and not client.dropped:
             await client.ws.send(frame)
         else:
-            self._push(client, frame)
+            self.queue_frame(client, frame)
 
     async def _write(self, client: Client) -> None:
         try:
@@ -247,20 +316,27 @@ class Relay:
             self.pg.update(self._wanted())
 
     async def _on_frame(self, client: Client, frame: dict[str, Any]) -> str | None:
+        if frame["type"] != "subscribe":
+            return self._frame_now(client, frame)
+        try:
+            channels = _channels(frame)
+        except InvalidChannel as exc:
+            return encode(type="error", id=frame.get("id"), error=str(exc))
+        local = bool(frame.get("local"))
+        for channel in channels:
+            self.by_channel.setdefault(channel, set()).add(client)
+            (client.local if local else client.channels).add(channel)
+        if not local and self.pg is not None:
+            # Answered once PostgreSQL LISTENs (or is found down: then the
+            # reconnect sends a resync); messages queued before it stay in order.
+            await asyncio.wrap_future(self.pg.update(self._wanted()))
+        return encode(type="subscribed", id=frame.get("id"))
+
+    def _frame_now(self, client: Client, frame: dict[str, Any]) -> str | None:
+        """Every frame but ``subscribe``: nothing here waits."""
         kind, request_id = frame["type"], frame.get("id")
         try:
-            if kind == "subscribe":
-                channels = _channels(frame)
-                local = bool(frame.get("local"))
-                for channel in channels:
-                    self.by_channel.setdefault(channel, set()).add(client)
-                    (client.local if local else client.channels).add(channel)
-                if not local and self.pg is not None:
-                    # Answered once PostgreSQL LISTENs (or is found down: then the
-                    # reconnect sends a resync); messages queued before it stay in order.
-                    await asyncio.wrap_future(self.pg.update(self._wanted()))
-                return encode(type="subscribed", id=request_id)
-            elif kind == "unsubscribe":
+            if kind == "unsubscribe":
                 if self._leave(client, set(_channels(frame))):
                     self._relisten()
                 return None
@@ -294,8 +370,9 @@ class Relay:
                         raise InvalidPayload("'payload' must be a string")
                     if type(channel) is not str or channel not in names:
                         names.add(validate_channel(channel))
-                for channel, payload in messages:
-                    self.deliver(channel, payload)
+                if not names.isdisjoint(self.by_channel):  # else none of its clients listens
+                    for channel, payload in messages:
+                        self.deliver(channel, payload)
                 return encode(type="published", id=request_id, count=len(messages))
             elif kind == "ping":
                 return encode(type="pong", id=request_id, **self.health())
