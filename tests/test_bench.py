@@ -142,6 +142,11 @@ def test_commit_counts_transactions_at_each_level(full_run: dict[str, Any]) -> N
         for level in r["levels"]:
             assert level["commits_per_s"] > 0 and level["plain_commits_per_s"] > 0
             assert level["errors"] == 0 and level["plain_errors"] == 0
+            # CPU per commit: the writers' and every throwaway server's, PostgreSQL's first.
+            for cpu in (level["cpu_us_per_commit"], level["plain_cpu_us_per_commit"]):
+                assert cpu["writers"] > 0 and cpu["postgres"] > 0, cpu
+    assert "redis" in full_run["commit"]["redis"]["levels"][0]["cpu_us_per_commit"]
+    assert "CPU µs/commit, yes - no" in full_run["_out"]
 
 
 def test_poll_baseline_wakes_every_worker(full_run: dict[str, Any]) -> None:
@@ -242,6 +247,9 @@ def test_the_relay_holds_one_session_and_reaches_every_subscriber_in_both_modes(
             pairs = list(zip(level["samples"], level["plain_samples"], strict=True))
             assert len(pairs) == 2
             assert level["share"] == round(sum(a / b for a, b in pairs) / 2, 4)
+            # The relay is a throwaway server here: its CPU is counted (in pg_notify mode
+            # it has nothing to do with commits, so no amount is asserted).
+            assert level["cpu_us_per_commit"]["relay"] >= 0
 
 
 def test_etcd_runs_beside_its_bare_gateway_client(django_db_blocker: Any, tmp_path: Any) -> None:

@@ -45,6 +45,14 @@ def _direct_target(top: dict[str, Any], redis_top: dict[str, Any]) -> dict[str, 
     )
 
 
+def _cpu_added(row: dict[str, Any]) -> float | None:
+    """CPU per commit a wake-up adds: writers and every throwaway server, with less without."""
+    yes, no = row.get("cpu_us_per_commit"), row.get("plain_cpu_us_per_commit")
+    if not yes or not no or set(yes) != set(no):
+        return None
+    return sum(yes.values()) - sum(no.values())
+
+
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for backend, r in result.get("latency", {}).items():
@@ -360,6 +368,10 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
             if any(row.get("share") is not None for row in r["levels"]):
                 shares = (row.get("share") for row in r["levels"])
                 rows.append([b, "yes ÷ no", *("-" if x is None else f"{x:.1%}" for x in shares)])
+            added = [_cpu_added(row) for row in r["levels"]]
+            if any(x is not None for x in added):
+                cells = ("-" if x is None else f"{x:+.0f}" for x in added)
+                rows.append([b, "CPU µs/commit, yes - no", *cells])
         first = next(iter(result["commit"].values()))
         title = (
             f"5. Commits/s of {first['writers']} writers (INSERT + wake-up per transaction), "

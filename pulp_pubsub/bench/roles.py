@@ -292,7 +292,7 @@ def writer(settings: PubSubSettings, channel: str) -> Role:
             first_error = None
             publish = command["publish"]
             failed_before = backend.stats["deferred_failures"]
-            started = time.monotonic()
+            started, cpu = time.monotonic(), time.process_time()
             end = started + command["run"]
             while time.monotonic() < end:
                 try:
@@ -318,6 +318,8 @@ def writer(settings: PubSubSettings, channel: str) -> Role:
                 {
                     "commits": commits,
                     "elapsed": elapsed,
+                    # Every thread's, the after-commit sender's among them.
+                    "cpu": time.process_time() - cpu,
                     "errors": errors,
                     "first_error": first_error,
                 }

@@ -415,24 +415,38 @@ def commit(ctx: Context, run: BackendRun) -> dict[str, Any]:
     without, in turn (the order flips every time), and reports the medians and
     ``share``, the median of each pair's ratio: a 2-core machine drifts by a few
     percent over minutes, and a ratio of two runs seconds apart does not see it.
+
+    Each row also has the CPU per commit of the writers (every thread) and of
+    each throwaway server, medians over the runs: what a wake-up costs shows as
+    the difference with and without one, which drifts far less than a rate.
     """
     params, target, writers = ctx.params, run.target, run.writers
+    kinds = tuple(dict.fromkeys(("postgres", target.adapter.server or "postgres")))
     levels = []
     for level in params.commit_levels:
         run.shrink(level)
         run.grow(level)
         row: dict[str, Any] = {"subscribers": level, "errors": 0, "plain_errors": 0}
         samples: dict[bool, list[float]] = {True: [], False: []}
+        cpu: dict[bool, list[dict[str, float]]] = {True: [], False: []}
         for repeat in range(params.repeats):
             for publish in (True, False) if repeat % 2 == 0 else (False, True):
                 label = f"commit {target.name}, {level} idle subscribers" + (
                     "" if publish else ", no publish"
                 )
+                before = {kind: ctx.servers.cpu_seconds(kind) for kind in kinds}
                 with ctx.progress.step(label, 1, "runs") as step:
                     writers.send({"run": params.duration, "publish": publish})
                     got = writers.gather(params.duration + 60, lambda m: "commits" in m)
                     step.update(1)
                 commits = sum(m["commits"] for m in got.values())
+                used = {"writers": sum(m["cpu"] for m in got.values())}
+                for kind, start in before.items():
+                    end = ctx.servers.cpu_seconds(kind)
+                    if start is not None and end is not None:
+                        used[kind] = end - start
+                if commits:
+                    cpu[publish].append({k: v * 1e6 / commits for k, v in used.items()})
                 elapsed = max(m["elapsed"] for m in got.values())
                 samples[publish].append(round(commits / elapsed, 1))
                 row["errors" if publish else "plain_errors"] += sum(
@@ -445,6 +459,8 @@ def commit(ctx: Context, run: BackendRun) -> dict[str, Any]:
         row["plain_commits_per_s"] = round(statistics.median(samples[False]), 1)
         pairs = [a / b for a, b in zip(samples[True], samples[False], strict=True) if b]
         row["share"] = round(statistics.median(pairs), 4) if pairs else None
+        row["cpu_us_per_commit"] = _median_each(cpu[True])
+        row["plain_cpu_us_per_commit"] = _median_each(cpu[False])
         if params.repeats > 1:
             row["samples"], row["plain_samples"] = samples[True], samples[False]
         levels.append(row)
@@ -454,6 +470,11 @@ def commit(ctx: Context, run: BackendRun) -> dict[str, Any]:
         "repeats": params.repeats,
         "levels": levels[::-1],
     }
+
+
+def _median_each(runs: list[dict[str, float]]) -> dict[str, float]:
+    keys = set().union(*runs) if runs else set()
+    return {k: round(statistics.median(r[k] for r in runs if k in r), 1) for k in sorted(keys)}
 
 
 # -- 6. poll baseline ---------------------------------------------------------------

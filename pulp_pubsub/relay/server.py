@@ -64,11 +64,11 @@ class PromptConnection(ServerConnection):
 
     A publisher waits on the answer to every batch: the handler task would cost
     one more pass of the event loop and websockets' send bookkeeping for each,
-    which on a busy machine is most of a batch's CPU on the relay. A frame that
-    must wait (``subscribe``) or that arrives while an earlier one is still in
-    the handler, or while the socket's write buffer is not empty (the client is
-    not reading: the handler's ``send()`` waits for it to drain), goes the usual
-    way, so order and back-pressure hold.
+    about a fifth of a batch's CPU on the relay. A frame that must wait
+    (``subscribe``), or that arrives while an earlier one is still in the
+    handler or while the socket's write buffer is not empty (the client is not
+    reading: the handler's ``send()`` waits for it to drain), goes the usual way,
+    so order and back-pressure hold.
     """
 
     client: Client | None = None
