@@ -120,7 +120,11 @@ def test_core_nats_covers_every_loss_in_a_failover_with_a_resync():
 
 def test_jetstream_r3_loses_nothing_in_a_failover_and_needs_no_resync():
     with NatsCluster(3, jetstream=True) as cluster:
-        figures = fail_over(cluster, jetstream=True, stream_replicas=3)
+        # The gap comes back as one burst on reconnect. A failover on a loaded machine has
+        # taken 23 s, about 2,000 messages at this flow: past the default max_pending (1000)
+        # the subscriber's own queue would drop them for a resync, as documented, which is
+        # not what this test is about. Room for the whole gap keeps it on JetStream's replay.
+        figures = fail_over(cluster, jetstream=True, stream_replicas=3, max_pending=100_000)
         assert figures["reconnects"] >= 1 and figures["replays"] >= 1
         assert figures["lost_list"] == []
         assert figures["resynced"] == 0
