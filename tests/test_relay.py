@@ -201,13 +201,14 @@ def test_publish_many_delivers_in_order_and_a_refused_frame_delivers_nothing():
             publisher.close()
 
 
-def _frames_until(conn: RelayConnection, request_id: int) -> list[dict[str, Any]]:
+def _heard_until(conn: RelayConnection, request_id: int) -> list[tuple[str, Any]]:
+    """Every frame up to the answer to ``request_id``: (type, id or payload), in order."""
     deadline = time.monotonic() + 10
     frames: list[dict[str, Any]] = []
     while not any(f.get("id") == request_id for f in frames):
         frames += conn.read()
         assert any(f.get("id") == request_id for f in frames) or conn.wait(deadline)
-    return frames
+    return [(f["type"], f.get("id") or f.get("payload")) for f in frames]
 
 
 def test_frames_answered_at_once_never_overtake_one_the_handler_still_holds(rig):
@@ -229,7 +230,7 @@ def test_frames_answered_at_once_never_overtake_one_the_handler_still_holds(rig)
                 {"type": "publish_many", "id": 3, "messages": [["relay.order", "b"]]},
             ],
         )
-        got = [(f["type"], f.get("id") or f.get("payload")) for f in _frames_until(conn, 3)]
+        got = _heard_until(conn, 3)
         assert got == [
             ("subscribed", 1),
             ("message", "a"),
@@ -243,11 +244,11 @@ def test_frames_answered_at_once_never_overtake_one_the_handler_still_holds(rig)
         protocol.send_continuation(b'"channel":"relay.order","payload":"c"}', fin=True)
         protocol.send_text(b'{"type":"ping","id":5}')
         conn._flush(deadline)
-        got = [(f["type"], f.get("id") or f.get("payload")) for f in _frames_until(conn, 5)]
+        got = _heard_until(conn, 5)
         assert got == [("message", "c"), ("published", 4), ("pong", 5)]
         # Nothing ahead of it: answered at once, still behind the message it sent itself.
         conn.send(time.monotonic() + 5, type="publish", id=6, channel="relay.order", payload="d")
-        got = [(f["type"], f.get("id") or f.get("payload")) for f in _frames_until(conn, 6)]
+        got = _heard_until(conn, 6)
         assert got == [("message", "d"), ("published", 6)]
     finally:
         conn.close()
