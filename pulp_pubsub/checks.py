@@ -26,6 +26,10 @@ W010 = "pulp_pubsub.W010"  # libpq older than 14: the PostgreSQL probe falls bac
 W011 = "pulp_pubsub.W011"  # NOTIFY on Django's connection, whose connect has no timeout
 
 
+#: How Pulp's settings (dynaconf) read a dict from the environment.
+OPTIONS_FROM_ENV = """PULP_PUBSUB_OPTIONS='@json {"publish": "direct"}'."""
+
+
 @register(Tags.compatibility)
 def check_backend(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     config = get_settings()
@@ -45,7 +49,11 @@ def check_backend(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     try:
         cls.build_options(config.options)
     except ImproperlyConfigured as exc:
-        return [Error(str(exc), hint="Remove or correct the option in PUBSUB_OPTIONS.", id=E003)]
+        hint = "Remove or correct the option in PUBSUB_OPTIONS."
+        if isinstance(config.options, str):
+            # What an environment variable gives unless it says how to read it.
+            hint = "PUBSUB_OPTIONS is a dict; in Pulp's environment: " + OPTIONS_FROM_ENV
+        return [Error(str(exc), hint=hint, id=E003)]
     return []
 
 

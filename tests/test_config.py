@@ -274,6 +274,13 @@ def test_checks_flag_bad_settings_with_a_hint(overrides, check, expected_id):
     assert messages[0].hint
 
 
+def test_options_given_as_text_get_the_environment_spelling_as_hint():
+    with override_settings(**MEMORY, PUBSUB_OPTIONS='{"publish": "direct"}'):
+        [message] = pubsub_checks.check_backend()
+    assert message.id == "pulp_pubsub.E003"
+    assert "PULP_PUBSUB_OPTIONS='@json {" in message.hint
+
+
 def test_the_missing_extra_check(monkeypatch):
     def fail(path):
         raise ModuleNotFoundError("No module named 'redis'", name="redis")
