@@ -19,6 +19,8 @@ import ssl
 import time
 from typing import Any
 
+from .lookup import connect_tcp
+
 #: gRPC status codes the gateway returns that say "try another member".
 RETRY_CODES = {4, 14}  # DEADLINE_EXCEEDED, UNAVAILABLE
 #: Server messages with the same meaning, whatever code carries them.
@@ -70,7 +72,7 @@ class Endpoint:
 
     def connect(self, deadline: float) -> socket.socket:
         left = _left(deadline)
-        sock = socket.create_connection((self.host, self.port), timeout=left)
+        sock = connect_tcp(self.host, self.port, left)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.tls is not None:
             sock.settimeout(_left(deadline))

@@ -21,6 +21,7 @@ from psycopg import pq
 from psycopg.conninfo import make_conninfo
 
 from ..exceptions import ConnectionLost, PubSubError
+from .lookup import LookupTimeout, is_address, lookup
 
 # Up to the last '@': a password with an unquoted '@' must not leave its tail behind.
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
@@ -218,6 +219,7 @@ def connect_by(params: dict[str, Any], deadline: float) -> psycopg.Connection[An
     libpq's own ``connect_timeout`` counts whole seconds, at least 2, so a publish that has to
     connect to a frozen server would outlast a shorter ``publish_timeout``.
     """
+    params = _with_addresses(params, deadline)
     pgconn = pq.PGconn.connect_start(make_conninfo("", **params).encode())
     try:
         while (status := pgconn.connect_poll()) != pq.PollingStatus.OK:
@@ -235,6 +237,29 @@ def connect_by(params: dict[str, Any], deadline: float) -> psycopg.Connection[An
     conn = psycopg.Connection(pgconn)
     conn.autocommit = True
     return conn
+
+
+def _with_addresses(params: dict[str, Any], deadline: float) -> dict[str, Any]:
+    """``params`` with the host's addresses as ``hostaddr``, looked up before ``deadline``.
+
+    libpq looks a host name up inside ``connect_start()``, for as long as the
+    resolver takes. Given ``hostaddr`` it connects there and keeps ``host`` for
+    TLS and its password file. A name the resolver refuses is left to libpq,
+    whose error says so.
+    """
+    host = str(params.get("host") or "")
+    if not host or params.get("hostaddr") or "," in host or host.startswith("/"):
+        return params  # none, several, given, or a unix socket: nothing to look up here
+    if is_address(host):
+        return params
+    try:
+        infos = lookup(host, None, deadline - time.monotonic())
+    except LookupTimeout as exc:
+        raise Timeout(str(exc)) from None
+    except OSError:
+        return params
+    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
+    return {**params, "host": ",".join([host] * len(addresses)), "hostaddr": ",".join(addresses)}
 
 
 def check(results: list[pq.abc.PGresult]) -> list[pq.abc.PGresult]:

@@ -76,8 +76,6 @@ try:
     from redis.sentinel import (
         Sentinel,
         SentinelConnectionPool,
-        SentinelManagedConnection,
-        SentinelManagedSSLConnection,
     )
     from redis.utils import HIREDIS_AVAILABLE
 except ImportError as exc:
@@ -91,6 +89,13 @@ from .redisgroups import (
     marks_ms,
     member_base,
     stream_key,
+)
+from .redislookup import (
+    LookupConnection,
+    LookupSentinelManagedConnection,
+    LookupSentinelManagedSSLConnection,
+    LookupSSLConnection,
+    bound_sentinel_lookups,
 )
 from .redislua import HAND_OUT, PRUNE
 
@@ -153,6 +158,7 @@ class _ProcessClients:
         target = backend.target
         if target.sentinels:
             self.sentinel = Sentinel(target.sentinels, sentinel_kwargs=backend.sentinel_kwargs())
+            bound_sentinel_lookups(self.sentinel)
         publish_timeout = config["publish_timeout"]
         pool = backend.new_pool(
             self.sentinel,
@@ -512,12 +518,15 @@ class RedisBackend(BaseBackend):
         }
         if "path" not in kwargs:  # TCP, not a unix socket
             kwargs["socket_keepalive"] = True
+            kwargs["connection_class"] = LookupSSLConnection if target.tls else LookupConnection
         elif not _UNIX_CONNECT_TIMEOUT:
             # redis-py before 4.4: a unix socket connects at once or fails, with no timeout.
             del kwargs["socket_connect_timeout"]
         if target.sentinels:
             kwargs["connection_class"] = (
-                SentinelManagedSSLConnection if target.tls else SentinelManagedConnection
+                LookupSentinelManagedSSLConnection
+                if target.tls
+                else LookupSentinelManagedConnection
             )
             if sentinel is None:  # only validating the arguments
                 sentinel = Sentinel([])

@@ -53,6 +53,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from ..backends.lookup import connect_tcp
 from ..conf import hide_password
 from ..exceptions import ConnectionLost
 
@@ -126,7 +127,7 @@ class RelayConnection:
         self._fragments: list[bytes] = []
         self.frames: list[dict[str, Any]] = []
         try:
-            sock = socket.create_connection((uri.host, uri.port), timeout=timeout)
+            sock = connect_tcp(uri.host, uri.port, timeout)
         except OSError as exc:
             raise ConnectionLost(f"could not connect to the relay {url}: {exc}") from None
         try:

@@ -1,0 +1,53 @@
+"""Run inside a network namespace whose resolver never answers: one publish, reported as JSON.
+
+Started by ``tests/test_lookup.py`` with ``/etc/resolv.conf`` bound to a file that
+names 127.0.0.1, where this script holds a UDP socket that reads nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+import django
+
+blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+blackhole.bind(("127.0.0.1", 53))
+
+backend_name, url, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+
+# The premise: a plain lookup gets no answer, so only a bounded one can return in time.
+answered = threading.Event()
+
+
+def look_up() -> None:
+    try:
+        socket.getaddrinfo("resolver-check.test", 80)
+    except OSError:
+        pass
+    answered.set()
+
+
+threading.Thread(target=look_up, daemon=True).start()
+if answered.wait(2):
+    print(json.dumps({"premise": "the resolver answered"}), flush=True)
+    os._exit(0)
+
+django.setup()
+from pulp_pubsub.conf import PubSubSettings  # noqa: E402
+from pulp_pubsub.handler import create_backend  # noqa: E402
+
+backend = create_backend(PubSubSettings(backend=backend_name, url=url, options=options))
+started = time.monotonic()
+try:
+    backend.publish("lookup", "x")
+    outcome = {"error": None}
+except Exception as exc:
+    outcome = {"error": type(exc).__name__, "message": str(exc)}
+outcome["elapsed"] = time.monotonic() - started
+print(json.dumps(outcome), flush=True)
+os._exit(0)  # lookups still waiting on the resolver, and exit handlers, are not the test
