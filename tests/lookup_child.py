@@ -1,4 +1,4 @@
-"""Run inside a network namespace whose resolver never answers: one publish, reported as JSON.
+"""Run inside a network namespace whose resolver never answers: one publish or connect, as JSON.
 
 Started by ``tests/test_lookup.py`` with ``/etc/resolv.conf`` bound to a file that
 names 127.0.0.1, where this script holds a UDP socket that reads nothing.
@@ -18,7 +18,7 @@ import django
 blackhole = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 blackhole.bind(("127.0.0.1", 53))
 
-backend_name, url, options = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+mode, backend_name, url, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 
 # The premise: a plain lookup gets no answer, so only a bounded one can return in time.
 answered = threading.Event()
@@ -39,15 +39,20 @@ if answered.wait(2):
 
 django.setup()
 from pulp_pubsub.conf import PubSubSettings  # noqa: E402
+from pulp_pubsub.exceptions import ConnectionLost  # noqa: E402
 from pulp_pubsub.handler import create_backend  # noqa: E402
 
 backend = create_backend(PubSubSettings(backend=backend_name, url=url, options=options))
 started = time.monotonic()
 try:
-    backend.publish("lookup", "x")
+    if mode == "publish":
+        backend.publish("lookup", "x")
+    else:  # what a subscriber (and pubsub_ping) opens first
+        backend.open_transport().close()
     outcome = {"error": None}
 except Exception as exc:
-    outcome = {"error": type(exc).__name__, "message": str(exc)}
+    lost = isinstance(exc, ConnectionLost)
+    outcome = {"error": type(exc).__name__, "lost": lost, "message": str(exc)}
 outcome["elapsed"] = time.monotonic() - started
 print(json.dumps(outcome), flush=True)
 os._exit(0)  # lookups still waiting on the resolver, and exit handlers, are not the test

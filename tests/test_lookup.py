@@ -30,7 +30,7 @@ FAST = {"publish_timeout": 1.0, "connect_timeout": 1.0}
 SILENT = "the DNS resolver did not answer"
 
 
-def _in_silent_dns(tmp_path: Path, backend: str, url: str, options: dict) -> dict:
+def _in_silent_dns(tmp_path: Path, mode: str, backend: str, url: str, options: dict) -> dict:
     for tool, package in (("unshare", "util-linux"), ("ip", "iproute2"), ("mount", "mount")):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is missing: apt-get install -y {package}")
@@ -38,7 +38,7 @@ def _in_silent_dns(tmp_path: Path, backend: str, url: str, options: dict) -> dic
     resolv.write_text("nameserver 127.0.0.1\noptions timeout:30 attempts:1\n")
     script = 'ip link set lo up && mount --bind "$0" /etc/resolv.conf && exec "$@"'
     command = ["unshare", "--net", "--mount", "--map-root-user", "sh", "-c", script]
-    command += [str(resolv), sys.executable, str(CHILD), backend, url, json.dumps(options)]
+    command += [str(resolv), sys.executable, str(CHILD), mode, backend, url, json.dumps(options)]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DJANGO_SETTINGS_MODULE": "demo.settings"}
     done = subprocess.run(command, capture_output=True, text=True, timeout=90, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -47,26 +47,36 @@ def _in_silent_dns(tmp_path: Path, backend: str, url: str, options: dict) -> dic
     return outcome
 
 
-@pytest.mark.parametrize(
-    "backend, url, options, says",
-    [
-        ("redis", f"redis://{NAME}:6379/0", {}, SILENT),
-        ("redis", f"rediss://{NAME}:6379/0", {}, SILENT),
-        # redis-py's words: which sentinel failed, not why.
-        ("redis", f"redis+sentinel://{NAME}:26379/mymaster", {}, "No master found"),
-        ("relay", f"ws://{NAME}:8765", {"publish": "direct"}, SILENT),
-        ("etcd", f"etcd://{NAME}:2379", {}, SILENT),
-        ("postgres", f"postgres://postgres@{NAME}:5432/postgres", {}, SILENT),
-        # nats-py looks up on its loop, and the layer waits for that loop with a deadline.
-        ("nats", f"nats://{NAME}:4222", {}, "no answer from"),
-    ],
-    ids=["redis", "redis-tls", "redis-sentinel", "relay", "etcd", "postgres", "nats"],
-)
+CASES = [
+    ("redis", f"redis://{NAME}:6379/0", {}, SILENT),
+    ("redis", f"rediss://{NAME}:6379/0", {}, SILENT),
+    # redis-py's words: which sentinel failed, not why.
+    ("redis", f"redis+sentinel://{NAME}:26379/mymaster", {}, "No master found"),
+    ("relay", f"ws://{NAME}:8765", {"publish": "direct"}, SILENT),
+    ("etcd", f"etcd://{NAME}:2379", {}, SILENT),
+    ("postgres", f"postgres://postgres@{NAME}:5432/postgres", {}, SILENT),
+    # nats-py looks up on its loop, and the layer waits for that loop with a deadline.
+    ("nats", f"nats://{NAME}:4222", {}, "no answer"),
+]
+IDS = ["redis", "redis-tls", "redis-sentinel", "relay", "etcd", "postgres", "nats"]
+
+
+@pytest.mark.parametrize("backend, url, options, says", CASES, ids=IDS)
 def test_a_publish_gives_up_at_its_timeout_when_dns_does_not_answer(
     tmp_path, backend, url, options, says
 ):
-    outcome = _in_silent_dns(tmp_path, backend, url, {**FAST, **options})
+    outcome = _in_silent_dns(tmp_path, "publish", backend, url, {**FAST, **options})
     assert outcome["error"] == "PublishError", outcome
+    assert says in outcome["message"], outcome
+    assert outcome["elapsed"] < BOUND, outcome
+
+
+@pytest.mark.parametrize("backend, url, options, says", CASES, ids=IDS)
+def test_a_subscriber_connect_gives_up_at_its_timeout_when_dns_does_not_answer(
+    tmp_path, backend, url, options, says
+):
+    outcome = _in_silent_dns(tmp_path, "connect", backend, url, {**FAST, **options})
+    assert outcome["lost"], outcome  # ConnectionLost: the listener backs off and tries again
     assert says in outcome["message"], outcome
     assert outcome["elapsed"] < BOUND, outcome
 

@@ -61,15 +61,10 @@ class ServerError(PubSubError):
 class Session:
     """One autocommit connection whose every wait for the server has a deadline."""
 
-    def __init__(
-        self, params: dict[str, Any], secret: str | None, deadline: float | None = None
-    ) -> None:
+    def __init__(self, params: dict[str, Any], secret: str | None, deadline: float) -> None:
         self.secret = secret
         try:
-            if deadline is None:
-                self.conn = psycopg.connect(autocommit=True, **params)
-            else:
-                self.conn = connect_by(params, deadline)
+            self.conn = connect_by(params, deadline)
         except psycopg.Error as exc:
             raise ConnectionLost(f"could not connect: {scrub(exc, secret)}") from None
         self.pgconn = self.conn.pgconn
@@ -214,10 +209,11 @@ def _wait_socket(socket: int, deadline: float, write: bool = False) -> None:
 
 
 def connect_by(params: dict[str, Any], deadline: float) -> psycopg.Connection[Any]:
-    """``psycopg.connect()`` that gives up at ``deadline``.
+    """``psycopg.connect()`` that gives up at ``deadline``, the host name lookup included.
 
-    libpq's own ``connect_timeout`` counts whole seconds, at least 2, so a publish that has to
-    connect to a frozen server would outlast a shorter ``publish_timeout``.
+    libpq's own ``connect_timeout`` counts whole seconds, at least 2, and does not cover its
+    lookup: a connect to a frozen server, or through a silent resolver, would outlast a
+    shorter ``publish_timeout`` or ``connect_timeout``.
     """
     params = _with_addresses(params, deadline)
     pgconn = pq.PGconn.connect_start(make_conninfo("", **params).encode())

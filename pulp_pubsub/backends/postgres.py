@@ -124,7 +124,11 @@ class PostgresTransport(Transport):
 
     def __init__(self, backend: PostgresBackend) -> None:
         super().__init__(backend)
-        self._session = Session(backend.connection_params(backend.listener_name), backend.secret)
+        self._session = Session(
+            backend.connection_params(backend.listener_name),
+            backend.secret,
+            time.monotonic() + backend.config["connect_timeout"],
+        )
         # The (channel, token) of each probe whose Sync is unanswered, oldest first.
         self._probes: deque[tuple[str, str]] = deque()
         self._queue_check_at = time.monotonic()
@@ -510,7 +514,8 @@ class PostgresBackend(BaseBackend):
             params = self.connection_params(ADMIN_NAME)
             info["server"] = f"{params.get('host', '')}:{params.get('port', '')}"
             info["dbname"] = params.get("dbname")
-            session = Session(params, self.secret)
+            deadline = time.monotonic() + self.config["connect_timeout"]
+            session = Session(params, self.secret, deadline)
             try:
                 [result] = session.run(
                     COUNT, [self.listener_name.encode()], self.config["publish_timeout"]
