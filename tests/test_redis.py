@@ -31,7 +31,7 @@ from pulp_pubsub.backends.listener import Subscriber
 from pulp_pubsub.backends.redis import RedisBackend
 from pulp_pubsub.backends.redisgroups import CONSUMER_GROUP, stream_key
 from pulp_pubsub.exceptions import MissingDependency, PublishError
-from pulp_pubsub.testing import RedisServer, SentinelCluster, TcpProxy
+from pulp_pubsub.testing import RedisServer, SentinelCluster, TcpProxy, free_port
 
 from .util import wait_until
 
@@ -218,6 +218,24 @@ def test_a_sentinel_url_names_the_sentinels_and_the_service():
     info = backend.describe()
     assert info["service_name"] == "pulp-redis"
     assert "pw@" not in info["url"] and "sentinel-secret" not in repr(info)
+
+
+def test_sentinels_that_cannot_be_reached_are_named_by_their_address():
+    ports = [free_port(), free_port()]
+    backend = RedisBackend(
+        url=f"redis+sentinel://:hidden-pw@127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/svc",
+        options={"publish_timeout": 1.0, "connect_timeout": 1.0},
+    )
+    try:
+        with pytest.raises(PublishError) as caught:
+            backend.publish("nowhere", "x")
+    finally:
+        backend.close()
+    text = str(caught.value)
+    assert "No master found for 'svc'" in text
+    assert "<redis." not in text and "hidden-pw" not in text
+    if "No master found for 'svc' :" in text:  # redis-py 7 and later list each sentinel
+        assert f"127.0.0.1:{ports[0]} - " in text and f"127.0.0.1:{ports[1]} - " in text
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import re
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -182,9 +183,16 @@ class _ProcessClients:
                     client.close()
 
 
+#: How redis-py 7 and later name each sentinel that failed in "No master found": the whole
+#: client, pool and connection, where only the address says anything.
+_SENTINEL_CLIENT = re.compile(r"<redis\.client\.Redis\(<.*?\bhost=([^,]+),port=(\d+).*?\)>\)>\)>")
+
+
 def explain(exc: BaseException, prefix: str = "") -> str:
     """The redis-py error with a hint where the usual cause is a setting."""
     text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, redis.sentinel.MasterNotFoundError):
+        text = _SENTINEL_CLIENT.sub(r"\1:\2", text)
     if isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGPASS"):
         # redis-py before 4.4 reports a refused AUTH as a plain ResponseError.
         text = f"AuthenticationError: {exc}"
