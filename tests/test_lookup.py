@@ -1,9 +1,9 @@
-"""A publish that must look its server's name up gives up at its timeout when DNS is silent.
+"""A publish, or a subscriber's connect, gives up in time when DNS is silent.
 
 Each case runs ``tests/lookup_child.py`` in a network and mount namespace of its own
 (``unshare``), where ``/etc/resolv.conf`` names a loopback resolver that reads queries
-and never answers, with one 30 s try: without a bounded lookup the publish would wait
-those 30 s. No server is needed: the lookup is as far as a publish gets.
+and never answers, with one 30 s try: without a bounded lookup the call would wait
+those 30 s. No server is needed: the lookup is as far as the call gets.
 """
 
 from __future__ import annotations

@@ -43,7 +43,7 @@ class LookupSSLConnection(_LookUpFirst, SSLConnection):
 
 
 class LookupSentinelManagedConnection(_LookUpFirst, SentinelManagedConnection):
-    """The master's or a replica's address, as the sentinels name it."""
+    """Looks up the name the sentinels give for the master (or a replica)."""
 
 
 class LookupSentinelManagedSSLConnection(_LookUpFirst, SentinelManagedSSLConnection):
