@@ -244,10 +244,14 @@ def _with_addresses(params: dict[str, Any], deadline: float) -> dict[str, Any]:
     whose error says so.
     """
     host = str(params.get("host") or "")
-    if not host or params.get("hostaddr") or "," in host or host.startswith("/"):
-        return params  # none, several, given, or a unix socket: nothing to look up here
-    if is_address(host):
-        return params
+    if (
+        not host
+        or params.get("hostaddr")
+        or "," in host
+        or host.startswith("/")
+        or is_address(host)
+    ):
+        return params  # none, several, given, a unix socket or an address: nothing to look up
     try:
         infos = lookup(host, None, deadline - time.monotonic())
     except LookupTimeout as exc:
