@@ -22,6 +22,8 @@ USE_TZ = True
 INSTALLED_APPS = [
     "django.contrib.contenttypes",
     "pulp_pubsub",
+    # the benchmark, chaos and demo commands (a checkout only: not in the wheel)
+    "pulp_pubsub_tools",
     "demo",
 ]
 

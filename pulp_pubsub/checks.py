@@ -161,7 +161,7 @@ def check_libpq(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
     """The PostgreSQL probe is a bare Sync in pipeline mode, which needs libpq 14."""
     if not _postgres_in_use():
         return []
-    from .backends.pgsession import has_pipeline
+    from .backends.postgres.session import has_pipeline
 
     if has_pipeline():
         return []

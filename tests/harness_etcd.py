@@ -14,8 +14,8 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from pulp_pubsub.backends.etcd import EtcdBackend
-from pulp_pubsub.testing import EtcdServer
+from pulp_pubsub.backends.etcd.backend import EtcdBackend
+from pulp_pubsub_tools.testing import EtcdServer
 
 from .harness import Harness
 
@@ -23,7 +23,7 @@ MODES = {"fast": "graceful", "smart": "graceful", "immediate": "kill"}
 
 _PROXY = """
 import sys
-from pulp_pubsub.testing import TcpProxy
+from pulp_pubsub_tools.testing import TcpProxy
 with TcpProxy(sys.argv[1], int(sys.argv[2])) as proxy:
     print(proxy.port, flush=True)
     for line in sys.stdin:

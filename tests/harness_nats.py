@@ -9,7 +9,7 @@ from typing import Any
 
 import nats
 
-from pulp_pubsub.testing import NatsServer
+from pulp_pubsub_tools.testing import NatsServer
 
 from .harness import Harness
 

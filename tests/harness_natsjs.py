@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from pulp_pubsub.testing import NatsServer
+from pulp_pubsub_tools.testing import NatsServer
 
 from .harness_nats import NatsHarness
 

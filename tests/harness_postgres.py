@@ -16,7 +16,7 @@ from typing import Any
 
 import psycopg
 
-from pulp_pubsub.testing import PostgresServer
+from pulp_pubsub_tools.testing import PostgresServer
 
 from .harness import Harness
 

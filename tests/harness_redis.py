@@ -8,7 +8,7 @@ from typing import Any
 
 import redis
 
-from pulp_pubsub.testing import RedisServer
+from pulp_pubsub_tools.testing import RedisServer
 
 from .harness import Harness
 

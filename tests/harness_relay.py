@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 
 import psycopg
 
-from pulp_pubsub.backends.relay import RelayBackend
-from pulp_pubsub.testing import PostgresServer, RelayServer
+from pulp_pubsub.backends.relay.backend import RelayBackend
+from pulp_pubsub_tools.testing import PostgresServer, RelayServer
 
 from .harness import Harness
 from .reliability_util import dead_url

@@ -8,7 +8,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from pulp_pubsub.relay.protocol import RelayConnection
+from pulp_pubsub.backends.relay.protocol import RelayConnection
 
 from .harness_relay import RelayHarness, relays_over
 

@@ -15,7 +15,7 @@ from pulp_pubsub.backends.base import BaseBackend
 from pulp_pubsub.backends.listener import Subscriber
 from pulp_pubsub.conf import PubSubSettings
 from pulp_pubsub.handler import create_backend
-from pulp_pubsub.testing import free_port
+from pulp_pubsub_tools.testing import free_port
 
 from .harness import Harness
 

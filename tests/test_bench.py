@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from django.core.management import CommandError, call_command
 
-from pulp_pubsub.bench import SCENARIOS
-from pulp_pubsub.testing import PostgresServer, RedisServer
+from pulp_pubsub_tools.bench import SCENARIOS
+from pulp_pubsub_tools.testing import PostgresServer, RedisServer
 
 N = 3
 BACKENDS = ("memory", "postgres", "redis", "nats", "natsjs")
@@ -283,7 +283,7 @@ def test_etcd_runs_beside_its_bare_gateway_client(django_db_blocker: Any, tmp_pa
 def test_the_commit_share_target_compares_redis_with_and_without_wakeups(
     with_wakeup: int, met: bool
 ) -> None:
-    from pulp_pubsub.bench.report import evaluate_targets
+    from pulp_pubsub_tools.bench.report import evaluate_targets
 
     level = {"subscribers": 0, "commits_per_s": with_wakeup, "plain_commits_per_s": 1000}
     result = {"commit": {"redis": {"levels": [level, {**level, "subscribers": 3}]}}}
@@ -303,7 +303,7 @@ def test_the_commit_share_target_compares_redis_with_and_without_wakeups(
 def test_direct_publishing_is_judged_by_its_share_against_redis(
     direct: tuple[int, int, float], redis: tuple[int, int, float], met: bool
 ) -> None:
-    from pulp_pubsub.bench.report import evaluate_targets
+    from pulp_pubsub_tools.bench.report import evaluate_targets
 
     def levels(rates: tuple[int, int, float]) -> list[dict[str, Any]]:
         top = {"subscribers": 250, "commits_per_s": rates[0], "plain_commits_per_s": rates[1]}
@@ -318,7 +318,7 @@ def test_direct_publishing_is_judged_by_its_share_against_redis(
 
 
 def test_direct_publishing_without_shares_is_judged_by_raw_rates() -> None:
-    from pulp_pubsub.bench.report import evaluate_targets
+    from pulp_pubsub_tools.bench.report import evaluate_targets
 
     def levels(rate: int) -> list[dict[str, Any]]:
         return [{"subscribers": 250, "commits_per_s": rate, "plain_commits_per_s": 8000}]

@@ -13,8 +13,8 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from pulp_pubsub.backends.listener import Subscriber
-from pulp_pubsub.chaos import ChaosConfig, run
-from pulp_pubsub.chaos.invariant import (
+from pulp_pubsub_tools.chaos import ChaosConfig, run
+from pulp_pubsub_tools.chaos.invariant import (
     AgentLog,
     Fault,
     Publish,
@@ -24,8 +24,8 @@ from pulp_pubsub.chaos.invariant import (
     percentile,
     recovery_times,
 )
-from pulp_pubsub.chaos.mutations import MUTATIONS
-from pulp_pubsub.chaos.targets import PROXY_FAULTS, SERVER_FAULTS, TARGETS
+from pulp_pubsub_tools.chaos.mutations import MUTATIONS
+from pulp_pubsub_tools.chaos.targets import PROXY_FAULTS, SERVER_FAULTS, TARGETS
 
 from .conftest import CONTRACT_BACKENDS
 
@@ -237,7 +237,7 @@ def test_the_command_refuses_a_fault_the_backend_cannot_inject():
 
 
 def test_every_fault_kind_is_named_in_the_command_help():
-    from pulp_pubsub.management.commands import pubsub_chaos
+    from pulp_pubsub_tools.management.commands import pubsub_chaos
 
     parser = pubsub_chaos.Command().create_parser("manage.py", "pubsub_chaos")
     help_text = " ".join(parser.format_help().split())
@@ -253,7 +253,7 @@ def test_the_published_chaos_tables_are_generated_from_the_committed_reports(pag
     """Nothing in them is typed by hand, and the runs they show passed every check."""
     from pathlib import Path
 
-    from pulp_pubsub.chaos import tables
+    from pulp_pubsub_tools.chaos import tables
 
     root = Path(__file__).resolve().parent.parent
     paths = [str(root / "docs" / "chaos" / f"{name}.json") for name in ("postgres", "redis")]

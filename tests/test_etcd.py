@@ -13,9 +13,9 @@ import time
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from pulp_pubsub.backends.etcd import EtcdBackend, parse_url
+from pulp_pubsub.backends.etcd.backend import EtcdBackend, parse_url
 from pulp_pubsub.exceptions import PublishError
-from pulp_pubsub.testing import EtcdCluster, EtcdServer, TcpProxy, free_port
+from pulp_pubsub_tools.testing import EtcdCluster, EtcdServer, TcpProxy, free_port
 
 from .util import dispatch_until, wait_until
 

@@ -6,9 +6,9 @@ import base64
 
 import pytest
 
-from pulp_pubsub.backends.etcd import EtcdBackend, _prefix_end
+from pulp_pubsub.backends.etcd.backend import EtcdBackend, _prefix_end
 from pulp_pubsub.exceptions import PublishError
-from pulp_pubsub.testing import EtcdServer
+from pulp_pubsub_tools.testing import EtcdServer
 
 from .util import dispatch_until, wait_until
 

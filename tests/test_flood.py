@@ -1,6 +1,6 @@
 """A Redis subscriber under a flood: bounded reads, a probe that keeps running, bounded memory.
 
-The figures of a longer flood come from ``python -m pulp_pubsub.chaos.flood`` (see
+The figures of a longer flood come from ``python -m pulp_pubsub_tools.chaos.flood`` (see
 docs/reliability.md); these tests hold what must be true at any speed.
 """
 
@@ -11,10 +11,10 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from pulp_pubsub.backends.redis import READ_BATCH, RedisBackend
+from pulp_pubsub.backends.redis.backend import READ_BATCH, RedisBackend
 from pulp_pubsub.backends.selfpipe import wait_readable
-from pulp_pubsub.chaos.flood import flood
-from pulp_pubsub.testing import RedisServer
+from pulp_pubsub_tools.chaos.flood import flood
+from pulp_pubsub_tools.testing import RedisServer
 
 pytestmark = [pytest.mark.backend, pytest.mark.servers]
 

@@ -14,8 +14,8 @@ from django.db import connections
 from django.test import override_settings
 
 from pulp_pubsub import checks
-from pulp_pubsub.backends.postgres import PostgresBackend
-from pulp_pubsub.testing import PostgresServer
+from pulp_pubsub.backends.postgres.backend import PostgresBackend
+from pulp_pubsub_tools.testing import PostgresServer
 
 from .util import wait_until
 

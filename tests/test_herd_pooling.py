@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pulp_pubsub.contrib.pulpcore.e2e.herd import pool, row
+from pulp_pubsub_tools.e2e.herd import pool, row
 
 
 def one_pass(waits: list[float], xacts: int, beats: int) -> dict:

@@ -35,7 +35,7 @@ from pulp_pubsub.introspection import (
     parse_query,
     process_name,
 )
-from pulp_pubsub.testing import free_port
+from pulp_pubsub_tools.testing import free_port
 
 from .test_subscriber import MEMORY
 from .util import wait_until

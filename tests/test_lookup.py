@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pulp_pubsub.backends.lookup import connect_tcp, is_address, lookup
-from pulp_pubsub.testing import free_port
+from pulp_pubsub_tools.testing import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "lookup_child.py"

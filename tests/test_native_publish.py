@@ -21,7 +21,7 @@ from django.test import override_settings
 
 from pulp_pubsub import Message, get_backend
 from pulp_pubsub.exceptions import PublishError
-from pulp_pubsub.testing import PostgresServer
+from pulp_pubsub_tools.testing import PostgresServer
 
 from .util import dispatch_until
 

@@ -20,9 +20,9 @@ from django.core.management import call_command
 from django.test import override_settings
 
 from pulp_pubsub import get_backend
-from pulp_pubsub.backends.natsloop import loop_runner
+from pulp_pubsub.backends.nats.loop import loop_runner
 from pulp_pubsub.exceptions import PublishError
-from pulp_pubsub.testing import NatsServer
+from pulp_pubsub_tools.testing import NatsServer
 
 from .harness_nats import NatsHarness, publish_plain
 from .reliability_util import FAST, Inbox, dead_url

@@ -16,7 +16,7 @@ from django.test import override_settings
 
 from pulp_pubsub import get_backend
 from pulp_pubsub.exceptions import PublishError
-from pulp_pubsub.testing import NatsCluster
+from pulp_pubsub_tools.testing import NatsCluster
 
 from .reliability_util import FAST, Inbox
 from .util import wait_until

@@ -69,7 +69,7 @@ def test_the_sdist_carries_the_licence_docs_tests_and_the_end_to_end_run(dist: P
         "CHANGES.rst",
         "docs/pulp.md",
         "pulp_pubsub/py.typed",
-        "pulp_pubsub/contrib/pulpcore/e2e/scenarios.py",
+        "pulp_pubsub_tools/e2e/scenarios.py",
         "tests/test_pulpcore_e2e.py",
     ):
         assert needed in names, needed
@@ -84,17 +84,37 @@ def test_the_wheel_carries_the_licence_and_no_test_tooling(dist: Path):
     assert "License: GPL-2.0-or-later" in meta
     for needed in (
         "pulp_pubsub/py.typed",
-        "pulp_pubsub/backends/redis.py",
+        "pulp_pubsub/backends/redis/backend.py",
         "pulp_pubsub/contrib/pulpcore/worker.py",
         "pulp_pubsub/management/commands/pubsub_ping.py",
     ):
         assert needed in names, needed
     assert not [n for n in names if n.startswith(("tests/", "demo/"))]
-    assert not [n for n in names if "/contrib/pulpcore/e2e/" in n]
+
+
+TOOLING_COMMANDS = ("pubsub_bench", "pubsub_chaos", "pubsub_demo")
+
+
+def test_the_wheel_carries_the_runtime_and_nothing_that_measures_or_tests_it(dist: Path):
+    with zipfile.ZipFile(only(dist, "*.whl")) as wheel:
+        names = [n for n in wheel.namelist() if ".dist-info/" not in n]
+    outside = [n for n in names if not n.startswith("pulp_pubsub/")]
+    assert not outside, outside
+    tooling = [
+        n
+        for n in names
+        if n.split("/")[1] in ("bench", "chaos", "testing")
+        or "/e2e/" in n
+        or any(f"/{command}.py" in n for command in TOOLING_COMMANDS)
+    ]
+    assert not tooling, tooling
+    # The tooling exists in the checkout: the check above would pass vacuously otherwise.
+    assert (ROOT / "pulp_pubsub_tools" / "bench").is_dir()
+    assert (ROOT / "pulp_pubsub_tools" / "management" / "commands" / "pubsub_bench.py").exists()
 
 
 def test_the_e2e_tables_in_the_docs_are_generated_from_the_committed_json():
-    from pulp_pubsub.contrib.pulpcore.e2e import docs
+    from pulp_pubsub_tools.e2e import docs
 
     runs = sorted((ROOT / "docs").glob("e2e-*.json"))
     assert [p.name for p in runs] == ["e2e-3.105.json", "e2e-3.123.json"]

@@ -21,7 +21,7 @@ from django.db import connections
 from django.test import override_settings
 
 from pulp_pubsub import Message, get_backend
-from pulp_pubsub.testing import PgBouncerServer, PostgresServer
+from pulp_pubsub_tools.testing import PgBouncerServer, PostgresServer
 
 from .util import dispatch_until, wait_until
 

@@ -33,9 +33,9 @@ from django.test import override_settings
 from demo.models import Event
 from pulp_pubsub import Message, get_backend, publish
 from pulp_pubsub.backends.listener import Subscriber
-from pulp_pubsub.backends.postgres import PostgresBackend
+from pulp_pubsub.backends.postgres.backend import PostgresBackend
 from pulp_pubsub.exceptions import InvalidChannel, InvalidPayload, PublishError
-from pulp_pubsub.testing import PostgresServer, TcpProxy
+from pulp_pubsub_tools.testing import PostgresServer, TcpProxy
 
 from .harness_postgres import PostgresHarness
 from .util import wait_until
@@ -169,7 +169,7 @@ def test_listener_connections_carry_keepalives_and_their_name():
 
 def test_queue_over_half_full_is_warned_once(caplog):
     backend = PostgresBackend(url="postgresql://u@h/db")
-    with caplog.at_level(logging.WARNING, logger="pulp_pubsub.backends.postgres"):
+    with caplog.at_level(logging.WARNING, logger="pulp_pubsub.backends.postgres.backend"):
         for usage in (0.1, 0.6, 0.7, 0.2, 0.9):
             backend.observe_queue_usage(usage)
     warnings = [r for r in caplog.records if "notification queue" in r.getMessage()]

@@ -3,7 +3,7 @@
 Makes (once, then reuses) a virtualenv per series with pulpcore from PyPI
 (``$PULP_PUBSUB_E2E_VENV`` or ``~/.cache/pulp-pubsub/``), starts throwaway
 PostgreSQL, PgBouncer and Redis servers, and runs the scenarios of
-:mod:`pulp_pubsub.contrib.pulpcore.e2e.scenarios`: on the oldest supported
+:mod:`pulp_pubsub_tools.e2e.scenarios`: on the oldest supported
 series the ones the issue asks of every series (contract, operator, pooler,
 fail closed, head to head), on the newest all of them. The figures of each series are
 printed whether the tests pass or not, and written as JSON to
@@ -13,7 +13,7 @@ The created->started latency target (p50 no worse than 1.25 x stock) is
 asserted here with a looser bound, ``LATENCY_RATIO_CI``: CI shares the
 2-core machine with the rest of the suite, so a few milliseconds of noise
 move a ~50 ms median. The exact ratio is printed, and
-``python -m pulp_pubsub.contrib.pulpcore.e2e`` fails on 1.25.
+``python -m pulp_pubsub_tools.e2e`` fails on 1.25.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pulp_pubsub.contrib.pulpcore.compat import E2E_SERIES
-from pulp_pubsub.contrib.pulpcore.e2e.figures import (
+from pulp_pubsub_tools.e2e.figures import (
     CANCEL_SECONDS,
     as_dict,
     contrast,
@@ -34,8 +34,8 @@ from pulp_pubsub.contrib.pulpcore.e2e.figures import (
     table,
     verdicts,
 )
-from pulp_pubsub.contrib.pulpcore.e2e.relayfleet import relay_verdicts
-from pulp_pubsub.contrib.pulpcore.e2e.scenarios import Config, Report, Run
+from pulp_pubsub_tools.e2e.relayfleet import relay_verdicts
+from pulp_pubsub_tools.e2e.scenarios import Config, Report, Run
 
 LATENCY_RATIO_CI = 1.5
 OLDEST, NEWEST = E2E_SERIES[0], E2E_SERIES[-1]

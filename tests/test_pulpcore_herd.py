@@ -1,6 +1,6 @@
 """No thundering herd (issue 15): real pulpcore workers, targeted wake-ups against stock.
 
-A small run of :mod:`pulp_pubsub.contrib.pulpcore.e2e.herd` that fits CI: two
+A small run of :mod:`pulp_pubsub_tools.e2e.herd` that fits CI: two
 fleet sizes, a burst and both fault cases. The full-size figures (K = 4, 16
 and 32, a burst of 64 onto 16) come from the same code run as a command; its
 JSON is committed in docs/figures/herd.json and rendered into the README.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from pulp_pubsub.contrib.pulpcore.e2e.herd import HerdConfig, HerdRun, markdown
+from pulp_pubsub_tools.e2e.herd import HerdConfig, HerdRun, markdown
 
 pytestmark = [pytest.mark.pulp, pytest.mark.backend, pytest.mark.timeout(1800)]
 

@@ -147,7 +147,7 @@ def test_wakeup_worker_statement_publishes_without_touching_the_database(heard):
 @pytest.mark.django_db(transaction=True)
 @pytest.mark.backend
 def test_a_backend_outage_never_raises_into_pulpcore_and_is_logged_once(caplog):
-    from pulp_pubsub.testing import RedisServer
+    from pulp_pubsub_tools.testing import RedisServer
 
     stand_in = publishers.NotifyingConnection(Untouchable())
 

@@ -28,10 +28,10 @@ from django.test import override_settings
 
 from pulp_pubsub import Message, get_backend, publish
 from pulp_pubsub.backends.listener import Subscriber
-from pulp_pubsub.backends.redis import RedisBackend
-from pulp_pubsub.backends.redisgroups import CONSUMER_GROUP, stream_key
+from pulp_pubsub.backends.redis.backend import RedisBackend
+from pulp_pubsub.backends.redis.groups import CONSUMER_GROUP, stream_key
 from pulp_pubsub.exceptions import MissingDependency, PublishError
-from pulp_pubsub.testing import RedisServer, SentinelCluster, TcpProxy, free_port
+from pulp_pubsub_tools.testing import RedisServer, SentinelCluster, TcpProxy, free_port
 
 from .util import wait_until
 
@@ -271,9 +271,9 @@ def test_options_override_the_credentials_of_the_url():
 
 def test_without_redis_py_the_error_names_the_pip_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "redis", None)
-    monkeypatch.delitem(sys.modules, "pulp_pubsub.backends.redis")
+    monkeypatch.delitem(sys.modules, "pulp_pubsub.backends.redis.backend")
     with pytest.raises(MissingDependency, match=r"pulp-pubsub\[redis\]"):
-        importlib.import_module("pulp_pubsub.backends.redis")
+        importlib.import_module("pulp_pubsub.backends.redis.backend")
 
 
 # -- delivery details that are Redis's own ----------------------------------------------

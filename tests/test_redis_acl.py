@@ -21,10 +21,10 @@ from django.core.management import CommandError, call_command
 from django.test import override_settings
 
 from pulp_pubsub import get_backend
-from pulp_pubsub.backends.redisgroups import CONSUMER_GROUP
+from pulp_pubsub.backends.redis.groups import CONSUMER_GROUP
 from pulp_pubsub.exceptions import PublishError
 from pulp_pubsub.introspection import gather
-from pulp_pubsub.testing import RedisServer
+from pulp_pubsub_tools.testing import RedisServer
 
 from .reliability_util import Inbox
 from .util import wait_until

@@ -14,9 +14,9 @@ import pytest
 import redis
 
 from pulp_pubsub.backends.listener import Subscriber
-from pulp_pubsub.backends.redisgroups import CONSUMER_GROUP, member_base, stream_key
-from pulp_pubsub.backends.redislua import MEMBER
-from pulp_pubsub.testing import RedisServer
+from pulp_pubsub.backends.redis.groups import CONSUMER_GROUP, member_base, stream_key
+from pulp_pubsub.backends.redis.scripts import MEMBER
+from pulp_pubsub_tools.testing import RedisServer
 
 from .test_redis import Inbox, redis_backend
 from .util import wait_until

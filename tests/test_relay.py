@@ -27,10 +27,10 @@ from django.test import override_settings
 
 from pulp_pubsub import get_backend, publish
 from pulp_pubsub.backends.aftercommit import Deferred
-from pulp_pubsub.backends.relay import RelayBackend
+from pulp_pubsub.backends.relay.backend import RelayBackend
+from pulp_pubsub.backends.relay.protocol import RelayConnection
 from pulp_pubsub.exceptions import ConnectionLost
-from pulp_pubsub.relay.protocol import RelayConnection
-from pulp_pubsub.testing import PgBouncerServer, PostgresServer, RedisServer, RelayServer
+from pulp_pubsub_tools.testing import PgBouncerServer, PostgresServer, RedisServer, RelayServer
 
 from .harness_relay import RelayHarness, relays_over
 from .reliability_util import Inbox
@@ -416,7 +416,7 @@ def test_forty_subscribers_behind_pgbouncer_hear_every_wakeup(mode):
                 [
                     sys.executable,
                     "-m",
-                    "pulp_pubsub.testing.fleet",
+                    "pulp_pubsub_tools.testing.fleet",
                     str(subscribers),
                     str(wakeups),
                     "150",

@@ -25,7 +25,7 @@ from django.test import override_settings
 
 from demo.models import Event
 from pulp_pubsub import get_backend, publish
-from pulp_pubsub.testing import EtcdServer, NatsServer, PostgresServer, RedisServer
+from pulp_pubsub_tools.testing import EtcdServer, NatsServer, PostgresServer, RedisServer
 
 from .conftest import CONTRACT_BACKENDS
 from .reliability_util import FAST, Inbox, dead_url

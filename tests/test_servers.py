@@ -15,8 +15,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from pulp_pubsub.testing import PgBouncerServer, PostgresServer, RedisServer, TcpProxy, free_port
-from pulp_pubsub.testing.processes import ServerProcess, require_binary
+from pulp_pubsub_tools.testing import (
+    PgBouncerServer,
+    PostgresServer,
+    RedisServer,
+    TcpProxy,
+    free_port,
+)
+from pulp_pubsub_tools.testing.processes import ServerProcess, require_binary
 
 pytestmark = pytest.mark.servers
 

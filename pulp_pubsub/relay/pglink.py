@@ -22,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from ..backends.postgres import PostgresBackend, PostgresTransport
+from ..backends.postgres.backend import PostgresBackend, PostgresTransport
 from ..backends.selfpipe import drain, make_pipe, poke, wait_readable
 from ..exceptions import ConnectionLost
 

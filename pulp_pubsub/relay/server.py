@@ -7,7 +7,7 @@ client that loses its relay moves to another one and resyncs, so a relay can
 be killed at any time. Publishers either NOTIFY (and PostgreSQL reaches every
 relay) or send to every relay themselves (``publish`` frames, no NOTIFY).
 
-Wire protocol: :mod:`pulp_pubsub.relay.protocol`.
+Wire protocol: :mod:`pulp_pubsub.backends.relay.protocol`.
 """
 
 from __future__ import annotations
@@ -26,11 +26,11 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event, State
 
+from ..backends.relay.protocol import MAX_FRAME, SUBPROTOCOL, TOO_SLOW, WIRE_LOGGER, decode, encode
 from ..conf import Secret
 from ..exceptions import InvalidChannel, InvalidPayload
 from ..validation import encode_payload, validate_channel
 from .pglink import Batch, PgLink
-from .protocol import MAX_FRAME, SUBPROTOCOL, TOO_SLOW, WIRE_LOGGER, decode, encode
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ APPLICATION_NAME = "pulp-pubsub bridge"
 class Bridge:
     def __init__(self, postgres_url: str | None = None) -> None:
         from ... import get_backend
-        from ...backends.postgres import PostgresBackend
+        from ...backends.postgres.backend import PostgresBackend
 
         self.target = get_backend()
         if self.target.name == "postgres":

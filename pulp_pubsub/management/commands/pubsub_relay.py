@@ -163,8 +163,8 @@ class Command(BaseCommand):
     @staticmethod
     def _pg_factory(options: dict[str, Any]) -> Any:
         try:
-            from pulp_pubsub.backends.pgsession import scrub
-            from pulp_pubsub.backends.postgres import PostgresBackend
+            from pulp_pubsub.backends.postgres.backend import PostgresBackend
+            from pulp_pubsub.backends.postgres.session import scrub
             from pulp_pubsub.relay.pglink import PgLink
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from exc

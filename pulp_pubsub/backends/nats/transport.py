@@ -1,0 +1,494 @@
+"""One NATS subscriber connection, hosted on the process's NATS loop, read through a pipe.
+
+nats-py calls back on the loop thread; the transport queues what arrives and pokes a
+self-pipe, the descriptor the shared listener waits on. With JetStream each channel is an
+ephemeral push consumer that starts just after the last stream sequence seen, which is
+how a reconnecting subscriber is handed its gap instead of a resync.
+
+Targeted delivery (JetStream only) uses the (channel, group)'s durable pull consumer: while
+the listener wants messages of a group, the transport keeps one pull request for one
+message waiting at the server, answered on an inbox of its own. A message that arrives
+when the listener no longer wants it (it took another, was paused, or is leaving) is given
+back at once with a NAK; ack() is an ACK and release() a NAK. A member that dies holding a
+message never acks it: the server hands it to another member after ``ack_wait``, the
+``claim_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+from collections import deque
+from collections.abc import Collection
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.api
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from ...exceptions import ConnectionLost, PubSubError
+from ..base import Handed, Transport
+from ..selfpipe import close_fds, drain, make_pipe, poke
+from .loop import loop_runner
+
+if TYPE_CHECKING:
+    from .backend import NatsBackend
+
+Pair = tuple[str, str]
+#: Seconds a pull request waits at the server; an idle member renews it when it expires.
+PULL_EXPIRES = 30.0
+#: Pull-request answers that end it without a message and say nothing is wrong:
+#: 404 no messages, 408 expired; a 409 for a limit (max waiting, a leader change) is
+#: followed by a new request after a pause, and one saying the consumer is gone is a loss.
+_PULL_OVER = {"404", "408"}
+_CONSUMER_GONE = ("consumer deleted", "push based")
+PULL_RETRY = 0.5
+
+
+class NatsTransport(Transport):
+    """One NATS connection of one subscriber; messages reach the listener through a pipe."""
+
+    backend: NatsBackend
+
+    def __init__(self, backend: NatsBackend) -> None:
+        super().__init__(backend)
+        self._lock = threading.Lock()
+        self._inbox: deque[tuple[str, str | None] | Handed] = deque()
+        self._dead: str | None = None
+        self._closed = False
+        self._pipe_r, self._pipe_w = make_pipe()
+        self._subs: dict[str, Any] = {}
+        # JetStream: the last stream sequence seen per wire channel, the
+        # position an earlier transport reached, and the consumers' liveness.
+        self._seen: dict[str, int] = {}
+        self._resume_from: dict[str, int] = {}
+        self._heard: dict[str, float] = {}
+        # Targeted delivery: the inbox our pull requests are answered on, each request's
+        # (wire, group) and end, the request waiting per pair, what the listener wants
+        # now, the pairs whose handed message it has not read yet, and the pairs handed
+        # one since its last want() (none more until it asks again, having read it).
+        self._pull_inbox: str | None = None
+        self._consumers: dict[Pair, str] = {}
+        self._work_pairs: dict[str, Pair] = {}
+        # Request id -> (wire, group), when the server last spoke of it (a heartbeat).
+        self._pulls: dict[str, tuple[Pair, float]] = {}
+        self._pulling: dict[Pair, str] = {}
+        self._wanted: frozenset[Pair] = frozenset()
+        self._unread: set[Pair] = set()
+        self._handed: set[Pair] = set()
+        self._pull_ids = itertools.count(1)
+        self._resumed = False
+        # A waiting pull request hears a heartbeat this often; silence means its
+        # consumer is gone (deleted, or lost with its node) while the connection lives.
+        self._heartbeat = min(float(backend.config["probe_interval"]), PULL_EXPIRES / 3)
+        self._runner = loop_runner()
+        self._timeout = backend.config["connect_timeout"]
+        self._established = False
+        try:
+            self._nc: Client = self._runner.run(
+                backend.connect(
+                    role="subscriber",
+                    allow_reconnect=False,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnected,
+                    closed_cb=self._on_disconnected,
+                ),
+                self._timeout,
+            )
+        except BaseException as exc:
+            close_fds(self._pipe_r, self._pipe_w)
+            raise ConnectionLost(
+                f"could not connect to {backend.where()}: {backend.explain(exc)}"
+            ) from exc
+        self._established = True
+
+    # -- callbacks on the loop thread --------------------------------------------
+
+    def _push(
+        self, item: tuple[str, str | None] | Handed | None = None, dead: str | None = None
+    ) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            if item is not None:
+                self._inbox.append(item)
+            if dead and self._dead is None:
+                self._dead = dead
+            poke(self._pipe_w)
+
+    async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            # nats-py dropped a message it could not queue: that channel resyncs.
+            self._push((exc.subject, None))
+        elif self._established and isinstance(
+            exc, nats.errors.StaleConnectionError | ConnectionError | OSError
+        ):
+            # Before connect() returns, errors are those of servers it tried and passed over.
+            self._push(dead=self.backend.explain(exc))
+
+    async def _on_disconnected(self) -> None:
+        self._push(dead="the NATS server closed the connection")
+
+    async def _on_message(self, msg: Msg) -> None:
+        self._push((msg.subject, msg.data.decode("utf-8", "replace")))
+
+    def _consumer_callback(self, wire: str) -> Any:
+        async def on_message(msg: Msg) -> None:
+            self._heard[wire] = time.monotonic()
+            if msg.headers and msg.headers.get("Status"):
+                # An idle heartbeat, or a flow-control request (it has a reply subject).
+                if msg.reply:
+                    await self._nc.publish(msg.reply)
+                return
+            if not msg.reply:
+                return
+            # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<time>.<pending>
+            tokens = msg.reply.split(".")
+            try:
+                sequence = int(tokens[-4])
+            except (IndexError, ValueError):
+                return
+            with self._lock:
+                if sequence <= self._seen.get(wire, 0):
+                    return  # redelivered after a consumer restart: already had it
+                self._seen[wire] = sequence
+            self._push((msg.subject, msg.data.decode("utf-8", "replace")))
+
+        return on_message
+
+    # -- the listener's side -----------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._pipe_r
+
+    def listen(self, channels: Collection[str]) -> None:
+        self._run(self._listen(list(channels)))
+
+    async def _listen(self, channels: list[str]) -> None:
+        # Broadcast: a plain subscription (or consumer) per subscriber. Targeted delivery
+        # would subscribe with ``queue=<group>`` here (JetStream: one durable consumer per
+        # group with ``deliver_group``), so the server hands each message to one member.
+        nc = self._nc
+        for wire in channels:
+            if wire in self._subs:
+                continue
+            if self.backend.jetstream:
+                self._subs[wire] = await self._add_consumer(wire)
+            else:
+                self._subs[wire] = await nc.subscribe(wire, cb=self._on_message)
+        await self._confirm()
+
+    async def _confirm(self) -> None:
+        """Return once the server has processed every command sent so far on this connection.
+
+        A message to ourselves on a fresh inbox comes back only after the server has read
+        what preceded it (our SUBs): proof that a publish from now on reaches us. A PING
+        (``flush()``) is not: with nats-py 2.16 and nats-server 2.9 about 1 flush in 100
+        returned before the SUB before it took effect (measured: the server counted the
+        next publish in, and not out, to a connection that held the subscription).
+        """
+        nc = self._nc
+        arrived = asyncio.get_running_loop().create_future()
+
+        async def on_confirm(msg: Msg) -> None:
+            if not arrived.done():
+                arrived.set_result(True)
+
+        inbox = nc.new_inbox()
+        sub = await nc.subscribe(inbox, cb=on_confirm, max_msgs=1)
+        try:
+            await nc.publish(inbox, b"")
+            await asyncio.wait_for(arrived, self._timeout)
+        finally:
+            if not arrived.done():
+                await sub.unsubscribe()
+
+    async def _add_consumer(self, wire: str) -> Any:
+        backend = self.backend
+        js = self._nc.jsm(timeout=self._timeout)
+        info = await backend.ensure_stream(self._nc)
+        last = info.state.last_seq
+        start = self._resume_from.pop(wire, None)
+        if start is not None and (start > last or (start + 1 < info.state.first_seq)):
+            if start != last:
+                # The stream no longer holds what this channel may have missed (or was
+                # made anew, its sequence starting again below ours).
+                self._push((wire, None))
+            start = None
+        if start is None:
+            start = last
+        with self._lock:
+            self._seen[wire] = max(self._seen.get(wire, 0), start)
+        deliver = self._nc.new_inbox()
+        sub = await self._nc.subscribe(deliver, cb=self._consumer_callback(wire))
+        heartbeat = backend.config["probe_interval"]
+        config = nats.js.api.ConsumerConfig(
+            deliver_subject=deliver,
+            filter_subject=wire,
+            deliver_policy=nats.js.api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start + 1,
+            ack_policy=nats.js.api.AckPolicy.NONE,
+            idle_heartbeat=heartbeat,
+            flow_control=True,
+            inactive_threshold=max(5.0, 3 * heartbeat),
+            mem_storage=True,
+        )
+        consumer = await js.add_consumer(backend.stream_name, config)
+        self._heard[wire] = time.monotonic()
+        return (sub, consumer.name)
+
+    def unlisten(self, channels: Collection[str]) -> None:
+        self._run(self._unlisten(list(channels)))
+
+    async def _unlisten(self, channels: list[str]) -> None:
+        for wire in channels:
+            sub = self._subs.pop(wire, None)
+            self._heard.pop(wire, None)
+            if isinstance(sub, tuple):
+                await sub[0].unsubscribe()
+                try:
+                    await self._nc.jsm(timeout=self._timeout).delete_consumer(
+                        self.backend.stream_name, sub[1]
+                    )
+                except nats.js.errors.NotFoundError:
+                    pass
+            elif sub is not None:
+                await sub.unsubscribe()
+
+    def read(self) -> list[tuple[str, str | None] | Handed]:
+        drain(self._pipe_r)
+        with self._lock:
+            items = list(self._inbox)
+            self._inbox.clear()
+            dead = self._dead
+            for item in items:
+                if isinstance(item, Handed):
+                    self._unread.discard((item.wire, item.group))
+        if dead:
+            if items:
+                poke(self._pipe_w)  # hand these out first; raise on the next read
+                return items
+            raise ConnectionLost(dead)
+        return items
+
+    # -- targeted delivery ----------------------------------------------------------
+
+    def join(self, members: Collection[Pair]) -> None:
+        self._run(self._join(list(members)))
+
+    async def _join(self, members: list[Pair]) -> None:
+        backend = self.backend
+        if self._pull_inbox is None:
+            await backend.ensure_work_stream(self._nc)
+            inbox = self._nc.new_inbox()
+            await self._nc.subscribe(inbox + ".*", cb=self._on_pulled)
+            self._pull_inbox = inbox
+        for wire, group in members:
+            name, made = await backend.ensure_work_consumer(self._nc, wire, group)
+            if made and self._resumed:
+                # Reconnected, and the group's consumer was gone (deleted, or lost with
+                # its stream): targeted messages published meanwhile reached nobody.
+                self._push((wire, None))
+            with self._lock:
+                self._consumers[(wire, group)] = name
+                self._work_pairs[backend.work_subject(wire, group)] = (wire, group)
+
+    def want(self, members: frozenset[Pair], consumer: str) -> None:
+        now = time.monotonic()
+        limit = 3 * self._heartbeat + self._timeout
+        with self._lock:
+            self._wanted = members
+            self._handed &= self._unread
+            for pair, heard in self._pulls.values():
+                if now - heard > limit:
+                    raise ConnectionLost(
+                        f"the JetStream consumer of {pair!r} fell silent for {limit:g} s"
+                    )
+            requests = self._new_pulls(now)
+        if requests:
+            self._runner.submit(self._pull(requests))
+
+    def _new_pulls(self, now: float) -> list[tuple[str, str]]:
+        """Pull requests to send for wanted pairs that have none waiting (lock held)."""
+        requests = []
+        for pair in self._wanted:
+            name = self._consumers.get(pair)
+            if name is None or pair in self._pulling or pair in self._handed or self._closed:
+                continue
+            request = str(next(self._pull_ids))
+            self._pulls[request] = (pair, now)
+            self._pulling[pair] = request
+            requests.append((request, name))
+        return requests
+
+    def _end_pull(self, request: str) -> Pair | None:
+        """Forget a pull request that was answered or ended (lock held)."""
+        entry = self._pulls.pop(request, None)
+        if entry is None:
+            return None
+        if self._pulling.get(entry[0]) == request:
+            del self._pulling[entry[0]]
+        return entry[0]
+
+    async def _pull(self, requests: list[tuple[str, str]]) -> None:
+        body = json.dumps(
+            {
+                "batch": 1,
+                "expires": int(PULL_EXPIRES * 1e9),
+                "idle_heartbeat": int(self._heartbeat * 1e9),
+            }
+        ).encode()
+        stream = self.backend.work_stream_name
+        try:
+            for request, name in requests:
+                await self._nc.publish(
+                    f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{name}",
+                    body,
+                    reply=f"{self._pull_inbox}.{request}",
+                )
+        except Exception as exc:
+            self._push(dead=f"pull request not sent: {self.backend.explain(exc)}")
+
+    async def _on_pulled(self, msg: Msg) -> None:
+        status = msg.headers.get("Status") if msg.headers else None
+        if status:
+            # Sent to the request's own reply subject.
+            request = msg.subject.rpartition(".")[2]
+            description = (msg.headers or {}).get("Description", "")
+            with self._lock:
+                if status == "100":  # an idle heartbeat: the request still waits
+                    entry = self._pulls.get(request)
+                    if entry is not None:
+                        self._pulls[request] = (entry[0], time.monotonic())
+                    return
+                pair = self._end_pull(request)
+            if status in _PULL_OVER:
+                await self._renew_pulls()
+                return
+            if status == "409" and not any(s in description.lower() for s in _CONSUMER_GONE):
+                loop = asyncio.get_running_loop()
+                loop.call_later(PULL_RETRY, lambda: loop.create_task(self._renew_pulls()))
+                return
+            self._push(
+                dead=f"JetStream ended the pull for {pair!r}: {status} {description}".strip()
+            )
+            return
+        if not msg.reply:
+            return
+        # A message keeps its own subject; each consumer has exactly one.
+        with self._lock:
+            pair = self._work_pairs.get(msg.subject)
+            waiting = self._pulling.get(pair) if pair is not None else None
+            if waiting is not None:
+                self._end_pull(waiting)
+            take = (
+                pair is not None
+                and pair in self._wanted
+                and pair not in self._handed
+                and not self._closed
+            )
+            if take and pair is not None:
+                self._unread.add(pair)
+                self._handed.add(pair)
+                handed = Handed(pair[0], pair[1], msg.data.decode("utf-8", "replace"), msg.reply)
+                self._inbox.append(handed)
+                poke(self._pipe_w)
+        if not take:
+            # No longer wanted (the member took another, was paused or is leaving):
+            # straight back, for another member. Not sent (the connection is going):
+            # the server hands it out again after ack_wait.
+            try:
+                await self._nc.publish(msg.reply, b"-NAK")
+            except Exception:
+                pass
+
+    async def _renew_pulls(self) -> None:
+        """A pull request ended without a message: a new one for what is still wanted."""
+        with self._lock:
+            requests = self._new_pulls(time.monotonic())
+        if requests:
+            await self._pull(requests)
+
+    def ack(self, handed: Collection[Handed]) -> None:
+        self._answer(handed, b"+ACK")
+
+    def release(self, handed: Collection[Handed]) -> None:
+        self._answer(handed, b"-NAK")
+
+    def _answer(self, handed: Collection[Handed], verdict: bytes) -> None:
+        if handed:
+            # An ack subject works from any connection: what an earlier one was handed
+            # is acked (or given back) on this one.
+            self._run(self._publish_all([item.token for item in handed], verdict))
+
+    async def _publish_all(self, subjects: list[str], data: bytes) -> None:
+        for subject in subjects:
+            await self._nc.publish(subject, data)
+        await self._nc.flush(self._timeout)
+
+    def position(self) -> Any:
+        if not self.backend.jetstream:
+            return None
+        with self._lock:
+            return {"stream": self.backend.stream_name, "seen": dict(self._seen)}
+
+    def resume(self, position: Any) -> bool:
+        if not (self.backend.jetstream and isinstance(position, dict)):
+            return False
+        if position.get("stream") != self.backend.stream_name:
+            return False
+        self._resume_from = dict(position.get("seen") or {})
+        self._resumed = True
+        return True
+
+    def probe(self, channel: str, payload: str) -> None:
+        if self.backend.jetstream:
+            # A push consumer whose server went away without taking this
+            # connection along says so only by falling silent.
+            limit = 3 * self.backend.config["probe_interval"] + self._timeout
+            now = time.monotonic()
+            for wire, heard in list(self._heard.items()):
+                if now - heard > limit:
+                    raise ConnectionLost(f"the JetStream consumer for {wire!r} fell silent")
+        self._runner.submit(self._probe(channel, payload))
+
+    def send_from_listener(self, channel: str, payload: str) -> None:
+        self._runner.submit(self._probe(channel, payload))
+
+    async def _probe(self, channel: str, payload: str) -> None:
+        try:
+            await self.backend.publish_on(self._nc, channel, payload.encode())
+        except Exception as exc:
+            self._push(dead=f"probe not sent: {self.backend.explain(exc)}")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            # Handed over but never read by the listener: back for another member now.
+            unread = [item.token for item in self._inbox if isinstance(item, Handed)]
+        try:
+            if unread and self._nc.is_connected:
+                self._runner.run(self._publish_all(unread, b"-NAK"), self._timeout)
+        except BaseException:
+            pass  # not given back: the server hands them out again after ack_wait
+        try:
+            self._runner.run(self._nc.close(), self._timeout)
+        except BaseException:
+            pass  # closing a dead connection: nothing to save
+        finally:
+            close_fds(self._pipe_r, self._pipe_w)
+
+    def _run(self, coro: Any) -> Any:
+        try:
+            return self._runner.run(coro, self._timeout + 1)
+        except PubSubError:
+            raise
+        except BaseException as exc:
+            raise ConnectionLost(self.backend.explain(exc)) from exc

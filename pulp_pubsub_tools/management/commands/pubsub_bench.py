@@ -1,0 +1,180 @@
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import sys
+from dataclasses import replace
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+
+from pulp_pubsub.exceptions import PubSubError
+from pulp_pubsub_tools.bench import SCENARIOS, BenchError
+from pulp_pubsub_tools.bench.progress import Progress
+from pulp_pubsub_tools.bench.report import (
+    evaluate_targets,
+    render_markdown,
+    render_text,
+    write_markdown,
+)
+from pulp_pubsub_tools.bench.runner import QUICK, Params, run_benchmark
+from pulp_pubsub_tools.bench.servers import ServerSet
+
+DEFAULTS = Params()
+
+
+class Command(BaseCommand):
+    help = (
+        "Benchmark the pub/sub backends side by side with their bare client libraries and with "
+        "Pulp's polling workers: " + ", ".join(SCENARIOS) + ". Starts throwaway PostgreSQL "
+        "and Redis servers unless given their URLs."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "scenarios",
+            nargs="*",
+            metavar="SCENARIO",
+            help=f"What to run (default: all): {', '.join(SCENARIOS)}.",
+        )
+        parser.add_argument(
+            "--backends",
+            default="postgres,redis,nats",
+            help="Comma-separated backends (default: postgres,redis,nats).",
+        )
+        add = parser.add_argument
+        add("--subscribers", type=int, help=f"N (default {DEFAULTS.subscribers}).")
+        add("--pings", type=int, help=f"Latency round trips (default {DEFAULTS.pings}).")
+        add("--rounds", type=int, help=f"Fanout publishes (default {DEFAULTS.rounds}).")
+        add("--window", type=float, help=f"Idle window, s (default {DEFAULTS.window:g}).")
+        add("--writers", type=int, help=f"Commit writers (default {DEFAULTS.writers}).")
+        add(
+            "--duration",
+            type=float,
+            help=f"Seconds per commit measurement (default {DEFAULTS.duration:g}).",
+        )
+        add(
+            "--repeats",
+            type=int,
+            help="Commit measurements per level, with and without a wake-up in turn; the "
+            f"medians count (default {DEFAULTS.repeats}).",
+        )
+        add(
+            "--poll-rounds",
+            type=int,
+            help=f"Wake-ups for the poll baseline (default {DEFAULTS.poll_rounds}).",
+        )
+        add(
+            "--quick",
+            action="store_true",
+            help="Tiny defaults for CI smoke runs: N=5, short windows (flags still win).",
+        )
+        add("--postgres-url", help="Use this PostgreSQL instead of a throwaway one.")
+        add("--redis-url", help="Use this Redis instead of a throwaway one.")
+        add(
+            "--server-url",
+            action="append",
+            default=[],
+            metavar="KIND=URL",
+            help="A server for another backend's adapter, e.g. nats=nats://127.0.0.1:4222.",
+        )
+        add("--json", metavar="FILE", help="Write the full result as JSON.")
+        add("--plot", metavar="FILE.png", help="Draw the result (needs matplotlib).")
+        add(
+            "--markdown",
+            metavar="FILE",
+            help="Write the tables as Markdown; in a file with the results markers, "
+            "only between them (docs/benchmark.md).",
+        )
+        add(
+            "--load",
+            metavar="FILE",
+            help="Run nothing: report, plot and convert an earlier --json result.",
+        )
+        add("--no-progress", action="store_true", help="No progress output.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            result = self._load(options) if options["load"] else self._run(options)
+            self._output(result, options)
+        except (BenchError, PubSubError, ImproperlyConfigured) as exc:
+            raise CommandError(str(exc)) from exc
+
+    def _run(self, options: dict[str, Any]) -> dict[str, Any]:
+        params = QUICK if options["quick"] else DEFAULTS
+        fields = (
+            "subscribers",
+            "pings",
+            "rounds",
+            "window",
+            "writers",
+            "duration",
+            "repeats",
+            "poll_rounds",
+        )
+        params = replace(params, **{f: options[f] for f in fields if options[f] is not None})
+        chosen = options["scenarios"] or list(SCENARIOS)
+        backends = [b.strip() for b in options["backends"].split(",") if b.strip()]
+        if not backends and set(chosen) - {"poll"}:
+            raise CommandError("--backends names no backend.")
+        urls = {"postgres": options["postgres_url"], "redis": options["redis_url"]}
+        for item in options["server_url"]:
+            kind, sep, url = item.partition("=")
+            if not sep or not kind or not url:
+                raise CommandError(f"--server-url takes KIND=URL, not {item!r}.")
+            urls[kind] = url
+        stream = getattr(self.stderr, "_out", sys.stderr)
+
+        def note(line: str) -> None:
+            if not options["no_progress"]:
+                self.stderr.write(line, style_func=str)
+
+        progress = Progress(stream, note, bars=not options["no_progress"])
+        servers = ServerSet(urls, max_connections=100)
+        try:
+            return run_benchmark(params, chosen, backends, servers, progress, self._command_line())
+        finally:
+            servers.close()
+
+    @staticmethod
+    def _command_line() -> str:
+        argv = sys.argv[:]
+        if "pubsub_bench" not in argv[1:]:
+            return "pubsub_bench (called from code)"
+        program = "python manage.py" if argv[0].endswith("manage.py") else os.path.basename(argv[0])
+        return f"{program} {shlex.join(argv[1:])}"
+
+    def _load(self, options: dict[str, Any]) -> dict[str, Any]:
+        try:
+            with open(options["load"]) as f:
+                result = dict(json.load(f))
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"Cannot read {options['load']}: {exc}") from exc
+        result["targets"] = evaluate_targets(result)  # judged by this version's rules
+        return result
+
+    def _output(self, result: dict[str, Any], options: dict[str, Any]) -> None:
+        self.stdout.write(render_text(result))
+        if options["json"] and not options["load"]:
+            with open(options["json"], "w") as f:
+                json.dump(result, f, indent=1)
+                f.write("\n")
+            self.stdout.write(f"JSON: {options['json']}")
+        if options["plot"]:
+            from pulp_pubsub_tools.bench.plot import save_plot
+
+            save_plot(result, options["plot"])
+            self.stdout.write(f"Plot: {options['plot']}")
+        if options["markdown"]:
+            plot = options["plot"]
+            if plot:  # as the page links it: relative to the page
+                plot = os.path.relpath(plot, os.path.dirname(os.path.abspath(options["markdown"])))
+            write_markdown(options["markdown"], render_markdown(result, plot=plot))
+            self.stdout.write(f"Markdown: {options['markdown']}")
+        missed = [t for t in result.get("targets", []) if t["met"] is False]
+        summary = (
+            f"{len(result.get('targets', [])) - len(missed)} targets met, {len(missed)} missed."
+        )
+        self.stdout.write(self.style.WARNING(summary) if missed else self.style.SUCCESS(summary))
