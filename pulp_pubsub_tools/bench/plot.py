@@ -10,6 +10,9 @@ COLOURS = {
     "postgres": "#336791",
     "redis": "#d82c20",
     "etcd": "#419eda",
+    "nats": "#2ca02c",
+    "relay": "#6a3d9a",
+    "relay_direct": "#b15928",
     "memory": "#888888",
     "poll (Pulp)": "#e8a33d",
 }

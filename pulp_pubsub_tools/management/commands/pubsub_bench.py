@@ -25,6 +25,10 @@ from pulp_pubsub_tools.bench.servers import ServerSet
 DEFAULTS = Params()
 
 
+#: Every backend with a server: the default run draws the whole picture.
+DEFAULT_BACKENDS = ("postgres", "redis", "nats", "etcd", "relay")
+
+
 class Command(BaseCommand):
     help = (
         "Benchmark the pub/sub backends side by side with their bare client libraries and with "
@@ -41,8 +45,8 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--backends",
-            default="postgres,redis,nats",
-            help="Comma-separated backends (default: postgres,redis,nats).",
+            default=",".join(DEFAULT_BACKENDS),
+            help=f"Comma-separated backends (default: every one, {','.join(DEFAULT_BACKENDS)}).",
         )
         add = parser.add_argument
         add("--subscribers", type=int, help=f"N (default {DEFAULTS.subscribers}).")
