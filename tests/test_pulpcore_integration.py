@@ -13,7 +13,7 @@ import select
 import time
 import types
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -750,3 +750,43 @@ def test_with_targeting_off_every_worker_gets_every_wakeup(new_worker, setting):
         workers = [listening(new_worker) for _ in range(2)]
         wakeup("unblock")
         assert wakeups(workers) == [["unblock"]] * 2
+
+
+def test_an_idle_worker_that_hears_nothing_looks_for_work_within_its_heartbeat_period(
+    new_worker,
+):
+    worker = listening(new_worker)
+    worker.heartbeat_period = timedelta(seconds=0.05)
+    worker.schedule_safety_look()
+    sentinel_r, _ = os.pipe()
+    # No message comes: the wait ends at the safety look, far sooner than its timeout.
+    readable, _, _ = worker_seam.select_shim.select([sentinel_r], [], [], 60)
+    assert readable == []
+    assert worker.wakeup_handle is True and worker.wakeup_unblock is True
+    assert worker.pubsub.backend.stats["pulpcore_safety_looks"] == 1
+    assert worker.safety_look_at > time.monotonic()  # the next one is scheduled
+
+
+def test_an_auxiliary_worker_safety_look_never_unblocks(new_worker):
+    worker = listening(new_worker, auxiliary=True)
+    worker.safety_look()
+    assert worker.wakeup_handle is True and worker.wakeup_unblock is False
+
+
+@pytest.mark.parametrize("canceling", [True, False])
+def test_a_busy_worker_safety_look_asks_the_database_about_its_task(new_worker, canceling):
+    worker = listening(new_worker)
+    worker.task = types.SimpleNamespace(pk="t1")
+    asked = []
+    worker._task_is_canceling = lambda: asked.append(1) or canceling
+    worker.safety_look()
+    assert asked == [1]
+    assert worker.cancel_task is canceling
+    assert worker.wakeup_handle is False  # a busy worker takes no task
+
+
+def test_a_wakeup_puts_the_next_safety_look_off(new_worker):
+    worker = listening(new_worker)
+    worker.safety_look_at = 0.0  # overdue
+    worker.on_pubsub_message(Message(channel=WAKEUP, payload="handle"))
+    assert worker.safety_look_at > time.monotonic()

@@ -32,6 +32,11 @@ lock taken (another worker is scanning, perhaps from before the task this
 wake-up is about was committed) it looks again shortly, backing off, until
 it gets the lock: under broadcast another worker's later try covered that.
 
+Wake-ups are advisory and the database stays the truth: a worker that hears
+nothing for about one heartbeat period (jittered) looks anyway, for work when
+idle, at its task's cancel when busy (:meth:`PubSubWorkerMixin.safety_look`),
+so a wake-up the layer lost costs that period, never a stalled task.
+
 Each message then goes to pulpcore's own ``_pg_notify_handler``, which maps
 it to the flags exactly as for a PostgreSQL notification (a ``Message`` has
 the same ``channel`` and ``payload``). Only a ``resync`` (messages may have
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import select as _select
 import time
 from collections.abc import Callable, Sequence
@@ -67,6 +73,8 @@ logger = logging.getLogger(__name__)
 #: After finding the unblocking lock taken, look again this soon, doubling up to the cap.
 UNBLOCK_RETRY = 0.05
 UNBLOCK_RETRY_MAX = 1.0
+#: How often a worker without pulpcore's ``heartbeat_period`` (WORKER_TTL / 3) looks.
+SAFETY_LOOK_PERIOD = 10.0
 
 
 class WorkerCursor:
@@ -160,15 +168,21 @@ class SelectShim:
             subscriber.set_accepting(WAKEUP, RUNNERS, worker.task is None)
             subscriber.ack()
             retry_at = worker.unblock_retry_at
-            if retry_at is not None:
-                left = max(0.0, retry_at - time.monotonic())
-                timeout = left if timeout is None else min(timeout, left)
+            now = time.monotonic()
+            for due in (retry_at, worker.safety_look_at):
+                if due is not None:
+                    left = max(0.0, due - now)
+                    timeout = left if timeout is None else min(timeout, left)
         fd = subscriber.fileno()
         readable, writable, failed = _select.select([*rlist, fd], wlist, xlist, timeout)
-        if retry_at is not None and time.monotonic() >= retry_at:
-            # pulpcore's loop unblocks right after select() when the flag is set.
-            worker.unblock_retry_at = None
-            worker.wakeup_unblock = not worker.auxiliary
+        if worker is not None:
+            now = time.monotonic()
+            if retry_at is not None and now >= retry_at:
+                # pulpcore's loop unblocks right after select() when the flag is set.
+                worker.unblock_retry_at = None
+                worker.wakeup_unblock = not worker.auxiliary
+            if now >= worker.safety_look_at:
+                worker.safety_look()
         if fd in readable:
             subscriber.dispatch()
             readable = [item for item in readable if not (isinstance(item, int) and item == fd)]
@@ -196,6 +210,8 @@ class PubSubWorkerMixin:
     #: When to try the unblocking lock again (time.monotonic()), or None.
     unblock_retry_at: float | None = None
     _unblock_backoff: float = UNBLOCK_RETRY
+    #: When to look for work (or at the running task's cancel) with no message: see safety_look().
+    safety_look_at: float = 0.0
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -205,6 +221,7 @@ class PubSubWorkerMixin:
             real.close()
         self.pubsub = get_backend().subscriber(manual_ack=True)
         self.cursor = WorkerCursor(self)
+        self.schedule_safety_look()
         select_shim.attach(self.pubsub, self)
 
     def run(self, burst: bool = False) -> Any:
@@ -226,6 +243,29 @@ class PubSubWorkerMixin:
             self._unblock_backoff = UNBLOCK_RETRY
         return result
 
+    def schedule_safety_look(self) -> None:
+        """The next look comes within one heartbeat period, jittered so a fleet spreads out."""
+        period = getattr(self, "heartbeat_period", None)
+        seconds = period.total_seconds() if period is not None else SAFETY_LOOK_PERIOD
+        self.safety_look_at = time.monotonic() + seconds * random.uniform(0.75, 1.0)
+
+    def safety_look(self) -> None:
+        """Act as if woken: a wake-up or a cancel the layer lost costs one period, never a stall.
+
+        Wake-ups are advisory; the database stays the truth. An idle worker
+        looks for tasks (as on an unknown wake-up), a busy one asks whether its
+        task is being canceled; the few queries this costs run once per
+        period, and not at all while real wake-ups keep coming.
+        """
+        self.schedule_safety_look()
+        backend = self.pubsub.backend
+        count(backend.stats, "pulpcore_safety_looks", backend.name)
+        if self.task is None:
+            self.wakeup_unblock = not self.auxiliary
+            self.wakeup_handle = True
+        else:
+            self.cancel_task = self.cancel_task or self._task_is_canceling()
+
     def wakeup_groups(self) -> tuple[str, ...]:
         """Only non-auxiliary workers unblock tasks."""
         return (RUNNERS,) if self.auxiliary else (UNBLOCKERS, RUNNERS)
@@ -242,6 +282,8 @@ class PubSubWorkerMixin:
         )
 
     def on_pubsub_message(self, message: Message) -> None:
+        if message.channel == WAKEUP:
+            self.schedule_safety_look()  # about to look anyway
         if message.channel == CANCEL and not message.resync:
             self._on_cancel(message)
             return
