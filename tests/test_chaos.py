@@ -248,8 +248,8 @@ def test_every_fault_kind_is_named_in_the_command_help():
 # -- the committed results ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("page", "long"), [("README.md", False), ("docs/reliability.md", True)])
-def test_the_published_chaos_tables_are_generated_from_the_committed_reports(page, long):
+@pytest.mark.parametrize("long", [False, True], ids=["summary", "long"])
+def test_the_published_chaos_tables_are_generated_from_the_committed_reports(long):
     """Nothing in them is typed by hand, and the runs they show passed every check."""
     from pathlib import Path
 
@@ -258,11 +258,38 @@ def test_the_published_chaos_tables_are_generated_from_the_committed_reports(pag
     root = Path(__file__).resolve().parent.parent
     paths = [str(root / "docs" / "chaos" / f"{name}.json") for name in ("postgres", "redis")]
     reports = tables.load(paths)
-    text = (root / page).read_text()
-    between = text.partition(tables.START)[2].partition(tables.END)[0]
-    assert between.strip() == tables.render(reports, long=long).strip()
+    text = (root / "docs" / "reliability.md").read_text()
+    start, end = tables.markers(long)
+    assert text.count(start) == text.count(end) == 1
+    assert tables.between(text, long).strip() == tables.render(reports, long=long).strip()
     for report in reports:
         assert report["ok"] and report["missing"] == 0 and report["stuck"] == []
         for part in (report["quiet_between"], report["quiet_final"]):
             assert part["expected"] > 0 and part["delivered"] == part["expected"]
             assert part["resyncs"] == []
+
+
+def test_tables_rewrites_only_the_block_of_the_table_it_renders(tmp_path):
+    """One page holds the summary and the long table; each run of --tables leaves the other."""
+    from pathlib import Path
+
+    from pulp_pubsub_tools.chaos import tables
+
+    root = Path(__file__).resolve().parent.parent
+    reports = ",".join(str(root / "docs" / "chaos" / f"{n}.json") for n in ("postgres", "redis"))
+    page = tmp_path / "page.md"
+    page.write_text(
+        f"intro\n{tables.SUMMARY_START}\nold summary\n{tables.SUMMARY_END}\n"
+        f"middle\n{tables.START}\nold long\n{tables.END}\nend\n"
+    )
+    call_command("pubsub_chaos", f"--tables={reports}", f"--markdown={page}", stdout=io.StringIO())
+    text = page.read_text()
+    assert "old summary" not in text and "old long" in text
+    assert "| backend | faults |" in tables.between(text, long=False)
+    call_command(
+        "pubsub_chaos", f"--tables={reports}", f"--markdown={page}", "--long", stdout=io.StringIO()
+    )
+    text = page.read_text()
+    assert "old long" not in text and "| passed |" in tables.between(text, long=True)
+    assert "| backend | faults |" in tables.between(text, long=False)
+    assert text.startswith("intro\n") and "\nmiddle\n" in text and text.endswith("end\n")

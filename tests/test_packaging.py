@@ -119,3 +119,11 @@ def test_the_e2e_tables_in_the_docs_are_generated_from_the_committed_json():
     runs = sorted((ROOT / "docs").glob("e2e-*.json"))
     assert [p.name for p in runs] == ["e2e-3.105.json", "e2e-3.123.json"]
     assert docs.main([*map(str, runs), "--root", str(ROOT), "--check"]) == 0
+
+
+def test_the_herd_tables_in_the_docs_are_generated_from_the_committed_json():
+    from pulp_pubsub_tools.e2e import herd
+
+    result, page = ROOT / "docs" / "figures" / "herd.json", ROOT / "docs" / "pulp.md"
+    assert page.read_text().count(herd.START) == 1
+    assert herd.main(["--load", str(result), "--markdown", str(page), "--check"]) == 0

@@ -1,7 +1,7 @@
 """The end-to-end figures in the docs, generated from the committed JSON of a run.
 
 ``python -m pulp_pubsub_tools.e2e.docs docs/e2e-3.105.json docs/e2e-3.123.json``
-rewrites the part of ``docs/pulp.md`` and ``README.md`` between the markers below;
+rewrites the part of ``docs/pulp.md`` between the markers below;
 ``--check`` only says whether they are up to date (the test suite runs that).
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 START = "<!-- e2e figures: start (generated from docs/e2e-*.json by e2e.docs) -->"
 END = "<!-- e2e figures: end -->"
-DOCS = ("docs/pulp.md", "README.md")
+DOCS = ("docs/pulp.md",)
 
 
 def _ms(seconds: float | None) -> str:

@@ -36,7 +36,9 @@ and each size's figures pool the tasks of its passes: the first fleet of a run
 is often the slowest, and one pass per size cannot tell that from K.
 
 It prints the tables and writes everything as JSON (``--json``), from which
-``--load`` renders the README table without running anything.
+``--load`` renders them without running anything; ``--markdown docs/pulp.md`` puts
+them between that page's markers, and ``--check`` only says whether the page
+holds what the JSON renders (the test suite runs that on the committed result).
 """
 
 from __future__ import annotations
@@ -487,7 +489,7 @@ def summarize_burst(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
-    """The README tables, from a result."""
+    """The tables of docs/pulp.md ("No thundering herd"), from a result."""
     lines = [
         "| idle workers | stock: transactions/task | pulp-pubsub: transactions/task "
         "| stock: created→started p50 / p95 | pulp-pubsub: p50 / p95 |",
@@ -572,12 +574,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the result here")
     parser.add_argument("--load", type=Path, default=None, help="run nothing: render this result")
     parser.add_argument(
+        "--markdown",
         "--readme",
+        dest="markdown",
         type=Path,
         default=None,
         help=f"also put the tables between the {START} and {END} markers of this file",
     )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="with --load and --markdown: change nothing, exit 1 when the page differs",
+    )
     args = parser.parse_args(argv)
+    if args.check and not (args.load and args.markdown):
+        parser.error("--check needs --load (the result) and --markdown (the page)")
     if args.load:
         result = json.loads(args.load.read_text())
     else:
@@ -612,14 +623,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             args.json.write_text(json.dumps(result, indent=2, default=str))
     text = markdown(result)
-    sys.stdout.write(text + "\n")
-    if args.readme:
-        page = args.readme.read_text()
+    if not args.check:
+        sys.stdout.write(text + "\n")
+    if args.markdown:
+        page = args.markdown.read_text()
         head, start, rest = page.partition(START)
         _, end, tail = rest.partition(END)
         if not start or not end:
-            parser.error(f"{args.readme} has no {START} ... {END} markers")
-        args.readme.write_text(f"{head}{START}\n{text}\n{END}{tail}")
+            parser.error(f"{args.markdown} has no {START} ... {END} markers")
+        updated = f"{head}{START}\n{text}\n{END}{tail}"
+        if args.check:
+            if updated != page:
+                sys.stderr.write(f"out of date with the JSON: {args.markdown}\n")
+                return 1
+        else:
+            args.markdown.write_text(updated)
     return 0
 
 

@@ -133,7 +133,7 @@ class Command(BaseCommand):
         paths = [path.strip() for path in options["tables"].split(",") if path.strip()]
         try:
             text = tables.render(tables.load(paths), long=options["long"])
-            tables.write(options["markdown"], text)
+            tables.write(options["markdown"], text, long=options["long"])
         except (OSError, ValueError, KeyError) as exc:
             raise CommandError(f"Cannot render the chaos tables: {exc}") from exc
         self.stdout.write(f"Rewrote the chaos results in {options['markdown']}")
