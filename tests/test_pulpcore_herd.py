@@ -3,7 +3,7 @@
 A small run of :mod:`pulp_pubsub_tools.e2e.herd` that fits CI: two
 fleet sizes, a burst and both fault cases. The full-size figures (K = 4, 16
 and 32, a burst of 64 onto 16) come from the same code run as a command; its
-JSON is committed in docs/figures/herd.json and rendered into the README.
+JSON is committed in docs/figures/herd.json and rendered into docs/pulp.md.
 """
 
 from __future__ import annotations
