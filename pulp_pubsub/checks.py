@@ -113,7 +113,7 @@ def check_control_key(app_configs: Any = None, **kwargs: Any) -> list[CheckMessa
     try:
         policy = control_auth.policy()
     except ImproperlyConfigured as exc:
-        return [Error(str(exc), hint="See 'Introspection' in the README.", id=E006)]
+        return [Error(str(exc), hint="See PUBSUB_CONTROL_KEY in docs/settings.md.", id=E006)]
     if not policy.answers:
         return []
     if policy.key is None:
