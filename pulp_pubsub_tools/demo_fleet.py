@@ -28,8 +28,6 @@ from importlib import import_module
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from django.db import connections
-
 from pulp_pubsub import CANCEL, WAKEUP, Message, Subscriber, get_backend
 from pulp_pubsub.backends.base import BaseBackend
 from pulp_pubsub.conf import get_settings
@@ -158,24 +156,21 @@ def cut_point(backend: BaseBackend) -> CutPoint | str:
 
 
 def _postgres_cut_point(backend: Any) -> CutPoint | str:
-    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+    from psycopg.conninfo import make_conninfo
 
-    if backend.url:
-        params = dict(conninfo_to_dict(backend.url))
-    else:
-        wrapper = connections.create_connection(backend.database_alias)
-        params = {
-            key: value
-            for key, value in wrapper.get_connection_params().items()
-            if isinstance(value, (str, int)) and value != ""
-        }
+    # The listener's own parameters: PUBSUB_URL's, or those of Django's database.
+    params = {
+        key: value
+        for key, value in backend.connection_params(backend.config["application_name"]).items()
+        if value is not None
+    }
     host = str(params.get("host") or "")
     if not host or host.startswith("/") or "," in host:
         return NEEDS_LOCAL
     proxy = _proxy(host, int(params.get("port") or 5432))
     if proxy is None:
         return NEEDS_LOCAL
-    return CutPoint(proxy, make_conninfo(**{**params, "host": proxy.host, "port": proxy.port}))
+    return CutPoint(proxy, make_conninfo("", **{**params, "host": proxy.host, "port": proxy.port}))
 
 
 def _proxy(host: str, port: int) -> TcpProxy | None:

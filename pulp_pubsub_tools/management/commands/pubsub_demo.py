@@ -150,7 +150,7 @@ class Fleet:
         else:
             self.write(
                 f"The {self.backend.name} backend cannot target a wake-up at one worker: "
-                f"each one is a broadcast and wakes all {len(self.names)} "
+                "each one is a broadcast that wakes every worker "
                 "(docs/backends.md, targeted delivery).",
                 self.command.style.WARNING,
             )
