@@ -65,7 +65,8 @@ class Report(NamedTuple):
     payload: str
     resync: bool
     at: float
-    #: "message", or "reconnected" (``payload`` is then how many reconnects replayed the gap).
+    #: "message", "warm" (it heard the warm-up), or "reconnected" (``payload`` is
+    #: then how many of its reconnects replayed the gap instead of a resync).
     event: str = "message"
 
 
@@ -88,8 +89,10 @@ def run_worker(name: str, control: str, reports: Any, ready: Any, url: str | Non
         reports.put(Report(name, message.channel, message.payload, message.resync, at))
 
     def on_control(message: Message) -> None:
-        if not message.resync:  # a reconnect resyncs this channel too
+        if message.payload == "stop":
             stop.set()
+        elif message.payload == "warm-up":
+            reports.put(Report(name, "", "", False, time.monotonic(), "warm"))
 
     try:
         with backend.subscriber(manual_ack=True) as subscriber:

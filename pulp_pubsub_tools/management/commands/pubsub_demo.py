@@ -123,7 +123,9 @@ class Fleet:
         kind = "threads" if self.in_process else "processes"
         url = self.backend.describe().get("url")
         where = f" at {url}" if url else ""
-        self.write(f"Backend {self.backend.name}{where}: {len(self.names)} worker {kind}")
+        count = len(self.names)
+        kind = kind if count > 1 else kind[:-1] if self.in_process else "process"
+        self.write(f"Backend {self.backend.name}{where}: {count} worker {kind}")
         if self.in_process:
             self.skip_reason = "needs a real server (set PUBSUB_BACKEND and PUBSUB_URL)"
         else:
@@ -142,6 +144,7 @@ class Fleet:
         if self.cut is not None:
             self.cut.proxy.start()
         self._wait_ready(self.names[-1:])
+        self._warm_up()
         if self.targeted:
             self.write(
                 "Wake-ups are targeted: each goes to one idle worker of the group "
@@ -170,6 +173,18 @@ class Fleet:
                 self.ready.get(timeout=DELIVERY_TIMEOUT * 3)
             except queue.Empty:
                 raise CommandError("A worker did not subscribe within 30 s.") from None
+
+    def _warm_up(self) -> None:
+        """One message to every worker first: a first delivery pays for imports and the like."""
+        self.backend.publish(self.control, "warm-up")
+        warm: set[str] = set()
+        deadline = time.monotonic() + DELIVERY_TIMEOUT
+        while len(warm) < len(self.names):
+            report = self._next(deadline)
+            if report is None:
+                raise CommandError(f"A worker did not hear within {DELIVERY_TIMEOUT:g} s.")
+            if report.event == "warm":
+                warm.add(report.worker)
 
     def stop(self) -> None:
         try:
