@@ -153,13 +153,6 @@ def test_ping_fails_when_the_server_is_down():
         memory.set_server_down(False)
 
 
-def test_demo_wakes_every_worker_and_delivers_the_cancel():
-    text = run("pubsub_demo", workers=3, rounds=2)
-    assert "wake-up 1 (handle): 3/3 workers woke" in text
-    assert "wake-up 2 (unblock): 3/3 workers woke" in text
-    assert "heard by 3/3 workers" in text
-
-
 def test_unknown_backend_is_a_command_error():
     with override_settings(PUBSUB_BACKEND="nosuch"):
         with pytest.raises(CommandError, match="neither a known alias"):

@@ -36,6 +36,8 @@ MAX_WORKERS = 64
 MAX_ROUNDS = 100
 #: How long a message may take to reach a worker before the demo calls it lost.
 DELIVERY_TIMEOUT = 10.0
+#: How long the warm-up waits before sending itself again.
+WARM_UP_AGAIN = 0.5
 #: How long after the first worker woke the demo watches the others sleep on.
 QUIET = 0.3
 #: How long a cut worker may take to reconnect (the backoff caps at reconnect_max).
@@ -175,16 +177,24 @@ class Fleet:
                 raise CommandError("A worker did not subscribe within 30 s.") from None
 
     def _warm_up(self) -> None:
-        """One message to every worker first: a first delivery pays for imports and the like."""
-        self.backend.publish(self.control, "warm-up")
+        """One message to every worker first: a first delivery pays for imports and the like.
+
+        Sent again until every worker has heard it: a worker that reconnected
+        meanwhile got a resync instead, as a subscriber may.
+        """
         warm: set[str] = set()
         deadline = time.monotonic() + DELIVERY_TIMEOUT
         while len(warm) < len(self.names):
-            report = self._next(deadline)
-            if report is None:
+            self.backend.publish(self.control, "warm-up")
+            again = min(deadline, time.monotonic() + WARM_UP_AGAIN)
+            while len(warm) < len(self.names):
+                report = self._next(again)
+                if report is None:
+                    break
+                if report.event == "warm":
+                    warm.add(report.worker)
+            if time.monotonic() >= deadline and len(warm) < len(self.names):
                 raise CommandError(f"A worker did not hear within {DELIVERY_TIMEOUT:g} s.")
-            if report.event == "warm":
-                warm.add(report.worker)
 
     def stop(self) -> None:
         try:
