@@ -36,6 +36,8 @@ MAX_WORKERS = 64
 MAX_ROUNDS = 100
 #: How long a message may take to reach a worker before the demo calls it lost.
 DELIVERY_TIMEOUT = 10.0
+#: How long the workers may take to stop.
+STOP_TIMEOUT = 10.0
 #: How long the warm-up waits before sending itself again.
 WARM_UP_AGAIN = 0.5
 #: How long after the first worker woke the demo watches the others sleep on.
@@ -199,12 +201,14 @@ class Fleet:
     def stop(self) -> None:
         try:
             self.backend.publish(self.control, "stop")
+            deadline = time.monotonic() + STOP_TIMEOUT
         except PubSubError:
-            pass
+            deadline = 0.0  # they cannot hear it: no point waiting
         for runner in self.runners:
-            runner.join(10)
+            runner.join(max(0.0, deadline - time.monotonic()))
             if runner.is_alive() and hasattr(runner, "terminate"):
                 runner.terminate()
+                runner.join(STOP_TIMEOUT)
         if self.cut is not None:
             self.cut.proxy.close()
 
