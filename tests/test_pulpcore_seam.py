@@ -8,20 +8,24 @@ under the subscriber surfaces as a resync through ``fetch()``.
 
 from __future__ import annotations
 
+import importlib.machinery
 import select
 import sys
 import time
+import types
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from django.conf import settings
 from django.db import transaction
 from django.test import override_settings
 
 from pulp_pubsub import CANCEL, METRICS_HEARTBEAT, WAKEUP, get_backend
 from pulp_pubsub.backends import memory
-from pulp_pubsub.contrib.pulpcore import seam
+from pulp_pubsub.contrib import pulpcore as integration
+from pulp_pubsub.contrib.pulpcore import compat, seam
 from pulp_pubsub.contrib.pulpcore.seam import PubsubMessage
 
 from .harness_redis import make_harness
@@ -206,3 +210,61 @@ def test_on_redis_a_cut_connection_surfaces_as_a_resync_through_fetch(redis_serv
             assert fetch_until(pubsub, bool) == [(WAKEUP, "unblock")]
         finally:
             pubsub.close()
+
+
+@pytest.fixture
+def fresh_state(monkeypatch):
+    monkeypatch.setattr(integration, "state", integration.State(reason=""))
+    return integration
+
+
+def test_setup_names_the_adapter_in_pulpcores_setting_and_uninstall_gives_it_back(fresh_state):
+    with override_settings(TASKING_PUBSUB_BACKEND=compat.PUBSUB_DEFAULT):
+        fresh_state.use_seam()
+        assert settings.TASKING_PUBSUB_BACKEND == seam.PATH
+        assert (fresh_state.state.installed, fresh_state.state.seam) == (True, True)
+        fresh_state.uninstall()
+        assert settings.TASKING_PUBSUB_BACKEND == compat.PUBSUB_DEFAULT
+        assert fresh_state.state.installed is False
+
+
+def test_a_class_an_operator_named_is_left_alone(fresh_state, caplog):
+    with override_settings(TASKING_PUBSUB_BACKEND="site.pubsub.Mine"):
+        fresh_state.use_seam()
+        assert settings.TASKING_PUBSUB_BACKEND == "site.pubsub.Mine"
+    assert fresh_state.state.installed is False
+    assert "'site.pubsub.Mine'" in fresh_state.state.reason and "leaves alone" in caplog.text
+
+
+@pytest.fixture
+def fake_pulpcore(monkeypatch, tmp_path):
+    """A pulpcore with the pub/sub module whose tasking code is the files of ``tmp_path``."""
+    for name in ("pulpcore", compat.TASKING, compat.PUBSUB_MODULE):
+        module = types.ModuleType(name)
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        module.__spec__.submodule_search_locations = [str(tmp_path)]
+        monkeypatch.setitem(sys.modules, name, module)
+    pubsub = sys.modules[compat.PUBSUB_MODULE]
+    pubsub.BasePubSubBackend = type("BasePubSubBackend", (), dict(vars(seam.PubSubBackend)))
+    pubsub.get_backend = lambda: pubsub.BasePubSubBackend
+    (tmp_path / "pubsub.py").write_text("def listen(execute):\n    execute('LISTEN {}')\n")
+    return pubsub, tmp_path
+
+
+def test_a_patched_pulpcore_whose_interface_fits_has_no_seam_problem(fake_pulpcore):
+    with override_settings(TASKING_PUBSUB_BACKEND=compat.PUBSUB_DEFAULT):
+        assert compat.has_pubsub_seam()
+        assert compat.seam_problems() == []
+
+
+def test_a_method_the_adapter_lacks_or_a_notify_around_the_module_is_a_seam_problem(
+    fake_pulpcore,
+):
+    pubsub, tasking = fake_pulpcore
+    pubsub.BasePubSubBackend.notify_everyone = classmethod(lambda cls: None)
+    (tasking / "worker.py").write_text("def run(execute):\n    execute('LISTEN elsewhere')\n")
+    with override_settings(TASKING_PUBSUB_BACKEND=compat.PUBSUB_DEFAULT):
+        problems = compat.seam_problems()
+    assert len(problems) == 2
+    assert "['notify_everyone']" in problems[0]
+    assert "pulpcore.tasking.worker:run sends 'LISTEN elsewhere'" in problems[1]

@@ -13,6 +13,11 @@ When pulpcore's seams are where they should be and ``WORKER_TYPE`` is
 * ``pulpcore.tasking.worker.select``: a ``select`` that also waits on the
   subscriber's ``fileno()``.
 
+A pulpcore that has its own pub/sub interface (``pulpcore.tasking.pubsub``
+and the setting ``TASKING_PUBSUB_BACKEND``: upstream, or the patch in
+docs/upstream.md) needs none of this: the integration names its adapter
+(:mod:`.seam`) in that setting and rebinds nothing.
+
 Otherwise it installs nothing and the system check ``pulp_pubsub.E102``
 fails. A serving process (``pulpcore-worker``, ``pulpcore-api``,
 ``pulpcore-content``) then fails closed: with a backend other than
@@ -59,6 +64,8 @@ class State:
     """What :func:`setup` did in this process, for checks and operators."""
 
     installed: bool = False
+    #: Installed through pulpcore's own pub/sub setting: nothing in pulpcore is rebound.
+    seam: bool = False
     reason: str = "pulpcore is not an installed app"
     problems: list[str] = field(default_factory=list)
 
@@ -86,7 +93,7 @@ def setup() -> State:
     if state.installed or not apps.is_installed(PULPCORE_APP):
         return state
     from . import checks  # (registers pulp_pubsub.E102 and friends)
-    from .compat import seam_problems, version_problem
+    from .compat import has_pubsub_seam, seam_problems, version_problem
 
     state = State(reason="")
     if not enabled():
@@ -99,6 +106,9 @@ def setup() -> State:
         state.reason = "pulpcore is not as the integration expects"
         fail_closed(state.problems, checks.WAY_OUT)
     if state.reason:
+        return state
+    if has_pubsub_seam():
+        use_seam()
         return state
     if problem := version_problem():
         logger.warning("%s; its seams match, so the integration is on.", problem)
@@ -138,9 +148,31 @@ def install() -> None:
     logger.debug("pulp-pubsub carries pulpcore's worker messages")
 
 
+def use_seam() -> None:
+    """Name the adapter in pulpcore's pub/sub setting, unless an operator named another class."""
+    from .compat import PUBSUB_DEFAULT, PUBSUB_SETTING
+    from .seam import PATH
+
+    chosen = getattr(settings, PUBSUB_SETTING)
+    if chosen not in (PUBSUB_DEFAULT, PATH):
+        state.reason = f"{PUBSUB_SETTING} names {chosen!r}, which the integration leaves alone"
+        logger.warning("pulp-pubsub does not carry pulpcore's worker messages: %s.", state.reason)
+        return
+    setattr(settings, PUBSUB_SETTING, PATH)
+    state.installed, state.seam, state.reason = True, True, ""
+    logger.debug("pulp-pubsub carries pulpcore's worker messages through %s", PUBSUB_SETTING)
+
+
 def uninstall() -> None:
     """Give pulpcore its own names back (tests, and a process that must go stock)."""
     from . import publishers, worker
+
+    if state.seam:
+        from .compat import PUBSUB_DEFAULT, PUBSUB_SETTING
+
+        setattr(settings, PUBSUB_SETTING, PUBSUB_DEFAULT)
+        state.installed, state.seam, state.reason = False, False, "uninstalled"
+        return
 
     publishers.uninstall(importlib.import_module("pulpcore.tasking.tasks"))
     worker.uninstall(importlib.import_module("pulpcore.tasking.worker"))

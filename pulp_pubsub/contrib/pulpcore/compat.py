@@ -269,8 +269,53 @@ def _entrypoint_problem() -> str | None:
     return None
 
 
+#: pulpcore's own pub/sub interface (docs/upstream.md): its module and the setting naming its class.
+PUBSUB_MODULE = f"{TASKING}.pubsub"
+PUBSUB_SETTING = "TASKING_PUBSUB_BACKEND"
+#: What that setting names unless an operator chose otherwise.
+PUBSUB_DEFAULT = f"{PUBSUB_MODULE}.PostgresPubSub"
+
+
+def has_pubsub_seam() -> bool:
+    """Whether this pulpcore asks a pub/sub object for its messages (patched or upstream)."""
+    from django.conf import settings
+
+    return (
+        importlib.util.find_spec(PUBSUB_MODULE) is not None
+        and getattr(settings, PUBSUB_SETTING, None) is not None
+    )
+
+
+def pubsub_seam_problems() -> list[str]:
+    """Whether the adapter still fits pulpcore's interface, and nothing goes around it."""
+    from .seam import PubSubBackend
+
+    problems = []
+    module = importlib.import_module(PUBSUB_MODULE)
+    base = getattr(module, "BasePubSubBackend", None)
+    if base is None or not callable(getattr(module, "get_backend", None)):
+        return [f"{PUBSUB_MODULE} no longer has BasePubSubBackend and get_backend()"]
+    wanted = {name for name in dir(base) if not name.startswith("_")}
+    if missing := sorted(wanted - set(dir(PubSubBackend))):
+        problems.append(
+            f"{PUBSUB_MODULE}.BasePubSubBackend asks for {missing}, which the "
+            "adapter (contrib/pulpcore/seam.py) lacks"
+        )
+    spec = importlib.util.find_spec(TASKING)
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        for (name, scope, text), n in sorted(pubsub_sites(Path(location)).items()):
+            if name != PUBSUB_MODULE.rpartition(".")[2]:
+                problems.append(
+                    f"{TASKING}.{name}:{scope or '<module>'} sends {text!r} ({n} site(s)) "
+                    f"around {PUBSUB_MODULE}"
+                )
+    return problems
+
+
 def seam_problems() -> list[str]:
     """Each seam that is not where the integration expects it, on pulpcore's own code."""
+    if has_pubsub_seam():
+        return pubsub_seam_problems()
     import select
 
     import django.db
