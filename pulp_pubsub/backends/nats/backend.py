@@ -496,7 +496,7 @@ class NatsBackend(BaseBackend):
             publisher.lock.release()
 
     def open_transport(self) -> NatsTransport:
-        return NatsTransport(self)
+        return NatsTransport(self, self)
 
     # -- introspection and lifecycle -----------------------------------------------------
 
