@@ -661,7 +661,7 @@ def test_native_publish_recovers_from_a_restart_outside_a_transaction(broken, dj
 
 
 def test_describe_warns_when_the_notification_queue_is_over_half_full(pg, monkeypatch):
-    from pulp_pubsub.backends import postgres
+    from pulp_pubsub.backends.postgres import backend as postgres
 
     # A queue cannot be filled in a test (it holds gigabytes), so the server is
     # asked a question with a known answer in place of the real one.

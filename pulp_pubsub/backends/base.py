@@ -375,11 +375,8 @@ class BaseBackend:
         item = Deferred(wire, payload, group, receivers)
         # Off the committing thread: its failure cannot reach the caller anyway.
         # When the sender's queue is full, this thread sends it itself.
-        if not self.after_commit_thread or not self._after_commit_sender().put(item):
+        if not self.after_commit_thread or not self._sender.get().put(item):
             self._send_committed(item)
-
-    def _after_commit_sender(self) -> AfterCommitSender:
-        return self._sender.get()
 
     def _new_sender(self) -> AfterCommitSender:
         return AfterCommitSender(
