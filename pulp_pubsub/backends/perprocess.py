@@ -37,7 +37,8 @@ class PerProcess(Generic[T]):
     ``get()`` costs one ``getpid()`` once the object exists, with no lock, so it
     can sit on a publish path; making one takes the lock, so threads racing
     for the first use in a process make a single object. ``close()`` closes
-    only an object this process made.
+    only an object this process made. Without a factory it holds what ``set()``
+    gives it, which a forked child does not see.
     """
 
     __slots__ = ("__weakref__", "_close", "_factory", "_inherited", "_lock", "_slot")
