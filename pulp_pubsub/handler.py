@@ -7,13 +7,11 @@ works in tests.
 
 from __future__ import annotations
 
-import os
-import threading
-
 from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 from .backends.base import BaseBackend
+from .backends.perprocess import PerProcess
 from .conf import ALIASES, PubSubSettings, get_settings
 from .exceptions import InvalidBackendError, MissingDependency
 
@@ -57,45 +55,26 @@ def create_backend(config: PubSubSettings | None = None) -> BaseBackend:
 
 
 class BackendHandler:
+    """One backend per process, made from the settings on first use.
+
+    A forked child makes its own: the parent's backend is kept, never closed
+    or collected, since tearing it down would close sockets that the parent
+    process is still using.
+    """
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._backend: BaseBackend | None = None
-        self._pid = 0
-        # Backends inherited through fork() are kept, never closed or
-        # collected, here: tearing them down would close sockets that the
-        # parent process is still using.
-        self._inherited: list[BaseBackend] = []
+        self._current: PerProcess[BaseBackend] = PerProcess(
+            lambda: create_backend(), BaseBackend.close
+        )
 
     def get(self) -> BaseBackend:
-        backend, pid = self._backend, os.getpid()
-        if backend is not None and self._pid == pid:
-            return backend
-        with self._lock:
-            if self._backend is not None and self._pid != pid:
-                self._inherited.append(self._backend)
-                self._backend = None
-            if self._backend is None:
-                self._backend = create_backend()
-                self._pid = pid
-            return self._backend
+        return self._current.get()
 
     def reset(self) -> None:
-        with self._lock:
-            backend, self._backend = self._backend, None
-        if backend is not None and self._pid == os.getpid():
-            backend.close()
+        self._current.close()
 
 
 backends = BackendHandler()
-
-
-def _after_fork_in_child() -> None:
-    # Another thread of the parent may have held the lock at fork(); the
-    # child's copy would then stay locked forever.
-    backends._lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _reset_on_change(*, setting: str, **kwargs: object) -> None:

@@ -56,16 +56,38 @@ import os
 import threading
 import weakref
 from collections import Counter
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 from django.conf import settings
 from django.core.signals import setting_changed
 
-if TYPE_CHECKING:
-    from .backends.listener import Subscriber
-
 logger = logging.getLogger(__name__)
+
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+
+
+class Observed(Protocol):
+    """What the observable instruments read of a subscriber.
+
+    A protocol, not the listener's class: the listener counts through this module.
+    """
+
+    @property
+    def backend(self) -> _Named: ...
+
+    @property
+    def channels(self) -> Sequence[str]: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    @property
+    def closed(self) -> bool: ...
+
 
 METER_NAME = "pulp_pubsub"
 CHANNEL_SETTING = "PUBSUB_METRICS_CHANNEL_ATTRIBUTES"
@@ -187,7 +209,7 @@ def record_probe_rtt(backend: str, seconds: float) -> None:
         logger.debug("Recording %s failed", PROBE_DURATION, exc_info=True)
 
 
-def track(subscriber: Subscriber) -> None:
+def track(subscriber: Observed) -> None:
     """Let the observable instruments see ``subscriber`` while it lives."""
     with _tracked_lock:
         _tracked.add(subscriber)
@@ -252,7 +274,7 @@ _made = False
 _made_instruments: _Instruments | None = None
 _channel_attributes: bool | None = None
 _tracked_lock = threading.Lock()
-_tracked: weakref.WeakSet[Subscriber] = weakref.WeakSet()
+_tracked: weakref.WeakSet[Observed] = weakref.WeakSet()
 
 
 def _instruments() -> _Instruments | None:
@@ -271,7 +293,7 @@ def _instruments() -> _Instruments | None:
     return _made_instruments
 
 
-def _live_subscribers() -> list[Subscriber]:
+def _live_subscribers() -> list[Observed]:
     with _tracked_lock:
         subscribers = list(_tracked)
     return [sub for sub in subscribers if not sub.closed]

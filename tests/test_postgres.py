@@ -528,7 +528,8 @@ def test_a_forked_child_never_touches_the_parents_connections(pg):
     with pg.configured() as backend, backend.subscriber() as sub:
         inbox = listen(sub, channel)
         backend.publish(channel, "parent")
-        parents = backend._publisher
+        parents = backend._publishing.get().session
+        assert parents is not None
         report_r, report_w = context.Pipe(duplex=False)
         child = context.Process(target=_publish_from_child, args=(backend, channel, report_w))
         child.start()
@@ -536,7 +537,7 @@ def test_a_forked_child_never_touches_the_parents_connections(pg):
         child.join(PATIENCE)
         assert child.exitcode == 0
         backend.publish(channel, "parent again")
-        assert backend._publisher is parents
+        assert backend._publishing.get().session is parents
         inbox.wait_payload("parent again")
         assert inbox.payloads == ["parent", "from the child", "parent again"]
         assert sub.connected and sub.stats["reconnects"] == 0
@@ -660,7 +661,7 @@ def test_native_publish_recovers_from_a_restart_outside_a_transaction(broken, dj
 
 
 def test_describe_warns_when_the_notification_queue_is_over_half_full(pg, monkeypatch):
-    from pulp_pubsub.backends import postgres
+    from pulp_pubsub.backends.postgres import backend as postgres
 
     # A queue cannot be filled in a test (it holds gigabytes), so the server is
     # asked a question with a known answer in place of the real one.

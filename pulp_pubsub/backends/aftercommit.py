@@ -22,12 +22,13 @@ from __future__ import annotations
 import atexit
 import logging
 import math
-import os
 import queue
 import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple
+
+from .perprocess import Origin
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class Deferred(NamedTuple):
 
 
 class AfterCommitSender:
-    """One per process (a forked child makes its own: see ``pid``).
+    """One per process (a forked child makes its own: see ``origin``).
 
     ``put()`` is on every committing thread's path, so it is one call into a
     C queue; the sender thread blocks in that queue's ``get()`` and then takes
@@ -61,7 +62,7 @@ class AfterCommitSender:
         self._send_batch = send_batch
         self._flush_timeout = flush_timeout
         self._send_interval = send_interval
-        self.pid = os.getpid()
+        self.origin = Origin()
         self._queue: queue.SimpleQueue[Deferred | None] = queue.SimpleQueue()
         # put() counts what it queued, the thread what it has sent (or failed);
         # flush() waits for the two to meet.
@@ -92,7 +93,7 @@ class AfterCommitSender:
             )
 
     def close(self) -> None:
-        if self._closed or self.pid != os.getpid():
+        if self._closed or not self.origin.here():
             return
         if not self.flush():
             logger.error(

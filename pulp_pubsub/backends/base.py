@@ -25,7 +25,6 @@ the committing thread.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import weakref
 from collections import Counter
@@ -49,6 +48,7 @@ from ..validation import (
     validate_receivers,
 )
 from .aftercommit import AfterCommitSender, Deferred
+from .perprocess import PerProcess
 
 if TYPE_CHECKING:
     from django.db.backends.base.base import BaseDatabaseWrapper
@@ -253,7 +253,10 @@ class BaseBackend:
         self.stats: Counter[str] = Counter()
         self._subscribers: weakref.WeakSet[Subscriber] = weakref.WeakSet()
         self._lock = threading.Lock()
-        self._sender: AfterCommitSender | None = None
+        # A forked child makes its own: the parent's thread is not in it.
+        self._sender: PerProcess[AfterCommitSender] = PerProcess(
+            self._new_sender, AfterCommitSender.close
+        )
         # Channel -> wire name, for names already checked: every publish needs one.
         self._wires: dict[str, str] = {}
 
@@ -372,22 +375,13 @@ class BaseBackend:
         item = Deferred(wire, payload, group, receivers)
         # Off the committing thread: its failure cannot reach the caller anyway.
         # When the sender's queue is full, this thread sends it itself.
-        if not self.after_commit_thread or not self._after_commit_sender().put(item):
+        if not self.after_commit_thread or not self._sender.get().put(item):
             self._send_committed(item)
 
-    def _after_commit_sender(self) -> AfterCommitSender:
-        sender = self._sender
-        if sender is None or sender.pid != os.getpid():
-            with self._lock:
-                sender = self._sender
-                # A forked child makes its own: the parent's thread is not in it.
-                if sender is None or sender.pid != os.getpid():
-                    sender = self._sender = AfterCommitSender(
-                        self.send_batch,
-                        self.config["publish_timeout"] * 2,
-                        self.config["send_interval"],
-                    )
-        return sender
+    def _new_sender(self) -> AfterCommitSender:
+        return AfterCommitSender(
+            self.send_batch, self.config["publish_timeout"] * 2, self.config["send_interval"]
+        )
 
     def _send_committed(self, item: Deferred) -> None:
         # The transaction has committed: raising here would hide the commit
@@ -417,10 +411,8 @@ class BaseBackend:
         False when some are still on their way after ``timeout`` seconds (by
         default twice ``publish_timeout``).
         """
-        sender = self._sender
-        if sender is None or sender.pid != os.getpid():
-            return True
-        return sender.flush(timeout)
+        sender = self._sender.peek()
+        return True if sender is None else sender.flush(timeout)
 
     def send(self, channel: str, payload: str) -> None:
         """Hand one message to the server now; ``channel`` is the wire name."""
@@ -461,9 +453,7 @@ class BaseBackend:
 
     def close(self) -> None:
         # What was committed goes out first, while the backend's connections are open.
-        sender, self._sender = self._sender, None
-        if sender is not None:
-            sender.close()
+        self._sender.close()
         for sub in list(self._subscribers):
             sub.close()
 

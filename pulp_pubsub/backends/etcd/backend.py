@@ -33,7 +33,6 @@ in :mod:`pulp_pubsub.backends.etcd.client`), so the backend needs no extra packa
 
 from __future__ import annotations
 
-import os
 import random
 import ssl
 import time
@@ -45,6 +44,7 @@ from django.core.exceptions import ImproperlyConfigured
 from ...conf import Secret
 from ...exceptions import ConnectionLost, PublishError
 from ..base import BaseBackend, Transport
+from ..perprocess import PerProcess
 from .client import EtcdClient, Unavailable, authenticate, describe_error, parse_url
 from .gateway import (
     Connection,
@@ -121,8 +121,10 @@ class EtcdBackend(BaseBackend):
                 "The options ca_file, cert_file and key_file need an etcds:// or https:// URL."
             )
         self.endpoints = [Endpoint(host, port, context) for host, port in hosts]
-        self._client: EtcdClient | None = None
-        self._client_pid = 0
+        # A forked child never uses its parent's sockets (nor closes them).
+        self._client: PerProcess[EtcdClient] = PerProcess(
+            lambda: EtcdClient(self), EtcdClient.close
+        )
         # Each process starts at a member of its own, so a fleet spreads over the cluster.
         self._next_endpoint = random.randrange(len(self.endpoints))
 
@@ -155,11 +157,7 @@ class EtcdBackend(BaseBackend):
 
     @property
     def client(self) -> EtcdClient:
-        with self._lock:
-            if self._client is None or self._client_pid != os.getpid():
-                # A forked child never uses its parent's sockets (nor closes them).
-                self._client, self._client_pid = EtcdClient(self), os.getpid()
-            return self._client
+        return self._client.get()
 
     def send(self, channel: str, payload: str) -> None:
         deadline = time.monotonic() + self.config["publish_timeout"]
@@ -194,10 +192,7 @@ class EtcdBackend(BaseBackend):
 
     def close(self) -> None:
         super().close()
-        with self._lock:
-            if self._client is not None and self._client_pid == os.getpid():
-                self._client.close()
-            self._client = None
+        self._client.close()
 
 
 def _prefix_end(prefix: bytes) -> bytes:

@@ -10,18 +10,15 @@ from __future__ import annotations
 import random
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 from urllib.parse import unquote
 
 from django.core.exceptions import ImproperlyConfigured
 
 from ...conf import Secret, hide_password
 from ...exceptions import ConnectionLost
-from .gateway import Connection, EtcdError, b64
-
-if TYPE_CHECKING:
-    from .backend import EtcdBackend
-
+from .gateway import Connection, Endpoint, EtcdError, b64
 
 DEFAULT_PORT = 2379
 _SCHEMES = {"etcd": False, "http": False, "etcds": True, "https": True}
@@ -76,6 +73,22 @@ class Unavailable(Exception):
     """No member answered in time; the message names each member's failure."""
 
 
+class Cluster(Protocol):
+    """What a client, and a login, need to know of the backend they serve."""
+
+    @property
+    def endpoints(self) -> Sequence[Endpoint]: ...
+
+    @property
+    def username(self) -> str | None: ...
+
+    @property
+    def password(self) -> str | None: ...
+
+    @property
+    def config(self) -> Mapping[str, Any]: ...
+
+
 class EtcdClient:
     """The members of one cluster, with failover, a token and the publishing lease.
 
@@ -83,7 +96,7 @@ class EtcdClient:
     one small request) and bounded by the caller's deadline, lock wait included.
     """
 
-    def __init__(self, backend: EtcdBackend) -> None:
+    def __init__(self, backend: Cluster) -> None:
         self.backend = backend
         self.endpoints = backend.endpoints
         self._conns = [Connection(e) for e in self.endpoints]
@@ -182,7 +195,7 @@ class EtcdClient:
             conn.close()
 
 
-def authenticate(conn: Connection, backend: EtcdBackend, deadline: float) -> str:
+def authenticate(conn: Connection, backend: Cluster, deadline: float) -> str:
     try:
         answer = conn.call(
             "/v3/auth/authenticate",

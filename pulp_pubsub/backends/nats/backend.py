@@ -60,6 +60,7 @@ from django.core.exceptions import ImproperlyConfigured
 from ...conf import hide_password
 from ...exceptions import MissingDependency, PublishError, PubSubError
 from ..base import BaseBackend
+from ..perprocess import PerProcess
 from .loop import loop_runner
 from .names import WORK_TOKEN, escape_token, parse_servers, unescape_token, work_subject
 
@@ -85,7 +86,6 @@ class _Publisher:
     """One process's publishing connection, made on first use and again after a loss."""
 
     def __init__(self) -> None:
-        self.pid = os.getpid()
         self.nc: Client | None = None
         self.lock = threading.Lock()
         # The targeted-delivery stream was checked (or made) on this connection.
@@ -164,7 +164,8 @@ class NatsBackend(BaseBackend):
         # Targeted delivery needs what only JetStream has: a message handed to a member
         # that dies before acking goes to another after ack_wait. Core NATS broadcasts.
         self.targets = self.jetstream
-        self._publisher = _Publisher()
+        # Forked: the parent's connection is not ours; its loop thread is gone.
+        self._publisher: PerProcess[_Publisher] = PerProcess(_Publisher, self._close_publisher)
         self._tls_context: ssl.SSLContext | None = None
         try:
             self.tls_context()
@@ -434,9 +435,8 @@ class NatsBackend(BaseBackend):
             await nc.publish(wire, data)
             await nc.flush(timeout)
 
-    async def _send(self, wire: str, data: bytes, copies: int = 0) -> None:
+    async def _send(self, publisher: _Publisher, wire: str, data: bytes, copies: int = 0) -> None:
         """Publish ``data`` to ``wire``; with ``copies``, that many targeted messages."""
-        publisher = self._publisher
         nc = publisher.nc
         if nc is None or not nc.is_connected:
             if nc is not None:
@@ -475,17 +475,15 @@ class NatsBackend(BaseBackend):
         self._deliver(self.work_subject(channel, group), payload, receivers)
 
     def _deliver(self, subject: str, payload: str, copies: int = 0) -> None:
-        publisher = self._publisher
-        if publisher.pid != os.getpid():
-            # Forked: the parent's connection is not ours; its loop thread is gone.
-            publisher = self._publisher = _Publisher()
+        publisher = self._publisher.get()
         timeout = self.config["publish_timeout"]
         deadline = time.monotonic() + timeout
         if not publisher.lock.acquire(timeout=timeout):
             raise PublishError(f"nats backend could not publish within {timeout} s")
         try:
             left = max(0.0, deadline - time.monotonic())
-            loop_runner().run(self._send(subject, payload.encode("utf-8"), copies), left)
+            data = payload.encode("utf-8")
+            loop_runner().run(self._send(publisher, subject, data, copies), left)
         except PubSubError as exc:
             raise PublishError(f"nats backend could not publish: {exc}") from exc
         except BaseException as exc:
@@ -498,7 +496,7 @@ class NatsBackend(BaseBackend):
             publisher.lock.release()
 
     def open_transport(self) -> NatsTransport:
-        return NatsTransport(self)
+        return NatsTransport(self, self)
 
     # -- introspection and lifecycle -----------------------------------------------------
 
@@ -593,9 +591,11 @@ class NatsBackend(BaseBackend):
 
     def close(self) -> None:
         super().close()
-        publisher = self._publisher
+        self._publisher.close()
+
+    def _close_publisher(self, publisher: _Publisher) -> None:
         nc, publisher.nc = publisher.nc, None
-        if nc is not None and publisher.pid == os.getpid():
+        if nc is not None:
             try:
                 loop_runner().run(nc.close(), self.config["connect_timeout"])
             except BaseException:

@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import os
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
+
+from ..perprocess import PerProcess
 
 T = TypeVar("T")
 logger = logging.getLogger(__name__)
@@ -31,7 +32,6 @@ def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
 
 class LoopRunner:
     def __init__(self) -> None:
-        self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self.loop.set_exception_handler(_log_loop_error)
         self.thread = threading.Thread(
@@ -63,29 +63,10 @@ class LoopRunner:
         asyncio.run_coroutine_threadsafe(coro, self.loop)
 
 
-_runner: LoopRunner | None = None
-_lock = threading.Lock()
-#: Runners inherited through fork(), kept so that collecting them never closes
-#: descriptors (the epoll and wake-up sockets) that the parent still uses.
-_inherited: list[LoopRunner] = []
+#: One loop thread per process: a forked child has none running, and never touches (nor
+#: lets the collector close) the descriptors of its parent's, the epoll and wake-up sockets.
+_runner: PerProcess[LoopRunner] = PerProcess(LoopRunner)
 
 
 def loop_runner() -> LoopRunner:
-    global _runner
-    runner = _runner
-    if runner is not None and runner.pid == os.getpid():
-        return runner
-    with _lock:
-        if _runner is None or _runner.pid != os.getpid():
-            if _runner is not None:
-                _inherited.append(_runner)
-            _runner = LoopRunner()
-        return _runner
-
-
-def _after_fork_in_child() -> None:
-    global _lock
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+    return _runner.get()

@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Collection
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import nats.errors
 import nats.js.api
@@ -32,12 +32,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from ...exceptions import ConnectionLost, PubSubError
-from ..base import Handed, Transport
+from ..base import BaseBackend, Handed, Transport
 from ..selfpipe import close_fds, drain, make_pipe, poke
 from .loop import loop_runner
-
-if TYPE_CHECKING:
-    from .backend import NatsBackend
 
 Pair = tuple[str, str]
 #: Seconds a pull request waits at the server; an idle member renews it when it expires.
@@ -50,13 +47,43 @@ _CONSUMER_GONE = ("consumer deleted", "push based")
 PULL_RETRY = 0.5
 
 
+class NatsHost(Protocol):
+    """What a transport needs of the NATS backend beyond the contract's :class:`BaseBackend`.
+
+    A protocol, so that this module does not import the backend that imports it.
+    """
+
+    jetstream: bool
+    stream_name: str
+    work_stream_name: str
+
+    def where(self) -> str: ...
+
+    def explain(self, exc: BaseException) -> str: ...
+
+    async def connect(self, role: str = ..., **kwargs: Any) -> Client: ...
+
+    async def ensure_stream(self, nc: Client) -> Any: ...
+
+    async def ensure_work_stream(self, nc: Client) -> None: ...
+
+    async def ensure_work_consumer(self, nc: Client, wire: str, group: str) -> tuple[str, bool]: ...
+
+    def work_subject(self, wire: str, group: str) -> str: ...
+
+    async def publish_on(self, nc: Client, wire: str, data: bytes) -> None: ...
+
+
 class NatsTransport(Transport):
-    """One NATS connection of one subscriber; messages reach the listener through a pipe."""
+    """One NATS connection of one subscriber; messages reach the listener through a pipe.
 
-    backend: NatsBackend
+    ``backend`` and ``host`` are the NATS backend twice over: as every transport's
+    backend, and as what only a NATS transport asks of it.
+    """
 
-    def __init__(self, backend: NatsBackend) -> None:
+    def __init__(self, backend: BaseBackend, host: NatsHost) -> None:
         super().__init__(backend)
+        self.host = host
         self._lock = threading.Lock()
         self._inbox: deque[tuple[str, str | None] | Handed] = deque()
         self._dead: str | None = None
@@ -91,7 +118,7 @@ class NatsTransport(Transport):
         self._established = False
         try:
             self._nc: Client = self._runner.run(
-                backend.connect(
+                host.connect(
                     role="subscriber",
                     allow_reconnect=False,
                     error_cb=self._on_error,
@@ -103,7 +130,7 @@ class NatsTransport(Transport):
         except BaseException as exc:
             close_fds(self._pipe_r, self._pipe_w)
             raise ConnectionLost(
-                f"could not connect to {backend.where()}: {backend.explain(exc)}"
+                f"could not connect to {host.where()}: {host.explain(exc)}"
             ) from exc
         self._established = True
 
@@ -129,7 +156,7 @@ class NatsTransport(Transport):
             exc, nats.errors.StaleConnectionError | ConnectionError | OSError
         ):
             # Before connect() returns, errors are those of servers it tried and passed over.
-            self._push(dead=self.backend.explain(exc))
+            self._push(dead=self.host.explain(exc))
 
     async def _on_disconnected(self) -> None:
         self._push(dead="the NATS server closed the connection")
@@ -177,7 +204,7 @@ class NatsTransport(Transport):
         for wire in channels:
             if wire in self._subs:
                 continue
-            if self.backend.jetstream:
+            if self.host.jetstream:
                 self._subs[wire] = await self._add_consumer(wire)
             else:
                 self._subs[wire] = await nc.subscribe(wire, cb=self._on_message)
@@ -209,9 +236,9 @@ class NatsTransport(Transport):
                 await sub.unsubscribe()
 
     async def _add_consumer(self, wire: str) -> Any:
-        backend = self.backend
+        backend, host = self.backend, self.host
         js = self._nc.jsm(timeout=self._timeout)
-        info = await backend.ensure_stream(self._nc)
+        info = await host.ensure_stream(self._nc)
         last = info.state.last_seq
         start = self._resume_from.pop(wire, None)
         if start is not None and (start > last or (start + 1 < info.state.first_seq)):
@@ -238,7 +265,7 @@ class NatsTransport(Transport):
             inactive_threshold=max(5.0, 3 * heartbeat),
             mem_storage=True,
         )
-        consumer = await js.add_consumer(backend.stream_name, config)
+        consumer = await js.add_consumer(host.stream_name, config)
         self._heard[wire] = time.monotonic()
         return (sub, consumer.name)
 
@@ -253,7 +280,7 @@ class NatsTransport(Transport):
                 await sub[0].unsubscribe()
                 try:
                     await self._nc.jsm(timeout=self._timeout).delete_consumer(
-                        self.backend.stream_name, sub[1]
+                        self.host.stream_name, sub[1]
                     )
                 except nats.js.errors.NotFoundError:
                     pass
@@ -282,21 +309,21 @@ class NatsTransport(Transport):
         self._run(self._join(list(members)))
 
     async def _join(self, members: list[Pair]) -> None:
-        backend = self.backend
+        host = self.host
         if self._pull_inbox is None:
-            await backend.ensure_work_stream(self._nc)
+            await host.ensure_work_stream(self._nc)
             inbox = self._nc.new_inbox()
             await self._nc.subscribe(inbox + ".*", cb=self._on_pulled)
             self._pull_inbox = inbox
         for wire, group in members:
-            name, made = await backend.ensure_work_consumer(self._nc, wire, group)
+            name, made = await host.ensure_work_consumer(self._nc, wire, group)
             if made and self._resumed:
                 # Reconnected, and the group's consumer was gone (deleted, or lost with
                 # its stream): targeted messages published meanwhile reached nobody.
                 self._push((wire, None))
             with self._lock:
                 self._consumers[(wire, group)] = name
-                self._work_pairs[backend.work_subject(wire, group)] = (wire, group)
+                self._work_pairs[host.work_subject(wire, group)] = (wire, group)
 
     def want(self, members: frozenset[Pair], consumer: str) -> None:
         now = time.monotonic()
@@ -343,7 +370,7 @@ class NatsTransport(Transport):
                 "idle_heartbeat": int(self._heartbeat * 1e9),
             }
         ).encode()
-        stream = self.backend.work_stream_name
+        stream = self.host.work_stream_name
         try:
             for request, name in requests:
                 await self._nc.publish(
@@ -352,7 +379,7 @@ class NatsTransport(Transport):
                     reply=f"{self._pull_inbox}.{request}",
                 )
         except Exception as exc:
-            self._push(dead=f"pull request not sent: {self.backend.explain(exc)}")
+            self._push(dead=f"pull request not sent: {self.host.explain(exc)}")
 
     async def _on_pulled(self, msg: Msg) -> None:
         status = msg.headers.get("Status") if msg.headers else None
@@ -432,22 +459,22 @@ class NatsTransport(Transport):
         await self._nc.flush(self._timeout)
 
     def position(self) -> Any:
-        if not self.backend.jetstream:
+        if not self.host.jetstream:
             return None
         with self._lock:
-            return {"stream": self.backend.stream_name, "seen": dict(self._seen)}
+            return {"stream": self.host.stream_name, "seen": dict(self._seen)}
 
     def resume(self, position: Any) -> bool:
-        if not (self.backend.jetstream and isinstance(position, dict)):
+        if not (self.host.jetstream and isinstance(position, dict)):
             return False
-        if position.get("stream") != self.backend.stream_name:
+        if position.get("stream") != self.host.stream_name:
             return False
         self._resume_from = dict(position.get("seen") or {})
         self._resumed = True
         return True
 
     def probe(self, channel: str, payload: str) -> None:
-        if self.backend.jetstream:
+        if self.host.jetstream:
             # A push consumer whose server went away without taking this
             # connection along says so only by falling silent.
             limit = 3 * self.backend.config["probe_interval"] + self._timeout
@@ -462,9 +489,9 @@ class NatsTransport(Transport):
 
     async def _probe(self, channel: str, payload: str) -> None:
         try:
-            await self.backend.publish_on(self._nc, channel, payload.encode())
+            await self.host.publish_on(self._nc, channel, payload.encode())
         except Exception as exc:
-            self._push(dead=f"probe not sent: {self.backend.explain(exc)}")
+            self._push(dead=f"probe not sent: {self.host.explain(exc)}")
 
     def close(self) -> None:
         with self._lock:
@@ -491,4 +518,4 @@ class NatsTransport(Transport):
         except PubSubError:
             raise
         except BaseException as exc:
-            raise ConnectionLost(self.backend.explain(exc)) from exc
+            raise ConnectionLost(self.host.explain(exc)) from exc

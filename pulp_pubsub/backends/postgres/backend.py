@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -28,6 +27,7 @@ from django.db import DatabaseError, connections
 from ...conf import Secret
 from ...exceptions import ConnectionLost, MissingDependency, PublishError, PubSubError
 from ..base import BaseBackend, Transport
+from ..perprocess import PerProcess
 
 try:
     import psycopg
@@ -253,6 +253,23 @@ class PostgresTransport(Transport):
         self._session.close()
 
 
+class _OwnSession:
+    """This process's publishing session, and the lock that gives it to one publish at a time."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.session: Session | None = None
+
+    def drop(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            session.close()
+
+    def close(self) -> None:
+        with self.lock:
+            self.drop()
+
+
 class PostgresBackend(BaseBackend):
     """LISTEN/NOTIFY on PostgreSQL: Django's database, or the server of ``PUBSUB_URL``."""
 
@@ -310,10 +327,9 @@ class PostgresBackend(BaseBackend):
         self.secret = None if secret is None else Secret(secret)
         self.queue_usage: float | None = None
         self._queue_warned = False
-        self._pid = os.getpid()
-        self._publish_lock = threading.Lock()
-        self._publisher: Session | None = None
-        self._inherited: list[Session] = []
+        # Forked: the parent's connection (and a lock some parent thread may
+        # have held) stay the parent's.
+        self._publishing: PerProcess[_OwnSession] = PerProcess(_OwnSession, _OwnSession.close)
 
     # -- configuration -------------------------------------------------------
 
@@ -427,18 +443,18 @@ class PostgresBackend(BaseBackend):
     def _send_on_own(self, channel: str, payload: str) -> None:
         timeout = self.config["publish_timeout"]
         deadline = time.monotonic() + timeout
-        self._check_pid()
-        if not self._publish_lock.acquire(timeout=timeout):
+        own = self._publishing.get()
+        if not own.lock.acquire(timeout=timeout):
             raise PublishError(
                 f"postgres backend could not publish to {channel!r}: another publish has held "
                 f"this process's connection for over {timeout} s."
             )
         try:
             while True:
-                session, reused = self._publisher, self._publisher is not None
+                session, reused = own.session, own.session is not None
                 try:
                     if session is None:
-                        session = self._publisher = Session(
+                        session = own.session = Session(
                             self.connection_params(PUBLISHER_NAME), self.secret, deadline
                         )
                     session.run(
@@ -450,32 +466,17 @@ class PostgresBackend(BaseBackend):
                 except ServerError as exc:
                     raise PublishError(self._failure(channel, exc)) from None
                 except (ConnectionLost, psycopg.Error) as exc:
-                    self._drop_publisher()
+                    own.drop()
                     if not (reused and time.monotonic() < deadline) or isinstance(exc, Timeout):
                         raise PublishError(self._failure(channel, exc)) from None
                     # The cached connection had died while idle: one fresh try.
         finally:
-            self._publish_lock.release()
+            own.lock.release()
 
     def _failure(self, channel: str, exc: BaseException) -> str:
         lines = scrub(exc, self.secret).strip().splitlines()
         cause = lines[0] if lines else type(exc).__name__
         return f"postgres backend could not publish to {channel!r}: {cause}"
-
-    def _check_pid(self) -> None:
-        if self._pid != os.getpid():
-            # Forked: the parent's connection (and a lock some parent thread
-            # may have held) stay the parent's.
-            if self._publisher is not None:
-                self._inherited.append(self._publisher)
-            self._publisher = None
-            self._publish_lock = threading.Lock()
-            self._pid = os.getpid()
-
-    def _drop_publisher(self) -> None:
-        session, self._publisher = self._publisher, None
-        if session is not None:
-            session.close()
 
     # -- subscribing ---------------------------------------------------------
 
@@ -553,6 +554,4 @@ class PostgresBackend(BaseBackend):
 
     def close(self) -> None:
         super().close()
-        if self._pid == os.getpid():
-            with self._publish_lock:
-                self._drop_publisher()
+        self._publishing.close()

@@ -7,7 +7,6 @@ own connections (listener, publisher, introspection) go through this instead.
 
 from __future__ import annotations
 
-import os
 import re
 import select
 import time
@@ -22,6 +21,7 @@ from psycopg.conninfo import make_conninfo
 
 from ...exceptions import ConnectionLost, PubSubError
 from ..lookup import LookupTimeout, is_address, lookup
+from ..perprocess import Origin
 
 # Up to the last '@': a password with an unquoted '@' must not leave its tail behind.
 _URL_PASSWORD = re.compile(r"(://[^:/@\s]*:)\S*@")
@@ -68,7 +68,7 @@ class Session:
         except psycopg.Error as exc:
             raise ConnectionLost(f"could not connect: {scrub(exc, secret)}") from None
         self.pgconn = self.conn.pgconn
-        self.pid = os.getpid()
+        self.origin = Origin()
         # A command, or a pipeline Sync, is in flight.
         self.busy = False
         # In pipeline mode, waiting for the answer to a Sync.
@@ -170,7 +170,7 @@ class Session:
 
     def close(self) -> None:
         # A connection inherited through fork() is the parent's: never touch it.
-        if self.pid == os.getpid():
+        if self.origin.here():
             self.conn.close()
 
 

@@ -44,10 +44,7 @@ user also needs ``+xadd +xack +xdel +xreadgroup +xautoclaim +xgroup|create
 
 from __future__ import annotations
 
-import inspect
 import logging
-import os
-import re
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -62,6 +59,7 @@ from ...exceptions import ConnectionLost, MissingDependency, PublishError, PubSu
 from ...metrics import count
 from ..aftercommit import Deferred
 from ..base import BaseBackend, Handed, Transport
+from ..perprocess import PerProcess
 
 try:
     import redis
@@ -70,7 +68,6 @@ try:
         Connection,
         ConnectionPool,
         SSLConnection,
-        UnixDomainSocketConnection,
         parse_url,
     )
     from redis.retry import Retry
@@ -99,23 +96,7 @@ from .sentinel import (
     LookupSSLConnection,
     bound_sentinel_lookups,
 )
-
-# redis-py grew what this module uses over its releases; pulpcore allows 4.3 and later, so
-# each is used only where it exists (tests/test_redis_floor.py runs the suite on 4.3).
-_READ_PARAMS = inspect.signature(Connection.read_response).parameters
-#: read_response(timeout=) (redis-py 8): without it, can_read(timeout) waits first.
-_READ_TAKES_TIMEOUT = "timeout" in _READ_PARAMS
-#: read_response(disconnect_on_error=) (redis-py 4.5): keep the socket on a timeout.
-_KEEP_ON_ERROR = {"disconnect_on_error": False} if "disconnect_on_error" in _READ_PARAMS else {}
-#: protocol= (redis-py 5, with RESP3): pin RESP2; before it, RESP2 was all there was.
-_RESP2 = {"protocol": 2} if int(redis.__version__.split(".")[0]) >= 5 else {}
-
-#: UnixDomainSocketConnection(socket_connect_timeout=) (redis-py 4.4 or so).
-_UNIX_CONNECT_TIMEOUT = (
-    "socket_connect_timeout" in inspect.signature(UnixDomainSocketConnection.__init__).parameters
-    or "kwargs" in inspect.signature(UnixDomainSocketConnection.__init__).parameters
-)
-
+from .wire import RESP2, UNIX_CONNECT_TIMEOUT, dial, explain, pack, pubsub_frame, read_reply
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +134,6 @@ class _ProcessClients:
     """The connections one process may use; rebuilt in a forked child."""
 
     def __init__(self, backend: RedisBackend) -> None:
-        self.pid = os.getpid()
         config = backend.config
         self.sentinel: Sentinel | None = None
         target = backend.target
@@ -183,29 +163,6 @@ class _ProcessClients:
                     client.close()
 
 
-#: How redis-py 7 and later name each sentinel that failed in "No master found": the whole
-#: client, pool and connection, where only the address says anything.
-_SENTINEL_CLIENT = re.compile(r"<redis\.client\.Redis\(<.*?\bhost=([^,]+),port=(\d+).*?\)>\)>\)>")
-
-
-def explain(exc: BaseException, prefix: str = "") -> str:
-    """The redis-py error with a hint where the usual cause is a setting."""
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, redis.sentinel.MasterNotFoundError):
-        text = _SENTINEL_CLIENT.sub(r"\1:\2", text)
-    if isinstance(exc, redis.ResponseError) and str(exc).startswith("WRONGPASS"):
-        # redis-py before 4.4 reports a refused AUTH as a plain ResponseError.
-        text = f"AuthenticationError: {exc}"
-    if isinstance(exc, redis.AuthenticationError) or text.startswith("AuthenticationError"):
-        return f"{text} (check the user name and password in PUBSUB_URL or PUBSUB_OPTIONS)"
-    if isinstance(exc, redis.exceptions.NoPermissionError):
-        return (
-            f"{text} (the Redis ACL user needs +publish +subscribe +unsubscribe "
-            f"+pubsub|numsub and the channels &{prefix}*)"
-        )
-    return text
-
-
 #: Replies read by one RedisTransport.read() at most.
 READ_BATCH = 500
 
@@ -223,16 +180,7 @@ class RedisTransport(Transport):
         self._pool = backend.new_pool(
             backend.clients().sentinel, read_timeout=self._timeout, connect_timeout=self._timeout
         )
-        self._conn = cast(Connection, self._pool.make_connection())
-        try:
-            self._conn.connect()
-        except Exception as exc:
-            self._conn.disconnect()
-            raise ConnectionLost(f"could not connect to {backend.where()}: {explain(exc)}") from exc
-        sock = self._conn._sock
-        if sock is None:  # connect() returned without a socket: never expected
-            raise ConnectionLost(f"could not connect to {backend.where()}")
-        self._fd: int = sock.fileno()
+        self._conn, self._fd = dial(self._pool, backend.where())
         self._reader: GroupReader | None = None
 
     def fileno(self) -> int:
@@ -248,7 +196,7 @@ class RedisTransport(Transport):
             if left <= 0:
                 raise ConnectionLost(f"Redis did not confirm SUBSCRIBE within {self._timeout} s")
             try:
-                frame = _read_reply(self._conn, left)
+                frame = read_reply(self._conn, left)
             except redis.TimeoutError as exc:
                 raise ConnectionLost(
                     f"Redis did not confirm SUBSCRIBE within {self._timeout} s"
@@ -257,7 +205,7 @@ class RedisTransport(Transport):
                 raise ConnectionLost(
                     f"Redis refused SUBSCRIBE: {explain(exc, self.backend.channel_prefix)}"
                 ) from exc
-            kind, name, payload = _frame(frame)
+            kind, name, payload = pubsub_frame(frame)
             if kind == b"subscribe":
                 waiting.discard(name)
             elif kind == b"message":
@@ -282,14 +230,14 @@ class RedisTransport(Transport):
             try:
                 if not conn.can_read(timeout=0):
                     break
-                frame = _read_reply(conn, 0)
+                frame = read_reply(conn, 0)
             except redis.TimeoutError:
                 # Part of a reply: the rest is on its way and will make the
                 # socket readable again; the part waits in the parser.
                 break
             except redis.RedisError as exc:
                 raise ConnectionLost(explain(exc)) from exc
-            kind, name, payload = _frame(frame)
+            kind, name, payload = pubsub_frame(frame)
             if kind == b"message":
                 items.append((name, payload))
         return items
@@ -311,11 +259,23 @@ class RedisTransport(Transport):
             except redis.RedisError as exc:
                 raise ConnectionLost(f"XGROUP CREATE failed: {explain(exc)}") from exc
         if self._reader is None:
-            self._reader = GroupReader(self, explain, _read_reply)
+            backend = self.backend
+            self._reader = GroupReader(
+                self, backend.config, backend.channel_prefix, backend.where()
+            )
 
     def want(self, members: frozenset[tuple[str, str]], consumer: str) -> None:
         if self._reader is not None:
             self._reader.want(members, consumer)
+
+    # What the GroupReader is given of this transport (see groups.GroupLink).
+
+    def dial(self) -> tuple[Connection, int]:
+        """Another connection to this transport's server, for the group reads."""
+        return dial(self._pool, self.backend.where())
+
+    def publisher(self) -> redis.Redis:
+        return self.backend.clients().publisher
 
     def ack(self, handed: Collection[Handed]) -> None:
         pipe = self.backend.clients().publisher.pipeline(transaction=False)
@@ -396,28 +356,6 @@ class RedisTransport(Transport):
             raise ConnectionLost(explain(exc)) from exc
 
 
-def _read_reply(conn: Connection, timeout: float) -> Any:
-    """One reply, or redis.TimeoutError when none is complete within ``timeout``.
-
-    Before redis-py 8 read_response() takes no timeout: can_read() waits for the first byte,
-    and the rest of a reply that has begun to arrive is read within the socket timeout.
-    """
-    if _READ_TAKES_TIMEOUT:
-        return conn.read_response(timeout=timeout, **_KEEP_ON_ERROR)
-    if not conn.can_read(timeout=timeout):
-        raise redis.TimeoutError("no reply in time")
-    return conn.read_response(**_KEEP_ON_ERROR)
-
-
-def _frame(frame: object) -> tuple[bytes, str, str]:
-    """(kind, channel, payload) of a RESP2 pub/sub reply; payloads are UTF-8 text."""
-    if isinstance(frame, list) and len(frame) == 3 and isinstance(frame[0], bytes):
-        name = frame[1].decode("utf-8", "replace") if isinstance(frame[1], bytes) else ""
-        data = frame[2].decode("utf-8", "replace") if isinstance(frame[2], bytes) else ""
-        return frame[0], name, data
-    return b"", "", ""
-
-
 class RedisBackend(BaseBackend):
     name = "redis"
     targets = True
@@ -442,12 +380,12 @@ class RedisBackend(BaseBackend):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.target = self._resolve()
-        self._clients: _ProcessClients | None = None
+        # A forked child makes its own: the parent's sockets stay the parent's.
+        self._clients: PerProcess[_ProcessClients] = PerProcess(
+            lambda: _ProcessClients(self), _ProcessClients.close
+        )
         # Set once stale consumers could not be removed (logged once: see RedisTransport.tidy).
         self.tidy_refused = False
-        # Clients inherited through fork(): kept, never used or closed, since
-        # their sockets belong to the parent.
-        self._inherited: list[_ProcessClients] = []
 
     # -- configuration ---------------------------------------------------------
 
@@ -522,12 +460,12 @@ class RedisBackend(BaseBackend):
             "health_check_interval": 0,
             # RESP2 on every server version: pub/sub replies stay plain
             # arrays, and an ACL user needs no HELLO.
-            **_RESP2,
+            **RESP2,
         }
         if "path" not in kwargs:  # TCP, not a unix socket
             kwargs["socket_keepalive"] = True
             kwargs["connection_class"] = LookupSSLConnection if target.tls else LookupConnection
-        elif not _UNIX_CONNECT_TIMEOUT:
+        elif not UNIX_CONNECT_TIMEOUT:
             # redis-py before 4.4: a unix socket connects at once or fails, with no timeout.
             del kwargs["socket_connect_timeout"]
         if target.sentinels:
@@ -547,7 +485,7 @@ class RedisBackend(BaseBackend):
             "socket_timeout": timeout,
             "socket_connect_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),
-            **_RESP2,
+            **RESP2,
             "username": self.config["sentinel_username"],
             "password": self.config["sentinel_password"],
         }
@@ -567,12 +505,7 @@ class RedisBackend(BaseBackend):
     # -- connections -------------------------------------------------------------
 
     def clients(self) -> _ProcessClients:
-        clients = self._clients
-        if clients is None or clients.pid != os.getpid():
-            if clients is not None:
-                self._inherited.append(clients)
-            clients = self._clients = _ProcessClients(self)
-        return clients
+        return self._clients.get()
 
     def send(self, channel: str, payload: str) -> None:
         try:
@@ -595,11 +528,11 @@ class RedisBackend(BaseBackend):
         packed: list[bytes] = []
         for item in batch:
             if item.group is None:
-                packed.append(_pack("PUBLISH", item.wire, item.payload))
+                packed.append(pack("PUBLISH", item.wire, item.payload))
             else:
                 key = stream_key(item.wire, item.group)
                 argv = self.hand_out_argv(item.group, item.payload, item.receivers)
-                packed.append(_pack("EVAL", HAND_OUT, "1", key, *argv))
+                packed.append(pack("EVAL", HAND_OUT, "1", key, *argv))
         try:
             conn = self._sender_connection()
             try:
@@ -697,18 +630,7 @@ class RedisBackend(BaseBackend):
 
     def close(self) -> None:
         super().close()
-        clients, self._clients = self._clients, None
-        if clients is not None and clients.pid == os.getpid():
-            clients.close()
-
-
-def _pack(*args: str) -> bytes:
-    """One command in RESP, as redis-py would send it."""
-    out = [b"*%d\r\n" % len(args)]
-    for arg in args:
-        data = arg.encode("utf-8")
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
+        self._clients.close()
 
 
 def _parse_sentinel_url(url: str, source: str, *, tls: bool) -> _Target:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Collection, Mapping
+from typing import Any, Protocol
 
 import redis
 from redis.connection import Connection
@@ -21,9 +21,7 @@ from redis.connection import Connection
 from ...exceptions import ConnectionLost
 from ..base import Handed
 from .scripts import ALIVE_CLAIM_TIMEOUTS, MEMBER
-
-if TYPE_CHECKING:
-    from .backend import RedisTransport
+from .wire import explain, read_reply, text
 
 #: The consumer group inside every targeted-delivery stream.
 CONSUMER_GROUP = "pulp-pubsub"
@@ -38,6 +36,22 @@ def stream_key(wire: str, group: str) -> str:
     return f"{wire}#{group}"
 
 
+class GroupLink(Protocol):
+    """What a :class:`GroupReader` needs of the transport it serves."""
+
+    def dial(self) -> tuple[Connection, int]:
+        """A new connection to the transport's server, connected, and its descriptor."""
+        ...
+
+    def publisher(self) -> redis.Redis:
+        """This process's publish client: it interrupts a blocked read from outside."""
+        ...
+
+    def tidy(self, keys: Collection[str]) -> None:
+        """Remove the consumers of members long gone from these streams' groups."""
+        ...
+
+
 class GroupReader:
     """The second connection of a targeting transport: the member's turns and its inbox.
 
@@ -49,35 +63,19 @@ class GroupReader:
     publish connection; the nil reply then makes way for a turn with the new wish.
     """
 
-    def __init__(
-        self,
-        transport: RedisTransport,
-        explain: Callable[[BaseException], str],
-        read_reply: Callable[[Connection, float], Any],
-    ) -> None:
-        self.transport = transport
-        self.explain = explain
-        # Both from .redis, which knows the redis-py version's ways.
-        self.read_reply = read_reply
-        backend = transport.backend
-        self.claim_ms = claim_ms(backend.config)
-        self.marks_ms = marks_ms(backend.config)
-        self.probe_timeout = backend.config["probe_timeout"]
-        self.base = member_base(backend.channel_prefix)
-        self.conn = cast(Connection, transport._pool.make_connection())
+    def __init__(self, link: GroupLink, config: Mapping[str, Any], prefix: str, where: str) -> None:
+        self.link = link
+        self.claim_ms = claim_ms(config)
+        self.marks_ms = marks_ms(config)
+        self.probe_timeout = config["probe_timeout"]
+        self.base = member_base(prefix)
+        self.conn, self.fd = link.dial()
         try:
-            self.conn.connect()
             self.conn.send_command("CLIENT", "ID", check_health=False)
             self.client_id = int(self.conn.read_response())
         except redis.RedisError as exc:
             self.conn.disconnect()
-            raise ConnectionLost(
-                f"could not connect to {backend.where()}: {self.explain(exc)}"
-            ) from exc
-        sock = self.conn._sock
-        if sock is None:
-            raise ConnectionLost(f"could not connect to {backend.where()}")
-        self.fd: int = sock.fileno()
+            raise ConnectionLost(f"could not connect to {where}: {explain(exc)}") from exc
         # What each outstanding reply is: ("turn", members) or ("inbox", members).
         self.expect: deque[tuple[str, Any]] = deque()
         self.reading: frozenset[tuple[str, str]] | None = None
@@ -96,7 +94,7 @@ class GroupReader:
         if self.expect:
             if self.reading is not None and self.reading != members and not self.unblocking:
                 self.unblocking = True
-                publisher = self.transport.backend.clients().publisher
+                publisher = self.link.publisher()
                 try:
                     if not members:
                         # Paused or closing: no publish may pick this member from now on.
@@ -104,7 +102,7 @@ class GroupReader:
                         self.idle = None
                     publisher.client_unblock(self.client_id)
                 except redis.RedisError as exc:
-                    raise ConnectionLost(f"CLIENT UNBLOCK failed: {self.explain(exc)}") from exc
+                    raise ConnectionLost(f"CLIENT UNBLOCK failed: {explain(exc)}") from exc
             elif time.monotonic() > self.block_until + self.probe_timeout:
                 raise ConnectionLost(
                     f"Redis did not answer a group read within {self.probe_timeout} s of its end"
@@ -130,7 +128,7 @@ class GroupReader:
             self._turn("sweep", members, keys)
             if now >= self.next_tidy:
                 self.next_tidy = now + TIDY_INTERVAL * random.uniform(0.8, 1.0)
-                self.transport.tidy(keys)
+                self.link.tidy(keys)
         else:
             self._turn("turn", members, keys)
 
@@ -155,7 +153,7 @@ class GroupReader:
         try:
             self.conn.send_command(*args, check_health=False)
         except redis.RedisError as exc:
-            raise ConnectionLost(self.explain(exc)) from exc
+            raise ConnectionLost(explain(exc)) from exc
         self.expect.append((kind, what))
         self.block_until = time.monotonic()
 
@@ -165,14 +163,14 @@ class GroupReader:
             try:
                 if not self.conn.can_read(timeout=0):
                     break
-                reply = self.read_reply(self.conn, 0)
+                reply = read_reply(self.conn, 0)
             except redis.TimeoutError:
                 break
             except redis.ResponseError as exc:
                 # NOGROUP: the stream is gone (a restart without persistence).
-                raise ConnectionLost(f"Redis refused a group read: {self.explain(exc)}") from exc
+                raise ConnectionLost(f"Redis refused a group read: {explain(exc)}") from exc
             except redis.RedisError as exc:
-                raise ConnectionLost(self.explain(exc)) from exc
+                raise ConnectionLost(explain(exc)) from exc
             kind, what = self.expect.popleft()
             if kind == "inbox":
                 self.reading = None
@@ -191,11 +189,11 @@ class GroupReader:
         self.conn.disconnect()
 
 
-def claim_ms(config: dict[str, Any]) -> int:
+def claim_ms(config: Mapping[str, Any]) -> int:
     return max(1, int(config["claim_timeout"] * 1000))
 
 
-def marks_ms(config: dict[str, Any]) -> int:
+def marks_ms(config: Mapping[str, Any]) -> int:
     """How long a member's marks outlive its last turn."""
     return claim_ms(config) * ALIVE_CLAIM_TIMEOUTS
 
@@ -213,7 +211,3 @@ def parse_items(items: list[Any]) -> list[Handed]:
         wire, _, group = key.rpartition("#")
         found.append(Handed(wire, group, payload, entry_id))
     return found
-
-
-def text(value: object) -> str:
-    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)

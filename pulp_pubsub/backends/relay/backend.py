@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import random
 import ssl
 import time
@@ -44,6 +43,7 @@ from ...metrics import count
 from ..aftercommit import Deferred
 from ..base import BaseBackend, Transport
 from ..listener import PROBE_PREFIX
+from ..perprocess import PerProcess
 
 try:
     from .direct import DirectPublisher
@@ -197,7 +197,10 @@ class RelayBackend(BaseBackend):
                 )
             # Publishes inside atomic() on this alias wait for its commit.
             self.database_alias = self.config["database"]
-        self._publisher: DirectPublisher | None = None
+        # A fork's child never writes to its parent's sockets.
+        self._publisher: PerProcess[DirectPublisher] = PerProcess(
+            lambda: DirectPublisher(self), DirectPublisher.close
+        )
         self._warned_at: float | None = None
 
     def __repr__(self) -> str:
@@ -354,11 +357,7 @@ class RelayBackend(BaseBackend):
             )
 
     def _direct(self) -> DirectPublisher:
-        publisher = self._publisher
-        if publisher is None or publisher.pid != os.getpid():
-            # A fork's child never writes to its parent's sockets.
-            publisher = self._publisher = DirectPublisher(self)
-        return publisher
+        return self._publisher.get()
 
     # -- subscribing ---------------------------------------------------------
 
@@ -421,8 +420,6 @@ class RelayBackend(BaseBackend):
 
     def close(self) -> None:
         super().close()
-        publisher = self._publisher
-        if publisher is not None and publisher.pid == os.getpid():
-            publisher.close()
+        self._publisher.close()
         if self._pg is not None:
             self._pg.close()

@@ -1,6 +1,6 @@
 """Direct publishing: every publish to every relay, answered, from one process.
 
-Kept apart from :mod:`.relay`, which is about the relay list, the modes and
+Kept apart from :mod:`.backend`, which is about the relay list, the modes and
 subscribing. One :class:`DirectPublisher` per process (a forked child makes
 its own) holds a connection to each relay, made on first use and dropped when
 it fails.
@@ -9,19 +9,15 @@ it fails.
 from __future__ import annotations
 
 import itertools
-import os
 import threading
 import time
 from collections import defaultdict
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from ...exceptions import ConnectionLost, PublishError
 from ..selfpipe import wait_readable
 from .protocol import MAX_FRAME, RelayConnection, encode
-
-if TYPE_CHECKING:
-    from .backend import RelayBackend
-
 
 #: One frame ready to send: its request id, its bytes, the indexes of the messages it carries.
 Encoded = tuple[int, bytes, list[int]]
@@ -31,12 +27,23 @@ def _many(messages: list[tuple[str, str]], group: list[int]) -> dict[str, Any]:
     return {"type": "publish_many", "messages": [messages[i] for i in group]}
 
 
+class Relays(Protocol):
+    """What a :class:`DirectPublisher` needs of its backend."""
+
+    @property
+    def urls(self) -> Sequence[str]: ...
+
+    @property
+    def config(self) -> Mapping[str, Any]: ...
+
+    def connect(self, url: str, timeout: float) -> RelayConnection: ...
+
+
 class DirectPublisher:
     """This process's connections to every relay, for ``direct`` publishing."""
 
-    def __init__(self, backend: RelayBackend) -> None:
+    def __init__(self, backend: Relays) -> None:
         self.backend = backend
-        self.pid = os.getpid()
         self.lock = threading.Lock()
         self.conns: dict[str, RelayConnection] = {}
         self.ids = itertools.count(1)

@@ -36,14 +36,12 @@ import sys
 from dataclasses import dataclass, field
 
 from django.apps import apps
-from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+
+from .conf import PULPCORE_APP, SETTING, enabled, worker_type
 
 logger = logging.getLogger(__name__)
 
-#: The setting that turns the integration off (``PULP_PUBSUB_PULPCORE_INTEGRATION=false``).
-SETTING = "PUBSUB_PULPCORE_INTEGRATION"
-PULPCORE_APP = "pulpcore.app"
 #: Pulp's serving programs: these fail closed when the integration cannot install.
 SERVING_PROGRAMS = frozenset({"pulpcore-worker", "pulpcore-api", "pulpcore-content"})
 #: Modules being imported while such a program starts Django (also when run
@@ -71,14 +69,6 @@ class State:
 
 
 state = State()
-
-
-def enabled() -> bool:
-    return bool(getattr(settings, SETTING, True))
-
-
-def worker_type() -> str:
-    return str(getattr(settings, "WORKER_TYPE", "pulpcore"))
 
 
 def serving_process() -> bool:

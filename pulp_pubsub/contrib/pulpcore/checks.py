@@ -15,8 +15,8 @@ from django.apps import apps
 from django.core.checks import CheckMessage, Error, Tags, Warning, register
 
 from ...conf import get_settings
-from . import PULPCORE_APP, SETTING, enabled, worker_type
 from .compat import SUPPORTED_TEXT, pulpcore_version, seam_problems, version_problem
+from .conf import PULPCORE_APP, SETTING, enabled, worker_type
 
 E102 = "pulp_pubsub.E102"  # a seam the integration relies on has moved
 W101 = "pulp_pubsub.W101"  # WORKER_TYPE is not "pulpcore": integration off

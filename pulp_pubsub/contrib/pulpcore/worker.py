@@ -52,7 +52,6 @@ cancel a task. Publishing never raises into the worker
 from __future__ import annotations
 
 import logging
-import os
 import random
 import select as _select
 import time
@@ -61,6 +60,7 @@ from typing import Any
 
 from ... import get_backend
 from ...backends.listener import Subscriber
+from ...backends.perprocess import PerProcess
 from ...message import Message
 from ...metrics import count
 from ...registry import CANCEL, RUNNERS, UNBLOCKERS, WAKEUP
@@ -139,16 +139,16 @@ class SelectShim:
     """
 
     def __init__(self) -> None:
-        self._subscriber: Subscriber | None = None
-        self._worker: Any = None
-        self._pid = 0
+        # (subscriber, worker); a task process forked from the worker sees none.
+        self._attached: PerProcess[tuple[Subscriber, Any]] = PerProcess()
 
     def attach(self, subscriber: Subscriber, worker: Any = None) -> None:
-        self._subscriber, self._worker, self._pid = subscriber, worker, os.getpid()
+        self._attached.set((subscriber, worker))
 
     def detach(self, subscriber: Subscriber) -> None:
-        if self._subscriber is subscriber:
-            self._subscriber = None
+        attached = self._attached.peek()
+        if attached is not None and attached[0] is subscriber:
+            self._attached.set(None)
 
     def select(
         self,
@@ -157,10 +157,10 @@ class SelectShim:
         xlist: Sequence[Any],
         timeout: float | None = None,
     ) -> tuple[list[Any], list[Any], list[Any]]:
-        subscriber = self._subscriber
-        if subscriber is None or self._pid != os.getpid():
+        attached = self._attached.peek()
+        if attached is None:
             return _select.select(rlist, wlist, xlist, timeout)
-        worker = self._worker
+        subscriber, worker = attached
         retry_at = None
         if worker is not None:
             # Back in its wait, the worker has acted on the wake-ups it was
