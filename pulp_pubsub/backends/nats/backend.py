@@ -20,7 +20,7 @@ name can add a token, leave one empty or reach a ``$``-system subject
 (``*`` and ``>`` are refused for every backend). ``PUBSUB_CHANNEL_PREFIX``
 is the leading token, escaped the same way: with ``pulp``, ``pulp_worker_wakeup``
 is sent as ``pulp.pulp_worker_wakeup`` and ``a.b`` as ``pulp.a%2Eb``
-(see :mod:`.natsnames`; the connection itself is :mod:`.natstransport`).
+(see :mod:`.names`; the connection itself is :mod:`.transport`).
 
 With ``PUBSUB_OPTIONS = {"jetstream": True}`` publishes go into a stream
 (made by the layer, bounded by ``stream_max_age``/``stream_max_bytes``,
@@ -35,7 +35,7 @@ publish goes to ``<prefix>._work.<channel>.<group>``, captured by a second
 stream with interest retention (``<stream>_WORK``, or the one the operator
 names in ``work_stream``), and each (channel, group) is one durable pull
 consumer with explicit acks and ``ack_wait = claim_timeout`` (see
-:mod:`.natstransport`). Core NATS falls back to broadcast: its queue groups
+:mod:`.transport`). Core NATS falls back to broadcast: its queue groups
 hand a message to one member but cannot hand it again when that member dies
 before acting on it.
 """

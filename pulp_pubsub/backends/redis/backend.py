@@ -576,7 +576,7 @@ class RedisBackend(BaseBackend):
     def hand_out_argv(
         self, group: str, payload: str, receivers: int, replaces: str = ""
     ) -> tuple[str, ...]:
-        """The arguments of :data:`.redislua.HAND_OUT` after the stream."""
+        """The arguments of :data:`.scripts.HAND_OUT` after the stream."""
         base = member_base(self.channel_prefix)
         marks = str(marks_ms(self.config))
         return (CONSUMER_GROUP, payload, str(receivers), str(STREAM_MAXLEN), base, marks, replaces)

@@ -2,9 +2,9 @@
 
 One stream per (channel, group), ``<wire channel>#<group>``; a publish adds
 entries and hands each to the member idle since the latest time (see
-:mod:`.redislua`), which waits for it on a second connection of its own, one at
+:mod:`.scripts`), which waits for it on a second connection of its own, one at
 a time; the listener acknowledges or gives them back through the publish pool.
-Kept apart from :mod:`.redis`, which is about the server, the URL and PUB/SUB.
+Kept apart from :mod:`.backend`, which is about the server, the URL and PUB/SUB.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class GroupLink(Protocol):
 class GroupReader:
     """The second connection of a targeting transport: the member's turns and its inbox.
 
-    One command at a time is outstanding: a turn (the :data:`.redislua.MEMBER`
+    One command at a time is outstanding: a turn (the :data:`.scripts.MEMBER`
     script), or a blocking ``BLPOP`` on the member's inbox after a turn that
     found nothing and recorded it idle. The block ends by the claim timeout, and
     the turn that follows also sweeps for entries others have held too long. A
@@ -199,7 +199,7 @@ def marks_ms(config: Mapping[str, Any]) -> int:
 
 
 def member_base(prefix: str) -> str:
-    """Where a member's own keys start; see :mod:`.redislua`."""
+    """Where a member's own keys start; see :mod:`.scripts`."""
     return f"{prefix}>member>"
 
 
