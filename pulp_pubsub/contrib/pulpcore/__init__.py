@@ -36,6 +36,7 @@ import sys
 from dataclasses import dataclass, field
 
 from django.apps import apps
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from .conf import PULPCORE_APP, SETTING, enabled, worker_type
