@@ -54,9 +54,6 @@ class Pending:
         self._signalled = False
         self.signal_r, self.signal_w = make_pipe()
 
-    def __len__(self) -> int:
-        return len(self._pending)
-
     def waiting(self) -> bool:
         with self._lock:
             return bool(self._pending or self._overflowed)
