@@ -31,10 +31,12 @@ class ConnectionLost(PubSubError):
 
 
 class Deaf(ConnectionLost):
-    """A subscriber's connection works but does not hear what others publish.
+    """A connection works but does not hear what others publish.
 
     Its message says why (a transaction pooler in front of PostgreSQL, say) and how to fix
-    it; the listener logs it at ERROR, counts it (``deaf``) and tries again.
+    it. A subscriber's listener logs it at ERROR, counts it (``deaf``) and tries again; the
+    relay server's PostgreSQL link, whose own NOTIFY did not come back, reports it as the
+    cause of being down and reconnects.
     """
 
 

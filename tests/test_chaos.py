@@ -12,7 +12,7 @@ import json
 import pytest
 from django.core.management import CommandError, call_command
 
-from pulp_pubsub.backends.listener import Subscriber
+from pulp_pubsub.backends.listener.loop import Loop
 from pulp_pubsub_tools.chaos import ChaosConfig, run
 from pulp_pubsub_tools.chaos.invariant import (
     AgentLog,
@@ -182,8 +182,8 @@ def test_the_invariant_catches_a_subscriber_that_forgets_to_resync(monkeypatch):
     def no_resync(self, missed):
         return original(self, set())
 
-    original = Subscriber._on_connected
-    monkeypatch.setattr(Subscriber, "_on_connected", no_resync)
+    original = Loop._on_connected
+    monkeypatch.setattr(Loop, "_on_connected", no_resync)
     config = chaos_config(
         "memory", duration=4.0, subscribers=2, rate=50.0, faults=("restart_graceful",)
     )

@@ -24,9 +24,10 @@ from django.core.management import CommandError, call_command
 from django.test import override_settings
 
 from pulp_pubsub import checks, control_auth, get_backend
+from pulp_pubsub.backends.listener.responder import CONTROL_CHANNEL
 from pulp_pubsub.backends.selfpipe import wait_readable
 from pulp_pubsub.control_auth import WINDOW, control_key, query_body, sign, verify
-from pulp_pubsub.introspection import CONTROL_CHANNEL, ControlClient, gather
+from pulp_pubsub.management.inspect import ControlClient, gather
 
 from .test_subscriber import MEMORY
 from .util import wait_until

@@ -26,15 +26,14 @@ from django.test import override_settings
 
 from pulp_pubsub import get_backend, publish
 from pulp_pubsub.backends import memory
-from pulp_pubsub.control_auth import OVERHEAD, control_key, query_body, sign
-from pulp_pubsub.introspection import (
+from pulp_pubsub.backends.listener.responder import (
     CONTROL_CHANNEL,
-    ControlClient,
     describe_subscriber,
-    gather,
     parse_query,
     process_name,
 )
+from pulp_pubsub.control_auth import OVERHEAD, control_key, query_body, sign
+from pulp_pubsub.management.inspect import ControlClient, gather
 from pulp_pubsub_tools.testing import free_port
 
 from .test_subscriber import MEMORY

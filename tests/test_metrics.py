@@ -24,7 +24,8 @@ from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from pulp_pubsub import Message, get_backend, publish
-from pulp_pubsub.backends import listener, memory
+from pulp_pubsub.backends import memory
+from pulp_pubsub.backends.listener import outage as outage_log
 from pulp_pubsub.exceptions import PubSubError
 
 from .test_subscriber import MEMORY
@@ -219,7 +220,7 @@ def test_channel_names_stay_out_of_metrics_when_the_setting_says_so(reader, chan
 
 
 def test_control_traffic_is_not_counted(reader, backend, channel):
-    from pulp_pubsub.introspection import gather
+    from pulp_pubsub.management.inspect import gather
 
     with backend.subscriber() as sub:
         sub.subscribe(channel, lambda m: None)
@@ -323,7 +324,7 @@ def test_reconnects_log_the_cause_once_and_the_recovery_without_flooding(
         [recovery] = records(logging.INFO)
         assert "reconnected after" in recovery
         # The two outages held back are named by the next warning that is due.
-        monkeypatch.setattr(listener, "OUTAGE_LOG_INTERVAL", 0.0)
+        monkeypatch.setattr(outage_log, "OUTAGE_LOG_INTERVAL", 0.0)
         outage(backend, sub, channel, got)
         assert "2 more outage(s) since the last warning" in records(logging.WARNING)[-1]
         assert len(records(logging.INFO)) == 2

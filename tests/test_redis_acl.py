@@ -23,7 +23,7 @@ from django.test import override_settings
 from pulp_pubsub import get_backend
 from pulp_pubsub.backends.redis.groups import CONSUMER_GROUP
 from pulp_pubsub.exceptions import PublishError
-from pulp_pubsub.introspection import gather
+from pulp_pubsub.management.inspect import gather
 from pulp_pubsub_tools.testing import RedisServer
 
 from .reliability_util import Inbox

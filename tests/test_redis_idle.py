@@ -55,6 +55,11 @@ def ghost(admin: redis.Redis, key: str, name: str, marks_ms: int) -> None:
     assert admin.eval(MEMBER, 1, key, *args) == []
 
 
+def consumer(sub: Subscriber) -> str:
+    """The name the subscriber's targeted deliveries go by on the server."""
+    return sub._targeted.consumer
+
+
 def join(sub: Subscriber, channel: str) -> Inbox:
     box = Inbox(sub)
     sub.subscribe(channel, box, group=GROUP)
@@ -69,11 +74,11 @@ def test_a_wake_up_goes_to_the_member_idle_since_the_latest_time(server, admin):
     with redis_backend(server.url) as backend:
         with backend.subscriber() as cold, backend.subscriber() as warm:
             join(cold, channel)
-            wait_until(lambda: idle(admin, key) == [cold._consumer], what="cold to be idle")
+            wait_until(lambda: idle(admin, key) == [consumer(cold)], what="cold to be idle")
             box = join(warm, channel)
             for n in range(3):
                 wait_until(
-                    lambda: idle(admin, key) == [cold._consumer, warm._consumer],
+                    lambda: idle(admin, key) == [consumer(cold), consumer(warm)],
                     what="warm to be idle again, after cold",
                 )
                 backend.publish(channel, str(n), group=GROUP)
@@ -86,9 +91,9 @@ def test_a_wake_up_handed_to_a_member_killed_while_idle_reaches_another(server, 
     channel, key = new_channel()
     with redis_backend(server.url, claim_timeout=0.5) as backend, backend.subscriber() as live:
         box = join(live, channel)
-        wait_until(lambda: idle(admin, key) == [live._consumer], what="the member to be idle")
+        wait_until(lambda: idle(admin, key) == [consumer(live)], what="the member to be idle")
         ghost(admin, key, "ghost", marks_ms=60_000)
-        assert idle(admin, key) == [live._consumer, "ghost"]
+        assert idle(admin, key) == [consumer(live), "ghost"]
         backend.publish(channel, "for the ghost", group=GROUP)
         # Handed to the ghost (pending for it), then claimed by the live member's sweep.
         box.wait_for_payload("for the ghost")
@@ -103,10 +108,10 @@ def test_members_whose_marks_lapsed_are_passed_over_and_pruned(server, admin):
     with redis_backend(server.url, claim_timeout=60) as backend, backend.subscriber() as live:
         box = join(live, channel)
         # The member's first sweep tidies: the deep ghost, never picked, is removed.
-        wait_until(lambda: idle(admin, key) == [live._consumer], what="the prune")
+        wait_until(lambda: idle(admin, key) == [consumer(live)], what="the prune")
         ghost(admin, key, "top-ghost", marks_ms=1)
         wait_until(lambda: not admin.exists(f"{member_base('')}top-ghost>alive"), what="lapse")
-        assert idle(admin, key) == [live._consumer, "top-ghost"]
+        assert idle(admin, key) == [consumer(live), "top-ghost"]
         backend.publish(channel, "passed over", group=GROUP)
         # Straight to the live member: a claim would take 60 s.
         box.wait_for_payload("passed over")

@@ -21,7 +21,7 @@ from django.views.debug import SafeExceptionReporterFilter
 
 from pulp_pubsub import get_backend
 from pulp_pubsub.conf import Options, Secret, SecretURL, get_settings
-from pulp_pubsub.introspection import ControlClient
+from pulp_pubsub.management.inspect import ControlClient
 from pulp_pubsub_tools.testing import EtcdServer, NatsServer, PostgresServer, RedisServer
 
 from .reliability_util import FAST

@@ -7,13 +7,16 @@ not taken as hearing: after every (re)connect, and every ``probe_interval``,
 it NOTIFYs a private channel and must hear it back within ``probe_timeout``.
 A session behind a transaction pooler hears nothing, and the relay says so
 instead of going silently deaf.
+
+Its backoff, LISTEN diff and probe clock are the subscribers' own
+(:mod:`pulp_pubsub.backends.listener.upkeep`); only what it does with what it
+reads is its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import threading
 import time
 import uuid
@@ -22,17 +25,16 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
+from ..backends.listener.upkeep import Backoff, Probe, listen_to
 from ..backends.postgres.backend import PostgresBackend, PostgresTransport
 from ..backends.selfpipe import drain, make_pipe, poke, wait_readable
-from ..exceptions import ConnectionLost
+from ..exceptions import Deaf
 
 logger = logging.getLogger(__name__)
 
 Batch = list[tuple[str, str]]
-
-
-class Deaf(ConnectionLost):
-    """Connected, but the session's own NOTIFY never came back."""
+#: The first wait after a lost session; it doubles up to ``reconnect_max``.
+RECONNECT_MIN = 0.1
 
 
 class PgLink:
@@ -103,7 +105,7 @@ class PgLink:
     # -- the thread ----------------------------------------------------------------
 
     def _run(self) -> None:
-        attempt = 0
+        backoff = Backoff(RECONNECT_MIN, self.reconnect_max)
         warned = False
         while not self._stopped.is_set():
             transport: PostgresTransport | None = None
@@ -112,7 +114,8 @@ class PgLink:
                 listening: set[str] = set()
                 self._apply(transport, listening)
                 self.probe_rtt = self._prove(transport, initial=True)
-                self.state, self.last_error, attempt = "listening", None, 0
+                self.state, self.last_error = "listening", None
+                backoff.reset()
                 self.connects += 1
                 if warned:
                     logger.warning("Relay: PostgreSQL is back; telling every client to resync.")
@@ -139,13 +142,11 @@ class PgLink:
                         transport.close()
                     except Exception:
                         logger.debug("Closing a dead PostgreSQL session failed", exc_info=True)
-            delay = min(self.reconnect_max, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
-            attempt += 1
-            deadline = time.monotonic() + delay
-            while not self._stopped.is_set() and (left := deadline - time.monotonic()) > 0:
-                if wait_readable([self._wake_r], left):
-                    drain(self._wake_r)
-                    self._resolve(False)
+            backoff.wait(self._stopped, self._wake_r, self._release)
+
+    def _release(self) -> None:
+        """Down: an update() cannot be in force before the next connect."""
+        self._resolve(False)
 
     def _resolve(self, applied: bool, upto: int | None = None) -> None:
         with self._lock:
@@ -159,24 +160,18 @@ class PgLink:
         with self._lock:
             wanted = set(self._wanted) | {self.probe_channel}
             upto = len(self._waiters)
-        if wanted - listening:
-            transport.listen(sorted(wanted - listening))
-        if listening - wanted:
-            transport.unlisten(sorted(listening - wanted))
-        listening.clear()
-        listening.update(wanted)
+        listen_to(transport, listening, wanted)
         self._resolve(True, upto)
 
     def _prove(self, transport: PostgresTransport, initial: bool = False) -> float:
         """A NOTIFY round trip on the private channel; the notifications read meanwhile pass on."""
-        token = uuid.uuid4().hex
-        started = time.monotonic()
-        deadline = started + self.probe_timeout
-        transport.send_from_listener(self.probe_channel, token)
+        probe = Probe(self.probe_interval, self.probe_timeout)
+        transport.send_from_listener(self.probe_channel, probe.send(time.monotonic()))
         while True:
-            if self._take(transport.read(), token):
-                return time.monotonic() - started
-            left = deadline - time.monotonic()
+            rtt = self._take(transport.read(), probe)
+            if rtt is not None:
+                return rtt
+            left = probe.deadline - time.monotonic()
             if left <= 0 or self._stopped.is_set():
                 break
             wait_readable([transport.fileno()], left)
@@ -188,26 +183,24 @@ class PgLink:
             )
         raise Deaf(f"the liveness NOTIFY did not come back within {self.probe_timeout:g} s")
 
-    def _take(self, items: Any, token: str | None) -> bool:
-        """Pass notifications on; True when ``token`` came back on the probe channel."""
+    def _take(self, items: Any, probe: Probe) -> float | None:
+        """Pass notifications on; the probe's round trip when its token came back."""
         batch: Batch = []
-        heard = False
+        rtt = None
         for channel, payload in items:
             if channel == self.probe_channel:
-                heard = heard or payload == token
+                if rtt is None:
+                    rtt = probe.answered(payload)
             else:
                 batch.append((channel, payload))
         if batch:
             self._loop.call_soon_threadsafe(self._on_batch, batch)
-        return heard
+        return rtt
 
     def _serve(self, transport: PostgresTransport, listening: set[str]) -> None:
-        next_probe = time.monotonic() + self.probe_interval
-        token: str | None = None
-        sent_at = 0.0
+        probe = Probe(self.probe_interval, self.probe_timeout)
         while not self._stopped.is_set():
-            now = time.monotonic()
-            wait = (sent_at + self.probe_timeout if token else next_probe) - now
+            wait = probe.due() - time.monotonic()
             ready = wait_readable([transport.fileno(), self._wake_r], max(wait, 0))
             if self._stopped.is_set():
                 return
@@ -220,11 +213,11 @@ class PgLink:
                             break
                         channel, payload = self._notifies.popleft()
                     transport.send_from_listener(channel, payload)
-            if self._take(transport.read(), token):
-                self.probe_rtt, token = time.monotonic() - sent_at, None
+            rtt = self._take(transport.read(), probe)
+            if rtt is not None:
+                self.probe_rtt = rtt
             now = time.monotonic()
-            if token and now >= sent_at + self.probe_timeout:
+            if probe.overdue(now):
                 raise Deaf(f"the liveness NOTIFY did not come back within {self.probe_timeout:g} s")
-            if not token and now >= next_probe:
-                token, sent_at, next_probe = uuid.uuid4().hex, now, now + self.probe_interval
-                transport.send_from_listener(self.probe_channel, token)
+            if probe.is_due(now):
+                transport.send_from_listener(self.probe_channel, probe.send(now))

@@ -10,7 +10,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from pulp_pubsub import get_backend, registry
 from pulp_pubsub.control_auth import policy
 from pulp_pubsub.exceptions import IntrospectionDisabled, PubSubError
-from pulp_pubsub.introspection import Answer, gather, signing_key
+from pulp_pubsub.management.inspect import Answer, gather, signing_key
 from pulp_pubsub.registry import qualname
 
 

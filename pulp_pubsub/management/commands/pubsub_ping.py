@@ -9,7 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from pulp_pubsub import get_backend
 from pulp_pubsub.control_auth import policy
 from pulp_pubsub.exceptions import IntrospectionDisabled, PubSubError
-from pulp_pubsub.introspection import ControlClient, signing_key
+from pulp_pubsub.management.inspect import ControlClient, signing_key
 
 from .pubsub_channels import NO_ANSWER_HINT
 

@@ -16,10 +16,10 @@ import uuid
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from ..exceptions import ConnectionLost, Deaf
+from ...exceptions import ConnectionLost, Deaf
 
 if TYPE_CHECKING:
-    from .base import Transport
+    from ..base import Transport
 
 logger = logging.getLogger(__name__)
 
