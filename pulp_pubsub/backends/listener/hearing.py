@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from ...exceptions import ConnectionLost, Deaf
 
 if TYPE_CHECKING:
-    from ..base import Transport
+    from ..transport import Transport
 
 logger = logging.getLogger(__name__)
 

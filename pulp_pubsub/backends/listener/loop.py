@@ -20,19 +20,18 @@ from typing import TYPE_CHECKING, Any
 from ...exceptions import ConnectionLost, Deaf
 from ...message import Message
 from ...metrics import count, record_probe_rtt
-from ..base import Handed
 from ..selfpipe import drain, make_pipe, poke, wait_readable
+from ..transport import Handed
 from .hearing import HEAR_TIMEOUT_MIN, HearCheck
 from .outage import OutageLog
-from .responder import CONTROL_CHANNEL, answer_query
+from .responder import CONTROL_CHANNEL, Described, answer_query
 from .upkeep import Backoff, Probe, listen_to
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ..base import Transport
+    from ..transport import Transport
     from .pending import Pending
-    from .subscriber import Subscriber
     from .targeted import Targeted
 
 # The listener's one logger, whichever of its modules writes.
@@ -53,7 +52,7 @@ class Request:
 class Loop:
     def __init__(
         self,
-        subscriber: Subscriber,
+        subscriber: Described,
         pending: Pending,
         targeted: Targeted,
         wanted: Callable[[], set[str]],

@@ -32,16 +32,38 @@ import socket
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ...control_auth import OVERHEAD, Query, sign
+from ...control_auth import OVERHEAD, Gate, Query, sign
 from ...exceptions import ConnectionLost
 
 if TYPE_CHECKING:
-    from ..base import BaseBackend, Transport
-    from .subscriber import Subscriber
+    from collections import Counter
+
+    from ..transport import SubscribedBackend, Transport
 
 logger = logging.getLogger(__name__)
+
+
+class Described(Protocol):
+    """What an answer tells of a subscriber (a :class:`~.subscriber.Subscriber`)."""
+
+    backend: SubscribedBackend
+    stats: Counter[str]
+    control_gate: Gate
+
+    @property
+    def channels(self) -> list[str]: ...
+
+    @property
+    def connected_since(self) -> float | None: ...
+
+    @property
+    def last_resync_at(self) -> float | None: ...
+
+    @property
+    def probe_rtt(self) -> float | None: ...
+
 
 #: The channel every listener hears queries on.
 CONTROL_CHANNEL = "pubsub_control"
@@ -57,7 +79,7 @@ _LAUNCHERS = {"manage.py", "django-admin", "django-admin.py", "pulpcore-manager"
 WARNING_INTERVAL = 60.0
 
 
-def answer_query(subscriber: Subscriber, transport: Transport, wire: str, payload: str) -> None:
+def answer_query(subscriber: Described, transport: Transport, wire: str, payload: str) -> None:
     """Answer a query read from the control channel ``wire``, on ``transport``.
 
     Runs on the subscriber's listener thread. Unsigned, stale, replayed and
@@ -106,7 +128,7 @@ def parse_query(body: str) -> Query | None:
 
 
 def describe_subscriber(
-    subscriber: Subscriber, query_id: str, limit: int = ANSWER_LIMIT, channels: bool = True
+    subscriber: Described, query_id: str, limit: int = ANSWER_LIMIT, channels: bool = True
 ) -> str:
     """The JSON answer of ``subscriber``, at most ``limit`` UTF-8 bytes.
 
@@ -164,7 +186,7 @@ def process_name() -> str:
     return name
 
 
-def _limit(backend: BaseBackend) -> int:
+def _limit(backend: SubscribedBackend) -> int:
     return min(ANSWER_LIMIT, backend.payload_limit or ANSWER_LIMIT)
 
 

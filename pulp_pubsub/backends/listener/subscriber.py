@@ -34,7 +34,7 @@ from .targeted import Targeted
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from ..base import BaseBackend
+    from ..transport import SubscribedBackend
 
 Callback = Callable[[Message], Any]
 
@@ -43,7 +43,7 @@ RESERVED_PREFIXES = (PROBE_PREFIX, REPLY_PREFIX)
 
 
 class Subscriber:
-    def __init__(self, backend: BaseBackend, manual_ack: bool = False) -> None:
+    def __init__(self, backend: SubscribedBackend, manual_ack: bool = False) -> None:
         # First: a bad introspection setting raises before anything is opened.
         gate = Gate(policy())
         self.backend = backend

@@ -26,7 +26,7 @@ from ...message import Message
 from ...metrics import count
 
 if TYPE_CHECKING:
-    from ..base import BaseBackend, Handed, Transport
+    from ..transport import Handed, SubscribedBackend, Transport
 
 # The listener's one logger, whichever of its modules writes.
 logger = logging.getLogger(__package__)
@@ -35,7 +35,7 @@ logger = logging.getLogger(__package__)
 class Targeted:
     def __init__(
         self,
-        backend: BaseBackend,
+        backend: SubscribedBackend,
         lock: threading.RLock,
         stats: Counter[str],
         wake: Callable[[], None],

@@ -223,7 +223,8 @@ class RedisTransport(Transport):
         # At most READ_BATCH replies a call: under a flood (a publisher faster than this
         # subscriber) an unbounded drain would never return to the listener, which would
         # stop probing and hold the whole backlog in memory. What is left waits in the
-        # socket and the parser; the listener reads again at once (see Subscriber._serve).
+        # socket and the parser; the listener reads again at once (listener/loop.py,
+        # Loop._serve).
         while len(items) < READ_BATCH:
             # can_read() also sees replies already in the parser's buffer,
             # which leave the socket unreadable: drain until it says no.
