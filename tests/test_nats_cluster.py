@@ -7,6 +7,8 @@ Each run prints its figures: published, delivered, resynced, failover time.
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from typing import Any
@@ -16,6 +18,7 @@ from django.test import override_settings
 
 from pulp_pubsub import get_backend
 from pulp_pubsub.exceptions import PublishError
+from pulp_pubsub_tools.chaos import natsfailover
 from pulp_pubsub_tools.testing import NatsCluster
 
 from .reliability_util import FAST, Inbox
@@ -109,6 +112,14 @@ def fail_over(cluster: NatsCluster, **options: Any) -> dict[str, Any]:
             return figures
 
 
+def stored(backend: Any, channel: str, payload: str) -> bool:
+    try:
+        backend.publish(channel, payload)
+    except PublishError:
+        return False
+    return True
+
+
 def test_core_nats_covers_every_loss_in_a_failover_with_a_resync():
     with NatsCluster(3) as cluster:
         figures = fail_over(cluster)
@@ -128,3 +139,69 @@ def test_jetstream_r3_loses_nothing_in_a_failover_and_needs_no_resync():
         assert figures["reconnects"] >= 1 and figures["replays"] >= 1
         assert figures["lost_list"] == []
         assert figures["resynced"] == 0
+
+
+def test_jetstream_subscriber_replays_in_order_when_its_node_led_the_stream():
+    # The hardest node loss for a JetStream subscriber: its own node led the stream, so its
+    # new connection must wait out the stream's election before any consumer can be made.
+    # How long that takes is a figure (docs/reliability.md, made by the same run_once),
+    # not something a test on a shared machine can hold a bound on.
+    figures = natsfailover.run_once({}, rate=50.0, leader="killed", after=1.0)
+    assert figures["killed_led_stream"]
+    assert figures["reconnects"] >= 1 and figures["replays"] >= 1
+    assert figures["delivered_again_s"] is not None, figures["log"]
+    assert figures["missing_first"] == [] and figures["missing"] == 0
+    assert figures["out_of_order"] == 0 and figures["duplicates"] == 0
+    assert figures["resyncs"] == 0
+
+
+def test_jetstream_subscriber_says_what_it_waits_for_while_the_cluster_has_no_quorum(caplog):
+    # Two of three nodes frozen: the cluster cannot make a consumer until they are back. The
+    # subscriber asks again instead of giving up at its first unanswered request, and the
+    # log names what it waited for and how long.
+    caplog.set_level(logging.INFO, logger="pulp_pubsub")
+    with NatsCluster(3, jetstream=True) as cluster:
+        first, *others = cluster.nodes
+        settings = {
+            "PUBSUB_BACKEND": "nats",
+            "PUBSUB_URL": first.address,
+            "PUBSUB_OPTIONS": {**FAST, "jetstream": True, "stream_replicas": 3},
+        }
+        with override_settings(**settings):
+            backend = get_backend()
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub, started=True)
+                sub.subscribe(CHANNEL, inbox)  # makes the stream while the cluster is whole
+                sub.start()
+                # A stream just made elects its first leader before it stores anything.
+                wait_until(lambda: stored(backend, CHANNEL, "before"), 30, "the stream to store")
+                inbox.wait(lambda messages: "before" in {m.payload for m in messages})
+                for node in others:
+                    node.freeze()
+                try:
+                    sub.subscribe("failover_late", inbox)
+                    wait_until(
+                        lambda: "JetStream did not answer" in caplog.text,
+                        30,
+                        "the subscriber to say it waits for JetStream",
+                    )
+                finally:
+                    for node in others:
+                        node.thaw()
+                wait_until(
+                    lambda: "JetStream answered" in caplog.text,
+                    60,
+                    "the subscriber to say JetStream answered",
+                )
+                # The thawed nodes may still be electing the stream's leader: publish until
+                # the stream takes it.
+                wait_until(
+                    lambda: stored(backend, "failover_late", "after"), 30, "the stream to store"
+                )
+                inbox.wait(lambda messages: "after" in {m.payload for m in messages}, timeout=30)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("JetStream")]
+    # What it asked for, and how long it waited.
+    assert any(
+        line.startswith("JetStream did not answer the ") and "asking again" in line for line in said
+    ), said
+    assert any(re.search(r"answered the .* after [0-9.]+ s and [0-9]+ tries", s) for s in said)

@@ -296,9 +296,12 @@ class NatsBackend(BaseBackend):
             raise
         return nc
 
-    async def ensure_stream(self, nc: Client) -> Any:
-        """The stream's info; made by the layer when it does not exist yet."""
-        jsm = nc.jsm(timeout=self.config["connect_timeout"])
+    async def ensure_stream(self, nc: Client, timeout: float | None = None) -> Any:
+        """The stream's info; made by the layer when it does not exist yet.
+
+        ``timeout`` bounds each request (default ``connect_timeout``).
+        """
+        jsm = nc.jsm(timeout=timeout or self.config["connect_timeout"])
         try:
             info = await jsm.stream_info(self.stream_name)
         except nats.js.errors.NotFoundError:

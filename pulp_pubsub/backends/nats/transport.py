@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import threading
 import time
 from collections import deque
@@ -34,9 +35,18 @@ from nats.aio.msg import Msg
 from ...exceptions import ConnectionLost, PubSubError
 from ..base import BaseBackend, Handed, Transport
 from ..selfpipe import close_fds, drain, make_pipe, poke
+from .jsapi import PATIENCE, patiently
 from .loop import loop_runner
 
+logger = logging.getLogger(__name__)
+
 Pair = tuple[str, str]
+#: Seconds between a broadcast consumer's idle heartbeats (at most; ``probe_interval`` when
+#: shorter). A consumer lost with its server while this connection lives (a push consumer
+#: lives on one server) says so only by falling silent: the transport reconnects after
+#: ``SILENT_BEATS`` of them are missed, within seconds, not at the listener's next probe.
+CONSUMER_HEARTBEAT = 1.0
+SILENT_BEATS = 3
 #: Seconds a pull request waits at the server; an idle member renews it when it expires.
 PULL_EXPIRES = 30.0
 #: Pull-request answers that end it without a message and say nothing is wrong:
@@ -63,7 +73,7 @@ class NatsHost(Protocol):
 
     async def connect(self, role: str = ..., **kwargs: Any) -> Client: ...
 
-    async def ensure_stream(self, nc: Client) -> Any: ...
+    async def ensure_stream(self, nc: Client, timeout: float | None = None) -> Any: ...
 
     async def ensure_work_stream(self, nc: Client) -> None: ...
 
@@ -110,9 +120,14 @@ class NatsTransport(Transport):
         self._handed: set[Pair] = set()
         self._pull_ids = itertools.count(1)
         self._resumed = False
+        # Until the first listen() of a resumed transport is done (see _add_consumer).
+        self._resuming = False
+        self._dead_read = False
         # A waiting pull request hears a heartbeat this often; silence means its
         # consumer is gone (deleted, or lost with its node) while the connection lives.
         self._heartbeat = min(float(backend.config["probe_interval"]), PULL_EXPIRES / 3)
+        self._beat = min(float(backend.config["probe_interval"]), CONSUMER_HEARTBEAT)
+        self._watcher: asyncio.Task[None] | None = None
         self._runner = loop_runner()
         self._timeout = backend.config["connect_timeout"]
         self._established = False
@@ -194,19 +209,34 @@ class NatsTransport(Transport):
         return self._pipe_r
 
     def listen(self, channels: Collection[str]) -> None:
-        self._run(self._listen(list(channels)))
+        # With JetStream, the requests may wait out leader elections (see .jsapi).
+        patience = max(PATIENCE, self._timeout) if self.host.jetstream else 0.0
+        self._run(self._listen(list(channels), patience), patience + self._timeout + 1)
 
-    async def _listen(self, channels: list[str]) -> None:
+    async def _listen(self, channels: list[str], patience: float) -> None:
         # Broadcast: a plain subscription (or consumer) per subscriber. Targeted delivery
         # would subscribe with ``queue=<group>`` here (JetStream: one durable consumer per
         # group with ``deliver_group``), so the server hands each message to one member.
         nc = self._nc
-        for wire in channels:
-            if wire in self._subs:
-                continue
-            if self.host.jetstream:
-                self._subs[wire] = await self._add_consumer(wire)
-            else:
+        new = [wire for wire in channels if wire not in self._subs]
+        resuming, self._resuming = self._resuming, False
+        if self.host.jetstream and new:
+            deadline = time.monotonic() + patience
+            info = await patiently(
+                lambda timeout: self.host.ensure_stream(nc, timeout),
+                f"the info of the stream {self.host.stream_name!r}",
+                deadline,
+                self._timeout,
+            )
+            # All at once: a try that waits out an election, or a consumer placed on a server
+            # that has just died, then delays the others by nothing.
+            made = await asyncio.gather(
+                *(self._add_consumer(w, info, deadline, resuming) for w in new)
+            )
+            self._subs.update(zip(new, made, strict=True))
+            self._watch()
+        else:
+            for wire in new:
                 self._subs[wire] = await nc.subscribe(wire, cb=self._on_message)
         await self._confirm()
 
@@ -235,12 +265,16 @@ class NatsTransport(Transport):
             if not arrived.done():
                 await sub.unsubscribe()
 
-    async def _add_consumer(self, wire: str) -> Any:
+    async def _add_consumer(self, wire: str, info: Any, deadline: float, resuming: bool) -> Any:
         backend, host = self.backend, self.host
         js = self._nc.jsm(timeout=self._timeout)
-        info = await host.ensure_stream(self._nc)
         last = info.state.last_seq
         start = self._resume_from.pop(wire, None)
+        if start is None and resuming:
+            # Listened to before (the listener replays rather than resyncs every channel),
+            # but no position of it survived: a subscribe() that gave up waiting for its
+            # consumer. What it missed is unknown, so it is resynced.
+            self._push((wire, None))
         if start is not None and (start > last or (start + 1 < info.state.first_seq)):
             if start != last:
                 # The stream no longer holds what this channel may have missed (or was
@@ -251,23 +285,61 @@ class NatsTransport(Transport):
             start = last
         with self._lock:
             self._seen[wire] = max(self._seen.get(wire, 0), start)
-        deliver = self._nc.new_inbox()
-        sub = await self._nc.subscribe(deliver, cb=self._consumer_callback(wire))
-        heartbeat = backend.config["probe_interval"]
-        config = nats.js.api.ConsumerConfig(
-            deliver_subject=deliver,
-            filter_subject=wire,
-            deliver_policy=nats.js.api.DeliverPolicy.BY_START_SEQUENCE,
-            opt_start_seq=start + 1,
-            ack_policy=nats.js.api.AckPolicy.NONE,
-            idle_heartbeat=heartbeat,
-            flow_control=True,
-            inactive_threshold=max(5.0, 3 * heartbeat),
-            mem_storage=True,
+
+        async def attempt(timeout: float) -> tuple[Any, str]:
+            # Each try on a delivery subject of its own: a consumer that an unanswered try
+            # made after all (placed on a server that has just died, or answered late)
+            # delivers to no one, and the server drops it after its inactive_threshold.
+            deliver = self._nc.new_inbox()
+            sub = await self._nc.subscribe(deliver, cb=self._consumer_callback(wire))
+            config = nats.js.api.ConsumerConfig(
+                deliver_subject=deliver,
+                filter_subject=wire,
+                deliver_policy=nats.js.api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=start + 1,
+                ack_policy=nats.js.api.AckPolicy.NONE,
+                idle_heartbeat=self._beat,
+                flow_control=True,
+                inactive_threshold=max(5.0, 3 * backend.config["probe_interval"]),
+                mem_storage=True,
+            )
+            try:
+                consumer = await js.add_consumer(host.stream_name, config, timeout=timeout)
+            except BaseException:
+                await sub.unsubscribe()
+                raise
+            return sub, consumer.name
+
+        made = await patiently(
+            attempt,
+            f"the creation of a consumer for {wire!r} from stream sequence {start + 1}",
+            deadline,
+            self._timeout,
         )
-        consumer = await js.add_consumer(host.stream_name, config)
         self._heard[wire] = time.monotonic()
-        return (sub, consumer.name)
+        return made
+
+    def _watch(self) -> None:
+        """Start the loop's watch over this connection's consumers' heartbeats (once)."""
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_heartbeats())
+
+    async def _watch_heartbeats(self) -> None:
+        limit = SILENT_BEATS * self._beat
+        while not self._closed and self._dead is None:
+            await asyncio.sleep(self._beat / 2)
+            now = time.monotonic()
+            for wire, heard in list(self._heard.items()):
+                if now - heard > limit:
+                    logger.info(
+                        "The JetStream consumer for %r sent nothing for %.1f s (heartbeats "
+                        "every %g s): lost with its server; reconnecting.",
+                        wire,
+                        now - heard,
+                        self._beat,
+                    )
+                    self._push(dead=f"the JetStream consumer for {wire!r} fell silent")
+                    return
 
     def unlisten(self, channels: Collection[str]) -> None:
         self._run(self._unlisten(list(channels)))
@@ -297,8 +369,12 @@ class NatsTransport(Transport):
                 if isinstance(item, Handed):
                     self._unread.discard((item.wire, item.group))
         if dead:
-            if items:
-                poke(self._pipe_w)  # hand these out first; raise on the next read
+            if items or not self._dead_read:
+                # Hand these out first, and once even with nothing: the listener takes our
+                # position() after a read, so a channel whose consumer was made since its
+                # last read is replayed from there, not started afresh. Raise next time.
+                self._dead_read = True
+                poke(self._pipe_w)
                 return items
             raise ConnectionLost(dead)
         return items
@@ -470,7 +546,7 @@ class NatsTransport(Transport):
         if position.get("stream") != self.host.stream_name:
             return False
         self._resume_from = dict(position.get("seen") or {})
-        self._resumed = True
+        self._resumed = self._resuming = True
         return True
 
     def probe(self, channel: str, payload: str) -> None:
@@ -512,9 +588,9 @@ class NatsTransport(Transport):
         finally:
             close_fds(self._pipe_r, self._pipe_w)
 
-    def _run(self, coro: Any) -> Any:
+    def _run(self, coro: Any, timeout: float | None = None) -> Any:
         try:
-            return self._runner.run(coro, self._timeout + 1)
+            return self._runner.run(coro, timeout or self._timeout + 1)
         except PubSubError:
             raise
         except BaseException as exc:
