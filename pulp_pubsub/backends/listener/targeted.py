@@ -178,11 +178,15 @@ class Targeted:
             if self._held:
                 members: frozenset[tuple[str, str]] = frozenset()
             else:
+                # Only groups join() has made known to the server: subscribe() records a
+                # group before the listener joins it, and a turn on a group the server does
+                # not have yet (Redis: no stream, NOGROUP) would cost the connection.
                 members = frozenset(
-                    (self._backend.wire_name(channel), group)
+                    member
                     for channel, groups in self._groups.items()
                     for group in groups
                     if (channel, group) not in self._paused
+                    and (member := (self._backend.wire_name(channel), group)) in self.joined
                 )
         transport.want(members, self.consumer)
 
