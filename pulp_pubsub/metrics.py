@@ -30,6 +30,8 @@ carry ``messaging.destination.name``:
 - ``pulp_pubsub.reconnects``: subscriber connection failures, each followed by
   a reconnect attempt, with ``error.type``; no channel.
 - ``pulp_pubsub.resyncs``: resync messages ("messages may have been missed").
+- ``pulp_pubsub.degraded``: outages in which a subscriber went degraded (periodic
+  resyncs while its server is unreachable); no channel.
 - ``pulp_pubsub.probe.failures``: liveness probes that did not come back; no channel.
 - ``pulp_pubsub.probe.duration``: histogram of liveness probe round trips, in seconds.
 - ``pulp_pubsub.subscriptions``: observable up-down counter, channels subscribed
@@ -145,6 +147,13 @@ EVENTS: dict[str, tuple[str, str, str, dict[str, str]]] = {
         "pulp_pubsub.reconnects",
         "{reconnect}",
         "Subscriber connection failures, each followed by an attempt to reconnect.",
+        {},
+    ),
+    "degraded": (
+        "pulp_pubsub.degraded",
+        "{outage}",
+        "Outages in which a subscriber went degraded: a resync on each channel every "
+        "outage_interval until its server was back.",
         {},
     ),
     "resyncs": (

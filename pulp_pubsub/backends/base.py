@@ -78,12 +78,16 @@ COMMON_OPTIONS: dict[str, Any] = {
     # Targeted delivery: a message handed to a member that has not acknowledged it
     # within this many seconds (it died, hangs or is busy) goes to another member.
     "claim_timeout": 4.0,
+    # Degraded mode: while a subscriber cannot reach its server, a resync on each of its
+    # channels every this many seconds (jittered down by up to a quarter), so its owner
+    # keeps looking for work until push delivery is back; 0 turns it off.
+    "outage_interval": 5.0,
 }
 
 #: Channels whose wire names a backend remembers (a process uses a handful).
 WIRE_CACHE_SIZE = 1024
 #: Numeric options where 0 means "off" rather than a mistake.
-MAY_BE_ZERO = frozenset({"send_interval"})
+MAY_BE_ZERO = frozenset({"send_interval", "outage_interval"})
 
 __all__ = ["COMMON_OPTIONS", "BaseBackend", "Handed", "Transport"]
 

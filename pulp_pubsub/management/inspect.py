@@ -48,6 +48,8 @@ class Answer:
     latency: float
     #: The subscriber keeps its channel names to itself (PUBSUB_INTROSPECTION_CHANNELS).
     channels_hidden: bool = False
+    #: When it went degraded (periodic resyncs), or None: push delivery works.
+    degraded_since: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -195,6 +197,7 @@ def _parse_answer(payload: str, query_id: str, latency: float) -> Answer | None:
             probe_rtt=_number(data.get("probe_rtt")),
             latency=latency,
             channels_hidden=data.get("channels_hidden") is True,
+            degraded_since=_number(data.get("degraded_since")),
         )
     except (ValueError, TypeError, KeyError):
         return None

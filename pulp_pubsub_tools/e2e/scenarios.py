@@ -76,7 +76,7 @@ class Config:
     series: str = E2E_SERIES[-1]
     venv: Path | None = None
     #: How long Redis stays down in the operator scenario's outage.
-    outage_seconds: float = 20.0
+    outage_seconds: float = 60.0
     #: Copy the server and process logs here before the throwaway servers go.
     keep_logs: Path | None = None
 

@@ -22,6 +22,7 @@ from ...message import Message
 from ...metrics import count, record_probe_rtt
 from ..selfpipe import drain, make_pipe, poke, wait_readable
 from ..transport import Handed
+from .degraded import Degraded
 from .hearing import HEAR_TIMEOUT_MIN, HearCheck
 from .outage import OutageLog
 from .responder import CONTROL_CHANNEL, Described, answer_query
@@ -84,6 +85,9 @@ class Loop:
         if subscriber.control_gate.policy.answers:
             self.private.add(self.control_channel)
         self._outage = OutageLog(backend.name)
+        self.degraded = Degraded(
+            backend.name, backend.config["outage_interval"], subscriber.stats, self._resync_all
+        )
 
     def wake(self) -> None:
         """Make the listener thread look at its requests and settle targeted messages."""
@@ -101,6 +105,8 @@ class Loop:
         backoff = Backoff(config["reconnect_min"], config["reconnect_max"])
         while not self._closed.is_set():
             transport: Transport | None = None
+            # Opening may take up to connect_timeout: resyncs due meanwhile go out first.
+            self.degraded.tick()
             try:
                 transport = self._backend.open_transport()
                 # An engine with history replays the gap itself: no resync owed.
@@ -135,7 +141,7 @@ class Loop:
                 break
             # Nothing to subscribe on yet: waiters are released at once; the
             # channel is listened to (and resynced) on reconnect.
-            backoff.wait(self._closed, self.control_r, self._release_requests)
+            backoff.wait(self._closed, self.control_r, self._release_requests, self.degraded)
 
     def answer_requests(self, transport: Transport | None, listening: set[str]) -> bool:
         """Bring ``listening`` in line with the callbacks, then release waiters.
@@ -172,6 +178,7 @@ class Loop:
         # check on a new connection comes back.
         if not self.deaf:
             self.last_error = None
+            self.degraded.end()
             self.connected.set()
         for wire in sorted(missed):
             self._resync(wire)
@@ -180,6 +187,7 @@ class Loop:
         self._outage.hears_again()
         self.deaf = False
         self.last_error = None
+        self.degraded.end()
         self.connected.set()
 
     def _resync(self, wire: str) -> None:
@@ -188,6 +196,13 @@ class Loop:
             count(self._sub.stats, "resyncs", self._backend.name, channel)
             self.last_resync_at = time.time()
             self._pending.put(Message(channel, "", resync=True, since=self._lost_since))
+
+    def _resync_all(self) -> int:
+        """Degraded mode's turn: a resync on every channel the callbacks want."""
+        wanted = self._wanted() - self.private
+        for wire in sorted(wanted):
+            self._resync(wire)
+        return len(wanted)
 
     def _on_disconnected(self, exc: BaseException) -> None:
         # The state an observer reads (connected, deaf, last_error, the log) is
@@ -201,6 +216,7 @@ class Loop:
         elif self.last_error is None:
             self._outage.lost(cause)
         self.last_error = cause
+        self.degraded.begin()
         # Only a connection that heard since the last loss moves the window's start.
         if self.last_heard is not None:
             self._lost_since = self.last_heard

@@ -64,6 +64,9 @@ class Described(Protocol):
     @property
     def probe_rtt(self) -> float | None: ...
 
+    @property
+    def degraded_since(self) -> float | None: ...
+
 
 #: The channel every listener hears queries on.
 CONTROL_CHANNEL = "pubsub_control"
@@ -149,6 +152,7 @@ def describe_subscriber(
         "last_resync_at": subscriber.last_resync_at,
         "reconnects": stats["reconnects"],
         "probe_rtt": subscriber.probe_rtt,
+        "degraded_since": subscriber.degraded_since,
         "channels_total": len(names),
         "channels": [],
     }

@@ -185,6 +185,12 @@ class Subscriber:
         return self._loop.probe_rtt
 
     @property
+    def degraded_since(self) -> float | None:
+        """time.time() this subscriber went degraded (periodic resyncs while its server is
+        unreachable, see the ``outage_interval`` option), or None while push delivery works."""
+        return self._loop.degraded.since
+
+    @property
     def deaf(self) -> bool:
         """The last connection failed its hear check (see Transport.hear_interval)."""
         return self._loop.deaf

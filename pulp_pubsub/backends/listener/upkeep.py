@@ -25,6 +25,14 @@ class Listens(Protocol):
     def unlisten(self, channels: list[str]) -> None: ...
 
 
+class Timer(Protocol):
+    """Something a waiting loop must do on time meanwhile."""
+
+    def left(self) -> float: ...
+
+    def tick(self) -> None: ...
+
+
 class Backoff:
     """Capped exponential backoff with jitter.
 
@@ -48,19 +56,29 @@ class Backoff:
             self.attempt += 1
         return min(self.high, base) * random.uniform(0.5, 1.0)
 
-    def wait(self, stopped: threading.Event, wake_fd: int, on_wake: Callable[[], None]) -> None:
+    def wait(
+        self,
+        stopped: threading.Event,
+        wake_fd: int,
+        on_wake: Callable[[], None],
+        timer: Timer | None = None,
+    ) -> None:
         """Sleep out the next delay unless ``stopped``; ``on_wake()`` whenever ``wake_fd`` is poked.
 
-        The owner's requests keep being answered meanwhile, so nobody waits out the delay.
+        The owner's requests keep being answered meanwhile, so nobody waits out the delay;
+        so is ``timer``, whose ``tick()`` runs whenever its ``left()`` runs out.
         """
         deadline = time.monotonic() + self.delay()
         while not stopped.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
                 return
-            if wait_readable([wake_fd], left):
+            due = timer.left() if timer is not None else left
+            if wait_readable([wake_fd], min(left, due)):
                 drain(wake_fd)
                 on_wake()
+            if timer is not None and timer.left() <= 0:
+                timer.tick()
 
 
 def listen_to(transport: Listens, listening: set[str], wanted: set[str]) -> bool:

@@ -120,6 +120,7 @@ class Command(BaseCommand):
             "RESYNCS",
             "LAST RESYNC",
             "LATENCY",
+            "DEGRADED SINCE",
             "CHANNELS",
         )
         table = [header] + [
@@ -132,6 +133,7 @@ class Command(BaseCommand):
                 str(a.resyncs),
                 _time(a.last_resync_at) or "never",
                 f"{a.latency * 1000:.1f} ms",
+                _time(a.degraded_since) or "-",
                 _channel_list(a),
             )
             for a in answers
@@ -173,6 +175,7 @@ def _as_json(answer: Answer) -> dict[str, Any]:
     data = answer.as_dict()
     data["connected_since"] = _time(answer.connected_since)
     data["last_resync_at"] = _time(answer.last_resync_at)
+    data["degraded_since"] = _time(answer.degraded_since)
     return data
 
 

@@ -53,7 +53,9 @@ class Command(BaseCommand):
         try:
             client = ControlClient(backend)
         except (PubSubError, OSError) as exc:
-            raise CommandError(f"Cannot reach the {backend.name} server: {exc}") from exc
+            raise CommandError(
+                f"Cannot reach the {backend.name} server: {exc}.{_degraded_note(backend)}"
+            ) from exc
         with client:
             try:
                 rtts = [self._round_trip(client, timeout) for _ in range(rounds)]
@@ -65,7 +67,9 @@ class Command(BaseCommand):
             except IntrospectionDisabled as exc:
                 raise CommandError(str(exc)) from exc
             except (PubSubError, OSError) as exc:
-                raise CommandError(f"The {backend.name} server failed: {exc}") from exc
+                raise CommandError(
+                    f"The {backend.name} server failed: {exc}.{_degraded_note(backend)}"
+                ) from exc
 
     def _relay_health(self, relays: list[dict[str, Any]]) -> None:
         """Each relay's own health: a relay down, or deaf to PostgreSQL, fails the check."""
@@ -124,4 +128,17 @@ def _summary(rtts: list[float]) -> str:
     return (
         f"{len(rtts)} round trip(s), min {min(rtts) * 1000:.2f} ms, "
         f"median {statistics.median(rtts) * 1000:.2f} ms, max {max(rtts) * 1000:.2f} ms"
+    )
+
+
+def _degraded_note(backend: Any) -> str:
+    """What the fleet does meanwhile: an operator reading a failed health check needs it."""
+    interval = backend.config.get("outage_interval")
+    if not interval:
+        return (
+            " Subscribers that cannot reach it hear nothing until it is back (outage_interval 0)."
+        )
+    return (
+        f" Subscribers that cannot reach it are degraded: they resync every {interval:g} s "
+        "(outage_interval) until it is back."
     )
