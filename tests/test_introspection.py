@@ -112,6 +112,7 @@ def test_answers_hold_no_settings_or_secrets(backend):
     assert set(json.loads(text)) == {
         "query", "id", "host", "pid", "process", "backend", "channels", "channels_total",
         "connected_since", "received", "resyncs", "last_resync_at", "reconnects", "probe_rtt",
+        "degraded_since",
     }  # fmt: skip
 
 
