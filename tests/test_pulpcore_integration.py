@@ -8,12 +8,13 @@ resync rules, and the checks and version gate are called directly.
 
 from __future__ import annotations
 
+import math
 import os
 import select
 import time
 import types
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -752,19 +753,18 @@ def test_with_targeting_off_every_worker_gets_every_wakeup(new_worker, setting):
         assert wakeups(workers) == [["unblock"]] * 2
 
 
-def test_an_idle_worker_that_hears_nothing_looks_for_work_within_its_heartbeat_period(
+def test_an_idle_worker_that_hears_nothing_looks_for_work_after_the_safety_period(
     new_worker,
 ):
-    worker = listening(new_worker)
-    worker.heartbeat_period = timedelta(seconds=0.05)
-    worker.schedule_safety_look()
-    sentinel_r, _ = os.pipe()
-    # No message comes: the wait ends at the safety look, far sooner than its timeout.
-    readable, _, _ = worker_seam.select_shim.select([sentinel_r], [], [], 60)
-    assert readable == []
-    assert worker.wakeup_handle is True and worker.wakeup_unblock is True
-    assert worker.pubsub.backend.stats["pulpcore_safety_looks"] == 1
-    assert worker.safety_look_at > time.monotonic()  # the next one is scheduled
+    with override_settings(PUBSUB_PULPCORE_SAFETY_LOOK=0.05):
+        worker = listening(new_worker)
+        sentinel_r, _ = os.pipe()
+        # No message comes: the wait ends at the safety look, far sooner than its timeout.
+        readable, _, _ = worker_seam.select_shim.select([sentinel_r], [], [], 60)
+        assert readable == []
+        assert worker.wakeup_handle is True and worker.wakeup_unblock is True
+        assert worker.pubsub.backend.stats["pulpcore_safety_looks"] == 1
+        assert worker.safety_look_at > time.monotonic()  # the next one is scheduled
 
 
 def test_an_auxiliary_worker_safety_look_never_unblocks(new_worker):
@@ -790,3 +790,16 @@ def test_a_wakeup_puts_the_next_safety_look_off(new_worker):
     worker.safety_look_at = 0.0  # overdue
     worker.on_pubsub_message(Message(channel=WAKEUP, payload="handle"))
     assert worker.safety_look_at > time.monotonic()
+
+
+def test_the_safety_look_defaults_to_pulps_worker_ttl_and_zero_turns_it_off(new_worker):
+    with override_settings(WORKER_TTL=40):
+        worker = listening(new_worker)
+        assert 30 <= worker.safety_look_at - time.monotonic() <= 40
+    with override_settings(PUBSUB_PULPCORE_SAFETY_LOOK=0):
+        worker = listening(new_worker)
+        assert worker.safety_look_at == math.inf
+        sentinel_r, sentinel_w = os.pipe()
+        os.write(sentinel_w, b"x")
+        readable, _, _ = worker_seam.select_shim.select([sentinel_r], [], [], None)
+        assert readable == [sentinel_r] and worker.wakeup_handle is False

@@ -33,9 +33,9 @@ wake-up is about was committed) it looks again shortly, backing off, until
 it gets the lock: under broadcast another worker's later try covered that.
 
 Wake-ups are advisory and the database stays the truth: a worker that hears
-nothing for about one heartbeat period (jittered) looks anyway, for work when
-idle, at its task's cancel when busy (:meth:`PubSubWorkerMixin.safety_look`),
-so a wake-up the layer lost costs that period, never a stalled task.
+no wake-up for one WORKER_TTL (jittered) looks anyway, for work when idle, at
+its task's cancel when busy (:meth:`PubSubWorkerMixin.safety_look`), so a
+wake-up the layer lost costs that long, never a stalled task.
 
 Each message then goes to pulpcore's own ``_pg_notify_handler``, which maps
 it to the flags exactly as for a PostgreSQL notification (a ``Message`` has
@@ -52,11 +52,14 @@ cancel a task. Publishing never raises into the worker
 from __future__ import annotations
 
 import logging
+import math
 import random
 import select as _select
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
+
+from django.conf import settings
 
 from ... import get_backend
 from ...backends.listener import Subscriber
@@ -73,8 +76,8 @@ logger = logging.getLogger(__name__)
 #: After finding the unblocking lock taken, look again this soon, doubling up to the cap.
 UNBLOCK_RETRY = 0.05
 UNBLOCK_RETRY_MAX = 1.0
-#: How often a worker without pulpcore's ``heartbeat_period`` (WORKER_TTL / 3) looks.
-SAFETY_LOOK_PERIOD = 10.0
+#: Seconds between a quiet worker's safety looks; unset: pulpcore's WORKER_TTL; 0: none.
+SAFETY_LOOK = "PUBSUB_PULPCORE_SAFETY_LOOK"
 
 
 class WorkerCursor:
@@ -170,7 +173,7 @@ class SelectShim:
             retry_at = worker.unblock_retry_at
             now = time.monotonic()
             for due in (retry_at, worker.safety_look_at):
-                if due is not None:
+                if due is not None and due != math.inf:
                     left = max(0.0, due - now)
                     timeout = left if timeout is None else min(timeout, left)
         fd = subscriber.fileno()
@@ -244,10 +247,20 @@ class PubSubWorkerMixin:
         return result
 
     def schedule_safety_look(self) -> None:
-        """The next look comes within one heartbeat period, jittered so a fleet spreads out."""
-        period = getattr(self, "heartbeat_period", None)
-        seconds = period.total_seconds() if period is not None else SAFETY_LOOK_PERIOD
-        self.safety_look_at = time.monotonic() + seconds * random.uniform(0.75, 1.0)
+        """The next look, jittered so that a fleet started together spreads out.
+
+        By default one WORKER_TTL from now (three heartbeat periods, 30 s unless
+        configured): as long as the fleet takes to notice a dead worker, and, on an
+        idle fleet, about one look's transactions per worker per TTL on top of its
+        heartbeats. PUBSUB_PULPCORE_SAFETY_LOOK (seconds) sets another; 0 turns it off.
+        """
+        seconds = getattr(settings, SAFETY_LOOK, None)
+        if seconds is None:
+            seconds = float(getattr(settings, "WORKER_TTL", 30))
+        if not seconds:
+            self.safety_look_at = math.inf
+            return
+        self.safety_look_at = time.monotonic() + float(seconds) * random.uniform(0.75, 1.0)
 
     def safety_look(self) -> None:
         """Act as if woken: a wake-up or a cancel the layer lost costs one period, never a stall.
