@@ -20,7 +20,9 @@ blackhole.bind(("127.0.0.1", 53))
 
 mode, backend_name, url, options = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 
-# The premise: a plain lookup gets no answer, so only a bounded one can return in time.
+# The premise: a plain lookup gets no answer for 2 s, so only a bounded one can return in
+# time. It runs beside the bounded call rather than before it, and is checked at the end.
+PREMISE = 2.0
 answered = threading.Event()
 
 
@@ -32,10 +34,8 @@ def look_up() -> None:
     answered.set()
 
 
+premise_started = time.monotonic()
 threading.Thread(target=look_up, daemon=True).start()
-if answered.wait(2):
-    print(json.dumps({"premise": "the resolver answered"}), flush=True)
-    os._exit(0)
 
 django.setup()
 from pulp_pubsub.conf import PubSubSettings  # noqa: E402
@@ -54,5 +54,7 @@ except Exception as exc:
     lost = isinstance(exc, ConnectionLost)
     outcome = {"error": type(exc).__name__, "lost": lost, "message": str(exc)}
 outcome["elapsed"] = time.monotonic() - started
+if answered.wait(max(0.0, premise_started + PREMISE - time.monotonic())):
+    outcome = {"premise": "the resolver answered"}
 print(json.dumps(outcome), flush=True)
 os._exit(0)  # lookups still waiting on the resolver, and exit handlers, are not the test

@@ -2,7 +2,8 @@
 
 No timing threshold is asserted anywhere (this machine is shared and CI is
 slower still); the tests hold the shape of the result and the figures that
-do not depend on speed: counts equal N, nothing lost, no errors.
+do not depend on speed: counts equal N, nothing lost, no errors. The full run of every
+scenario, and the relay's two-mode run, take tens of seconds: they are the long tier's.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def full_run(tmp_path_factory: Any, django_db_blocker: Any) -> dict[str, Any]:
 pytestmark = [pytest.mark.backend, pytest.mark.servers]
 
 
+@pytest.mark.long
 def test_every_scenario_reports_every_backend(full_run: dict[str, Any]) -> None:
     assert full_run["meta"]["scenarios"] == list(SCENARIOS)
     for scenario in ("latency", "fanout", "targeted", "connections", "idle", "commit"):
@@ -66,6 +68,7 @@ def test_every_scenario_reports_every_backend(full_run: dict[str, Any]) -> None:
     assert full_run["meta"]["machine"]["cpus"] >= 1
 
 
+@pytest.mark.long
 def test_latency_compares_the_layer_with_the_raw_client(full_run: dict[str, Any]) -> None:
     for backend, r in full_run["latency"].items():
         assert r["layer"]["n"] > 0 and r["layer"]["lost"] == 0
@@ -77,6 +80,7 @@ def test_latency_compares_the_layer_with_the_raw_client(full_run: dict[str, Any]
             assert r["ratio_p50"] > 0
 
 
+@pytest.mark.long
 def test_fanout_reaches_every_subscriber_every_round(full_run: dict[str, Any]) -> None:
     rounds = full_run["meta"]["params"]["rounds"]
     for r in full_run["fanout"].values():
@@ -88,6 +92,7 @@ def test_fanout_reaches_every_subscriber_every_round(full_run: dict[str, Any]) -
         assert len(cdf) == 101 and cdf == sorted(cdf)
 
 
+@pytest.mark.long
 def test_fanout_is_compared_with_the_bare_client(full_run: dict[str, Any]) -> None:
     rounds = full_run["meta"]["params"]["rounds"]
     for backend, r in full_run["fanout"].items():
@@ -102,6 +107,7 @@ def test_fanout_is_compared_with_the_bare_client(full_run: dict[str, Any]) -> No
 TARGETING = {"memory", "redis", "natsjs"}
 
 
+@pytest.mark.long
 def test_targeted_delivery_reaches_one_subscriber_where_the_backend_targets(
     full_run: dict[str, Any],
 ) -> None:
@@ -118,6 +124,7 @@ def test_targeted_delivery_reaches_one_subscriber_where_the_backend_targets(
             assert targeted["messages_handled_per_subscriber"] == round(rounds / N, 2)
 
 
+@pytest.mark.long
 def test_only_the_postgres_backend_holds_sessions(full_run: dict[str, Any]) -> None:
     held = {b: r["pg_sessions"] for b, r in full_run["connections"].items()}
     assert held == {"memory": 0, "postgres": N, "redis": 0, "nats": 0, "natsjs": 0}
@@ -125,6 +132,7 @@ def test_only_the_postgres_backend_holds_sessions(full_run: dict[str, Any]) -> N
     assert full_run["poll"]["pg_sessions"] == N
 
 
+@pytest.mark.long
 def test_idle_measures_cpu_and_transactions(full_run: dict[str, Any]) -> None:
     for backend, r in full_run["idle"].items():
         assert r["subscribers"] == N and r["window_s"] > 0
@@ -136,6 +144,7 @@ def test_idle_measures_cpu_and_transactions(full_run: dict[str, Any]) -> None:
     assert full_run["poll"]["idle"]["pg_xacts"] > 0
 
 
+@pytest.mark.long
 def test_commit_counts_transactions_at_each_level(full_run: dict[str, Any]) -> None:
     for r in full_run["commit"].values():
         assert [level["subscribers"] for level in r["levels"]] == [0, N]
@@ -149,6 +158,7 @@ def test_commit_counts_transactions_at_each_level(full_run: dict[str, Any]) -> N
     assert "CPU µs/commit, yes - no" in full_run["_out"]
 
 
+@pytest.mark.long
 def test_poll_baseline_wakes_every_worker(full_run: dict[str, Any]) -> None:
     poll = full_run["poll"]
     assert (poll["workers"], poll["lost"]) == (N, 0)
@@ -156,6 +166,7 @@ def test_poll_baseline_wakes_every_worker(full_run: dict[str, Any]) -> None:
     assert poll["period_ms"] == pytest.approx(N * 10)
 
 
+@pytest.mark.long
 def test_report_has_tables_targets_plot_and_markdown(full_run: dict[str, Any]) -> None:
     for title in ("Round trip", "reaching N", "Connections", "idle", "Commits/s", "Targets"):
         assert title in full_run["_out"]
@@ -165,6 +176,7 @@ def test_report_has_tables_targets_plot_and_markdown(full_run: dict[str, Any]) -
     assert "| backend |" in markdown and "result.png" in markdown
 
 
+@pytest.mark.long
 def test_load_redraws_without_running(full_run: dict[str, Any], django_db_blocker: Any) -> None:
     tmp = full_run["_tmp"]
     out, _ = bench(
@@ -218,6 +230,7 @@ def test_unknown_scenario_and_backend_are_command_errors(django_db_blocker: Any)
         bench("latency", "--backends", "carrier-pigeon", "--no-progress", blocker=django_db_blocker)
 
 
+@pytest.mark.long
 def test_the_relay_holds_one_session_and_reaches_every_subscriber_in_both_modes(
     tmp_path: Any, django_db_blocker: Any
 ) -> None:

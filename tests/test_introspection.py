@@ -299,12 +299,13 @@ def test_live_listing_shows_every_subscriber_process_and_drops_killed_ones(harne
     with harness.configured(), fleet_of(harness) as fleet:
         # Every member answers: wait for all of them (returns as soon as they have)...
         assert len(gather(get_backend(), timeout=30, expect=FLEET)) == FLEET
-        # ...then the command, which waits its whole timeout, lists exactly them.
-        check_listing(fleet, live(timeout=3))
-        text = run("pubsub_channels", "--live", "--timeout", "3")
+        # ...then the command, which waits its whole timeout (its default, 2 s), lists exactly
+        # them.
+        check_listing(fleet, live(timeout=2))
+        text = run("pubsub_channels", "--live", "--timeout", "2")
         assert f"Live subscribers: {FLEET} answered" in text
         killed = fleet.kill(KILLED)
-        listing = live(timeout=3)
+        listing = live(timeout=2)
         check_listing(fleet, listing)
         assert len(listing["live"]["subscribers"]) == FLEET - KILLED
         assert not any(

@@ -24,7 +24,7 @@ from pulp_pubsub_tools.testing import NatsCluster
 from .reliability_util import FAST, Inbox
 from .util import wait_until
 
-pytestmark = [pytest.mark.backend, pytest.mark.servers, pytest.mark.slow]
+pytestmark = [pytest.mark.backend, pytest.mark.servers, pytest.mark.long]
 
 CHANNEL = "failover"
 

@@ -44,7 +44,7 @@ OLDEST, NEWEST = E2E_SERIES[0], E2E_SERIES[-1]
 EVERY_SERIES = ("contract", "operator", "pooler", "fail_closed", "head_to_head")
 NEWEST_ONLY = ("relay_pgbouncer",)
 
-pytestmark = [pytest.mark.pulp, pytest.mark.backend, pytest.mark.timeout(1500)]
+pytestmark = [pytest.mark.pulp, pytest.mark.long, pytest.mark.backend, pytest.mark.timeout(1500)]
 
 _reports: dict[str, Report] = {}
 _failed: dict[str, str] = {}

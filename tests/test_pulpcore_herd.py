@@ -12,7 +12,7 @@ import pytest
 
 from pulp_pubsub_tools.e2e.herd import HerdConfig, HerdRun, markdown
 
-pytestmark = [pytest.mark.pulp, pytest.mark.backend, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.pulp, pytest.mark.long, pytest.mark.backend, pytest.mark.timeout(1800)]
 
 SMALL, LARGE = 2, 6
 BURST_WORKERS = 4

@@ -162,6 +162,7 @@ def pulpcore_venv() -> Iterator[Path]:
 
 
 @pytest.mark.pulp
+@pytest.mark.long
 def test_on_patched_pulpcore_setup_names_the_adapter_and_replaces_nothing(pulpcore_venv, tmp_path):
     overlay = upstream.patched_copy(site_packages(pulpcore_venv), tmp_path / "overlay")
     result = run_setup(pulpcore_venv, [overlay], tmp_path)
@@ -171,6 +172,7 @@ def test_on_patched_pulpcore_setup_names_the_adapter_and_replaces_nothing(pulpco
 
 
 @pytest.mark.pulp
+@pytest.mark.long
 def test_on_stock_pulpcore_the_same_comparison_shows_the_rebinding(pulpcore_venv, tmp_path):
     result = run_setup(pulpcore_venv, [], tmp_path)
     assert result["changed"] == [

@@ -504,7 +504,6 @@ def assert_recovers(backend: RedisBackend, inbox: Inbox, tag: str) -> None:
 
 
 @backend_test
-@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["graceful", "kill"])
 def test_subscriber_recovers_from_a_server_restart(fresh_server, mode):
     with redis_backend(fresh_server.url, **FAST) as backend, subscribed(backend, "jobs") as inbox:
@@ -520,7 +519,6 @@ def test_subscriber_recovers_from_a_server_restart(fresh_server, mode):
 
 
 @backend_test
-@pytest.mark.slow
 def test_subscriber_recovers_from_client_kill_type_pubsub(fresh_server):
     with redis_backend(fresh_server.url, **FAST) as backend, subscribed(backend, "jobs") as inbox:
         assert cli(fresh_server, "CLIENT", "KILL", "TYPE", "pubsub").strip() == "1"
@@ -528,7 +526,6 @@ def test_subscriber_recovers_from_client_kill_type_pubsub(fresh_server):
 
 
 @backend_test
-@pytest.mark.slow
 def test_subscriber_recovers_from_a_server_stopped_longer_than_the_probe_interval(fresh_server):
     with redis_backend(fresh_server.url, **FAST) as backend, subscribed(backend, "jobs") as inbox:
         fresh_server.freeze()
@@ -551,7 +548,6 @@ def test_subscriber_recovers_from_a_server_stopped_longer_than_the_probe_interva
 
 
 @backend_test
-@pytest.mark.slow
 def test_subscriber_recovers_from_a_half_open_connection(fresh_server):
     with (
         TcpProxy(fresh_server.host, fresh_server.port) as proxy,
@@ -567,7 +563,6 @@ def test_subscriber_recovers_from_a_half_open_connection(fresh_server):
 
 
 @backend_test
-@pytest.mark.slow
 def test_a_subscriber_too_slow_for_its_output_buffer_is_dropped_and_recovers(fresh_server):
     client = plain_client(fresh_server)
     client.config_set("client-output-buffer-limit", "pubsub 256kb 128kb 60")
@@ -594,7 +589,7 @@ def test_a_subscriber_too_slow_for_its_output_buffer_is_dropped_and_recovers(fre
 
 
 @backend_test
-@pytest.mark.slow
+@pytest.mark.long
 def test_subscribers_and_publishers_follow_a_sentinel_failover():
     with (
         SentinelCluster(replicas=1, sentinels=3) as cluster,
@@ -615,7 +610,7 @@ def test_subscribers_and_publishers_follow_a_sentinel_failover():
 
 
 @backend_test
-@pytest.mark.slow
+@pytest.mark.long
 def test_a_planned_sentinel_failover_moves_subscribers_to_the_new_master():
     """SENTINEL FAILOVER keeps the old master alive: it serves on as a master
     until the sentinels demote it (and drop its clients), so the subscriber

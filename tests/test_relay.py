@@ -372,7 +372,7 @@ def test_pg_notify_on_djangos_connection_is_sent_by_postgresql_at_commit(rig, dj
         del connections.settings[alias]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("mode", ["pg_notify", "direct", "redis"])
 def test_forty_subscribers_behind_pgbouncer_hear_every_wakeup(mode):
     """Workers whose database goes through PgBouncer (transaction pooling, a pool of 4).

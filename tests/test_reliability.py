@@ -154,17 +154,19 @@ def test_a_failed_publish_at_commit_is_logged_and_counted_and_the_data_is_kept(h
 # -- resource hygiene ------------------------------------------------------------------------
 
 
-def test_a_thousand_subscriber_lifecycles_leave_no_threads_fds_or_connections(harness):
+#: A hundred in the default tier; the thousand-cycle soak is in the long tier.
+@pytest.mark.parametrize("cycles", [100, pytest.param(1000, marks=pytest.mark.long)])
+def test_subscriber_lifecycles_leave_no_threads_fds_or_connections(harness, cycles):
     with harness.configured(**FAST) as backend:
         channel = unique("cycle")
         backend.publish(channel, "warm")  # the publisher's connection is part of the baseline
         gc.collect()  # what earlier tests left for the collector is not this test's to count
         threads, fds = threading.active_count(), open_fds()
         connections = server_connections(harness)
-        for i in range(1000):
+        for i in range(cycles):
             sub = backend.subscriber()
             sub.subscribe(channel, lambda message: None)
-            if i % 100 == 0:  # now and then, prove the subscription is real
+            if i % (cycles // 10) == 0:  # now and then, prove the subscription is real
                 inbox = Inbox(sub)
                 sub.subscribe(channel, inbox)
                 backend.publish(channel, f"cycle {i}")
@@ -179,7 +181,9 @@ def test_a_thousand_subscriber_lifecycles_leave_no_threads_fds_or_connections(ha
         )
 
 
-def test_a_hundred_forks_leave_the_parent_as_it_was(harness):
+#: Ten in the default tier; a hundred in the long tier.
+@pytest.mark.parametrize("forks", [10, pytest.param(100, marks=pytest.mark.long)])
+def test_forks_leave_the_parent_as_it_was(harness, forks):
     channel, child_channel = unique("parent"), unique("child")
     with harness.configured(**FAST) as backend, backend.subscriber() as sub:
         inbox = Inbox(sub)
@@ -188,7 +192,7 @@ def test_a_hundred_forks_leave_the_parent_as_it_was(harness):
         inbox.wait_payload("before")
         threads, fds = threading.active_count(), open_fds()
         connections = server_connections(harness)
-        for i in range(100):
+        for i in range(forks):
             read_end, write_end = os.pipe()
             pid = os.fork()
             if pid == 0:  # the child: its own backend, its own round trip, then os._exit
@@ -211,8 +215,8 @@ def test_a_hundred_forks_leave_the_parent_as_it_was(harness):
             _, status = os.waitpid(pid, 0)
             assert os.waitstatus_to_exitcode(status) == 0, f"child {i}: {complaint}"
         if harness.cross_process:
-            inbox.wait(lambda messages: len(messages) == 101)
-            assert inbox.payloads()[1:] == [f"from child {i}" for i in range(100)]
+            inbox.wait(lambda messages: len(messages) == forks + 1)
+            assert inbox.payloads()[1:] == [f"from child {i}" for i in range(forks)]
         backend.publish(channel, "after")
         inbox.wait_payload("after")
         assert sub.connected and sub.stats["reconnects"] == 0

@@ -42,7 +42,14 @@ SERVER_BACKENDS = [
     name for name in CONTRACT_BACKENDS if name in ("postgres", "redis", "etcd", "nats")
 ]
 #: "unquoted": the operator pasted the password into the URL without quoting it.
-STATES = ["working", "wrong password", "unquoted", "down", "frozen"]
+#: "frozen" waits out every command's timeout: the long tier's.
+STATES = [
+    "working",
+    "wrong password",
+    "unquoted",
+    "down",
+    pytest.param("frozen", marks=pytest.mark.long),
+]
 
 
 def spellings(secret: str) -> list[str]:
