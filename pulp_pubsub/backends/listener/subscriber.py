@@ -14,7 +14,6 @@ atomically: a targeted message is held and queued, or given back, under one lock
 
 from __future__ import annotations
 
-import os
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -25,6 +24,7 @@ from ...exceptions import InvalidChannel, SubscriberClosed
 from ...message import Message
 from ...metrics import track
 from ...validation import validate_group
+from ..perprocess import Origin
 from ..selfpipe import close_fds, poke
 from .loop import PROBE_PREFIX, Loop
 from .pending import Pending
@@ -50,7 +50,7 @@ class Subscriber:
         self.stats: Counter[str] = Counter()
         #: Turns away what may not be answered on the control channel.
         self.control_gate = gate
-        self._pid = os.getpid()
+        self._origin = Origin()
         self._config = backend.config
         self._lock = threading.RLock()
         self._callbacks: dict[str, list[Callback]] = {}
@@ -207,7 +207,7 @@ class Subscriber:
     @property
     def closed(self) -> bool:
         """Closed, or inherited through fork() and so unusable here."""
-        return self._closed.is_set() or self._pid != os.getpid()
+        return self._closed.is_set() or not self._origin.here()
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until the listener holds a live connection; False on timeout."""
@@ -243,7 +243,7 @@ class Subscriber:
         return self
 
     def close(self) -> None:
-        if self._pid != os.getpid():
+        if not self._origin.here():
             # A copy inherited through fork(): the connection belongs to the
             # parent, so only this process's ends of the pipes are released.
             self._closed.set()
@@ -292,9 +292,9 @@ class Subscriber:
     # -- threads and pipes -------------------------------------------------------
 
     def _check_usable(self) -> None:
-        if self._pid != os.getpid():
+        if not self._origin.here():
             raise SubscriberClosed(
-                f"This subscriber belongs to process {self._pid}; "
+                f"This subscriber belongs to process {self._origin.pid}; "
                 "create a new one in the forked process."
             )
         if self._closed.is_set():
