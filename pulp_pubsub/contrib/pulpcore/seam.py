@@ -36,8 +36,8 @@ from typing import Any, NamedTuple
 from ... import get_backend
 from ...backends.listener import Subscriber
 from ...message import Message
-from ...metrics import count
 from ...registry import CANCEL, METRICS_HEARTBEAT, WAKEUP
+from . import cancels
 from .publishers import also_notify, carry
 
 logger = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ class PubSubBackend:
         channel = message.channel
         if not message.resync:
             if channel == CANCEL and message.payload not in confirmed:
-                self._refuse(message)
+                cancels.refuse(message)
                 return []
             return [PubsubMessage(channel, message.payload)]
         logger.info("Messages on %r may have been missed; acting as if all were sent.", channel)
@@ -113,15 +113,6 @@ class PubSubBackend:
         if channel == METRICS_HEARTBEAT:
             return []
         return [PubsubMessage(channel, "")]
-
-    def _refuse(self, message: Message) -> None:
-        backend = get_backend()
-        count(backend.stats, "pulpcore_cancels_refused", backend.name, message.channel)
-        logger.warning(
-            "Ignored a cancel message for task %s: the database does not show it as being "
-            "canceled, so it did not come from Pulp's cancel.",
-            message.payload,
-        )
 
     @classmethod
     def canceling_tasks(cls) -> set[str]:

@@ -68,6 +68,7 @@ from ...message import Message
 from ...metrics import count
 from ...registry import CANCEL, RUNNERS, UNBLOCKERS, WAKEUP
 from ...validation import MAX_RECEIVERS
+from . import cancels
 from .publishers import also_notify, carry, target, targeted
 from .sql import parse
 
@@ -312,26 +313,15 @@ class PubSubWorkerMixin:
         # A missed metrics heartbeat only means this worker may report once more.
 
     def _on_cancel(self, message: Message) -> None:
-        """Act on a cancel only when the database says the running task is being canceled.
-
-        Anyone who can publish on the backend (often a Redis shared with the
-        cache) could otherwise cancel any running task whose id the API shows.
-        pulpcore's ``cancel_task()`` commits the ``canceling`` state before it
-        sends the message, so a genuine cancel always passes.
-        """
+        """Act on a cancel only when the database says the running task is being canceled
+        (see :mod:`.cancels`)."""
         task = self.task
         if task is None or message.payload != str(task.pk):
             return  # pulpcore ignores it too: not the task this worker runs
         if self._task_is_canceling():
             self._pg_notify_handler(message)
             return
-        backend = get_backend()
-        count(backend.stats, "pulpcore_cancels_refused", backend.name, message.channel)
-        logger.warning(
-            "Ignored a cancel message for task %s: the database does not show it as being "
-            "canceled, so it did not come from Pulp's cancel.",
-            message.payload,
-        )
+        cancels.refuse(message)
 
     def _task_is_canceling(self) -> bool:
         from pulpcore.app.models import Task
