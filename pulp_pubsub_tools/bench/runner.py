@@ -244,7 +244,8 @@ def run_benchmark(
         from django.db.utils import load_backend
 
         load_backend("django.db.backends.postgresql")
-    servers.max_connections = max(100, params.subscribers + params.writers + 50)
+    # The bare psycopg subscribers hold two sessions each (LISTEN, and the one they publish on).
+    servers.max_connections = max(100, 2 * params.subscribers + params.writers + 50)
     ctx = Context(params, servers, progress)
     started = time.monotonic()
     result: dict[str, Any] = {
