@@ -150,3 +150,7 @@ def test_pulpcores_tasking_tests_pass_with_pulp_pubsub_on_redis(
     assert redis["verdict"]["ok"], redis["verdict"]
     assert results.skip_reasons(redis["tests"]) == results.skip_reasons(stock["tests"])
     assert not stock["processes_exited"] and not redis["processes_exited"]
+    # pulp-pubsub was in the path: its messages (broadcast or targeted) went through Redis.
+    sent = {"publish", "xadd"}
+    assert sent & set(redis["redis_commands"]), redis["redis_commands"]
+    assert not sent & set(stock["redis_commands"]), stock["redis_commands"]

@@ -23,13 +23,14 @@ packages through a ``.pth`` file, so the cached one is never changed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -195,17 +196,13 @@ class FunctionalRun:
         return env
 
     def run_config(self, site: Site, config: Configuration) -> dict[str, Any]:
-        import redis
-
         from pulp_pubsub_tools.testing import free_port
 
         self.log(f"{config.name}: {config.description}")
         db = f"functional_{config.name}"
-        client = redis.Redis.from_url(self.redis_server.url)
-        try:
+        with self.redis() as client:
             client.flushall()  # Pulp's redis worker type keeps its locks there
-        finally:
-            client.close()
+            client.config_resetstat()
         site.create_database(db)
         self.api_port, self.content_port = free_port(), free_port()
         env = self.environment(site, config, db)
@@ -256,12 +253,20 @@ class FunctionalRun:
             rerun = self.pytest(site, f"{config.name}-rerun", test_file, pytest_env, ids)
             tests = results.with_rerun(tests, rerun)
         crashed = [p.name for p in site.processes if p.popen.poll() is not None]
+        with self.redis() as client:
+            stats = client.info("commandstats")
         return {
             "description": config.description,
             "baseline": config.baseline,
             "settings": {k: v for k, v in env.items() if k in SHOWN_SETTINGS},
             "pulpcore_from": str(test_file.parents[4]),
             "processes_exited": crashed,
+            # What reached Redis: PUBLISH calls show the dispatches and wake-ups went through it.
+            "redis_commands": {
+                name.removeprefix("cmdstat_"): int(v["calls"])
+                for name, v in sorted(stats.items())
+                if name.startswith("cmdstat_") and name not in REDIS_HOUSEKEEPING
+            },
             "counts": results.counts(tests),
             "tests": tests,
         }
@@ -302,14 +307,19 @@ class FunctionalRun:
             raise RuntimeError(f"pytest wrote no report for {name}:\n{tail[-3000:]}")
         return results.parse_junit(junit, MODULE)
 
-    def subscribers(self, channel: str) -> int:
+    @contextlib.contextmanager
+    def redis(self) -> Iterator[Any]:
         import redis
 
-        client = redis.Redis.from_url(self.redis_server.url)
+        client = redis.Redis.from_url(self.redis_server.url, decode_responses=True)
         try:
-            return int(dict(client.pubsub_numsub(channel)).get(channel.encode(), 0))
+            yield client
         finally:
             client.close()
+
+    def subscribers(self, channel: str) -> int:
+        with self.redis() as client:
+            return int(dict(client.pubsub_numsub(channel)).get(channel, 0))
 
     def copy_logs(self, site: Site, name: str) -> None:
         import shutil
@@ -320,6 +330,14 @@ class FunctionalRun:
         for path in (site.root / "logs").glob(f"{name}*"):
             shutil.copy(path, where / path.name)
 
+
+#: The runner's own Redis commands, left out of a configuration's figures.
+REDIS_HOUSEKEEPING = (
+    "cmdstat_info",
+    "cmdstat_flushall",
+    "cmdstat_config|resetstat",
+    "cmdstat_pubsub|numsub",
+)
 
 #: The settings that make a configuration what it is (no secrets, no throwaway paths).
 SHOWN_SETTINGS = (
