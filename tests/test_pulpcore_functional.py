@@ -75,7 +75,7 @@ def test_a_test_that_fails_on_the_baseline_too_is_not_held_against_a_configurati
 
 def test_a_configuration_without_its_baseline_in_the_run_fails() -> None:
     report: dict[str, Any] = {"configs": {"redis": {"baseline": "stock", "tests": {}}}}
-    functional.judge(report)
+    results.judge(report)
     assert report["configs"]["redis"]["verdict"] == {"ok": False, "missing_baseline": "stock"}
 
 
@@ -97,9 +97,9 @@ def test_pytests_own_report_is_read_test_by_test(tmp_path: Path) -> None:
     )
     junit = tmp_path / "junit.xml"
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
+    quiet = ("-p", "no:django", "-p", "no:cacheprovider", "-q")
     subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:django", "-p", "no:cacheprovider", "-q"]
-        + [f"--junitxml={junit}", "test_sample.py"],
+        [sys.executable, "-m", "pytest", *quiet, f"--junitxml={junit}", "test_sample.py"],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -143,7 +143,7 @@ def test_pulpcores_tasking_tests_pass_with_pulp_pubsub_on_redis(
     report = functional.FunctionalRun(["stock", "redis"], lines.append, None).run()
     capture = request.config.pluginmanager.getplugin("capturemanager")
     with capture.global_and_fixture_disabled():
-        print("\n" + "\n".join(functional.summary(report)))  # the figures are the point
+        print("\n" + "\n".join(results.summary(report)))  # the figures are the point
     stock, redis = report["configs"]["stock"], report["configs"]["redis"]
     # The run means something only if pulpcore's tests ran on stock at all.
     assert stock["counts"]["passed"] >= 20, stock["counts"]

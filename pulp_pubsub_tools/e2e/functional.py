@@ -141,19 +141,21 @@ class FunctionalRun:
                         sites.append(patched)
                     site = patched if config.patched and patched else stock
                     started = time.monotonic()
-                    outcome = self.run_config(site, config)
+                    try:
+                        outcome = self.run_config(site, config)
+                    finally:  # the logs of a configuration that broke are the ones to read
+                        site.stop_all()
+                        if self.keep_logs is not None:
+                            self.copy_logs(site, config.name)
                     outcome["seconds"] = round(time.monotonic() - started, 1)
                     report["configs"][config.name] = outcome
                     self.log(f"{config.name}: {outcome['counts']}")
-                    if self.keep_logs is not None:
-                        self.copy_logs(site, config.name)
-                    site.stop_all()
         finally:
             for site in sites:
                 site.cleanup()
             self.redis_server.cleanup()
             postgres.cleanup()
-        judge(report)
+        results.judge(report)
         report["seconds"] = round(time.monotonic() - began, 1)
         return report
 
@@ -259,7 +261,8 @@ class FunctionalRun:
             "description": config.description,
             "baseline": config.baseline,
             "settings": {k: v for k, v in env.items() if k in SHOWN_SETTINGS},
-            "pulpcore_from": str(test_file.parents[4]),
+            "pulpcore_from": "patched copy" if config.patched else "virtualenv",
+            "tasking_pubsub_backend": self.pubsub_setting(site, env),
             "processes_exited": crashed,
             # What reached Redis: PUBLISH calls show the dispatches and wake-ups went through it.
             "redis_commands": {
@@ -307,6 +310,13 @@ class FunctionalRun:
             raise RuntimeError(f"pytest wrote no report for {name}:\n{tail[-3000:]}")
         return results.parse_junit(junit, MODULE)
 
+    def pubsub_setting(self, site: Site, env: dict[str, str]) -> str | None:
+        """pulpcore's ``TASKING_PUBSUB_BACKEND`` as a Pulp process sees it once set up (the
+        patch adds it; with pulp-pubsub on, the integration names its adapter there)."""
+        code = "from django.conf import settings as s; print(getattr(s, %r, None))"
+        said = site.manage(env, "shell", "-c", code % "TASKING_PUBSUB_BACKEND").strip()
+        return None if said == "None" else said.splitlines()[-1]
+
     @contextlib.contextmanager
     def redis(self) -> Iterator[Any]:
         import redis
@@ -348,38 +358,6 @@ SHOWN_SETTINGS = (
 )
 
 
-def judge(report: dict[str, Any]) -> None:
-    """Add each configuration's verdict against its baseline (when that was run too)."""
-    configs = report["configs"]
-    for outcome in configs.values():
-        base = outcome["baseline"]
-        if base is None:
-            outcome["verdict"] = {"ok": True, "baseline_of_its_kind": True}
-        elif base in configs:
-            outcome["verdict"] = results.verdict(outcome["tests"], configs[base]["tests"])
-        else:
-            outcome["verdict"] = {"ok": False, "missing_baseline": base}
-
-
-def summary(report: dict[str, Any]) -> list[str]:
-    lines = [f"pulpcore {report.get('pulpcore')}: {report['module']}, {report['workers']} workers"]
-    for name, o in report["configs"].items():
-        c, v = o["counts"], o["verdict"]
-        flaky = f", {c['flaky']} flaky" if c["flaky"] else ""
-        against = f"against {o['baseline']}" if o["baseline"] else "baseline"
-        lines.append(
-            f"[{'PASS' if v['ok'] else 'FAIL'}] {name} ({against}): {c['passed']} passed, "
-            f"{c['failed'] + c['error']} failed, {c['skipped']} skipped{flaky} "
-            f"in {o['seconds']:.0f} s"
-        )
-        for key in ("regressions", "newly_skipped", "flaky", "gained"):
-            if v.get(key):
-                lines.append(f"    {key}: {', '.join(v[key])}")
-        if o["processes_exited"]:
-            lines.append(f"    processes that exited: {', '.join(o['processes_exited'])}")
-    return lines
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pulp_pubsub_tools.e2e.functional")
     parser.add_argument(
@@ -403,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         report["command"] += f" --json {args.json}"
         args.json.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
-    sys.stdout.write("\n".join(summary(report)) + "\n")
+    sys.stdout.write("\n".join(results.summary(report)) + "\n")
     return 0 if all(o["verdict"]["ok"] for o in report["configs"].values()) else 1
 
 

@@ -21,6 +21,8 @@ START = (
 )
 END = "<!-- pulpcore functional tasking: end -->"
 DOC = "docs/pulp.md"
+#: The Redis commands that carry pulp-pubsub's messages (broadcast, targeted).
+REDIS_SENDS = ("publish", "xadd")
 SHOWN = {
     results.PASSED: "pass",
     results.FAILED: "**FAIL**",
@@ -45,16 +47,20 @@ def render(report: dict[str, Any]) -> str:
         f"pulpcore {report['pulpcore']}, `{report['module']}`, {report['workers']} workers, "
         f"made by `{report['command']}`.",
         "",
-        "| configuration | settings | passed | failed | skipped | flaky | against | verdict |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | settings | pulpcore's pub/sub class | messages through Redis "
+        "| passed | failed | skipped | flaky | against | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, o in configs.items():
         c, v = o["counts"], o["verdict"]
         settings = ", ".join(f"`{k}={val}`" for k, val in o["settings"].items()) or "(defaults)"
         against = o["baseline"] or "(baseline)"
         ok = "pass" if v["ok"] else "**FAIL**"
+        seam = o["tasking_pubsub_backend"]
+        seam = f"`{seam.rsplit('.', 1)[-1]}`" if seam else "(none: stock)"
+        sent = sum(o["redis_commands"].get(command, 0) for command in REDIS_SENDS)
         lines.append(
-            f"| {name}: {o['description']} | {settings} | {c['passed']} | "
+            f"| {name}: {o['description']} | {settings} | {seam} | {sent} | {c['passed']} | "
             f"{c['failed'] + c['error']} | {c['skipped']} | {c['flaky']} | {against} | {ok} |"
         )
     lines += ["", "| test | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]

@@ -120,3 +120,35 @@ def verdict(
 
 def skip_reasons(tests: dict[str, dict[str, Any]]) -> dict[str, str]:
     return {name: str(t.get("detail", "")) for name, t in tests.items() if final(t) == SKIPPED}
+
+
+def judge(report: dict[str, Any]) -> None:
+    """Add each configuration's verdict against its baseline (when that was run too)."""
+    configs = report["configs"]
+    for outcome in configs.values():
+        base = outcome["baseline"]
+        if base is None:
+            outcome["verdict"] = {"ok": True, "baseline_of_its_kind": True}
+        elif base in configs:
+            outcome["verdict"] = verdict(outcome["tests"], configs[base]["tests"])
+        else:
+            outcome["verdict"] = {"ok": False, "missing_baseline": base}
+
+
+def summary(report: dict[str, Any]) -> list[str]:
+    lines = [f"pulpcore {report.get('pulpcore')}: {report['module']}, {report['workers']} workers"]
+    for name, o in report["configs"].items():
+        c, v = o["counts"], o["verdict"]
+        flaky = f", {c['flaky']} flaky" if c["flaky"] else ""
+        against = f"against {o['baseline']}" if o["baseline"] else "baseline"
+        lines.append(
+            f"[{'PASS' if v['ok'] else 'FAIL'}] {name} ({against}): {c['passed']} passed, "
+            f"{c['failed'] + c['error']} failed, {c['skipped']} skipped{flaky} "
+            f"in {o['seconds']:.0f} s"
+        )
+        for key in ("regressions", "newly_skipped", "flaky", "gained"):
+            if v.get(key):
+                lines.append(f"    {key}: {', '.join(v[key])}")
+        if o["processes_exited"]:
+            lines.append(f"    processes that exited: {', '.join(o['processes_exited'])}")
+    return lines
