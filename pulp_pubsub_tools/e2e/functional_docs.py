@@ -57,7 +57,7 @@ def render(report: dict[str, Any]) -> str:
         against = o["baseline"] or "(baseline)"
         ok = "pass" if v["ok"] else "**FAIL**"
         seam = o["tasking_pubsub_backend"]
-        seam = f"`{seam.rsplit('.', 1)[-1]}`" if seam else "(none: stock)"
+        seam = f"`{seam.rsplit('.', 1)[-1]}`" if seam else "(no such setting)"
         sent = sum(o["redis_commands"].get(command, 0) for command in REDIS_SENDS)
         lines.append(
             f"| {name}: {o['description']} | {settings} | {seam} | {sent} | {c['passed']} | "
