@@ -1,8 +1,9 @@
 """pulpcore's own functional tasking tests on a real Pulp, stock and with pulp-pubsub.
 
-The ``pulp`` tier (:func:`test_pulpcores_tasking_tests_pass_with_pulp_pubsub_on_redis`)
-runs ``pulpcore/tests/functional/api/test_tasking.py`` from pulpcore's wheel
-against real ``pulpcore-api``, ``pulpcore-content`` and three ``pulpcore-worker``
+In the long tier (marked ``pulp`` and ``long``),
+:func:`test_pulpcores_tasking_tests_pass_with_pulp_pubsub_on_redis` runs
+``pulpcore/tests/functional/api/test_tasking.py`` from pulpcore's wheel against
+real ``pulpcore-api``, ``pulpcore-content`` and three ``pulpcore-worker``
 processes, first stock and then with pulp-pubsub on Redis, and holds the
 verdict: nothing that passes on stock fails with pulp-pubsub. The other tests
 hold the verdict's rules, the reading of pytest's report and the generated table
@@ -134,6 +135,7 @@ def test_the_committed_run_keeps_every_verdict() -> None:
 
 
 @pytest.mark.pulp
+@pytest.mark.long
 @pytest.mark.backend
 @pytest.mark.timeout(3000)
 def test_pulpcores_tasking_tests_pass_with_pulp_pubsub_on_redis(
