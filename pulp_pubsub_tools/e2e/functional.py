@@ -49,8 +49,6 @@ TEST_TIMEOUT = 300
 #: How long a whole pytest run may take on a loaded 2-core machine.
 RUN_TIMEOUT = 3000
 WAIT = 120.0
-#: Where a module's file is, without importing it (the test module imports pytest).
-FIND = "from importlib.util import find_spec;"
 TEST_PACKAGES = ("pytest>=8", "pytest-timeout>=2")
 
 
@@ -170,6 +168,8 @@ class FunctionalRun:
         return site
 
     def import_path(self, site: Site, module: str) -> str:
+        """Where a Pulp process finds ``module``, without importing it (the test module
+        imports pytest and the client bindings, which Pulp's virtualenv lacks)."""
         done = subprocess.run(
             [
                 site.bin("python"),
@@ -264,7 +264,8 @@ class FunctionalRun:
             "pulpcore_from": "patched copy" if config.patched else "virtualenv",
             "tasking_pubsub_backend": self.pubsub_setting(site, env),
             "processes_exited": crashed,
-            # What reached Redis: PUBLISH calls show the dispatches and wake-ups went through it.
+            # What reached Redis: PUBLISH and XADD carry pulp-pubsub's messages (broadcast,
+            # targeted); Pulp's redis worker type keeps its locks in keys.
             "redis_commands": {
                 name.removeprefix("cmdstat_"): int(v["calls"])
                 for name, v in sorted(stats.items())
