@@ -244,8 +244,9 @@ def run_benchmark(
         from django.db.utils import load_backend
 
         load_backend("django.db.backends.postgresql")
-    # The bare psycopg subscribers hold two sessions each (LISTEN, and the one they publish on).
-    servers.max_connections = max(100, 2 * params.subscribers + params.writers + 50)
+    # The layer's fleet (one session each on postgres) stays up while the bare psycopg
+    # subscribers run beside it, and those hold two each (LISTEN, and one to publish on).
+    servers.max_connections = max(100, 3 * params.subscribers + params.writers + 50)
     ctx = Context(params, servers, progress)
     started = time.monotonic()
     result: dict[str, Any] = {
