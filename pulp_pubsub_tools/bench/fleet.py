@@ -132,9 +132,9 @@ class FleetRun:
         return replace(settings, options=options)
 
     def setup(self, role: str) -> Any:
-        if self.target.adapter.server == "postgres" or (role == "publisher" and self.uses_database):
-            return self.ctx.agent_setup(role)
-        return None
+        """The bench PostgreSQL as the agent's Django ``default``, where the backend uses one
+        (the relay's backend builds its NOTIFY publisher in every process)."""
+        return self.ctx.agent_setup(role) if self.uses_database else None
 
     def next_round(self, count: int = 1) -> int:
         first = self._round + 1

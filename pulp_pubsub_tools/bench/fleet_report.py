@@ -197,8 +197,15 @@ def compare(
     measured = f"{_num(a)} -> {_num(b)} ({span}){short}" + (
         f" = {factor:.2f}x" if factor is not None else ""
     )
-    met = None if factor is None else factor <= limit and not short
+    met = None if factor is None or low is high else factor <= limit and not short
     out.append(_goal(goal, backend, measured, met))
+
+
+def _last_line(text: str, limit: int = 240) -> str:
+    """A traceback's last line says what went wrong: the JSON keeps the whole of it."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    return last if len(last) <= limit else last[: limit - 1] + "…"
 
 
 def ratio_of(b: Any, a: Any) -> float | None:
@@ -231,8 +238,9 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
                 ]
             )
         if "stopped" in r:
-            stops.append([backend, r["stopped"]["at"], r["stopped"]["reason"]])
-    out.append(("Fleet: each cost at each N", table(headers, rows, markdown)))
+            stops.append([backend, r["stopped"]["at"], _last_line(r["stopped"]["reason"])])
+    if rows:
+        out.append(("Fleet: each cost at each N", table(headers, rows, markdown)))
     if stops:
         out.append(("Where a backend stopped", table(["backend", "N", "why"], stops, markdown)))
     projection = result.get("projection") or {}
