@@ -33,11 +33,11 @@ from . import BenchError
 from .adapters import Adapter, Target, adapter_for
 from .agents import Fleet
 from .board import Board
-from .fleet_roles import members, publisher, raw_members
+from .fleet_roles import members, raw_members
 from .monitor import established
 from .progress import Progress
-from .roles import raw_publisher
-from .runner import Context, Params, machine
+from .roles import publisher, raw_publisher
+from .runner import Context, Params, finish_meta, new_meta
 from .scenarios import ROUND_WAIT, fixed, wait_ready
 from .servers import ServerSet
 from .stats import ratio, summary_ms
@@ -65,6 +65,8 @@ class FleetParams:
     #: The subscribers' liveness probe period: shorter than the layer's 30 s, so each
     #: subscriber probes in every short idle window (probe traffic is what is measured).
     probe_interval: float = 5.0
+    #: Seconds a subscriber may take to connect before its size counts as not held.
+    connect_wait: float = 30.0
 
     def check(self) -> None:
         if not self.sizes or any(n < 1 for n in self.sizes):
@@ -92,6 +94,7 @@ QUICK_FLEET = FleetParams(
     window=1.0,
     settle=0.2,
     probe_interval=0.5,
+    connect_wait=5.0,
 )
 
 
@@ -152,7 +155,9 @@ class FleetRun:
         per = self.params.per_agent
         agents = math.ceil(n / per) - len(self.fleet)
         started = time.monotonic()
-        make = members(self.settings("subscriber"), WAKE, WORK, GROUP, self.board, per, n)
+        settings = self.settings("subscriber")
+        wait = self.params.connect_wait
+        make = members(settings, WAKE, WORK, GROUP, self.board, per, n, wait)
         new = self.fleet.spawn(
             agents, "fleet-subscriber", make, in_process=False, setup=self.setup("subscriber")
         )
@@ -417,29 +422,21 @@ def run_fleet(
     top = params.sizes[-1]
     # Every layer subscriber on PostgreSQL holds a session, and so does each bare one.
     servers.max_connections = max(100, 2 * top + 100)
-    ctx = Context(Params(subscribers=top, writers=0), servers, progress)
+    # A server given by URL must hold the smallest size; a larger one it cannot hold
+    # ends that backend's run there, and the result says so.
+    ctx = Context(Params(subscribers=2 * params.sizes[0], writers=0), servers, progress)
+    ctx.connect_wait = params.connect_wait + 15
     started = time.monotonic()
-    result: dict[str, Any] = {
-        "meta": {
-            "command": command,
-            "scenario": "fleet",
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime()),
-            "machine": machine(),
-            "params": {**params.__dict__, "sizes": list(params.sizes)},
-            "backends": backends,
-        },
-        "fleet": {},
-    }
+    meta = new_meta(command, backends, {**params.__dict__, "sizes": list(params.sizes)})
+    meta["scenario"] = "fleet"
+    result: dict[str, Any] = {"meta": meta, "fleet": {}}
     try:
         for adapter in adapters:
             result["fleet"][adapter.name] = run_backend(ctx, params, adapter)
-        result["meta"]["servers"] = servers.describe()
+        meta["servers"] = servers.describe()
     finally:
         ctx.close()
-    import os
-
-    result["meta"]["duration_s"] = round(time.monotonic() - started, 1)
-    result["meta"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    finish_meta(meta, started)
     result["projection"] = project(result)
     result["goals"] = evaluate_goals(result)
     return result

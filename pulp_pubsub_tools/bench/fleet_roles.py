@@ -111,6 +111,7 @@ def members(
     board: Board,
     per_agent: int,
     total: int,
+    connect_wait: float = CONNECT_WAIT,
 ) -> Callable[[int], Role]:
     """Agent ``i`` holds the subscribers of slots ``i * per_agent`` onwards (up to ``total``).
 
@@ -139,7 +140,7 @@ def members(
                     subs.append(sub)
                     sub.subscribe(wake, on_message)
                     sub.subscribe(work, on_message, group=group)
-                deadline = time.monotonic() + CONNECT_WAIT
+                deadline = time.monotonic() + connect_wait
                 ready = all(
                     sub.wait_connected(max(0.0, deadline - time.monotonic())) for sub in subs
                 )
@@ -199,30 +200,3 @@ def raw_members(
         return role
 
     return make
-
-
-def publisher(settings: PubSubSettings) -> Role:
-    """Publishes one message, or a burst of them, on command."""
-
-    def role(link: Link) -> None:
-        backend = create_backend(settings)
-        backend.publish("pubsub_bench_warmup", "")  # opens its connection before timing
-        link.send({"ready": True})
-
-        def run(command: dict[str, Any]) -> None:
-            channel, group = command["channel"], command.get("group")
-            if "burst" in command:
-                start, count = command["start"], command["burst"]
-                began = time.monotonic()
-                for i in range(count):
-                    backend.publish(channel, str(start + i), group=group)
-                link.send({"sent": count, "elapsed": time.monotonic() - began})
-                return
-            sent = time.monotonic()
-            backend.publish(channel, command["publish"], group=group)
-            link.send({"t0": sent, "delivery": backend.delivery(group)})
-
-        _command_loop(link, run)
-        backend.close()
-
-    return role

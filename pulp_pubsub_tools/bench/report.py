@@ -393,8 +393,12 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
 
 
 def render_text(result: dict[str, Any]) -> str:
-    parts = [f"{title}\n{body}" for title, body in sections(result)]
-    meta = result["meta"]
+    return as_text(sections(result), result["meta"])
+
+
+def as_text(titled: list[tuple[str, str]], meta: dict[str, Any]) -> str:
+    """Titled tables, then the machine and its load: the figures mean little without it."""
+    parts = [f"{title}\n{body}" for title, body in titled]
     m = meta["machine"]
     parts.append(
         f"{m.get('cpus')} CPUs ({m.get('cpu_model', '?')}), load {m['load_before']} before, "
@@ -419,10 +423,15 @@ def render_markdown(result: dict[str, Any], plot: str | None = None) -> str:
         f"{m['load_before']} before and {meta.get('load_after')} after",
         "- parameters: " + ", ".join(f"{k}={v}" for k, v in meta["params"].items()),
     ]
+    return as_markdown(head, sections(result, markdown=True), plot, "pubsub_bench results")
+
+
+def as_markdown(head: list[str], titled: list[tuple[str, str]], plot: str | None, alt: str) -> str:
+    """The run's head lines, each titled table in bold, then the plot."""
     parts = ["\n".join(head)]
-    parts += [f"**{title}**\n\n{body}" for title, body in sections(result, markdown=True)]
+    parts += [f"**{title}**\n\n{body}" for title, body in titled]
     if plot:
-        parts.append(f"![pubsub_bench results]({plot})")
+        parts.append(f"![{alt}]({plot})")
     return "\n\n".join(parts) + "\n"
 
 
