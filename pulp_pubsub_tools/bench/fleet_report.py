@@ -343,6 +343,9 @@ def save_plot(result: dict[str, Any], path: str) -> None:
         if drawn:
             ax.set_xscale("log")
             ax.set_yscale("log")
+            sizes = meta["params"]["sizes"]
+            ax.set_xticks(sizes, [f"{n:,}" for n in sizes])
+            ax.minorticks_off()
             ax.set_xlabel("subscribers (N)")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
