@@ -94,7 +94,7 @@ QUICK_FLEET = FleetParams(
     window=1.0,
     settle=0.2,
     probe_interval=0.5,
-    connect_wait=5.0,
+    connect_wait=2.0,
 )
 
 
