@@ -245,8 +245,9 @@ def run_benchmark(
 
         load_backend("django.db.backends.postgresql")
     # The layer's fleet (one session each on postgres) stays up while the bare psycopg
-    # subscribers run beside it, and those hold two each (LISTEN, and one to publish on).
-    servers.max_connections = max(100, 3 * params.subscribers + params.writers + 50)
+    # subscribers run beside it, one session each too (a bare client opens its publishing
+    # connection only when it publishes).
+    servers.max_connections = max(100, 2 * params.subscribers + params.writers + 50)
     ctx = Context(params, servers, progress)
     started = time.monotonic()
     meta = new_meta(command, backends, {**asdict(params), "commit_levels": params.commit_levels})
