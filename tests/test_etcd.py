@@ -333,3 +333,27 @@ def test_pubsub_channels_says_what_etcd_can_tell_and_hides_the_password(auth_ser
 def test_an_empty_key_prefix_is_refused():
     with pytest.raises(ImproperlyConfigured, match="'key_prefix' must not be empty"):
         EtcdBackend(url="etcd://h", options={"key_prefix": ""})
+
+
+def test_a_fleet_on_one_watch_range_probes_about_once_per_interval_not_once_each(server):
+    """Every watch covers every channel, so each probe reaches every subscriber: a fleet
+    of N that probed once each per interval would make each read N probes per interval.
+    Others' traffic proves a watch alive, so between them they probe about once."""
+    interval, window, fleet = 0.5, 3.0, 10
+    backend = EtcdBackend(url=server.url, options={**FAST, "probe_interval": interval})
+    subs = [backend.subscriber() for _ in range(fleet)]
+    try:
+        for sub in subs:
+            sub.subscribe("fleet_probes", lambda message: None)
+        assert all(sub.wait_connected(10) for sub in subs)
+        before = sum(sub.stats["probes"] for sub in subs)
+        time.sleep(window)  # the rate over a window is what is measured
+        sent = sum(sub.stats["probes"] for sub in subs) - before
+        # Once each per interval would be fleet * window / interval = 60.
+        assert 0 < sent <= 2 * window / interval
+        assert all(sub.connected for sub in subs)
+        assert sum(sub.stats["probe_failures"] + sub.stats["reconnects"] for sub in subs) == 0
+    finally:
+        for sub in subs:
+            sub.close()
+        backend.close()

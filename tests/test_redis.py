@@ -754,3 +754,33 @@ def test_a_member_removes_consumers_long_gone_but_none_holding_entries(server):
             assert left["ghost-holding"]["pending"] == 1
             assert backend.stats["consumers_removed"] == 1
             assert len(left) == 2  # the holding ghost and the live member
+
+
+@backend_test
+def test_one_member_of_a_fleet_tidies_a_group_per_interval_not_every_member(server, monkeypatch):
+    """Each member tidies on its own clock, and a tidy reads the group's whole consumer
+    list and idle set: N members doing so each would cost the server O(N^2)."""
+    channel = f"tidyonce.{os.urandom(4).hex()}"
+    key = stream_key(channel, "workers")
+    listed: list[str] = []
+    real = redis.Redis.xinfo_consumers
+
+    def spy(self, name, groupname):
+        listed.append(name)
+        return real(self, name, groupname)
+
+    monkeypatch.setattr(redis.Redis, "xinfo_consumers", spy)
+    admin = redis.Redis.from_url(server.url, decode_responses=True)
+    with redis_backend(server.url) as backend:
+        subs = [backend.subscriber() for _ in range(5)]
+        try:
+            for sub in subs:
+                sub.subscribe(channel, lambda message: None, group="workers")
+            assert all(sub.wait_connected(10) for sub in subs)
+            # A member records itself idle on the turn that tidies (its first sweep).
+            wait_until(lambda: admin.zcard(f"{key}>idle") == 5, timeout=10, what="5 idle")
+            assert listed == [key]
+            assert backend.stats["tidies"] == 1
+        finally:
+            for sub in subs:
+                sub.close()

@@ -8,6 +8,7 @@ relays and real servers throughout.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -549,3 +550,43 @@ def spellings_of(secret: str) -> list[str]:
     from .test_security import spellings
 
     return spellings(secret)
+
+
+class _NoWalk(dict):
+    """A channel map that refuses to be walked: what the relay LISTENs to must be kept."""
+
+    def items(self):
+        raise AssertionError("went through every channel to find what PostgreSQL LISTENs to")
+
+
+def test_what_postgresql_listens_to_is_kept_as_clients_come_and_go_not_recomputed():
+    """Each of a fleet's subscribers has a private probe channel on the relay: a subscribe
+    that went through every channel to find what PostgreSQL must LISTEN to cost O(N),
+    and growing a fleet O(N^2)."""
+    from pulp_pubsub.relay.server import Client, Relay
+
+    relay = Relay(host="127.0.0.1", port=0, token=None)
+    fleet = [Client(None, 10) for _ in range(2000)]  # type: ignore[arg-type]
+
+    async def subscribe(client, channels, local=False):
+        frame = {"type": "subscribe", "channels": channels, "local": local}
+        return await relay._on_frame(client, frame)
+
+    async def grow():
+        for n, client in enumerate(fleet):
+            relay.clients.add(client)
+            await subscribe(client, [f"pubsub_probe_{n}"], local=True)
+            await subscribe(client, ["wake", "cancel"] if n % 2 else ["wake"])
+
+    asyncio.run(grow())
+    assert relay._wanted() == {"wake", "cancel"}
+    relay.by_channel = _NoWalk(relay.by_channel)
+    assert relay._wanted() == {"wake", "cancel"}
+    for client in fleet[1::2]:  # every subscriber of "cancel" goes
+        relay._forget(client)
+    assert relay._wanted() == {"wake"}
+    assert relay._leave(fleet[0], {"wake"}) is False  # others still LISTEN to it
+    for client in fleet[0::2]:
+        relay._forget(client)
+    assert relay._wanted() == set()
+    assert len(relay.by_channel) == 0

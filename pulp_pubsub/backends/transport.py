@@ -128,6 +128,14 @@ class Transport:
         """
         return False
 
+    #: time.monotonic() of the last event this connection brought from the server, any
+    #: channel's, for a transport that sees others' traffic (an etcd watch covers every
+    #: channel, other subscribers' probes included). A live stream proves itself: the
+    #: listener's own probe waits while others' keep coming, so a fleet of N sends
+    #: about one probe per interval between them, not N, and no subscriber reads N.
+    #: 0.0: the transport does not tell.
+    heard_at: float = 0.0
+
     def probe(self, channel: str, payload: str) -> None:
         """Send the liveness probe; by default through the backend's publish path."""
         self.backend.send(channel, payload)

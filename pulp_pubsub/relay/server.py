@@ -127,6 +127,11 @@ class Relay:
         self.pg: PgLink | None = None
         self.clients: set[Client] = set()
         self.by_channel: dict[str, set[Client]] = {}
+        # How many clients LISTEN through PostgreSQL to each channel (their ``channels``,
+        # not ``local``): kept as clients come and go, so what PostgreSQL must LISTEN to
+        # is known without going through every client's channels (a fleet's private
+        # probe channels among them) on each subscribe.
+        self.listened: dict[str, int] = {}
         self.started_at = time.time()
         self.stats = {"messages": 0, "too_slow": 0, "refused": 0, "resyncs": 0}
         self._server: Server | None = None
@@ -298,18 +303,23 @@ class Relay:
         changed = False
         for channel in channels:
             members = self.by_channel.get(channel)
-            if members is None:
-                continue
-            members.discard(client)
-            if not members:
-                del self.by_channel[channel]
-                changed = changed or channel not in client.local
+            if members is not None:
+                members.discard(client)
+                if not members:
+                    del self.by_channel[channel]
+            if channel in client.channels:
+                left = self.listened[channel] - 1
+                if left:
+                    self.listened[channel] = left
+                else:
+                    del self.listened[channel]
+                    changed = True
         client.channels -= channels
         client.local -= channels
         return changed
 
     def _wanted(self) -> frozenset[str]:
-        return frozenset(c for c, members in self.by_channel.items() if _listened(members, c))
+        return frozenset(self.listened)
 
     def _relisten(self) -> None:
         if self.pg is not None:
@@ -325,7 +335,11 @@ class Relay:
         local = bool(frame.get("local"))
         for channel in channels:
             self.by_channel.setdefault(channel, set()).add(client)
-            (client.local if local else client.channels).add(channel)
+            if local:
+                client.local.add(channel)
+            elif channel not in client.channels:
+                client.channels.add(channel)
+                self.listened[channel] = self.listened.get(channel, 0) + 1
         if not local and self.pg is not None:
             # Answered once PostgreSQL LISTENs (or is found down: then the
             # reconnect sends a resync); messages queued before it stay in order.
@@ -392,10 +406,6 @@ class Relay:
             "uptime": round(time.time() - self.started_at, 3),
             **self.stats,
         }
-
-
-def _listened(members: set[Client], channel: str) -> bool:
-    return any(channel in m.channels for m in members)
 
 
 def _channels(frame: dict[str, Any]) -> list[str]:

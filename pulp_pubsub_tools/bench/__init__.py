@@ -9,6 +9,8 @@ Modules, one concern each:
 - :mod:`.adapters`  one small adapter per backend: how to point the layer at a server
 - :mod:`.monitor`   the database-side counters (sessions, transactions)
 - :mod:`.scenarios` the measurements; :mod:`.runner` puts them in order
+- :mod:`.fleet`     the fleet scenario, its agents (:mod:`.fleet_roles`) and report
+  (:mod:`.fleet_report`)
 - :mod:`.report`, :mod:`.plot`, :mod:`.progress`  what a person reads
 """
 
@@ -21,3 +23,6 @@ class BenchError(Exception):
 
 #: Scenario names in the order the issue lists them (and the report shows them).
 SCENARIOS = ("latency", "fanout", "targeted", "connections", "idle", "commit", "poll")
+#: Scenarios run only when named, each on its own: ``fleet`` grows a fleet through
+#: several sizes per backend (see :mod:`.fleet`).
+ALONE = ("fleet",)

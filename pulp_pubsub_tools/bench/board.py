@@ -94,6 +94,28 @@ class Board:
             posted = [(s, t) for s, t in enumerate(self.read(round_, slots)) if t is not None]
         return posted
 
+    def drain(self) -> None:
+        """Forget the receipts signalled so far (before counting those of a burst)."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._read_fd, 1 << 16):
+                pass
+
+    def count_posts(self, expected: int, timeout: float) -> int:
+        """Wait until ``expected`` receipts were signalled since :meth:`drain`, or ``timeout``.
+
+        A receipt whose byte did not fit in the pipe (the parent was slow to read)
+        is not counted, so a burst's count can only fall short, never over.
+        """
+        deadline = time.monotonic() + timeout
+        posted = 0
+        while posted < expected:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self._read_fd], [], [], left)[0]:
+                break
+            with contextlib.suppress(BlockingIOError):
+                posted += len(os.read(self._read_fd, 1 << 16))
+        return posted
+
     def resyncs(self, slots: int) -> int:
         return sum(_SLOT.unpack_from(self._mem, s * _SLOT.size)[2] for s in range(slots))
 

@@ -22,7 +22,8 @@ def _colour(name: str) -> str:
     return COLOURS.get(name, "#4c9a2a")
 
 
-def save_plot(result: dict[str, Any], path: str) -> None:
+def pyplot() -> Any:
+    """matplotlib's pyplot without a display, or an error that says how to get it."""
     try:
         import matplotlib
 
@@ -32,6 +33,11 @@ def save_plot(result: dict[str, Any], path: str) -> None:
         raise BenchError(
             f"--plot needs matplotlib ({exc}): pip install matplotlib, or pulp-pubsub[test]."
         ) from exc
+    return plt
+
+
+def save_plot(result: dict[str, Any], path: str) -> None:
+    plt = pyplot()
     fig, axes = plt.subplots(2, 3, figsize=(16, 9.5))
     meta = result["meta"]
     fig.suptitle(

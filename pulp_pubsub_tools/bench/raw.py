@@ -1,7 +1,9 @@
 """The bare client libraries, used the plain way, as the yardstick for the layer.
 
 Each raw client holds what the layer holds for the same job (one connection
-that listens, one that publishes) and is waited on the same way (``select()``
+that listens, one that publishes, opened on the first publish: a subscriber
+that never publishes holds one, as a subscriber of the layer does) and is
+waited on the same way (``select()``
 on its descriptor, then drain), so the layer/raw ratio shows the layer's own
 cost: its listener thread, queue and self-pipe.
 """
@@ -27,8 +29,9 @@ class PsycopgClient:
     def __init__(self, url: str) -> None:
         import psycopg
 
+        self.url = url
         self.listener = psycopg.connect(url, autocommit=True)
-        self.publisher = psycopg.connect(url, autocommit=True)
+        self.publisher: Any = None
 
     def subscribe(self, channel: str) -> None:
         from psycopg import sql
@@ -43,11 +46,16 @@ class PsycopgClient:
         return [(n.channel, n.payload) for n in self.listener.notifies(timeout=0)]
 
     def publish(self, channel: str, payload: str) -> None:
+        if self.publisher is None:
+            import psycopg
+
+            self.publisher = psycopg.connect(self.url, autocommit=True)
         self.publisher.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     def close(self) -> None:
         self.listener.close()
-        self.publisher.close()
+        if self.publisher is not None:
+            self.publisher.close()
 
 
 class RedisClient:
@@ -181,13 +189,12 @@ class NatsClient:
 
         import nats
 
-        self.loops = [asyncio.new_event_loop(), asyncio.new_event_loop()]
+        self.url = url
+        self.loops = [asyncio.new_event_loop()]
         self.listener: Any = self.loops[0].run_until_complete(
             nats.connect(url, allow_reconnect=False)
         )
-        self.publisher: Any = self.loops[1].run_until_complete(
-            nats.connect(url, allow_reconnect=False)
-        )
+        self.publisher: Any = None
         self.subs: list[Any] = []
 
     def subscribe(self, channel: str) -> None:
@@ -220,6 +227,16 @@ class NatsClient:
         return items
 
     def publish(self, channel: str, payload: str) -> None:
+        if self.publisher is None:
+            import asyncio
+
+            import nats
+
+            self.loops.append(asyncio.new_event_loop())
+            self.publisher = self.loops[1].run_until_complete(
+                nats.connect(self.url, allow_reconnect=False)
+            )
+
         async def send() -> None:
             await self.publisher.publish(channel, payload.encode())
             await self.publisher.flush(5)
@@ -227,6 +244,7 @@ class NatsClient:
         self.loops[1].run_until_complete(send())
 
     def close(self) -> None:
-        for loop, nc in zip(self.loops, (self.listener, self.publisher), strict=True):
+        clients = [c for c in (self.listener, self.publisher) if c is not None]
+        for loop, nc in zip(self.loops, clients, strict=True):
             loop.run_until_complete(nc.close())
             loop.close()

@@ -258,7 +258,11 @@ def _ping_loop(link: Link, send: Callable[[str], None], wait: Callable[[str, flo
 
 
 def publisher(settings: PubSubSettings) -> Role:
-    """Publishes on command and answers with the time just before it did."""
+    """Publishes on command and answers with the time just before it did.
+
+    ``{"burst": n, "start": k}`` publishes n messages numbered from k, as fast as it can,
+    and answers when the last is out (the fleet scenario reads the server's CPU over it).
+    """
 
     def role(link: Link) -> None:
         backend = create_backend(settings)
@@ -268,6 +272,12 @@ def publisher(settings: PubSubSettings) -> Role:
         def run(command: dict[str, Any]) -> None:
             sent = time.monotonic()
             group = command.get("group")
+            if "burst" in command:
+                start, count = command["start"], command["burst"]
+                for i in range(count):
+                    backend.publish(command["channel"], str(start + i), group=group)
+                link.send({"sent": count, "elapsed": time.monotonic() - sent})
+                return
             backend.publish(command["channel"], command["publish"], group=group)
             # What this backend, as configured, made of it (NATS targets with JetStream only).
             link.send({"t0": sent, "t1": time.monotonic(), "delivery": backend.delivery(group)})

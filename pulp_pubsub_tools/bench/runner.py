@@ -245,20 +245,14 @@ def run_benchmark(
 
         load_backend("django.db.backends.postgresql")
     # The layer's fleet (one session each on postgres) stays up while the bare psycopg
-    # subscribers run beside it, and those hold two each (LISTEN, and one to publish on).
-    servers.max_connections = max(100, 3 * params.subscribers + params.writers + 50)
+    # subscribers run beside it, one session each too (a bare client opens its publishing
+    # connection only when it publishes).
+    servers.max_connections = max(100, 2 * params.subscribers + params.writers + 50)
     ctx = Context(params, servers, progress)
     started = time.monotonic()
-    result: dict[str, Any] = {
-        "meta": {
-            "command": command,
-            "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "machine": machine(),
-            "params": {**asdict(params), "commit_levels": params.commit_levels},
-            "scenarios": [name for name in SCENARIOS if name in chosen],
-            "backends": backends,
-        }
-    }
+    meta = new_meta(command, backends, {**asdict(params), "commit_levels": params.commit_levels})
+    meta["scenarios"] = [name for name in SCENARIOS if name in chosen]
+    result: dict[str, Any] = {"meta": meta}
     for name in SCENARIOS:
         if name in chosen:
             result[name] = {}
@@ -283,10 +277,25 @@ def run_benchmark(
             meta["redis_version"] = ctx._redis_monitor.version
     finally:
         ctx.close()
-    result["meta"]["duration_s"] = round(time.monotonic() - started, 1)
-    result["meta"]["load_after"] = [round(x, 2) for x in os.getloadavg()]
+    finish_meta(result["meta"], started)
     result["targets"] = evaluate_targets(result)
     return result
+
+
+def new_meta(command: str, backends: list[str], params: dict[str, Any]) -> dict[str, Any]:
+    """What a result says about how it was made, before the run."""
+    return {
+        "command": command,
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "params": params,
+        "backends": backends,
+    }
+
+
+def finish_meta(meta: dict[str, Any], started: float) -> None:
+    meta["duration_s"] = round(time.monotonic() - started, 1)
+    meta["load_after"] = [round(x, 2) for x in os.getloadavg()]
 
 
 def machine() -> dict[str, Any]:

@@ -93,6 +93,29 @@ class ServerSet:
             return None
         return process_tree_cpu(launched.pid)
 
+    def pss_kb(self, kind: str) -> int | None:
+        """Proportional memory (kB) of a throwaway server and its children; None for a given one.
+
+        PSS, not RSS: PostgreSQL's backends share its buffers, which RSS would count
+        once per session.
+        """
+        launched = self._launched.get(kind)
+        if launched is None or launched.pid is None:
+            return None
+        return sum(_pss_kb(pid) for pid in process_tree(launched.pid))
+
+    def port(self, kind: str) -> int | None:
+        """The TCP port of a server of this run (given or throwaway), if its URL has one."""
+        from urllib.parse import urlsplit
+
+        url = self.urls.get(kind)
+        if url is None:
+            return None
+        try:
+            return urlsplit(url.split(",")[0]).port
+        except ValueError:
+            return None
+
     def describe(self) -> dict[str, str]:
         return {
             kind: f"{hide_password(url)} ({'given' if kind in self.given else 'throwaway'})"
@@ -105,8 +128,24 @@ class ServerSet:
         self._launched.clear()
 
 
-def process_tree_cpu(root: int) -> float:
-    """User and system seconds of ``root`` and its live descendants, from /proc (Linux)."""
+def process_tree(root: int) -> set[int]:
+    """``root`` and its live descendants, from /proc (Linux)."""
+    return _tree(root, _stats()[0])
+
+
+def _pss_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _stats() -> tuple[dict[int, int], dict[int, int]]:
+    """Parent and CPU ticks (user + system) of every live process."""
     parents: dict[int, int] = {}
     times: dict[int, int] = {}
     for path in glob.glob("/proc/[0-9]*/stat"):
@@ -118,14 +157,28 @@ def process_tree_cpu(root: int) -> float:
         pid = int(path.split("/")[2])
         parents[pid] = int(fields[1])
         times[pid] = int(fields[11]) + int(fields[12])  # utime, stime
+    return parents, times
+
+
+def _tree(root: int, parents: dict[int, int]) -> set[int]:
+    # One pass to index children: a PostgreSQL serving 2,000 sessions has 2,000 of them.
+    children: dict[int, list[int]] = {}
+    for child, parent in parents.items():
+        children.setdefault(parent, []).append(child)
     tree, todo = set(), [root]
     while todo:
         pid = todo.pop()
         if pid in tree:
             continue
         tree.add(pid)
-        todo += [child for child, parent in parents.items() if parent == pid]
-    ticks = sum(times.get(pid, 0) for pid in tree)
+        todo += children.get(pid, [])
+    return tree
+
+
+def process_tree_cpu(root: int) -> float:
+    """User and system seconds of ``root`` and its live descendants, from /proc (Linux)."""
+    parents, times = _stats()
+    ticks = sum(times.get(pid, 0) for pid in _tree(root, parents))
     return ticks / os.sysconf("SC_CLK_TCK")
 
 

@@ -361,6 +361,8 @@ class EtcdTransport(Transport):
                 break
             reader.feed(data)
         objs += reader.take_json()
+        if objs:
+            self.heard_at = time.monotonic()
         for obj in objs:
             self._raise_if_error(obj)
             result = obj.get("result") or {}

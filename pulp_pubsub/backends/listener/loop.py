@@ -286,6 +286,8 @@ class Loop:
                 position = transport.position()
                 if position is not None:
                     self._position = position
+                if transport.heard_at:
+                    probe.heard(transport.heard_at)
             if targets:
                 self._targeted.settle(transport)
             now = time.monotonic()

@@ -113,6 +113,16 @@ class Probe:
         """Make the next probe due at ``now``: whether the connection is alive must be known."""
         self.next = now
 
+    def heard(self, at: float) -> None:
+        """The connection brought the server's traffic at ``at``: it is alive, no probe needed.
+
+        The next probe moves to a jittered interval after it: subscribers that hear the
+        same traffic (each other's probes on one etcd watch range) then do not all
+        probe at once, and the first of them to probe keeps the others quiet.
+        """
+        if self.token is None:
+            self.next = max(self.next, at + self.interval * random.uniform(0.8, 1.0))
+
     def is_due(self, now: float) -> bool:
         """No probe is out and the next one's time has come."""
         return self.token is None and now >= self.next

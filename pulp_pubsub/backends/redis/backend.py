@@ -83,6 +83,7 @@ except ImportError as exc:
 from .groups import (
     CONSUMER_GROUP,
     STREAM_MAXLEN,
+    TIDY_INTERVAL,
     GroupReader,
     marks_ms,
     member_base,
@@ -305,15 +306,20 @@ class RedisTransport(Transport):
         holds nothing (others have claimed its entries) and has not read for
         ``consumer_expiry`` goes; a live member reads at least once per
         ``claim_timeout``, and one removed all the same is made again by its
-        next read. Delivery does not depend on this, so a refusal (a user whose
+        next read. One member per stream and ``TIDY_INTERVAL`` does it (the script
+        keeps a mark), so a fleet's tidying stays O(N) however many members look.
+        Delivery does not depend on this, so a refusal (a user whose
         ACL predates these commands) is logged once, not fatal.
         """
         backend = self.backend
         publisher = backend.clients().publisher
         expiry_ms = backend.config["consumer_expiry"] * 1000
+        interval = str(int(TIDY_INTERVAL * 1000))
         try:
             for key in keys:
-                publisher.eval(PRUNE, 1, key, member_base(backend.channel_prefix))
+                if publisher.eval(PRUNE, 1, key, member_base(backend.channel_prefix), interval) < 0:
+                    continue  # another member tidied it within the interval
+                count(backend.stats, "tidies", backend.name)
                 for consumer in publisher.xinfo_consumers(key, CONSUMER_GROUP):
                     if consumer["pending"] == 0 and consumer["idle"] >= expiry_ms:
                         publisher.xgroup_delconsumer(key, CONSUMER_GROUP, consumer["name"])

@@ -21,7 +21,8 @@ name, so none of them can be a stream's key):
 - ``<prefix>>member><consumer>>inbox``: list of ``stream\\nid\\npayload``;
 - ``<prefix>>member><consumer>>alive``: present while the member runs (it is
   renewed on every turn; a member killed while idle is skipped once it lapses);
-- ``<prefix>>member><consumer>>idle-in``: set of the streams it is idle on.
+- ``<prefix>>member><consumer>>idle-in``: set of the streams it is idle on;
+- ``<stream>>tidy``: present for a tidy interval after a member tidied the stream.
 """
 
 from __future__ import annotations
@@ -158,9 +159,16 @@ return handed
 )
 
 #: Drop from a stream's idle set the members whose marks lapsed (killed while idle
-#: and never handed anything since). KEYS: the stream. ARGV: member key base.
+#: and never handed anything since), unless another member did within the tidy
+#: interval: every member tidies on its own clock, and a fleet of N that each went
+#: through an idle set of N would make the tidy O(N^2). KEYS: the stream. ARGV:
+#: member key base, tidy interval (ms). Returns how many went, or -1 when another
+#: member's tidy is recent (the caller then leaves the group's consumers alone too).
 PRUNE = """
-local base = ARGV[1]
+local base, interval = ARGV[1], ARGV[2]
+if not redis.call('SET', KEYS[1] .. '>tidy', '1', 'NX', 'PX', interval) then
+  return -1
+end
 local gone = 0
 for _, consumer in ipairs(redis.call('ZRANGE', KEYS[1] .. '>idle', 0, -1)) do
   if redis.call('EXISTS', base .. consumer .. '>alive') == 0 then

@@ -11,7 +11,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from pulp_pubsub.exceptions import PubSubError
-from pulp_pubsub_tools.bench import SCENARIOS, BenchError
+from pulp_pubsub_tools.bench import ALONE, SCENARIOS, BenchError, fleet_report
+from pulp_pubsub_tools.bench.fleet import QUICK_FLEET, FleetParams, run_fleet
 from pulp_pubsub_tools.bench.progress import Progress
 from pulp_pubsub_tools.bench.report import (
     evaluate_targets,
@@ -23,6 +24,7 @@ from pulp_pubsub_tools.bench.runner import QUICK, Params, run_benchmark
 from pulp_pubsub_tools.bench.servers import ServerSet
 
 DEFAULTS = Params()
+FLEET = FleetParams()
 
 
 #: Every backend with a server: the default run draws the whole picture.
@@ -41,7 +43,8 @@ class Command(BaseCommand):
             "scenarios",
             nargs="*",
             metavar="SCENARIO",
-            help=f"What to run (default: all): {', '.join(SCENARIOS)}.",
+            help=f"What to run (default: all): {', '.join(SCENARIOS)}; or, alone, "
+            f"{', '.join(ALONE)}.",
         )
         parser.add_argument(
             "--backends",
@@ -69,6 +72,21 @@ class Command(BaseCommand):
             "--poll-rounds",
             type=int,
             help=f"Wake-ups for the poll baseline (default {DEFAULTS.poll_rounds}).",
+        )
+        add(
+            "--fleet-sizes",
+            help="fleet: the sizes the fleet grows through (default "
+            f"{','.join(map(str, FLEET.sizes))}).",
+        )
+        add(
+            "--per-agent",
+            type=int,
+            help=f"fleet: subscribers per agent process (default {FLEET.per_agent}).",
+        )
+        add(
+            "--burst",
+            type=int,
+            help=f"fleet: targeted publishes whose server CPU is read (default {FLEET.burst}).",
         )
         add(
             "--quick",
@@ -107,6 +125,11 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
 
     def _run(self, options: dict[str, Any]) -> dict[str, Any]:
+        chosen = options["scenarios"] or list(SCENARIOS)
+        if set(chosen) & set(ALONE):
+            if len(chosen) > 1:
+                raise CommandError(f"{', '.join(ALONE)} runs alone: name no other scenario.")
+            return self._run_fleet(options)
         params = QUICK if options["quick"] else DEFAULTS
         fields = (
             "subscribers",
@@ -119,28 +142,62 @@ class Command(BaseCommand):
             "poll_rounds",
         )
         params = replace(params, **{f: options[f] for f in fields if options[f] is not None})
-        chosen = options["scenarios"] or list(SCENARIOS)
-        backends = [b.strip() for b in options["backends"].split(",") if b.strip()]
+        backends = self._backends(options)
         if not backends and set(chosen) - {"poll"}:
             raise CommandError("--backends names no backend.")
+        servers = ServerSet(self._urls(options), max_connections=100)
+        try:
+            return run_benchmark(
+                params, chosen, backends, servers, self._progress(options), self._command_line()
+            )
+        finally:
+            servers.close()
+
+    def _run_fleet(self, options: dict[str, Any]) -> dict[str, Any]:
+        params = QUICK_FLEET if options["quick"] else FLEET
+        given = {"per_agent": options["per_agent"], "burst": options["burst"]}
+        given["rounds"], given["window"] = options["rounds"], options["window"]
+        if options["fleet_sizes"]:
+            try:
+                given["sizes"] = tuple(int(n) for n in options["fleet_sizes"].split(","))
+            except ValueError:
+                raise CommandError(
+                    f"--fleet-sizes takes numbers such as 250,500: not {options['fleet_sizes']!r}."
+                ) from None
+        params = replace(params, **{k: v for k, v in given.items() if v is not None})
+        backends = self._backends(options)
+        if not backends:
+            raise CommandError("--backends names no backend.")
+        servers = ServerSet(self._urls(options), max_connections=100)
+        try:
+            return run_fleet(
+                params, backends, servers, self._progress(options), self._command_line()
+            )
+        finally:
+            servers.close()
+
+    @staticmethod
+    def _backends(options: dict[str, Any]) -> list[str]:
+        return [b.strip() for b in options["backends"].split(",") if b.strip()]
+
+    @staticmethod
+    def _urls(options: dict[str, Any]) -> dict[str, str]:
         urls = {"postgres": options["postgres_url"], "redis": options["redis_url"]}
         for item in options["server_url"]:
             kind, sep, url = item.partition("=")
             if not sep or not kind or not url:
                 raise CommandError(f"--server-url takes KIND=URL, not {item!r}.")
             urls[kind] = url
+        return urls
+
+    def _progress(self, options: dict[str, Any]) -> Progress:
         stream = getattr(self.stderr, "_out", sys.stderr)
 
         def note(line: str) -> None:
             if not options["no_progress"]:
                 self.stderr.write(line, style_func=str)
 
-        progress = Progress(stream, note, bars=not options["no_progress"])
-        servers = ServerSet(urls, max_connections=100)
-        try:
-            return run_benchmark(params, chosen, backends, servers, progress, self._command_line())
-        finally:
-            servers.close()
+        return Progress(stream, note, bars=not options["no_progress"])
 
     @staticmethod
     def _command_line() -> str:
@@ -156,29 +213,58 @@ class Command(BaseCommand):
                 result = dict(json.load(f))
         except (OSError, ValueError) as exc:
             raise CommandError(f"Cannot read {options['load']}: {exc}") from exc
-        result["targets"] = evaluate_targets(result)  # judged by this version's rules
+        # Judged by this version's rules.
+        if "fleet" in result:
+            result["goals"] = fleet_report.evaluate_goals(result)
+        else:
+            result["targets"] = evaluate_targets(result)
         return result
 
     def _output(self, result: dict[str, Any], options: dict[str, Any]) -> None:
+        if "fleet" in result:
+            self._output_fleet(result, options)
+            return
         self.stdout.write(render_text(result))
-        if options["json"] and not options["load"]:
-            with open(options["json"], "w") as f:
-                json.dump(result, f, indent=1)
-                f.write("\n")
-            self.stdout.write(f"JSON: {options['json']}")
+        self._write_json(result, options)
         if options["plot"]:
             from pulp_pubsub_tools.bench.plot import save_plot
 
             save_plot(result, options["plot"])
             self.stdout.write(f"Plot: {options['plot']}")
         if options["markdown"]:
-            plot = options["plot"]
-            if plot:  # as the page links it: relative to the page
-                plot = os.path.relpath(plot, os.path.dirname(os.path.abspath(options["markdown"])))
-            write_markdown(options["markdown"], render_markdown(result, plot=plot))
+            write_markdown(
+                options["markdown"], render_markdown(result, plot=self._plot_link(options))
+            )
             self.stdout.write(f"Markdown: {options['markdown']}")
-        missed = [t for t in result.get("targets", []) if t["met"] is False]
-        summary = (
-            f"{len(result.get('targets', [])) - len(missed)} targets met, {len(missed)} missed."
-        )
+        self._summary(result.get("targets", []), "targets")
+
+    def _output_fleet(self, result: dict[str, Any], options: dict[str, Any]) -> None:
+        self.stdout.write(fleet_report.render_text(result))
+        self._write_json(result, options)
+        if options["plot"]:
+            fleet_report.save_plot(result, options["plot"])
+            self.stdout.write(f"Plot: {options['plot']}")
+        if options["markdown"]:
+            text = fleet_report.render_markdown(result, plot=self._plot_link(options))
+            write_markdown(options["markdown"], text, fleet_report.START, fleet_report.END)
+            self.stdout.write(f"Markdown: {options['markdown']}")
+        self._summary(result.get("goals", []), "goals")
+
+    def _write_json(self, result: dict[str, Any], options: dict[str, Any]) -> None:
+        if options["json"] and not options["load"]:
+            with open(options["json"], "w") as f:
+                json.dump(result, f, indent=1)
+                f.write("\n")
+            self.stdout.write(f"JSON: {options['json']}")
+
+    @staticmethod
+    def _plot_link(options: dict[str, Any]) -> str | None:
+        plot = options["plot"]
+        if plot:  # as the page links it: relative to the page
+            plot = os.path.relpath(plot, os.path.dirname(os.path.abspath(options["markdown"])))
+        return plot
+
+    def _summary(self, judged: list[dict[str, Any]], what: str) -> None:
+        missed = [t for t in judged if t["met"] is False]
+        summary = f"{len(judged) - len(missed)} {what} met, {len(missed)} missed."
         self.stdout.write(self.style.WARNING(summary) if missed else self.style.SUCCESS(summary))
