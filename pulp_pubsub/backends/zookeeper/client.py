@@ -32,6 +32,17 @@ CONTAINER_FLAG = 4
 TRIM_BATCH = 500
 
 
+class _Quieter(logging.LoggerAdapter[logging.Logger]):
+    """kazoo's log, its warnings as INFO: each connection it loses is the listener's to report
+    (once, with what it does about it), and a publish that fails raises."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        self.logger.log(min(level, logging.INFO), msg, *args, **kwargs)
+
+
+KAZOO_LOGGER = _Quieter(logging.getLogger("pulp_pubsub.backends.zookeeper.kazoo"), {})
+
+
 class CreateContainer(Create2):
     type = 19
 
@@ -66,7 +77,7 @@ class Connect:
             hosts=self.where.connect_string,
             timeout=self.session_timeout,
             connection_retry=retry,
-            logger=logging.getLogger("pulp_pubsub.backends.zookeeper.kazoo"),
+            logger=KAZOO_LOGGER,
             **kwargs,
         )
 

@@ -107,7 +107,7 @@ def _refused(char: str) -> bool:
         or code < 0x20
         or 0x7F <= code <= 0x9F
         or 0xD800 <= code <= 0xF8FF
-        or 0xFFF0 <= code <= 0xFFFF
+        or code >= 0xFFF0  # and beyond: Java's surrogate pairs, which ZooKeeper refuses
     )
 
 
