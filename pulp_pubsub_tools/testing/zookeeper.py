@@ -16,8 +16,13 @@ from typing import Any
 from .processes import LOOPBACK, ServerProcess, free_port
 
 JAR = "/usr/share/java/zookeeper.jar"
-#: The jar's manifest names its dependencies; slf4j needs a binding or it warns on stderr.
-LOGGING_JARS = ("/usr/share/java/slf4j-simple.jar", "/usr/share/java/slf4j-nop.jar")
+#: The jar's manifest names most of its dependencies; the Netty server (TLS) also needs
+#: these, and slf4j a binding or it warns on stderr.
+EXTRA_JARS = (
+    "/usr/share/java/netty-codec.jar",
+    "/usr/share/java/netty-resolver.jar",
+    "/usr/share/java/slf4j-simple.jar",
+)
 INSTALL_HINT = "ZooKeeper is not installed; install it with: apt-get install zookeeper"
 #: Milliseconds: sessions may last from 2 to 20 ticks, so 200 allows 0.4 s to 4 s.
 TICK_MS = 200
@@ -28,7 +33,7 @@ def java_command() -> list[str]:
     java = shutil.which("java") or "/usr/bin/java"
     if not os.path.exists(JAR) or not os.access(java, os.X_OK):
         raise RuntimeError(INSTALL_HINT)
-    classpath = [JAR, *(jar for jar in LOGGING_JARS[:1] if os.path.exists(jar))]
+    classpath = [JAR, *(jar for jar in EXTRA_JARS if os.path.exists(jar))]
     # A short-lived JVM: the client compiler only, a small heap, serial GC.
     return [
         java,

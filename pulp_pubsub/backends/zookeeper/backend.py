@@ -48,7 +48,14 @@ from .names import Where, escape, parse_url, sequence
 
 try:
     from kazoo.client import KazooClient
-    from kazoo.exceptions import KazooException, NoAuthError, NoNodeError
+    from kazoo.exceptions import (
+        ConnectionClosedError,
+        ConnectionLoss,
+        KazooException,
+        NoAuthError,
+        NoNodeError,
+        SessionExpiredError,
+    )
     from kazoo.handlers.threading import KazooTimeoutError
     from kazoo.security import CREATOR_ALL_ACL, OPEN_ACL_UNSAFE, READ_ACL_UNSAFE
 except ImportError as exc:
@@ -263,10 +270,11 @@ class Publisher:
                 self.client.remove_listener(on_state)
 
     def publish(self, wire: str, data: bytes, deadline: float) -> None:
-        self._ensure_started(deadline)
         path = self.backend.path(wire)
         acl = self.backend.acl
-        for attempt in range(2):
+        made = False
+        while True:
+            self._ensure_started(deadline)
             left = max(0.0, deadline - time.monotonic())
             try:
                 created, stat = self.client.create_async(
@@ -274,10 +282,18 @@ class Publisher:
                 ).get(timeout=left)
                 break
             except NoNodeError:
-                if attempt:
+                if made:
                     raise
                 # The channel's first message (or its container was removed when empty).
                 create_container(self.client, path, acl, max(0.0, deadline - time.monotonic()))
+                made = True
+            except (ConnectionLoss, SessionExpiredError, ConnectionClosedError):
+                # The member went away with the request (it may have been written: a
+                # retry can then land twice, which a wake-up survives). kazoo is on its
+                # way to the next member; wait for it, within the deadline.
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
         self._after(path, sequence(created) or 0, stat.ctime)
 
     def _after(self, path: str, seq: int, ctime: int) -> None:
