@@ -236,38 +236,65 @@ class Publisher:
         self.backend = backend
         self.client: KazooClient = backend.connect.client(retry_forever=True)
         self._started = False
-        self._channels: set[str] = set()
+        self._down_since: float | None = None
+        self._patience = float(backend.config["connect_timeout"])
         self._since_trim: dict[str, int] = {}
         self._lock = threading.Lock()
         self._trims: queue.SimpleQueue[tuple[str, int] | None] = queue.SimpleQueue()
         self._trimmer: threading.Thread | None = None
 
     def _ensure_started(self, deadline: float) -> None:
-        if not self._started:
-            with self._lock:
-                if not self._started:
-                    self.client.start_async()
-                    self._started = True
-        left = deadline - time.monotonic()
-        if not self.client.connected:
-            # Started, and reconnecting meanwhile: wait for it within the deadline.
-            event = threading.Event()
+        with self._lock:
+            if not self._started:
+                self.client.start_async()
+                self._started, self._down_since = True, time.monotonic()
+            client = self.client
+        if client.connected:
+            self._down_since = None
+            return
+        # Started, and reconnecting meanwhile: wait for it within the deadline.
+        connected = threading.Event()
 
-            def on_state(state: Any) -> bool:
-                if self.client.connected:
-                    event.set()
-                    return True
-                return False
+        def on_state(state: Any) -> bool:
+            if client.connected:
+                connected.set()
+                return True
+            return False
 
-            self.client.add_listener(on_state)
-            try:
-                if not self.client.connected and not event.wait(max(0.0, left)):
-                    raise KazooTimeoutError(
-                        f"no ZooKeeper server of {self.backend.where.connect_string} "
-                        f"answered within the publish timeout"
-                    )
-            finally:
-                self.client.remove_listener(on_state)
+        client.add_listener(on_state)
+        try:
+            if client.connected or connected.wait(max(0.0, deadline - time.monotonic())):
+                self._down_since = None
+                return
+        finally:
+            client.remove_listener(on_state)
+        self._replace_if_stuck(client)
+        raise KazooTimeoutError(
+            f"no ZooKeeper server of {self.backend.where.connect_string} "
+            f"answered within the publish timeout"
+        )
+
+    def _replace_if_stuck(self, client: KazooClient) -> None:
+        """A new client for one that has not connected for ``connect_timeout`` seconds.
+
+        kazoo waits for a member's answer to its connect request for the whole session
+        timeout (divided among the members): a member that took the TCP connection and
+        then answers nothing (frozen, or restarted behind a load balancer) would hold
+        every publish of the process that long. A publisher's session holds nothing.
+        """
+        now = time.monotonic()
+        with self._lock:
+            if self._down_since is None:
+                self._down_since = now
+                return
+            if client is not self.client or now - self._down_since < self._patience:
+                return
+            self.client = self.backend.connect.client(retry_forever=True)
+            self.client.start_async()
+            self._down_since = now
+        threading.Thread(
+            target=_stop, args=(client,), name="pubsub-zookeeper-stop", daemon=True
+        ).start()
 
     def publish(self, wire: str, data: bytes, deadline: float) -> None:
         path = self.backend.path(wire)
@@ -332,8 +359,12 @@ class Publisher:
             self._trims.put(None)
             self._trimmer.join(self.backend.config["publish_timeout"])
         if self._started:
-            try:
-                self.client.stop()
-                self.client.close()
-            except Exception:
-                logger.debug("Closing the ZooKeeper publishing session failed", exc_info=True)
+            _stop(self.client)
+
+
+def _stop(client: KazooClient) -> None:
+    try:
+        client.stop()
+        client.close()
+    except Exception:
+        logger.debug("Closing a ZooKeeper publishing session failed", exc_info=True)
