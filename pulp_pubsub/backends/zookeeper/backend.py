@@ -193,7 +193,12 @@ class ZookeeperBackend(BaseBackend):
                 f"({'user ' + repr(user) if user else 'no credentials'}; see the ACL "
                 "in docs/security.md)"
             ) from exc
-        except (KazooException, KazooTimeoutError, OSError) as exc:
+        except KazooTimeoutError as exc:
+            raise PublishError(
+                f"zookeeper backend could not publish to {channel!r}: no answer within the "
+                f"publish timeout ({self.config['publish_timeout']:g} s)"
+            ) from exc
+        except (KazooException, OSError) as exc:
             cause = str(exc) or type(exc).__name__
             raise PublishError(
                 f"zookeeper backend could not publish to {channel!r}: {cause}"
