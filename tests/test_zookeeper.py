@@ -347,6 +347,32 @@ def test_digest_auth_right_and_wrong_password_and_the_acl_it_sets(server, zk):
     wrong.close()
 
 
+def test_create_and_read_on_the_root_is_all_the_layer_needs(server):
+    """The ACL docs/security.md gives: the operator makes the root with ``cr`` for the fleet's
+    digest user alone; the layer makes each channel (with its user's ACL) and works."""
+    from kazoo.security import make_digest_acl
+
+    root = "/pubsub-acl"
+    operator = KazooClient(server.hosts, auth_data=[("digest", "fleet:pw")])
+    operator.start(timeout=10)
+    operator.create(root, acl=[make_digest_acl("fleet", "pw", create=True, read=True)])
+    operator.stop()
+    operator.close()
+    fleet = ZookeeperBackend(url=f"zk://fleet:pw@{server.hosts}", options={**FAST, "root": root})
+    with fleet.subscriber() as sub:
+        got = inbox(sub, "zk.acl")
+        fleet.publish("zk.acl", "allowed")
+        dispatch_until(sub, lambda: got)
+    assert plain(got) == ["allowed"]
+    other = ZookeeperBackend(url=f"zk://other:pw@{server.hosts}", options={"root": root})
+    with pytest.raises(PublishError, match="not allowed"):
+        other.publish("zk.acl", "forged")  # cannot write in the fleet's channel
+    with pytest.raises(PublishError, match="not allowed"):
+        other.publish("zk.acl.new", "forged")  # nor make a channel under the root
+    fleet.close()
+    other.close()
+
+
 def test_world_readable_lets_anyone_read_but_only_the_user_write(server, zk):
     backend = ZookeeperBackend(url=f"zk://pulp:pw@{server.hosts}", options={"world_readable": True})
     backend.publish("zk.readable", "visible")
