@@ -62,6 +62,7 @@ except ImportError as exc:
     raise MissingDependency("zookeeper", "zookeeper", exc) from exc
 
 from .client import Connect, create_container, trim
+from .transport import ZookeeperTransport
 
 logger = logging.getLogger(__name__)
 
@@ -206,9 +207,7 @@ class ZookeeperBackend(BaseBackend):
 
     # -- subscribing -------------------------------------------------------------
 
-    def open_transport(self) -> Any:
-        from .transport import ZookeeperTransport
-
+    def open_transport(self) -> ZookeeperTransport:
         return ZookeeperTransport(self)
 
     # -- introspection and lifecycle ---------------------------------------------

@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kazoo.exceptions import KazooException, NoAuthError, NoNodeError
 from kazoo.handlers.threading import KazooTimeoutError
@@ -32,15 +32,13 @@ from kazoo.protocol.states import KazooState
 
 from ...exceptions import ConnectionLost
 from ..selfpipe import close_fds, drain, make_pipe, poke
-from ..transport import Transport
-from .client import create_container, parse_mark
-from .names import sequence
+from ..transport import SubscribedBackend, Transport
+from .client import Connect, create_container, parse_mark
+from .names import Where, sequence
 
 if TYPE_CHECKING:
     from kazoo.interfaces import IAsyncResult
     from kazoo.protocol.states import WatchedEvent
-
-    from .backend import ZookeeperBackend
 
 #: Messages fetched per channel per read; the rest on the next turn.
 READ_BATCH = 256
@@ -59,10 +57,24 @@ class Channel:
     mark_version: int = -1
 
 
-class ZookeeperTransport(Transport):
-    backend: ZookeeperBackend
+class ZookeeperHost(SubscribedBackend, Protocol):
+    """What a transport needs of the ZooKeeper backend beyond every backend's contract.
 
-    def __init__(self, backend: ZookeeperBackend) -> None:
+    A protocol, so that this module does not import the backend that imports it.
+    """
+
+    where: Where
+    connect: Connect
+    base: str
+    acl: list[Any]
+
+    def path(self, wire: str) -> str: ...
+
+
+class ZookeeperTransport(Transport):
+    backend: ZookeeperHost
+
+    def __init__(self, backend: ZookeeperHost) -> None:
         super().__init__(backend)
         self._timeout = float(backend.config["connect_timeout"])
         self._lock = threading.Lock()
