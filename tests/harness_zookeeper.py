@@ -18,14 +18,13 @@ from pulp_pubsub.backends.zookeeper.backend import ZookeeperBackend
 from pulp_pubsub.backends.zookeeper.names import escape
 from pulp_pubsub_tools.testing import ZookeeperServer
 
-from .harness import Harness
+from .harness import ProxiedServerHarness
 from .harness_etcd import ProxyProcess
 
-MODES = {"fast": "graceful", "smart": "graceful", "immediate": "kill"}
 ROOT = ZookeeperBackend.options["root"]
 
 
-class ZookeeperHarness(Harness):
+class ZookeeperHarness(ProxiedServerHarness):
     name = "zookeeper"
     cross_process = True
     payload_limit = ZookeeperBackend.options["max_payload"]
@@ -52,18 +51,6 @@ class ZookeeperHarness(Harness):
             "PUBSUB_URL": self.url,
             "PUBSUB_OPTIONS": extra_options,
         }
-
-    def restart(self, mode: str = "fast") -> None:
-        self.server.restart(MODES.get(mode, mode))
-
-    def kill_subscriber_connections(self) -> int:
-        return self.proxy.cut()
-
-    def freeze(self) -> None:
-        self.server.freeze()
-
-    def thaw(self) -> None:
-        self.server.thaw()
 
     def server_connections(self) -> int:
         """Client connections the server holds, less the one asking (``cons`` counts it)."""
@@ -96,13 +83,15 @@ class ZookeeperHarness(Harness):
 
 
 @contextlib.contextmanager
-def make_harness(tmp_path_factory: Any) -> Iterator[ZookeeperHarness]:
+def make_harness(
+    tmp_path_factory: Any, kind: type[ZookeeperHarness] = ZookeeperHarness
+) -> Iterator[ZookeeperHarness]:
     server = ZookeeperServer()
     try:
         server.start()
         proxy = ProxyProcess(server.host, server.port)
         try:
-            yield ZookeeperHarness(server, proxy)
+            yield kind(server, proxy)
         finally:
             proxy.close()
     finally:

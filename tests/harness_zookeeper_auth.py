@@ -7,9 +7,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import Any
 
-from pulp_pubsub_tools.testing import ZookeeperServer
-
-from .harness_etcd import ProxyProcess
+from . import harness_zookeeper
 from .harness_zookeeper import ZookeeperHarness
 
 CREDENTIALS = ("pubsub", "s3cret-zk@pw/:")
@@ -20,14 +18,6 @@ class ZookeeperAuthHarness(ZookeeperHarness):
 
 
 @contextlib.contextmanager
-def make_harness(tmp_path_factory: Any) -> Iterator[ZookeeperAuthHarness]:
-    server = ZookeeperServer()
-    try:
-        server.start()
-        proxy = ProxyProcess(server.host, server.port)
-        try:
-            yield ZookeeperAuthHarness(server, proxy)
-        finally:
-            proxy.close()
-    finally:
-        server.cleanup()
+def make_harness(tmp_path_factory: Any) -> Iterator[ZookeeperHarness]:
+    with harness_zookeeper.make_harness(tmp_path_factory, ZookeeperAuthHarness) as running:
+        yield running

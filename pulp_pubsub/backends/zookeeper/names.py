@@ -20,6 +20,7 @@ from urllib.parse import unquote
 from django.core.exceptions import ImproperlyConfigured
 
 from ...conf import hide_password
+from ..hostlist import parse_credentials, parse_hosts
 
 DEFAULT_PORT = 2181
 _SCHEMES = {"zk": False, "zookeeper": False, "zks": True}
@@ -72,30 +73,8 @@ def parse_url(url: str) -> Where:
         raise ImproperlyConfigured(f"PUBSUB_URL {hide_password(url)!r}: bad chroot {chroot!r}.")
     username = password = None
     if at:
-        user, colon, pw = userinfo.partition(":")
-        username, password = unquote(user), (unquote(pw) if colon else None)
-        if not username or not password:
-            raise ImproperlyConfigured(
-                f"PUBSUB_URL {hide_password(url)!r}: digest authentication needs both a "
-                "user name and a password (user:password@)."
-            )
-    hosts = []
-    for part in hostlist.split(","):
-        part = part.strip()
-        if part.startswith("["):
-            host, _, port_text = part[1:].partition("]")
-            port_text = port_text.lstrip(":")
-        else:
-            host, _, port_text = part.partition(":")
-        try:
-            port = int(port_text) if port_text else DEFAULT_PORT
-            if not host or not 0 < port < 65536 or any(c.isspace() for c in host):
-                raise ValueError
-        except ValueError:
-            raise ImproperlyConfigured(
-                f"PUBSUB_URL {hide_password(url)!r}: {part!r} is not host[:port]."
-            ) from None
-        hosts.append((host, port))
+        username, password = parse_credentials(userinfo, url, "digest authentication")
+    hosts = parse_hosts(hostlist, DEFAULT_PORT, url)
     return Where(hosts, chroot, tls, username, password)
 
 
