@@ -57,6 +57,7 @@ try:
         SessionExpiredError,
     )
     from kazoo.handlers.threading import KazooTimeoutError
+    from kazoo.protocol.states import KazooState
     from kazoo.security import CREATOR_ALL_ACL, OPEN_ACL_UNSAFE, READ_ACL_UNSAFE
 except ImportError as exc:
     raise MissingDependency("zookeeper", "zookeeper", exc) from exc
@@ -250,18 +251,51 @@ class Publisher:
         self._trimmer: threading.Thread | None = None
 
     def _ensure_started(self, deadline: float) -> None:
-        with self._lock:
-            if not self._started:
-                self.client.start_async()
-                self._started, self._down_since = True, time.monotonic()
-            client = self.client
-        if client.connected:
-            self._down_since = None
-            return
-        # Started, and reconnecting meanwhile: wait for it within the deadline.
+        """Return once connected; a client that stayed away ``connect_timeout`` is replaced.
+
+        kazoo waits for a member's answer to its connect request for the whole session
+        timeout (divided among the members): a member that took the TCP connection and
+        then answers nothing (frozen, or just restarted behind a proxy) would hold every
+        publish of the process that long. A publisher's session holds nothing to lose.
+        """
+        while True:
+            with self._lock:
+                if not self._started:
+                    self._start(self.client)
+                client = self.client
+            if client.connected:
+                return
+            now = time.monotonic()
+            down_since = self._down_since if self._down_since is not None else now
+            replace_at = down_since + self._patience
+            if self._wait_connected(client, min(deadline, max(replace_at, now))):
+                return
+            if time.monotonic() >= deadline:
+                raise KazooTimeoutError(
+                    f"no ZooKeeper server of {self.backend.where.connect_string} "
+                    f"answered within the publish timeout"
+                )
+            self._replace(client)
+
+    def _start(self, client: KazooClient) -> None:
+        """Start ``client`` (lock held), noting when it loses its connection."""
+
+        def on_state(state: str) -> None:
+            if state == KazooState.CONNECTED:
+                self._down_since = None
+            elif self._down_since is None:
+                self._down_since = time.monotonic()
+
+        self._down_since = time.monotonic()
+        client.add_listener(on_state)
+        client.start_async()
+        self._started = True
+
+    @staticmethod
+    def _wait_connected(client: KazooClient, until: float) -> bool:
         connected = threading.Event()
 
-        def on_state(state: Any) -> bool:
+        def on_state(state: str) -> bool:
             if client.connected:
                 connected.set()
                 return True
@@ -269,35 +303,17 @@ class Publisher:
 
         client.add_listener(on_state)
         try:
-            if client.connected or connected.wait(max(0.0, deadline - time.monotonic())):
-                self._down_since = None
-                return
+            return client.connected or connected.wait(max(0.0, until - time.monotonic()))
         finally:
             client.remove_listener(on_state)
-        self._replace_if_stuck(client)
-        raise KazooTimeoutError(
-            f"no ZooKeeper server of {self.backend.where.connect_string} "
-            f"answered within the publish timeout"
-        )
 
-    def _replace_if_stuck(self, client: KazooClient) -> None:
-        """A new client for one that has not connected for ``connect_timeout`` seconds.
-
-        kazoo waits for a member's answer to its connect request for the whole session
-        timeout (divided among the members): a member that took the TCP connection and
-        then answers nothing (frozen, or restarted behind a load balancer) would hold
-        every publish of the process that long. A publisher's session holds nothing.
-        """
-        now = time.monotonic()
+    def _replace(self, client: KazooClient) -> None:
         with self._lock:
-            if self._down_since is None:
-                self._down_since = now
-                return
-            if client is not self.client or now - self._down_since < self._patience:
+            if client is not self.client:
                 return
             self.client = self.backend.connect.client(retry_forever=True)
-            self.client.start_async()
-            self._down_since = now
+            self._start(self.client)
+        # Stopping waits for kazoo's connection thread, which may be in that very wait.
         threading.Thread(
             target=_stop, args=(client,), name="pubsub-zookeeper-stop", daemon=True
         ).start()
@@ -319,7 +335,10 @@ class Publisher:
             except KazooTimeoutError:
                 # Connected to a member that answers nothing (frozen): kazoo notices only
                 # after two thirds of the session timeout. After connect_timeout, a new one.
-                self._replace_if_stuck(client)
+                if self._down_since is None:
+                    self._down_since = time.monotonic()
+                elif time.monotonic() - self._down_since >= self._patience:
+                    self._replace(client)
                 raise
             except NoNodeError:
                 if made:
