@@ -26,7 +26,7 @@ from pulp_pubsub.backends.zookeeper.names import escape, parse_url, unescape
 from pulp_pubsub.exceptions import InvalidPayload, MissingDependency, PublishError
 from pulp_pubsub_tools.testing import TcpProxy, ZookeeperEnsemble, ZookeeperServer, free_port
 
-from .util import dispatch_until, wait_until
+from .util import dispatch_until, inbox, plain, wait_until
 
 pytestmark = pytest.mark.backend
 
@@ -52,16 +52,6 @@ def zk(server):
     yield client
     client.stop()
     client.close()
-
-
-def inbox(sub, channel):
-    got = []
-    sub.subscribe(channel, got.append)
-    return got
-
-
-def plain(messages):
-    return [m.payload for m in messages if not m.resync]
 
 
 def via(proxy, **options):
