@@ -100,7 +100,7 @@ def check_production_backend(app_configs: Any = None, **kwargs: Any) -> list[Che
             Warning(
                 "PUBSUB_BACKEND is 'memory': messages never leave the process, so "
                 "separate workers cannot wake each other.",
-                hint="Use postgres, redis, etcd or nats in production.",
+                hint="Use postgres, redis, nats, etcd, zookeeper or relay in production.",
                 id=W001,
             )
         ]

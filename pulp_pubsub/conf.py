@@ -21,6 +21,7 @@ ALIASES: dict[str, str] = {
     "etcd": "pulp_pubsub.backends.etcd.EtcdBackend",
     "relay": "pulp_pubsub.backends.relay.RelayBackend",
     "nats": "pulp_pubsub.backends.nats.NatsBackend",
+    "zookeeper": "pulp_pubsub.backends.zookeeper.ZookeeperBackend",
 }
 
 DEFAULT_BACKEND = "postgres"

@@ -10,8 +10,10 @@ from pulp_pubsub.backends import memory
 from pulp_pubsub.handler import backends
 
 #: Backends the contract tests run on; each has tests/harness_<name>.py ("natsjs" is the
-#: nats backend with JetStream replay on).
-DEFAULT_BACKENDS = "memory,postgres,redis,relay,relay_direct,etcd,nats,natsjs"
+#: nats backend with JetStream replay on, "zookeeper_auth" zookeeper with digest auth).
+DEFAULT_BACKENDS = (
+    "memory,postgres,redis,relay,relay_direct,etcd,nats,natsjs,zookeeper,zookeeper_auth"
+)
 CONTRACT_BACKENDS = [
     name for name in os.environ.get("PUBSUB_TEST_BACKENDS", DEFAULT_BACKENDS).split(",") if name
 ]

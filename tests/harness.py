@@ -61,3 +61,26 @@ class Harness:
     # Interoperability with a plain client of the server.
     def publish_external(self, wire_channel: str, payload: str) -> None:
         raise NotImplementedError
+
+
+class ProxiedServerHarness(Harness):
+    """A throwaway server (``self.server``) whose clients pass a TcpProxy (``self.proxy``):
+    for servers with no command that drops a client's connection (etcd, ZooKeeper), which
+    the proxy resets instead."""
+
+    server: Any
+    proxy: Any
+    #: The contract's restart modes, as the server's stop signals.
+    MODES: ClassVar[dict[str, str]] = {"fast": "graceful", "smart": "graceful", "immediate": "kill"}
+
+    def restart(self, mode: str = "fast") -> None:
+        self.server.restart(self.MODES.get(mode, mode))
+
+    def kill_subscriber_connections(self) -> int:
+        return int(self.proxy.cut())
+
+    def freeze(self) -> None:
+        self.server.freeze()
+
+    def thaw(self) -> None:
+        self.server.thaw()

@@ -17,9 +17,7 @@ from typing import Any
 from pulp_pubsub.backends.etcd.backend import EtcdBackend
 from pulp_pubsub_tools.testing import EtcdServer
 
-from .harness import Harness
-
-MODES = {"fast": "graceful", "smart": "graceful", "immediate": "kill"}
+from .harness import ProxiedServerHarness
 
 _PROXY = """
 import sys
@@ -58,7 +56,7 @@ class ProxyProcess:
         self.proc.wait()
 
 
-class EtcdHarness(Harness):
+class EtcdHarness(ProxiedServerHarness):
     name = "etcd"
     cross_process = True
     payload_limit = EtcdBackend.payload_limit
@@ -75,18 +73,6 @@ class EtcdHarness(Harness):
 
     def settings(self, **extra_options: Any) -> dict[str, Any]:
         return {"PUBSUB_BACKEND": "etcd", "PUBSUB_URL": self.url, "PUBSUB_OPTIONS": extra_options}
-
-    def restart(self, mode: str = "fast") -> None:
-        self.server.restart(MODES.get(mode, mode))
-
-    def kill_subscriber_connections(self) -> int:
-        return self.proxy.cut()
-
-    def freeze(self) -> None:
-        self.server.freeze()
-
-    def thaw(self) -> None:
-        self.server.thaw()
 
     def server_connections(self) -> int:
         """Established TCP connections to etcd's client port (etcd has no client list)."""

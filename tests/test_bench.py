@@ -292,6 +292,31 @@ def test_etcd_runs_beside_its_bare_gateway_client(django_db_blocker: Any, tmp_pa
     assert "etcd" in result["idle"]["etcd"]["server_cpu_pct"]
 
 
+def test_zookeeper_runs_beside_its_bare_kazoo_client(django_db_blocker: Any, tmp_path: Any) -> None:
+    """Round trip against a bare ChildrenWatch/create ping-pong, fan-out and idle, on ZooKeeper."""
+    bench(
+        "latency",
+        "fanout",
+        "idle",
+        "--backends",
+        "zookeeper",
+        "--quick",
+        "--subscribers",
+        str(N),
+        "--json",
+        str(tmp_path / "zookeeper.json"),
+        "--no-progress",
+        blocker=django_db_blocker,
+    )
+    result = json.loads((tmp_path / "zookeeper.json").read_text())
+    latency = result["latency"]["zookeeper"]
+    assert latency["raw_client"].startswith("kazoo ChildrenWatch")
+    assert latency["layer"]["lost"] == latency["raw"]["lost"] == 0
+    assert latency["layer"]["p50"] > 0 and latency["raw"]["p50"] > 0
+    assert result["fanout"]["zookeeper"]["lost"] == 0
+    assert "zookeeper" in result["idle"]["zookeeper"]["server_cpu_pct"]
+
+
 @pytest.mark.parametrize(("with_wakeup", "met"), [(950, True), (850, False)])
 def test_the_commit_share_target_compares_redis_with_and_without_wakeups(
     with_wakeup: int, met: bool

@@ -17,7 +17,7 @@ from pulp_pubsub.backends.etcd.backend import EtcdBackend, parse_url
 from pulp_pubsub.exceptions import PublishError
 from pulp_pubsub_tools.testing import EtcdCluster, EtcdServer, TcpProxy, free_port
 
-from .util import dispatch_until, wait_until
+from .util import dispatch_until, inbox, plain, wait_until
 
 pytestmark = pytest.mark.backend
 
@@ -34,16 +34,6 @@ def server():
 def proxy(server):
     with TcpProxy(server.host, server.port) as running:
         yield running
-
-
-def inbox(sub, channel):
-    got = []
-    sub.subscribe(channel, got.append)
-    return got
-
-
-def plain(messages):
-    return [m.payload for m in messages if not m.resync]
 
 
 # -- configuration -------------------------------------------------------------------

@@ -27,3 +27,15 @@ def dispatch_until(sub: Any, predicate: Callable[[], object], timeout: float = 1
         if left <= 0:
             raise AssertionError(f"not delivered within {timeout} s")
         sub.dispatch(timeout=left)
+
+
+def inbox(sub: Any, channel: str) -> list[Any]:
+    """Subscribe ``sub`` to ``channel``; the list its messages are appended to."""
+    got: list[Any] = []
+    sub.subscribe(channel, got.append)
+    return got
+
+
+def plain(messages: list[Any]) -> list[str]:
+    """The payloads of the messages that are not resyncs."""
+    return [m.payload for m in messages if not m.resync]

@@ -99,7 +99,8 @@ class BaseBackend:
     #: The ``PUBSUB_BACKEND`` alias, used in messages and metrics.
     name: ClassVar[str] = "base"
     #: Largest payload in UTF-8 bytes, or None for no limit of the layer's own.
-    payload_limit: ClassVar[int | None] = None
+    #: An instance may set it from its options (ZooKeeper's follows jute.maxbuffer).
+    payload_limit: int | None = None
     allows_nul: ClassVar[bool] = True
     #: True when the server itself holds a publish back until the Django
     #: transaction commits (PostgreSQL's NOTIFY), so on_commit is not needed.

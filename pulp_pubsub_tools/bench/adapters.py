@@ -16,7 +16,14 @@ from urllib.parse import unquote, urlsplit
 from pulp_pubsub.conf import ALIASES, PubSubSettings
 
 from . import BenchError
-from .raw import EtcdRawClient, NatsClient, PsycopgClient, RawClient, RedisClient
+from .raw import (
+    EtcdRawClient,
+    KazooRawClient,
+    NatsClient,
+    PsycopgClient,
+    RawClient,
+    RedisClient,
+)
 from .servers import ServerSet
 
 
@@ -114,6 +121,12 @@ class EtcdAdapter(Adapter):
     raw_client = EtcdRawClient
 
 
+class ZookeeperAdapter(Adapter):
+    name = "zookeeper"
+    server = "zookeeper"
+    raw_client = KazooRawClient
+
+
 class NatsAdapter(Adapter):
     name = "nats"
     server = "nats"
@@ -157,6 +170,7 @@ ADAPTERS: dict[str, type[Adapter]] = {
         EtcdAdapter,
         NatsAdapter,
         NatsJetStreamAdapter,
+        ZookeeperAdapter,
     )
 }
 

@@ -13,6 +13,7 @@ COLOURS = {
     "nats": "#2ca02c",
     "relay": "#6a3d9a",
     "relay_direct": "#b15928",
+    "zookeeper": "#d4a017",
     "memory": "#888888",
     "poll (Pulp)": "#e8a33d",
 }

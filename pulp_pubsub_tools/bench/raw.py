@@ -248,3 +248,84 @@ class NatsClient:
         for loop, nc in zip(self.loops, clients, strict=True):
             loop.run_until_complete(nc.close())
             loop.close()
+
+
+class KazooRawClient:
+    """kazoo as its documentation shows it: a ``ChildrenWatch`` on the channel's node, and
+    ``create(..., sequence=True)`` to publish, each on a session of its own.
+
+    kazoo calls the watch on its own thread; what it fetches there (the new children's
+    data, in sequence order) is handed over through a pipe, the descriptor ``select()``
+    waits on. No probe, no replay position across sessions, no trimming.
+    """
+
+    label = "kazoo ChildrenWatch / create(sequence=True)"
+    root = "/pubsub-bench-raw"
+
+    def __init__(self, url: str) -> None:
+        import os
+        import threading
+
+        from kazoo.client import KazooClient
+
+        from pulp_pubsub.backends.zookeeper.names import parse_url
+
+        hosts = parse_url(url).connect_string
+        self.listener: Any = KazooClient(hosts)
+        self.publisher: Any = KazooClient(hosts)
+        self.listener.start(timeout=10)
+        self.publisher.start(timeout=10)
+        self.pipe_r, self.pipe_w = os.pipe()
+        os.set_blocking(self.pipe_r, False)
+        self.lock = threading.Lock()
+        self.items: list[tuple[str, str]] = []
+        self.seen: dict[str, str] = {}
+
+    def subscribe(self, channel: str) -> None:
+        from kazoo.recipe.watchers import ChildrenWatch
+
+        path = f"{self.root}/{channel}"
+        self.publisher.ensure_path(path)
+        existing = sorted(self.listener.get_children(path))
+        self.seen[channel] = existing[-1] if existing else ""
+
+        def changed(children: list[str]) -> None:
+            new = sorted(c for c in children if c > self.seen[channel])
+            for name in new:
+                data, _ = self.listener.get(f"{path}/{name}")
+                with self.lock:
+                    self.items.append((channel, data.decode()))
+                self.seen[channel] = name
+            if new:
+                import os
+
+                os.write(self.pipe_w, b"\0")
+
+        ChildrenWatch(self.listener, path, changed)
+
+    def fileno(self) -> int:
+        return self.pipe_r
+
+    def read(self) -> list[tuple[str, str]]:
+        import os
+
+        try:
+            os.read(self.pipe_r, 65536)
+        except BlockingIOError:
+            pass
+        with self.lock:
+            items, self.items = self.items, []
+        return items
+
+    def publish(self, channel: str, payload: str) -> None:
+        path = f"{self.root}/{channel}/m"
+        self.publisher.create(path, payload.encode(), sequence=True, makepath=True)
+
+    def close(self) -> None:
+        import os
+
+        for client in (self.listener, self.publisher):
+            client.stop()
+            client.close()
+        os.close(self.pipe_r)
+        os.close(self.pipe_w)

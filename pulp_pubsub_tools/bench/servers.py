@@ -1,4 +1,4 @@
-"""The PostgreSQL, Redis, etcd, relay and NATS servers of one benchmark run.
+"""The PostgreSQL, Redis, etcd, relay, NATS and ZooKeeper servers of one benchmark run.
 
 A server given by URL is only checked, never stopped: the benchmark refuses
 one that cannot take the connections a run needs (the shared development
@@ -18,7 +18,14 @@ from typing import Any
 
 from pulp_pubsub.conf import hide_password
 
-from ..testing import EtcdServer, NatsServer, PostgresServer, RedisServer, RelayServer
+from ..testing import (
+    EtcdServer,
+    NatsServer,
+    PostgresServer,
+    RedisServer,
+    RelayServer,
+    ZookeeperServer,
+)
 from ..testing.processes import ServerProcess
 from . import BenchError
 
@@ -43,6 +50,11 @@ def start_nats(jetstream: bool = False) -> ServerProcess:
     return _started(NatsServer(jetstream=jetstream))
 
 
+def start_zookeeper() -> ServerProcess:
+    # ZooKeeper's usual tickTime (the test launcher shortens it): sessions of 4 to 40 s.
+    return _started(ZookeeperServer(extra_config={"tickTime": 2000}))
+
+
 def start_relay(postgres_url: str) -> ServerProcess:
     return _started(RelayServer(postgres_url, extra_args=["--max-clients", "10000"]))
 
@@ -62,6 +74,7 @@ LAUNCHERS: dict[str, Callable[[ServerSet], ServerProcess]] = {
     "etcd": lambda servers: start_etcd(),
     "nats": lambda servers: start_nats(),
     "natsjs": lambda servers: start_nats(jetstream=True),
+    "zookeeper": lambda servers: start_zookeeper(),
 }
 
 

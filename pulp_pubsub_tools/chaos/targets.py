@@ -13,7 +13,15 @@ from typing import Any, ClassVar
 
 from django.core.management.base import CommandError
 
-from ..testing import EtcdServer, NatsServer, PostgresServer, RedisServer, RelayServer, TcpProxy
+from ..testing import (
+    EtcdServer,
+    NatsServer,
+    PostgresServer,
+    RedisServer,
+    RelayServer,
+    TcpProxy,
+    ZookeeperServer,
+)
 
 #: Fault kinds, in the order the report lists them.
 SERVER_FAULTS = ("restart_graceful", "restart_kill", "kill_connections", "freeze")
@@ -332,6 +340,32 @@ class NatsTarget(_ServerTarget):
         return self._cut_subscriber_proxy()
 
 
+class ZookeeperTarget(_ServerTarget):
+    """One ZooKeeper server; the layer's znodes carry the ACL of its digest user ``chaos``."""
+
+    name = "zookeeper"
+    replays = True
+
+    def start(self) -> None:
+        self.server = ZookeeperServer()
+        self.server.start()
+        self._with_proxies()
+
+    def spec(self, role: str) -> dict[str, Any]:
+        from urllib.parse import quote
+
+        proxy = self.proxies[role]
+        return {
+            "backend": "zookeeper",
+            "url": f"zk://chaos:{quote(self.password, safe='')}@{proxy.host}:{proxy.port}",
+            "options": dict(self.options),
+        }
+
+    def kill_subscriber_connections(self) -> int:
+        # ZooKeeper has no verb that drops one client's connection: reset them where they pass.
+        return self._cut_subscriber_proxy()
+
+
 class _ProxyGroup:
     """The proxies in front of every relay, faulted together as one."""
 
@@ -467,6 +501,7 @@ TARGETS: dict[str, type[Target]] = {
     "relay": RelayTarget,
     "relay_direct": DirectRelayTarget,
     "nats": NatsTarget,
+    "zookeeper": ZookeeperTarget,
 }
 
 

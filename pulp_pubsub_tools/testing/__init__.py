@@ -14,6 +14,7 @@ from .processes import LOOPBACK, free_port
 from .proxy import TcpProxy
 from .redis import RedisServer, SentinelCluster, SentinelServer
 from .relay import RelayServer
+from .zookeeper import ZookeeperEnsemble, ZookeeperServer
 
 __all__ = [
     "LOOPBACK",
@@ -28,5 +29,7 @@ __all__ = [
     "SentinelCluster",
     "SentinelServer",
     "TcpProxy",
+    "ZookeeperEnsemble",
+    "ZookeeperServer",
     "free_port",
 ]

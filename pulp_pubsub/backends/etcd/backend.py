@@ -65,7 +65,7 @@ KEY_ROOM = 1024
 
 class EtcdBackend(BaseBackend):
     name = "etcd"
-    payload_limit: ClassVar[int | None] = MAX_REQUEST_BYTES - KEY_ROOM
+    payload_limit: int | None = MAX_REQUEST_BYTES - KEY_ROOM
     allows_nul = True
     options: ClassVar[dict[str, Any]] = {
         # Keys live under this prefix (then PUBSUB_CHANNEL_PREFIX, then the channel).

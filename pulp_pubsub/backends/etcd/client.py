@@ -12,12 +12,12 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
-from urllib.parse import unquote
 
 from django.core.exceptions import ImproperlyConfigured
 
 from ...conf import Secret, hide_password
 from ...exceptions import ConnectionLost
+from ..hostlist import parse_credentials, parse_hosts
 from .gateway import Connection, Endpoint, EtcdError, b64
 
 DEFAULT_PORT = 2379
@@ -42,30 +42,8 @@ def parse_url(url: str) -> tuple[list[tuple[str, int]], bool, str | None, str | 
         )
     username = password = None
     if at:
-        user, colon, pw = userinfo.partition(":")
-        username, password = unquote(user), (unquote(pw) if colon else None)
-        if not username or password is None:
-            raise ImproperlyConfigured(
-                f"PUBSUB_URL {hide_password(url)!r}: etcd authentication needs both "
-                "a user name and a password (user:password@)."
-            )
-    hosts = []
-    for part in hostlist.split(","):
-        part = part.strip()
-        if part.startswith("["):
-            host, _, port_text = part[1:].partition("]")
-            port_text = port_text.lstrip(":")
-        else:
-            host, _, port_text = part.partition(":")
-        try:
-            port = int(port_text) if port_text else DEFAULT_PORT
-            if not host or not 0 < port < 65536:
-                raise ValueError
-        except ValueError:
-            raise ImproperlyConfigured(
-                f"PUBSUB_URL {hide_password(url)!r}: {part!r} is not host[:port]."
-            ) from None
-        hosts.append((host, port))
+        username, password = parse_credentials(userinfo, url, "etcd authentication")
+    hosts = parse_hosts(hostlist, DEFAULT_PORT, url)
     return hosts, tls, username, password
 
 
