@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import ssl
@@ -63,6 +64,7 @@ from ..base import BaseBackend
 from ..perprocess import PerProcess
 from .loop import loop_runner
 from .names import WORK_TOKEN, escape_token, parse_servers, unescape_token, work_subject
+from .storing import store
 
 try:
     import nats
@@ -75,6 +77,8 @@ except ImportError as exc:
     raise MissingDependency("nats", "nats", exc) from exc
 
 from .transport import NatsTransport
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "nats://localhost:4222"
 #: Pull requests one targeted-delivery consumer keeps waiting at most: one per member.
@@ -161,6 +165,9 @@ class NatsBackend(BaseBackend):
         self.work_stream_name: str = config["work_stream"] or self.stream_name + "_WORK"
         self._stream_checked = False
         self._work_stream_checked = False
+        # Per stream: whether a publish may be sent again (its duplicate window covers
+        # ``publish_timeout``, so a retried publish is stored once); see :mod:`.storing`.
+        self._retries: dict[str, bool] = {}
         # Targeted delivery needs what only JetStream has: a message handed to a member
         # that dies before acking goes to another after ack_wait. Core NATS broadcasts.
         self.targets = self.jetstream
@@ -326,7 +333,24 @@ class NatsBackend(BaseBackend):
                     f"not this install's subjects {self.stream_subjects!r}."
                 )
             self._stream_checked = True
+            self._note_window(info)
         return info
+
+    def _note_window(self, info: Any) -> None:
+        """Whether a publish to this stream may be retried: its duplicate window must cover it."""
+        name = info.config.name
+        window = float(info.config.duplicate_window or 0)
+        timeout = float(self.config["publish_timeout"])
+        self._retries[name] = window >= timeout
+        if not self._retries[name]:
+            logger.warning(
+                "The JetStream stream %r deduplicates within %.1f s, less than publish_timeout "
+                "(%.1f s): a publish to it is sent once, not again during a leader election "
+                "(a retry could be stored twice). Give the stream a longer duplicate window.",
+                name,
+                window,
+                timeout,
+            )
 
     def _stream_config(
         self, name: str, description: str, subjects: str, **extra: Any
@@ -387,6 +411,7 @@ class NatsBackend(BaseBackend):
                     f"targeted-delivery subjects {self.work_subjects!r}."
                 )
             self._work_stream_checked = True
+            self._note_window(info)
 
     async def ensure_work_consumer(self, nc: Client, wire: str, group: str) -> tuple[str, bool]:
         """The durable pull consumer of (``wire``, ``group``), shared by its members.
@@ -430,15 +455,44 @@ class NatsBackend(BaseBackend):
             # A change this server does not allow: join the consumer as it is.
         return name, made
 
-    async def publish_on(self, nc: Client, wire: str, data: bytes) -> None:
+    async def publish_on(
+        self, nc: Client, wire: str, data: bytes, deadline: float | None = None
+    ) -> None:
+        """Publish on ``nc``; into JetStream, sent again through a leader election.
+
+        ``deadline`` (monotonic) defaults to ``publish_timeout`` from now.
+        """
         timeout = self.config["publish_timeout"]
+        if deadline is None:
+            deadline = time.monotonic() + timeout
         if self.jetstream:
-            await nc.jetstream(timeout=timeout).publish(wire, data, timeout=timeout)
+            await self._store(nc, wire, data, deadline, self.stream_name)
         else:
             await nc.publish(wire, data)
             await nc.flush(timeout)
 
-    async def _send(self, publisher: _Publisher, wire: str, data: bytes, copies: int = 0) -> None:
+    async def _store(
+        self, nc: Client, wire: str, data: bytes, deadline: float, stream: str
+    ) -> None:
+        async def remake(timeout: float) -> None:
+            if stream == self.stream_name:
+                await self.ensure_stream(nc, timeout)
+            else:
+                await self.ensure_work_stream(nc)
+
+        await store(
+            nc,
+            wire,
+            data,
+            deadline,
+            f"the publish of a message to {wire!r}",
+            retry=self._retries.get(stream, False),
+            no_stream=remake,
+        )
+
+    async def _send(
+        self, publisher: _Publisher, wire: str, data: bytes, deadline: float, copies: int = 0
+    ) -> None:
         """Publish ``data`` to ``wire``; with ``copies``, that many targeted messages."""
         nc = publisher.nc
         if nc is None or not nc.is_connected:
@@ -447,21 +501,24 @@ class NatsBackend(BaseBackend):
             publisher.nc = None
             publisher.work_ready = False
             nc = publisher.nc = await self.connect(allow_reconnect=False)
-            if self.jetstream:
+            if self.jetstream and not self._stream_checked:
+                # Once per backend: a new connection during a leader election would wait
+                # for the stream's info; a stream gone since is made again by the publish.
                 await self.ensure_stream(nc)
         try:
             if copies:
                 if not publisher.work_ready:
                     await self.ensure_work_stream(nc)
                     publisher.work_ready = True
-                timeout = self.config["publish_timeout"]
-                js = nc.jetstream(timeout=timeout)
                 # Each copy is stored (acked by the stream) before the publish returns.
                 await asyncio.gather(
-                    *(js.publish(wire, data, timeout=timeout) for _ in range(copies))
+                    *(
+                        self._store(nc, wire, data, deadline, self.work_stream_name)
+                        for _ in range(copies)
+                    )
                 )
             else:
-                await self.publish_on(nc, wire, data)
+                await self.publish_on(nc, wire, data, deadline)
         except BaseException:
             # Unknown state (a frozen server, a lost ack): start afresh next time.
             publisher.nc = None
@@ -486,7 +543,10 @@ class NatsBackend(BaseBackend):
         try:
             left = max(0.0, deadline - time.monotonic())
             data = payload.encode("utf-8")
-            loop_runner().run(self._send(publisher, subject, data, copies), left)
+            # A moment past the deadline: the publish's own account of what it waited for
+            # (see .storing) is the better error than a bare time-out.
+            sending = self._send(publisher, subject, data, deadline, copies)
+            loop_runner().run(sending, left + 0.25)
         except PubSubError as exc:
             raise PublishError(f"nats backend could not publish: {exc}") from exc
         except BaseException as exc:
