@@ -58,7 +58,10 @@ def run_agent(spec: dict[str, Any], emit: Emit, stop_fd: int) -> None:
 
     def on_message(message: Message) -> None:
         if message.resync:
-            emit({"k": "r", "c": message.channel, "t": message.received_at, "since": message.since})
+            # "d": delivered while the subscriber says its server is unreachable.
+            degraded = sub.degraded_since is not None
+            event = {"k": "r", "c": message.channel, "t": message.received_at, "d": degraded}
+            emit({**event, "since": message.since})
             return
         try:
             seq = int(message.payload)
@@ -70,6 +73,9 @@ def run_agent(spec: dict[str, Any], emit: Emit, stop_fd: int) -> None:
     try:
         for channel in spec["channels"]:
             sub.subscribe(channel, on_message)
+        if spec.get("work"):
+            # Targeted delivery: a member of the group, besides the channel's broadcasts.
+            sub.subscribe(spec["work"], on_message, group=spec["group"])
         connected = sub.wait_connected(spec.get("ready_timeout", 10))
         emit({"k": "ready", "t": time.time(), "connected": connected})
         if spec.get("mode") == "thread":
