@@ -187,7 +187,7 @@ class Chaos:
         self.quiet_start: float | None = None
         #: The targeted channel, on a backend that targets (decided once its server is up).
         self.work: str | None = None
-        #: (began, ended) of the outage phase.
+        #: The outage phase: from the server's exit until it is started again.
         self.outage: tuple[float, float] | None = None
 
     # -- the run -----------------------------------------------------------------
@@ -338,11 +338,12 @@ class Chaos:
         # connections): from here on no subscriber can reach it.
         began = time.time()
         self._pause(seconds)
+        restarting = time.time()
         self.target.end_outage()
         healed, heal_seq = publisher.mark()
         fault = Fault("outage", f"down {seconds:.1f} s", stopping, healed, heal_seq)
         self.faults.append(fault)
-        self.outage = (began, healed)
+        self.outage = (began, restarting)
         fault.recovered = collector.wait_for(
             partial(collector.all_past, heal_seq), self.config.recovery_timeout
         )

@@ -110,7 +110,8 @@ class OutageVerdict:
     #: The longest wait, on one channel, from the outage's start to the first resync.
     first_wait: float = 0.0
     first_limit: float = 0.0
-    #: The longest gap between two degraded-mode resyncs on one channel.
+    #: The longest gap between two degraded-mode resyncs on one channel, or from the last
+    #: to the server's start.
     widest_gap: float = 0.0
     gap_limit: float = 0.0
     #: "subscriber:channel" of those that fell short.
@@ -138,7 +139,8 @@ def check_outage(
     interval: float,
     notice: float,
 ) -> OutageVerdict:
-    """Degraded mode during the outage from ``began`` to ``ended`` (see the module doc).
+    """Degraded mode while the server was down, from ``began`` until it was started again
+    at ``ended`` (see the module doc).
 
     ``notice``: how long a subscriber may take to notice that its server is gone.
     """
@@ -165,7 +167,8 @@ def check_outage(
                 verdict.short.append(f"{agent.name}:{channel}")
             if times:
                 verdict.first_wait = round(max(verdict.first_wait, times[0] - began), 3)
-            gaps = [b - a for a, b in itertools.pairwise(times)]
+            # Up to the server's start: until then the resyncs must go on.
+            gaps = [b - a for a, b in itertools.pairwise([*times, ended])] if times else []
             verdict.widest_gap = round(max([verdict.widest_gap, *gaps]), 3)
     verdict.fewest_resyncs = fewest or 0
     return verdict
