@@ -23,7 +23,7 @@ from django.test import override_settings
 from pulp_pubsub import get_backend
 from pulp_pubsub.backends.nats.jsapi import patiently
 from pulp_pubsub.exceptions import ConnectionLost, PublishError
-from pulp_pubsub_tools.testing import NatsServer
+from pulp_pubsub_tools.testing import NatsServer, TcpProxy
 
 from .reliability_util import FAST
 from .util import wait_until
@@ -105,6 +105,29 @@ def test_a_publish_sent_again_while_the_server_was_silent_is_stored_once(js_serv
     assert any(
         re.search(r"answered the publish .* after [0-9.]+ s and [0-9]+ tries", s) for s in said
     )
+
+
+def test_a_publish_whose_connection_dies_under_it_is_sent_again_on_a_new_one(js_server, caplog):
+    caplog.set_level(logging.DEBUG, logger="pulp_pubsub.backends.nats")
+    with TcpProxy(js_server.host, js_server.port) as proxy:
+        url = proxy.url_for(js_server.url)
+        with override_settings(**js_settings(url, "moved", publish_timeout=10.0)):
+            backend = get_backend()
+            backend.publish("ch", "first")
+            caplog.clear()
+            proxy.stall()  # the server's side of the link goes silent, then is reset
+            try:
+                publishing = Publishing(backend, "ch", "once")
+                wait_until(lambda: tries_of(caplog) >= 2, 10, "the publish to be sent again")
+                proxy.cut()
+            finally:
+                proxy.resume()
+            assert publishing.join() is None
+            assert stream_state(js_server.url, backend.stream_name).messages == 2
+    said = [r.getMessage() for r in caplog.records]
+    assert any("connection was lost under a publish to 'moved.ch'" in line for line in said)
+    ids = {re.search(r"Nats-Msg-Id (\w+)", line)[1] for line in said if "try " in line}
+    assert len(ids) == 1, said  # the same message on the new connection
 
 
 def test_a_publish_into_a_stream_deleted_since_makes_it_again(js_server):

@@ -64,7 +64,6 @@ from ..base import BaseBackend
 from ..perprocess import PerProcess
 from .loop import loop_runner
 from .names import WORK_TOKEN, escape_token, parse_servers, unescape_token, work_subject
-from .storing import store
 
 try:
     import nats
@@ -76,7 +75,16 @@ try:
 except ImportError as exc:
     raise MissingDependency("nats", "nats", exc) from exc
 
+from .storing import message_id, store
 from .transport import NatsTransport
+
+#: What a publish sees when its connection dies under it.
+_LOST = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    ConnectionError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -472,7 +480,13 @@ class NatsBackend(BaseBackend):
             await nc.flush(timeout)
 
     async def _store(
-        self, nc: Client, wire: str, data: bytes, deadline: float, stream: str
+        self,
+        nc: Client,
+        wire: str,
+        data: bytes,
+        deadline: float,
+        stream: str,
+        msg_id: str | None = None,
     ) -> None:
         async def remake(timeout: float) -> None:
             if stream == self.stream_name:
@@ -488,42 +502,65 @@ class NatsBackend(BaseBackend):
             f"the publish of a message to {wire!r}",
             retry=self._retries.get(stream, False),
             no_stream=remake,
+            msg_id=msg_id,
         )
+
+    async def _connection(self, publisher: _Publisher) -> Client:
+        """The publisher's connection; a new one when it has none that lives."""
+        nc = publisher.nc
+        if nc is not None and nc.is_connected:
+            return nc
+        if nc is not None:
+            await nc.close()
+        publisher.nc = None
+        publisher.work_ready = False
+        nc = publisher.nc = await self.connect(allow_reconnect=False)
+        if self.jetstream and not self._stream_checked:
+            # Once per backend: a new connection during a leader election would wait
+            # for the stream's info; a stream gone since is made again by the publish.
+            await self.ensure_stream(nc)
+        return nc
 
     async def _send(
         self, publisher: _Publisher, wire: str, data: bytes, deadline: float, copies: int = 0
     ) -> None:
-        """Publish ``data`` to ``wire``; with ``copies``, that many targeted messages."""
-        nc = publisher.nc
-        if nc is None or not nc.is_connected:
-            if nc is not None:
-                await nc.close()
-            publisher.nc = None
-            publisher.work_ready = False
-            nc = publisher.nc = await self.connect(allow_reconnect=False)
-            if self.jetstream and not self._stream_checked:
-                # Once per backend: a new connection during a leader election would wait
-                # for the stream's info; a stream gone since is made again by the publish.
-                await self.ensure_stream(nc)
-        try:
-            if copies:
-                if not publisher.work_ready:
-                    await self.ensure_work_stream(nc)
-                    publisher.work_ready = True
-                # Each copy is stored (acked by the stream) before the publish returns.
-                await asyncio.gather(
-                    *(
-                        self._store(nc, wire, data, deadline, self.work_stream_name)
-                        for _ in range(copies)
+        """Publish ``data`` to ``wire``; with ``copies``, that many targeted messages.
+
+        Into JetStream, a publish whose connection dies under it (its server lost) is sent
+        again on a new one, to another server, within the same deadline: with the same
+        ``Nats-Msg-Id`` (one per copy), so the stream stores it once.
+        """
+        stream = self.work_stream_name if copies else self.stream_name
+        ids = [message_id() for _ in range(copies or 1)]
+        while True:
+            nc = await self._connection(publisher)
+            try:
+                if copies:
+                    if not publisher.work_ready:
+                        await self.ensure_work_stream(nc)
+                        publisher.work_ready = True
+                    # Each copy is stored (acked by the stream) before the publish returns.
+                    await asyncio.gather(
+                        *(self._store(nc, wire, data, deadline, stream, i) for i in ids)
                     )
+                elif self.jetstream:
+                    await self._store(nc, wire, data, deadline, stream, ids[0])
+                else:
+                    await self.publish_on(nc, wire, data, deadline)
+                return
+            except BaseException as exc:
+                # Unknown state (a frozen server, a lost ack): start afresh next time.
+                publisher.nc = None
+                self._close_later(nc)
+                again = self.jetstream and self._retries.get(stream, False)
+                if not (again and isinstance(exc, _LOST) and time.monotonic() < deadline):
+                    raise
+                logger.info(
+                    "The NATS connection was lost under a publish to %r (%s): sending it "
+                    "again on a new one.",
+                    wire,
+                    self.explain(exc),
                 )
-            else:
-                await self.publish_on(nc, wire, data, deadline)
-        except BaseException:
-            # Unknown state (a frozen server, a lost ack): start afresh next time.
-            publisher.nc = None
-            self._close_later(nc)
-            raise
 
     def _close_later(self, nc: Client) -> None:
         loop_runner().submit(_abandon(nc))

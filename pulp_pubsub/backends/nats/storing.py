@@ -53,6 +53,7 @@ async def store(
     what: str,
     retry: bool = True,
     no_stream: Callable[[float], Awaitable[Any]] | None = None,
+    msg_id: str | None = None,
 ) -> Any:
     """Publish ``data`` to ``subject`` and wait for a stream's acknowledgement until ``deadline``.
 
@@ -60,9 +61,10 @@ async def store(
     answered (see the module doc); without it, once, waiting until ``deadline``. When no
     stream captures the subject (no responders), ``no_stream(timeout)`` is awaited once, to
     make the stream again, and the publish goes on. Raises ConnectionLost naming ``what``
-    when nothing was acknowledged in time, and any other refusal as it is.
+    when nothing was acknowledged in time, and any other refusal as it is. ``msg_id``: the
+    message's id, when the caller sends it again on another connection.
     """
-    headers = {MSG_ID: message_id()}
+    headers = {MSG_ID: msg_id or message_id()}
     js = nc.jetstream()
     remade = no_stream is None
     tries = 0
