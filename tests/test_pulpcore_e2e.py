@@ -41,7 +41,8 @@ from pulp_pubsub_tools.e2e.scenarios import Config, Report, Run
 LATENCY_RATIO_CI = 1.5
 OLDEST, NEWEST = E2E_SERIES[0], E2E_SERIES[-1]
 #: What every supported series must show; the newest also runs the contrast scenarios
-#: and the relay fleet behind PgBouncer (run only when named, as here).
+#: and the relay fleet behind PgBouncer and the outage on the nats backend (run only when
+#: named, as here).
 EVERY_SERIES = ("contract", "operator", "pooler", "fail_closed", "head_to_head")
 NEWEST_ONLY = ("relay_pgbouncer", "operator_nats")
 
