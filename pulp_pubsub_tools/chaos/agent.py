@@ -58,8 +58,11 @@ def run_agent(spec: dict[str, Any], emit: Emit, stop_fd: int) -> None:
 
     def on_message(message: Message) -> None:
         if message.resync:
-            # "d": delivered while the subscriber says its server is unreachable.
-            degraded = sub.degraded_since is not None
+            # "d": one of degraded mode's, queued while the server was unreachable: the
+            # subscriber still says so, or it was queued before the connection it has now
+            # (a reconnect's own resyncs come after it is made).
+            before = message.received_at < (sub.connected_since or 0.0)
+            degraded = sub.degraded_since is not None or before
             event = {"k": "r", "c": message.channel, "t": message.received_at, "d": degraded}
             emit({**event, "since": message.since})
             return
