@@ -59,10 +59,11 @@ def run_agent(spec: dict[str, Any], emit: Emit, stop_fd: int) -> None:
     def on_message(message: Message) -> None:
         if message.resync:
             # "d": one of degraded mode's, queued while the server was unreachable: the
-            # subscriber still says so, or it was queued before the connection it has now
-            # (a reconnect's own resyncs come after it is made).
+            # subscriber is still without a connection (its first ones of an outage come
+            # just before it says it is degraded), or it was queued before the connection
+            # it has now (a reconnect's own resyncs come after that connection is made).
             before = message.received_at < (sub.connected_since or 0.0)
-            degraded = sub.degraded_since is not None or before
+            degraded = sub.degraded_since is not None or not sub.connected or before
             event = {"k": "r", "c": message.channel, "t": message.received_at, "d": degraded}
             emit({**event, "since": message.since})
             return
