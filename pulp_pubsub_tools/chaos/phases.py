@@ -5,9 +5,10 @@ targeted delivery: every subscriber joins its group, and each message published 
 is owed to the group, not to each member. The rule: every targeted publish that succeeded
 once every member had subscribed reaches at least one member, or a resync on that channel
 whose window covers it (see :func:`.invariant.covers`) reaches at least one member; one that
-arrives does so within ``claim_timeout`` of its publish returning (the time a member that died
-holding it keeps it from the others), unless a resync covered it meanwhile; and in a
-fault-free stretch every one arrives.
+arrives does so within ``claim_timeout`` (the time a member that died holding it keeps it from
+the others) of its publish returning, or of the end of a fault that went on meanwhile (a
+frozen server hands nothing out), unless a resync covered it; and in a fault-free stretch
+every one arrives.
 
 **The outage.** Near the end of the faults, the server is stopped for ``outage`` seconds. The
 rule: every subscriber says it is degraded, and each delivers degraded mode's resyncs on each
@@ -58,8 +59,12 @@ def check_targeted(
     margin: float,
     claim_timeout: float,
     stretches: list[tuple[float, float]],
+    faults: list[tuple[float, float]] | None = None,
 ) -> TargetedVerdict:
-    """The targeted publishes, owed to the group (see the module doc)."""
+    """The targeted publishes, owed to the group (see the module doc).
+
+    ``faults``: (started, healed) of each fault, the outage's included.
+    """
     verdict = TargetedVerdict()
     joined = [agent.subscribed_at for agent in agents if agent.subscribed_at is not None]
     if not joined or len(joined) < len(agents):
@@ -90,9 +95,12 @@ def check_targeted(
             continue
         verdict.delivered += 1
         verdict.redelivered += len(arrivals) > 1
-        latency = max(0.0, min(arrivals) - publish.ended)
+        first = min(arrivals)
+        latency = max(0.0, first - publish.ended)
         verdict.worst_latency = max(verdict.worst_latency or 0.0, latency)
-        if latency > claim_timeout + SLACK and not covered:
+        # Due from its publish, or from the end of a fault between its publish and arrival.
+        due = max([publish.ended] + [h for s, h in faults or [] if s < first and h > publish.ended])
+        if first - due > claim_timeout + SLACK and not covered:
             verdict.late.append((*key, round(latency, 3)))
     return verdict
 

@@ -256,7 +256,8 @@ def build_report(
     targeted = None
     if any(p.group is not None for p in publishes):
         claim = float(config.options.get("claim_timeout", 4.0))
-        targeted = check_targeted(publishes, agents, margin, claim, between + final)
+        windows = [(fault.started, fault.healed) for fault in faults]
+        targeted = check_targeted(publishes, agents, margin, claim, between + final, windows)
     checked_outage = None
     if outage is not None:
         interval = float(config.options.get("outage_interval", 5.0))
