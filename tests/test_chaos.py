@@ -1,7 +1,9 @@
 """The chaos run: its invariant checks on hand-made records, and runs on every backend.
 
 Each backend gets a three-second run of the faults that drop connections in the default tier,
-and a 25-second run of every fault kind in the ``long`` tier. The longer run still is
+and a 25-second run of every fault kind in the ``long`` tier; both end with an outage phase
+(the server down, the subscribers degraded) and, on the backends that target (memory, redis,
+nats with JetStream), carry targeted traffic besides the broadcasts. The longer run still is
 ``python manage.py pubsub_chaos --backend redis --duration 600`` (see docs/reliability.md).
 """
 
@@ -26,6 +28,7 @@ from pulp_pubsub_tools.chaos.invariant import (
     recovery_times,
 )
 from pulp_pubsub_tools.chaos.mutations import MUTATIONS
+from pulp_pubsub_tools.chaos.phases import check_outage, check_targeted
 from pulp_pubsub_tools.chaos.targets import PROXY_FAULTS, SERVER_FAULTS, TARGETS
 
 from .conftest import CONTRACT_BACKENDS
@@ -138,15 +141,73 @@ def test_leaking_lines_finds_a_secret_anywhere_in_any_line():
     assert lines == ["url redis://:pw%40x@h"]
 
 
+def targeted(seq: int, at: float, ok: bool = True) -> Publish:
+    publish = published(seq, at, ok, channel="work")
+    publish.group = "runners"
+    return publish
+
+
+def test_a_targeted_message_is_owed_to_the_group_not_to_each_member():
+    one, two = subscriber(), AgentLog("sub1", subscribed_at=0.0)
+    one.add_message("work", 1, 10.1)  # reached one member: enough
+    two.add_resync("work", 21.0, since=19.0)  # covers #2 for the group
+    publishes = [targeted(1, 10.0), targeted(2, 20.0), targeted(3, 30.0)]
+    # Neither member is owed a targeted message of its own.
+    assert check_invariant(publishes, two, MARGIN).expected == 0
+    verdict = check_targeted(publishes, [one, two], MARGIN, 4.0, [])
+    assert (verdict.expected, verdict.delivered, verdict.covered_by_resync) == (3, 1, 1)
+    assert verdict.missing == [("work", 3)]
+
+
+def test_a_targeted_message_later_than_its_claim_timeout_or_lost_while_fault_free_fails():
+    one = subscriber()
+    one.add_message("work", 1, 16.0)  # six seconds after its publish: late
+    one.add_message("work", 2, 20.5)
+    publishes = [targeted(1, 10.0), targeted(2, 20.0), targeted(3, 30.0)]
+    verdict = check_targeted(publishes, [one], MARGIN, 4.0, [(29.0, 40.0)])
+    assert [(c, s) for c, s, _ in verdict.late] == [("work", 1)]
+    assert verdict.lost_while_fault_free == [("work", 3)] and verdict.failures == 3
+    # A fault between its publish and its arrival (a frozen server) makes it due later.
+    excused = check_targeted(publishes, [one], MARGIN, 4.0, [], faults=[(10.5, 14.0)])
+    assert excused.late == []
+
+
+def test_the_outage_needs_every_subscriber_degraded_at_about_its_interval():
+    steady, silent = subscriber(), AgentLog("sub1", subscribed_at=0.0)
+    for at in (100.9, 101.8, 102.7, 103.6, 104.5):
+        steady.add_resync("a", at, since=99.0, degraded=True)
+    silent.add_resync("a", 100.9, since=99.0, degraded=True)  # then nothing for 4 s
+    good = check_outage([steady], ["a"], 100.0, 105.0, 1.0, notice=2.0)
+    assert good.ok and good.fewest_resyncs == 5 and good.widest_gap == pytest.approx(0.9)
+    bad = check_outage([steady, silent], ["a"], 100.0, 105.0, 1.0, notice=2.0)
+    assert not bad.ok and bad.widest_gap == pytest.approx(4.1)
+    # A channel with none at all falls short.
+    bad = check_outage([steady], ["a", "b"], 100.0, 105.0, 1.0, notice=2.0)
+    assert not bad.ok and bad.short == ["sub0:b"]
+    # A resync that is not degraded mode's (a reconnect's) does not count.
+    plain = subscriber()
+    plain.add_resync("a", 101.0, since=99.0)
+    assert check_outage([plain], ["a"], 100.0, 105.0, 1.0, notice=2.0).degraded_agents == 0
+
+
 # -- the run itself ------------------------------------------------------------------------
 
 
 def chaos_config(backend: str, **overrides) -> ChaosConfig:
-    settings = {"duration": 25.0, "subscribers": 3, "channels": 2, "rate": 20.0, "seed": 7}
+    settings = {
+        "duration": 25.0,
+        "subscribers": 3,
+        "channels": 2,
+        "rate": 20.0,
+        "seed": 7,
+        "outage": 5.0,
+    }
     return ChaosConfig(backend=backend, **{**settings, **overrides})
 
 
 CHAOS_BACKENDS = [name for name in CONTRACT_BACKENDS if name in TARGETS]
+#: The backends that deliver targeted messages themselves (the others broadcast them).
+TARGETING = {"memory", "redis", "natsjs"}
 #: The two faults that drop every subscriber's connection on every backend, quickly.
 SHORT_FAULTS = ("restart_kill", "kill_connections")
 
@@ -159,13 +220,20 @@ def check_run(backend: str, report, capfd) -> str:
         assert report.publish_path == "Django's connection", text
     assert report.ok, text
     if TARGETS[backend].replays:
-        assert report.reconnects > 0 and report.resyncs == 0, text
+        # Replayed, not resynced: only degraded mode's resyncs, while the server was down.
+        assert report.reconnects > 0 and report.resyncs == report.degraded_resyncs, text
     else:
         assert report.resyncs > 0 and report.reconnects > 0, text
     assert report.missing == 0 and report.stuck == [] and report.unrecovered_faults == 0, text
     assert report.quiet_final["expected"] > 0, text
     assert report.quiet_failures == 0, text
     assert set(report.publish_errors) <= {"PublishError"}, text
+    # The outage phase: every subscriber degraded, resyncs at about outage_interval.
+    assert report.outage["ok"] and report.outage["degraded_agents"] == 3, text
+    if backend in TARGETING:
+        assert report.targeted["expected"] > 0 and report.targeted["failures"] == 0, text
+    else:
+        assert report.targeted == {}, text
     captured = capfd.readouterr()
     secrets = TARGETS[backend]("x", {}).secrets
     assert leaking_lines([captured.out, captured.err, text], secrets) == []
@@ -174,13 +242,14 @@ def check_run(backend: str, report, capfd) -> str:
 
 @pytest.mark.backend
 @pytest.mark.servers
-# natsjs (the nats backend with JetStream) has no chaos target of its own.
 @pytest.mark.parametrize("backend", CHAOS_BACKENDS)
 def test_a_short_chaos_run_loses_nothing_silently(backend, capfd, django_db_blocker):
-    """Three seconds of connection-dropping faults on each backend: the default tier's run."""
+    """Three seconds of connection-dropping faults on each backend, then three seconds of
+    outage: the default tier's run."""
     # PostgreSQL publishes the default way, on a Django connection of the run's own.
+    config = chaos_config(backend, duration=3.0, quiet=1.5, faults=SHORT_FAULTS, outage=3.0)
     with django_db_blocker.unblock():
-        report = run(chaos_config(backend, duration=3.0, quiet=1.5, faults=SHORT_FAULTS))
+        report = run(config)
     text = check_run(backend, report, capfd)
     assert all(report.faults_by_kind[kind]["count"] for kind in SHORT_FAULTS), text
 
@@ -208,8 +277,16 @@ def test_the_invariant_catches_a_subscriber_that_forgets_to_resync(monkeypatch):
 
     original = Loop._on_connected
     monkeypatch.setattr(Loop, "_on_connected", no_resync)
+    # Degraded mode off too: its periodic resyncs would cover some of the losses.
+    options = {**ChaosConfig("memory").options, "outage_interval": 0}
     config = chaos_config(
-        "memory", duration=4.0, subscribers=2, rate=50.0, faults=("restart_graceful",)
+        "memory",
+        duration=4.0,
+        subscribers=2,
+        rate=50.0,
+        faults=("restart_graceful",),
+        outage=0.0,
+        options=options,
     )
     report = run(config)
     assert not report.ok
@@ -249,12 +326,14 @@ def test_the_command_prints_the_report_and_exits_zero_when_the_run_passes():
         "--duration=3",
         "--subscribers=2",
         "--faults=kill_connections",
+        "--outage=2",
         "--seed=3",
         "--json",
         stdout=out,
     )
     report = json.loads(out.getvalue())
     assert report["ok"] is True and report["faults"] >= 1 and report["stuck"] == []
+    assert report["outage"]["ok"] and report["targeted"]["expected"] > 0
     assert report["seed"] == 3
 
 

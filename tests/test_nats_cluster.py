@@ -153,6 +153,11 @@ def test_jetstream_subscriber_replays_in_order_when_its_node_led_the_stream():
     assert figures["missing_first"] == [] and figures["missing"] == 0
     assert figures["out_of_order"] == 0 and figures["duplicates"] == 0
     assert figures["resyncs"] == 0
+    # The publisher sent its publish again through the election, and said what it waited
+    # for (every try of a publish has one Nats-Msg-Id: "no duplicate" above is the stream's
+    # deduplication at work).
+    waited = [line for line in figures["log"] if "did not answer the publish of a message" in line]
+    assert waited, figures["log"]
 
 
 def test_jetstream_subscriber_says_what_it_waits_for_while_the_cluster_has_no_quorum(caplog):

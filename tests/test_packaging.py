@@ -121,6 +121,14 @@ def test_the_e2e_tables_in_the_docs_are_generated_from_the_committed_json():
     assert docs.main([*map(str, runs), "--root", str(ROOT), "--check"]) == 0
 
 
+def test_the_outage_table_in_the_docs_is_generated_from_the_committed_json():
+    from pulp_pubsub_tools.e2e import outage_docs
+
+    result = ROOT / "docs" / "figures" / "e2e-3.123-outages.json"
+    assert (ROOT / outage_docs.PAGE).read_text().count(outage_docs.START) == 1
+    assert outage_docs.main([str(result), "--root", str(ROOT), "--check"]) == 0
+
+
 def test_the_herd_tables_in_the_docs_are_generated_from_the_committed_json():
     from pulp_pubsub_tools.e2e import herd
 

@@ -30,6 +30,7 @@ from pulp_pubsub_tools.e2e.figures import (
     as_dict,
     contrast,
     latency_ratio,
+    nats_outage_verdicts,
     operator_verdicts,
     table,
     verdicts,
@@ -40,9 +41,10 @@ from pulp_pubsub_tools.e2e.scenarios import Config, Report, Run
 LATENCY_RATIO_CI = 1.5
 OLDEST, NEWEST = E2E_SERIES[0], E2E_SERIES[-1]
 #: What every supported series must show; the newest also runs the contrast scenarios
-#: and the relay fleet behind PgBouncer (run only when named, as here).
+#: and the relay fleet behind PgBouncer and the outage on the nats backend (run only when
+#: named, as here).
 EVERY_SERIES = ("contract", "operator", "pooler", "fail_closed", "head_to_head")
-NEWEST_ONLY = ("relay_pgbouncer",)
+NEWEST_ONLY = ("relay_pgbouncer", "operator_nats")
 
 pytestmark = [pytest.mark.pulp, pytest.mark.long, pytest.mark.backend, pytest.mark.timeout(1500)]
 
@@ -114,6 +116,12 @@ def test_operator_scenario(report: Report, verdict: int) -> None:
     found = operator_verdicts(report)
     assert len(found) == 5
     assert found[verdict].ok, f"{found[verdict].name}: {found[verdict].figure}"
+
+
+def test_degraded_mode_keeps_pulp_working_through_a_nats_outage(newest: Report) -> None:
+    """The operator's outage again on the nats backend: tasks start, a cancel lands."""
+    [found] = nats_outage_verdicts(newest)
+    assert found.ok, f"{found.name}: {found.figure}"
 
 
 def test_the_pooler_error_names_the_pooler_and_the_way_out(report: Report) -> None:

@@ -58,7 +58,14 @@ def run_agent(spec: dict[str, Any], emit: Emit, stop_fd: int) -> None:
 
     def on_message(message: Message) -> None:
         if message.resync:
-            emit({"k": "r", "c": message.channel, "t": message.received_at, "since": message.since})
+            # "d": one of degraded mode's, queued while the server was unreachable: the
+            # subscriber is still without a connection (its first ones of an outage come
+            # just before it says it is degraded), or it was queued before the connection
+            # it has now (a reconnect's own resyncs come after that connection is made).
+            before = message.received_at < (sub.connected_since or 0.0)
+            degraded = sub.degraded_since is not None or not sub.connected or before
+            event = {"k": "r", "c": message.channel, "t": message.received_at, "d": degraded}
+            emit({**event, "since": message.since})
             return
         try:
             seq = int(message.payload)
@@ -70,6 +77,9 @@ def run_agent(spec: dict[str, Any], emit: Emit, stop_fd: int) -> None:
     try:
         for channel in spec["channels"]:
             sub.subscribe(channel, on_message)
+        if spec.get("work"):
+            # Targeted delivery: a member of the group, besides the channel's broadcasts.
+            sub.subscribe(spec["work"], on_message, group=spec["group"])
         connected = sub.wait_connected(spec.get("ready_timeout", 10))
         emit({"k": "ready", "t": time.time(), "connected": connected})
         if spec.get("mode") == "thread":

@@ -56,6 +56,12 @@ class ChaosConfig:
     resync_margin: float = 0.5
     #: Break the subscribers on purpose (see chaos.mutations): the run must then fail.
     mutation: str | None = None
+    #: Seconds the server stays down in the outage phase after the faults (0: no phase);
+    #: the subscribers must be degraded meanwhile (see chaos.phases).
+    outage: float = 0.0
+    #: On a backend that targets: one more channel, declared for targeted delivery, whose
+    #: messages are owed to the group of every subscriber (see chaos.phases).
+    targeted: bool = True
     recovery_timeout: float = 20.0
     workdir: str | None = None
     log_level: str = "INFO"
@@ -68,6 +74,9 @@ class ChaosConfig:
             "reconnect_max": 1.0,
             "connect_timeout": 2.0,
             "publish_timeout": 1.0,
+            # Degraded mode's resyncs, and a member's hold on a targeted message.
+            "outage_interval": 1.0,
+            "claim_timeout": 4.0,
         }
     )
 
@@ -82,12 +91,22 @@ class ChaosConfig:
         return self.detection + opts["reconnect_max"] + 2 * opts["connect_timeout"] + 10
 
 
-class Publisher(threading.Thread):
-    """Sequence-numbered messages at a steady rate, round-robin over the channels."""
+#: The targeted channel's group, which every subscriber joins.
+GROUP = "runners"
 
-    def __init__(self, backend: Any, channels: list[str], rate: float) -> None:
+
+class Publisher(threading.Thread):
+    """Sequence-numbered messages at a steady rate, round-robin over the channels.
+
+    ``work`` names a channel among them whose messages go to :data:`GROUP`.
+    """
+
+    def __init__(
+        self, backend: Any, channels: list[str], rate: float, work: str | None = None
+    ) -> None:
         super().__init__(name="chaos-publisher", daemon=True)
         self.backend, self.channels, self.interval = backend, channels, 1.0 / rate
+        self.work = work
         self.records: list[Publish] = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -105,14 +124,16 @@ class Publisher(threading.Thread):
                 seq, self._next = self._next, self._next + 1
                 started = time.time()
             channel = self.channels[seq % len(self.channels)]
+            group = GROUP if channel == self.work else None
             error, foreign = None, False
             try:
-                self.backend.publish(channel, str(seq))
+                self.backend.publish(channel, str(seq), group=group)
             except PubSubError as exc:
                 error = f"{type(exc).__name__}: {exc}"
             except Exception as exc:
                 error, foreign = f"{type(exc).__name__}: {exc}", True
-            record = Publish(seq, channel, started, time.time(), error is None, error, foreign)
+            ended = time.time()
+            record = Publish(seq, channel, started, ended, error is None, error, foreign, group)
             with self.lock:
                 self.records.append(record)
             # Keep the cadence, but never burst to catch up after a slow publish.
@@ -164,6 +185,10 @@ class Chaos:
         self.final_seq: int | None = None
         #: When the final fault-free phase began.
         self.quiet_start: float | None = None
+        #: The targeted channel, on a backend that targets (decided once its server is up).
+        self.work: str | None = None
+        #: The outage phase: from the server's exit until it is started again.
+        self.outage: tuple[float, float] | None = None
 
     # -- the run -----------------------------------------------------------------
 
@@ -186,12 +211,17 @@ class Chaos:
         try:
             self.progress(f"starting a throwaway {config.backend} server")
             self.target.start()
+            backend = build_backend({**self.target.spec("publisher"), "prefix": self.prefix})
+            if config.targeted and backend.targets:
+                self.work = "work"
             for i, name in enumerate(names):
                 spec = {
                     **self.target.spec("subscriber"),
                     "name": name,
                     "prefix": self.prefix,
                     "channels": self.channels,
+                    "work": self.work,
+                    "group": GROUP,
                     "mode": "dispatch" if i % 2 == 0 else "thread",
                     "log_level": config.log_level,
                     "mutation": config.mutation,
@@ -210,12 +240,16 @@ class Chaos:
                     + "; ".join(f"{a.name}: {a.errors or 'no report'}" for a in failed)
                     + f" (logs in {workdir})"
                 )
-            self.progress(f"{len(agents)} subscribers ready; publishing at {config.rate}/s")
-            backend = build_backend({**self.target.spec("publisher"), "prefix": self.prefix})
-            publisher = Publisher(backend, self.channels, config.rate)
+            self.progress(
+                f"{len(agents)} subscribers ready; publishing at {config.rate}/s"
+                + (f", one in {len(self.all_channels)} to group {GROUP!r}" if self.work else "")
+            )
+            publisher = Publisher(backend, self.all_channels, config.rate, self.work)
             publisher.start()
             started = time.time()
             self._inject_until_done(publisher, collector, started)
+            if config.outage > 0:
+                self._outage(publisher, collector)
             notes += self._settle(publisher, collector)
         finally:
             if publisher is not None:
@@ -249,6 +283,8 @@ class Chaos:
             publish_path=self.target.publish_path,
             final_seq=self.final_seq,
             quiet_start=self.quiet_start,
+            channels=self.all_channels,
+            outage=self.outage,
         )
         with open(os.path.join(workdir, "report.json"), "w") as f:
             json.dump(report.as_dict(), f, indent=2)
@@ -288,6 +324,35 @@ class Chaos:
                 f"{fault.healed - fault.started:.1f} s, "
                 + ("recovered" if fault.recovered else "NOT RECOVERED")
             )
+
+    @property
+    def all_channels(self) -> list[str]:
+        return self.channels + ([self.work] if self.work else [])
+
+    def _outage(self, publisher: Publisher, collector: Collector) -> None:
+        """The server down for ``outage`` seconds: the subscribers must be degraded."""
+        seconds = self.config.outage
+        stopping = time.time()
+        self.target.begin_outage()
+        # Timed from the server's exit (a graceful stop can take a while to close
+        # connections): from here on no subscriber can reach it.
+        began = time.time()
+        self._pause(seconds)
+        restarting = time.time()
+        self.target.end_outage()
+        healed, heal_seq = publisher.mark()
+        fault = Fault("outage", f"down {seconds:.1f} s", stopping, healed, heal_seq)
+        self.faults.append(fault)
+        self.outage = (began, restarting)
+        fault.recovered = collector.wait_for(
+            partial(collector.all_past, heal_seq), self.config.recovery_timeout
+        )
+        if fault.recovered:
+            fault.recovered_at = time.time()
+        self.progress(
+            f"outage: server down {healed - began:.1f} s, "
+            + ("recovered" if fault.recovered else "NOT RECOVERED")
+        )
 
     def _pause(self, seconds: float) -> None:
         self.halt.wait(seconds)
@@ -359,13 +424,15 @@ class Chaos:
         self._pause(self.config.quiet)
         publisher.stopping.set()
         publisher.join(self.config.options["publish_timeout"] + 10)
-        owed = [
-            (p.channel, p.seq) for p in publisher.records if p.ok and p.started >= self.quiet_start
-        ]
+        quiet = [p for p in publisher.records if p.ok and p.started >= self.quiet_start]
+        owed = [(p.channel, p.seq) for p in quiet if p.group is None]
+        # A targeted one is owed to the group: some member has it.
+        owed_once = [(p.channel, p.seq) for p in quiet if p.group is not None]
 
         def drained() -> bool:
-            return all(
-                key in agent.delivered for agent in collector.agents.values() for key in owed
+            agents = collector.agents.values()
+            return all(key in agent.delivered for agent in agents for key in owed) and all(
+                any(key in agent.delivered for agent in agents) for key in owed_once
             )
 
         if not collector.wait_for(drained, 5.0 + self.config.detection):

@@ -33,7 +33,10 @@ class Collector:
             elif kind == "r":
                 since = event.get("since")
                 agent.add_resync(
-                    event["c"], float(event["t"]), None if since is None else float(since)
+                    event["c"],
+                    float(event["t"]),
+                    None if since is None else float(since),
+                    bool(event.get("d")),
                 )
             elif kind == "drop":
                 agent.dropped.add((event["c"], int(event["s"])))

@@ -24,6 +24,9 @@ class Publish:
     error: str | None = None
     #: The exception was not a ``PubSubError``: publish() broke its contract.
     foreign: bool = False
+    #: The targeted-delivery group it was published to (None: a broadcast). A targeted
+    #: message is owed to the group, not to each member: see :func:`check_targeted`.
+    group: str | None = None
 
 
 @dataclass
@@ -46,6 +49,9 @@ class AgentLog:
     close_hung: bool = False
     #: (channel, seq) of the messages a mutation (see :mod:`.mutations`) dropped on purpose.
     dropped: set[tuple[str, int]] = field(default_factory=set)
+    #: channel -> received_at of each resync delivered while the subscriber said it was
+    #: degraded (its server unreachable: degraded mode's periodic resyncs).
+    degraded: dict[str, list[float]] = field(default_factory=dict)
 
     def add_message(self, channel: str, seq: int, at: float) -> None:
         key = (channel, seq)
@@ -55,8 +61,15 @@ class AgentLog:
         self.delivered[key] = at
         self.max_seq = max(self.max_seq, seq)
 
-    def add_resync(self, channel: str, at: float, since: float | None = None) -> None:
+    def add_resync(
+        self, channel: str, at: float, since: float | None = None, degraded: bool = False
+    ) -> None:
         self.resyncs.setdefault(channel, []).append((at, since))
+        if degraded:
+            self.degraded.setdefault(channel, []).append(at)
+
+    def degraded_count(self) -> int:
+        return sum(len(times) for times in self.degraded.values())
 
     def resync_times(self) -> list[float]:
         return sorted(at for times in self.resyncs.values() for at, _ in times)
@@ -122,7 +135,7 @@ def check_invariant(publishes: list[Publish], agent: AgentLog, margin: float) ->
             if since is not None:
                 verdict.widest_window = max(verdict.widest_window, at - since + margin)
     for publish in publishes:
-        if not publish.ok or publish.started < agent.subscribed_at:
+        if not publish.ok or publish.started < agent.subscribed_at or publish.group is not None:
             continue
         verdict.expected += 1
         if (publish.channel, publish.seq) in agent.delivered:
@@ -163,7 +176,11 @@ def check_quiet(
     """
     verdict = QuietVerdict()
     for start, end in stretches:
-        inside = [p for p in publishes if p.ok and p.started >= start and p.ended <= end - margin]
+        inside = [
+            p
+            for p in publishes
+            if p.ok and p.group is None and p.started >= start and p.ended <= end - margin
+        ]
         for agent in agents:
             if agent.subscribed_at is None:
                 continue

@@ -7,7 +7,9 @@ other two nodes sending numbered messages at a steady rate; then the subscriber'
 killed with SIGKILL. Measured from the kill:
 
 - ``stored_again_s``: the first publish after the kill that the stream acknowledged (while
-  the stream elects a new leader nothing can be stored, so no subscriber can do better);
+  the stream elects a new leader nothing can be stored, so no subscriber can do better; the
+  publisher sends a publish again through the election, :mod:`pulp_pubsub.backends.nats.storing`,
+  so this follows ``stream_leader_s``, the new leader as the monitoring port names it);
 - ``delivered_again_s``: the first delivery of a message published after the kill (the
   replay of the gap included): the figure the issue asks for;
 - ``reconnected_s``: the subscriber's new connection, consumers made;

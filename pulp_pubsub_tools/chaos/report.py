@@ -19,6 +19,7 @@ from .invariant import (
     recovery_times,
     summarize_recovery,
 )
+from .phases import check_outage, check_targeted
 
 if TYPE_CHECKING:
     from .engine import ChaosConfig
@@ -100,6 +101,12 @@ class ChaosReport:
     #: Every missing message, "subscriber:channel#seq" (at most MISSING_LISTED of them).
     missing_messages: list[str] = field(default_factory=list)
     publish_path: str = ""
+    #: Resyncs delivered while the subscriber said it was degraded (part of ``resyncs``).
+    degraded_resyncs: int = 0
+    #: Targeted traffic's verdict (see chaos.phases); empty when the run had none.
+    targeted: dict[str, Any] = field(default_factory=dict)
+    #: The outage phase's verdict (see chaos.phases); empty when the run had none.
+    outage: dict[str, Any] = field(default_factory=dict)
 
     @property
     def quiet_failures(self) -> int:
@@ -122,6 +129,8 @@ class ChaosReport:
             or self.unexpected_payloads
             or self.published == 0
             or set(self.publish_errors) - {"PublishError"}
+            or self.targeted.get("failures")
+            or (self.outage and not self.outage.get("ok"))
         )
 
     @property
@@ -163,6 +172,25 @@ class ChaosReport:
             f"max {secs(self.recovery_max)} ({self.unrecovered_faults} unrecovered)",
             f"  password in output:  {self.leaks} lines",
         ]
+        if self.targeted:
+            t = self.targeted
+            lines.append(
+                f"  targeted:            {t['delivered']} of {t['expected']} reached a member "
+                f"({t['covered_by_resync']} covered by a resync, {len(t['missing'])} missing, "
+                f"{len(t['late'])} late, {len(t['lost_while_fault_free'])} lost while "
+                f"fault-free; {t['redelivered']} handed to two members; slowest "
+                f"{secs(t['worst_latency'])})"
+            )
+        if self.outage:
+            o = self.outage
+            lines.append(
+                f"  outage:              down {o['seconds']:.1f} s, {o['degraded_agents']}/"
+                f"{o['agents']} subscribers degraded, fewest resyncs on a channel "
+                f"{o['fewest_resyncs']} (at least {o['at_least']}), first after "
+                f"{o['first_wait']:.2f} s (limit {o['first_limit']:.1f} s), widest gap "
+                f"{o['widest_gap']:.2f} s (limit {o['gap_limit']:.1f} s)"
+                + (f"; short: {', '.join(o['short'][:MISSING_SHOWN])}" if o["short"] else "")
+            )
         if self.duplicates or self.delivered_after_publish_error:
             lines.append(
                 f"  also: {self.duplicates} duplicate deliveries, "
@@ -211,6 +239,8 @@ def build_report(
     final_seq: int | None,
     quiet_start: float | None = None,
     publish_path: str = "",
+    channels: list[str] | None = None,
+    outage: tuple[float, float] | None = None,
 ) -> ChaosReport:
     margin = config.resync_margin
     verdicts = [check_invariant(publishes, agent, margin) for agent in agents]
@@ -223,6 +253,15 @@ def build_report(
     final = [] if quiet_start is None else [(quiet_start, max(ends, default=quiet_start) + margin)]
     quiet_between = check_quiet(publishes, agents, between, margin)
     quiet_final = check_quiet(publishes, agents, final, margin)
+    targeted = None
+    if any(p.group is not None for p in publishes):
+        claim = float(config.options.get("claim_timeout", 4.0))
+        windows = [(fault.started, fault.healed) for fault in faults]
+        targeted = check_targeted(publishes, agents, margin, claim, between + final, windows)
+    checked_outage = None
+    if outage is not None:
+        interval = float(config.options.get("outage_interval", 5.0))
+        checked_outage = check_outage(agents, channels or [], *outage, interval, config.detection)
     recovery_times(faults, agents)
     recovery = summarize_recovery(faults)
     by_kind = {
@@ -279,6 +318,9 @@ def build_report(
             delivered_despite_failure(publishes, agent) for agent in agents
         ),
         resyncs=sum(agent.resync_count() for agent in agents),
+        degraded_resyncs=sum(agent.degraded_count() for agent in agents),
+        targeted={} if targeted is None else targeted.as_dict(),
+        outage={} if checked_outage is None else checked_outage.as_dict(),
         reconnects=sum(agent.stats.get("reconnects", 0) for agent in agents),
         stuck=stuck,
         unrecovered_faults=sum(1 for f in faults if f.recovery is None),

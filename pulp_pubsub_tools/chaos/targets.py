@@ -94,6 +94,13 @@ class Target:
     def thaw(self) -> None:
         raise NotImplementedError("subclasses of Target must provide thaw()")
 
+    def begin_outage(self) -> None:
+        """Make the server unreachable for the outage phase: the subscribers' server."""
+        self.stop_server("graceful")
+
+    def end_outage(self) -> None:
+        self.start_server()
+
     def cleanup(self) -> None:
         for proxy in self.proxies.values():
             proxy.close()
@@ -366,6 +373,19 @@ class ZookeeperTarget(_ServerTarget):
         return self._cut_subscriber_proxy()
 
 
+class NatsJetStreamTarget(NatsTarget):
+    """The nats backend with JetStream: a reconnect is replayed, and targeted delivery."""
+
+    name = "natsjs"
+    replays = True
+
+    def __init__(self, run_id: str, options: dict[str, Any], subscribers: int = 4) -> None:
+        super().__init__(run_id, {**options, "jetstream": True}, subscribers)
+
+    def spec(self, role: str) -> dict[str, Any]:
+        return {**super().spec(role), "backend": "nats"}
+
+
 class _ProxyGroup:
     """The proxies in front of every relay, faulted together as one."""
 
@@ -460,6 +480,17 @@ class RelayTarget(Target):
         for server in self._servers():
             server.start()
 
+    def begin_outage(self) -> None:
+        # What the subscribers reach is the relays: all of them go (PostgreSQL too).
+        for server in [*self.relays, self.postgres]:
+            if server is not None:
+                server.stop()
+
+    def end_outage(self) -> None:
+        for server in [self.postgres, *self.relays]:
+            if server is not None:
+                server.start()
+
     def kill_subscriber_connections(self) -> int:
         relay = self.relays[self._killed % len(self.relays)]
         self._killed += 1
@@ -502,6 +533,7 @@ TARGETS: dict[str, type[Target]] = {
     "relay_direct": DirectRelayTarget,
     "nats": NatsTarget,
     "zookeeper": ZookeeperTarget,
+    "natsjs": NatsJetStreamTarget,
 }
 
 

@@ -92,6 +92,7 @@ def verdicts(report: Report) -> list[Verdict]:
             )
         )
     out += operator_verdicts(report)
+    out += nats_outage_verdicts(report)
     out += failure_verdicts(report)
     stock, ours = report.outcomes.get("stock_direct"), report.outcomes.get("pubsub_redis")
     if ours is not None:
@@ -202,26 +203,39 @@ def operator_verdicts(report: Report) -> list[Verdict]:
             f"task {forged.get('state')}",
         )
     )
+    out.append(outage_verdict(op, "Redis"))
+    return out
+
+
+def outage_verdict(op: Any, server: str) -> Verdict:
+    """The pub/sub server down: every task dispatched meanwhile starts, a cancel lands."""
     outage = op.outage or {}
     delays = outage.get("start_delays") or []
     p50 = statistics.median(delays) if delays else None
-    out.append(
-        Verdict(
-            "operator: Redis down, the API accepts every task and each starts during the "
-            "outage (degraded mode)",
-            bool(outage)
-            and outage["accepted"] == outage["requests"]
-            and outage["completed"] == outage["requests"]
-            and outage.get("started_during") == outage["requests"]
-            and op.serving.get("after_outage", False),
-            f"down {outage.get('seconds_down', 0):.0f} s: {outage.get('accepted')}/"
-            f"{outage.get('requests')} accepted, {outage.get('started_during')} started during "
-            f"it (dispatch to start p50 {_ms(p50)}, largest "
-            f"{_ms(max(delays, default=None))}; one at a time: orphan cleanup's lock), "
-            f"{outage.get('completed')} completed",
-        )
+    cancel = outage.get("cancel") or {}
+    return Verdict(
+        f"operator: {server} down, the API accepts every task and each starts during the "
+        "outage (degraded mode)",
+        bool(outage)
+        and outage["accepted"] == outage["requests"]
+        and outage["completed"] == outage["requests"]
+        and outage.get("started_during") == outage["requests"]
+        and op.serving.get("after_outage", False)
+        and cancel.get("state") == "canceled"
+        and cancel.get("during") is True,
+        f"down {outage.get('seconds_down', 0):.0f} s: {outage.get('accepted')}/"
+        f"{outage.get('requests')} accepted, {outage.get('started_during')} started during "
+        f"it (dispatch to start p50 {_ms(p50)}, largest "
+        f"{_ms(max(delays, default=None))}; one at a time: orphan cleanup's lock), "
+        f"{outage.get('completed')} completed; a running task's PATCH cancel during it: "
+        f"{cancel.get('state')} {_ms(cancel.get('latency'))} after the request",
     )
-    return out
+
+
+def nats_outage_verdicts(report: Report) -> list[Verdict]:
+    """The same outage on the nats backend (the ``operator_nats`` scenario), when run."""
+    op = report.operator_nats
+    return [] if op is None else [outage_verdict(op, "NATS")]
 
 
 def failure_verdicts(report: Report) -> list[Verdict]:
@@ -322,6 +336,7 @@ def as_dict(report: Report) -> dict[str, Any]:
         "pulpcore": report.pulpcore,
         "config": {k: str(v) for k, v in vars(report.config).items()},
         "operator": None if report.operator is None else vars(report.operator),
+        "operator_nats": None if report.operator_nats is None else vars(report.operator_nats),
         "pooler": None if report.pooler is None else vars(report.pooler),
         "fail_closed": None if report.fail_closed is None else vars(report.fail_closed),
         "seconds": report.seconds,

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from . import functional_results as results
+from .marked import rewrite
 
 START = (
     "<!-- pulpcore functional tasking: start "
@@ -82,13 +82,6 @@ def render(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def splice(text: str, block: str) -> str:
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < start:
-        raise ValueError(f"{DOC} has no {START!r} ... {END!r} markers")
-    return text[: start + len(START)] + "\n" + block + "\n" + text[end:]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pulp_pubsub_tools.e2e.functional_docs")
     parser.add_argument("json", type=Path, help="the run's JSON (--json of e2e.functional)")
@@ -96,16 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report a stale page")
     args = parser.parse_args(argv)
     block = render(json.loads(args.json.read_text()))
-    path = args.root / DOC
-    text = path.read_text()
-    updated = splice(text, block)
-    if updated == text:
-        return 0
-    if args.check:
-        sys.stderr.write(f"out of date with {args.json}: {DOC}\n")
-        return 1
-    path.write_text(updated)
-    return 0
+    return rewrite(args.root / DOC, block, (START, END), args.check, args.json)
 
 
 if __name__ == "__main__":

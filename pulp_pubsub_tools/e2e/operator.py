@@ -14,6 +14,11 @@ transaction pooling mode, every setting in the environment. In order:
    through the REST API; every request must be accepted, no process may exit,
    and every task must start during the outage: the workers' subscribers are
    degraded meanwhile, a resync every ``outage_interval``, and look for work on it.
+   A task running when the server went is canceled through the REST API during the
+   outage, and must end canceled before the server is back.
+
+:class:`NatsOperator` runs that outage again on the ``nats`` backend (the
+``operator_nats`` scenario): the same Pulp, a throwaway nats-server stopped instead.
 """
 
 from __future__ import annotations
@@ -98,6 +103,10 @@ class OperatorOutcome:
 
 
 class Operator:
+    #: The backend the scenario configures, and what the verdicts call its server.
+    backend = "redis"
+    server_name = "Redis"
+
     def __init__(self, run: Any, workers: int = 2, outage_seconds: float = 60.0) -> None:
         self.run = run
         self.site = run.site
@@ -117,10 +126,14 @@ class Operator:
             self.db,
             self.run.bouncer,
             self.content_port,
-            PULP_PUBSUB_BACKEND="redis",
-            PULP_PUBSUB_URL=self.run.redis_url,
+            PULP_PUBSUB_BACKEND=self.backend,
+            PULP_PUBSUB_URL=self.server().url,
             PULP_PUBSUB_CHANNEL_PREFIX=PREFIX,
         )
+
+    def server(self) -> Any:
+        """The pub/sub server the outage stops."""
+        return self.run.redis_server
 
     # -- HTTP --------------------------------------------------------------------------
 
@@ -181,6 +194,14 @@ class Operator:
         self.site.wait(lambda: self.task(pk)["state"] in states, timeout, f"task in {states}")
         return self.task(pk)
 
+    def settled(self, pk: str, timeout: float) -> dict[str, Any]:
+        """The task once it is final, or as it is at ``timeout`` (a verdict, not a crash)."""
+        deadline = time.monotonic() + timeout
+        pause = threading.Event()
+        while self.task(pk)["state"] not in FINAL and time.monotonic() < deadline:
+            pause.wait(0.2)  # polling the database, which signals nothing
+        return self.task(pk)
+
     # -- the scenario --------------------------------------------------------------------
 
     def __call__(self) -> OperatorOutcome:
@@ -235,7 +256,7 @@ class Operator:
 
         self.rest_cancel(env)
         self.forged_cancel(env)
-        self.outage()
+        self.outage(env)
         out.serving["after_outage"] = all(p.popen.poll() is None for p in site.processes)
         site.stop_all()
         return out
@@ -284,8 +305,11 @@ class Operator:
             "state": final["state"],
         }
 
-    def outage(self, tasks: int = 5) -> None:
-        server = self.run.redis_server
+    def outage(self, env: dict[str, str], tasks: int = 5) -> None:
+        # A task running when the server goes, canceled during the outage.
+        running = self.dispatch_sleep(env, 3 * self.outage_seconds + WAIT)
+        self.wait_state(running, ("running",), WAIT)
+        server = self.server()
         stopped = time.time()
         server.stop()
         codes, hrefs, sent = [], [], []
@@ -298,6 +322,10 @@ class Operator:
             if isinstance(body, dict) and body.get("task"):
                 hrefs.append(str(body["task"]).rstrip("/").rsplit("/", 1)[-1])
                 sent.append(asked)
+        cancel_sent = time.time()
+        cancel_code, _ = self.request(
+            "PATCH", f"/pulp/api/v3/tasks/{running}/", {"state": "canceled"}
+        )
         left = self.outage_seconds - (time.time() - stopped)
         if left > 0:
             threading.Event().wait(left)  # the length of the outage, not a synchronisation
@@ -306,6 +334,8 @@ class Operator:
         # They share orphan cleanup's exclusive lock, so they run one after another:
         # the first start measures the wake-up, the rest is the tasks' own work.
         finals = [self.wait_state(pk, FINAL, 3 * WAIT) for pk in hrefs]
+        canceled = self.settled(running, WAIT)
+        ended = canceled["finished"]
         starts = [f["started"] for f in finals if f["started"] is not None]
         last = max((f["finished"] or back for f in finals), default=back)
         self.outcome.outage = {
@@ -323,4 +353,71 @@ class Operator:
             ),
             "first_start_after_return": min(starts) - back if starts else None,
             "done_after_return": last - back,
+            # The PATCH of a task running since before the outage, sent during it.
+            "cancel": {
+                "http": cancel_code,
+                "state": canceled["state"],
+                "latency": None if ended is None else ended - cancel_sent,
+                "during": ended is not None and ended < back,
+            },
         }
+
+
+class NatsOperator(Operator):
+    """The outage on the ``nats`` backend: a throwaway nats-server stopped for a while.
+
+    The same Pulp as :class:`Operator` (API, workers, PgBouncer, ``PULP_*`` only), less
+    the checks that are not about the outage (admin commands, the content app, the
+    forged cancel, which Redis showed).
+    """
+
+    backend = "nats"
+    server_name = "NATS"
+
+    def __init__(self, run: Any, workers: int = 2, outage_seconds: float = 60.0) -> None:
+        from pulp_pubsub_tools.testing import NatsServer
+
+        super().__init__(run, workers, outage_seconds)
+        self.db = "operator_nats"
+        self.nats = NatsServer()
+
+    def server(self) -> Any:
+        return self.nats
+
+    def subscribed(self) -> int:
+        """Connections subscribed to the wake-up subject (from the server's monitoring)."""
+        from pulp_pubsub.backends.nats.names import escape_token
+
+        subject = f"{escape_token(PREFIX)}.pulp_worker_wakeup"
+        return sum(
+            1
+            for conn in self.nats.connections()
+            if subject in (conn.get("subscriptions_list") or [])
+        )
+
+    def __call__(self) -> OperatorOutcome:
+        from .site import ensure_package
+
+        site, out = self.site, self.outcome
+        ensure_package(site.venv, "nats-py>=2.6", "nats")
+        self.nats.start()
+        try:
+            self.api_port, self.content_port = free_port(), free_port()
+            site.create_database(self.db)
+            env = self.environment()
+            site.manage(env, "reset-admin-password", f"--password={self.password}")
+            for i in range(self.workers):
+                site.start_worker(f"opnats-worker{i}", env, "--name-template", f"n{i}@opnats")
+            argv = [site.bin("pulpcore-api"), "--bind", f"127.0.0.1:{self.api_port}"]
+            site.start("opnats-api", env, [*argv, "--workers", "1"])
+            site.wait(lambda: site.workers_registered(self.db) == self.workers, WAIT, "workers")
+            site.wait(lambda: self.subscribed() == self.workers, WAIT, "workers subscribed")
+            status = f"http://127.0.0.1:{self.api_port}/pulp/api/v3/status/"
+            site.wait(lambda: self.responds(status), WAIT, "pulpcore-api")
+            out.serving["login"] = self.login() == 201
+            self.outage(env)
+            out.serving["after_outage"] = all(p.popen.poll() is None for p in site.processes)
+        finally:
+            site.stop_all()
+            self.nats.cleanup()
+        return out

@@ -2,7 +2,8 @@
 
 1. ``contract``: the worker contract on pulpcore's real classes (:mod:`.contract`).
    ``operator``: real API, content app and workers configured by ``PULP_*`` alone:
-   admin commands, REST cancel, a forged cancel, a Redis outage (:mod:`.operator`).
+   admin commands, REST cancel, a forged cancel, a Redis outage (:mod:`.operator`);
+   ``operator_nats`` (when named): that outage again on the nats backend.
    ``pooler``: the PostgreSQL backend behind PgBouncer with no ``PUBSUB_URL``: a loud
    error in the worker's log and a failing ``pubsub_ping``, not silence.
    ``fail_closed``: a pulpcore whose seam moved: on Redis the worker, API and content
@@ -132,6 +133,7 @@ class Report:
     config: Config
     contract: dict[str, dict[str, Any]] = field(default_factory=dict)
     operator: Any = None  # an operator.OperatorOutcome
+    operator_nats: Any = None  # the same, of the outage on the nats backend
     pooler: Any = None  # a failures.PoolerOutcome
     fail_closed: Any = None  # a failures.FailClosedOutcome
     pulpcore: str | None = None
@@ -306,6 +308,15 @@ class Run:
         )
         self.report.operator = Operator(self, outage_seconds=self.config.outage_seconds)()
 
+    def operator_nats(self) -> None:
+        from .operator import NatsOperator
+
+        self.log(
+            f"operator-nats: the same Pulp on the nats backend, nats-server down "
+            f"{self.config.outage_seconds:.0f} s while tasks are dispatched and one canceled"
+        )
+        self.report.operator_nats = NatsOperator(self, outage_seconds=self.config.outage_seconds)()
+
     def pooler(self) -> None:
         from .failures import Pooler
 
@@ -471,4 +482,4 @@ class Run:
 
 
 #: Scenarios run only when named (``--scenarios``), not by default.
-OPTIONAL_SCENARIOS = ("relay_pgbouncer",)
+OPTIONAL_SCENARIOS = ("relay_pgbouncer", "operator_nats")

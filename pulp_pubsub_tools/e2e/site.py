@@ -92,6 +92,20 @@ def ensure_venv(
     return path
 
 
+def ensure_package(venv: Path, requirement: str, module: str) -> None:
+    """``requirement`` in the virtualenv unless ``module`` imports there already.
+
+    For what one scenario alone needs (nats-py, for the outage on the nats backend): added
+    to the cached virtualenv, whose marker (and so whose reuse) stays as it was.
+    """
+    python = str(venv / "bin" / "python")
+    if subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode:
+        subprocess.run(
+            [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", requirement],
+            check=True,
+        )
+
+
 #: A settings file, or the ``PULP_*`` environment variables that replace one.
 Settings = Path | dict[str, str]
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import re
 import ssl
@@ -74,7 +75,18 @@ try:
 except ImportError as exc:
     raise MissingDependency("nats", "nats", exc) from exc
 
+from .storing import message_id, store
 from .transport import NatsTransport
+
+#: What a publish sees when its connection dies under it.
+_LOST = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    ConnectionError,
+)
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_URL = "nats://localhost:4222"
 #: Pull requests one targeted-delivery consumer keeps waiting at most: one per member.
@@ -161,6 +173,9 @@ class NatsBackend(BaseBackend):
         self.work_stream_name: str = config["work_stream"] or self.stream_name + "_WORK"
         self._stream_checked = False
         self._work_stream_checked = False
+        # Per stream: whether a publish may be sent again (its duplicate window covers
+        # ``publish_timeout``, so a retried publish is stored once); see :mod:`.storing`.
+        self._retries: dict[str, bool] = {}
         # Targeted delivery needs what only JetStream has: a message handed to a member
         # that dies before acking goes to another after ack_wait. Core NATS broadcasts.
         self.targets = self.jetstream
@@ -326,7 +341,24 @@ class NatsBackend(BaseBackend):
                     f"not this install's subjects {self.stream_subjects!r}."
                 )
             self._stream_checked = True
+            self._note_window(info)
         return info
+
+    def _note_window(self, info: Any) -> None:
+        """Whether a publish to this stream may be retried: its duplicate window must cover it."""
+        name = info.config.name
+        window = float(info.config.duplicate_window or 0)
+        timeout = float(self.config["publish_timeout"])
+        self._retries[name] = window >= timeout
+        if not self._retries[name]:
+            logger.warning(
+                "The JetStream stream %r deduplicates within %.1f s, less than publish_timeout "
+                "(%.1f s): a publish to it is sent once, not again during a leader election "
+                "(a retry could be stored twice). Give the stream a longer duplicate window.",
+                name,
+                window,
+                timeout,
+            )
 
     def _stream_config(
         self, name: str, description: str, subjects: str, **extra: Any
@@ -387,6 +419,7 @@ class NatsBackend(BaseBackend):
                     f"targeted-delivery subjects {self.work_subjects!r}."
                 )
             self._work_stream_checked = True
+            self._note_window(info)
 
     async def ensure_work_consumer(self, nc: Client, wire: str, group: str) -> tuple[str, bool]:
         """The durable pull consumer of (``wire``, ``group``), shared by its members.
@@ -430,43 +463,104 @@ class NatsBackend(BaseBackend):
             # A change this server does not allow: join the consumer as it is.
         return name, made
 
-    async def publish_on(self, nc: Client, wire: str, data: bytes) -> None:
+    async def publish_on(
+        self, nc: Client, wire: str, data: bytes, deadline: float | None = None
+    ) -> None:
+        """Publish on ``nc``; into JetStream, sent again through a leader election.
+
+        ``deadline`` (monotonic) defaults to ``publish_timeout`` from now.
+        """
         timeout = self.config["publish_timeout"]
+        if deadline is None:
+            deadline = time.monotonic() + timeout
         if self.jetstream:
-            await nc.jetstream(timeout=timeout).publish(wire, data, timeout=timeout)
+            await self._store(nc, wire, data, deadline, self.stream_name)
         else:
             await nc.publish(wire, data)
             await nc.flush(timeout)
 
-    async def _send(self, publisher: _Publisher, wire: str, data: bytes, copies: int = 0) -> None:
-        """Publish ``data`` to ``wire``; with ``copies``, that many targeted messages."""
-        nc = publisher.nc
-        if nc is None or not nc.is_connected:
-            if nc is not None:
-                await nc.close()
-            publisher.nc = None
-            publisher.work_ready = False
-            nc = publisher.nc = await self.connect(allow_reconnect=False)
-            if self.jetstream:
-                await self.ensure_stream(nc)
-        try:
-            if copies:
-                if not publisher.work_ready:
-                    await self.ensure_work_stream(nc)
-                    publisher.work_ready = True
-                timeout = self.config["publish_timeout"]
-                js = nc.jetstream(timeout=timeout)
-                # Each copy is stored (acked by the stream) before the publish returns.
-                await asyncio.gather(
-                    *(js.publish(wire, data, timeout=timeout) for _ in range(copies))
-                )
+    async def _store(
+        self,
+        nc: Client,
+        wire: str,
+        data: bytes,
+        deadline: float,
+        stream: str,
+        msg_id: str | None = None,
+    ) -> None:
+        async def remake(timeout: float) -> None:
+            if stream == self.stream_name:
+                await self.ensure_stream(nc, timeout)
             else:
-                await self.publish_on(nc, wire, data)
-        except BaseException:
-            # Unknown state (a frozen server, a lost ack): start afresh next time.
-            publisher.nc = None
-            self._close_later(nc)
-            raise
+                await self.ensure_work_stream(nc)
+
+        await store(
+            nc,
+            wire,
+            data,
+            deadline,
+            f"the publish of a message to {wire!r}",
+            retry=self._retries.get(stream, False),
+            no_stream=remake,
+            msg_id=msg_id,
+        )
+
+    async def _connection(self, publisher: _Publisher) -> Client:
+        """The publisher's connection; a new one when it has none that lives."""
+        nc = publisher.nc
+        if nc is not None and nc.is_connected:
+            return nc
+        if nc is not None:
+            await nc.close()
+        publisher.nc = None
+        publisher.work_ready = False
+        nc = publisher.nc = await self.connect(allow_reconnect=False)
+        if self.jetstream and not self._stream_checked:
+            # Once per backend: a new connection during a leader election would wait
+            # for the stream's info; a stream gone since is made again by the publish.
+            await self.ensure_stream(nc)
+        return nc
+
+    async def _send(
+        self, publisher: _Publisher, wire: str, data: bytes, deadline: float, copies: int = 0
+    ) -> None:
+        """Publish ``data`` to ``wire``; with ``copies``, that many targeted messages.
+
+        Into JetStream, a publish whose connection dies under it (its server lost) is sent
+        again on a new one, to another server, within the same deadline: with the same
+        ``Nats-Msg-Id`` (one per copy), so the stream stores it once.
+        """
+        stream = self.work_stream_name if copies else self.stream_name
+        ids = [message_id() for _ in range(copies or 1)]
+        while True:
+            nc = await self._connection(publisher)
+            try:
+                if copies:
+                    if not publisher.work_ready:
+                        await self.ensure_work_stream(nc)
+                        publisher.work_ready = True
+                    # Each copy is stored (acked by the stream) before the publish returns.
+                    await asyncio.gather(
+                        *(self._store(nc, wire, data, deadline, stream, i) for i in ids)
+                    )
+                elif self.jetstream:
+                    await self._store(nc, wire, data, deadline, stream, ids[0])
+                else:
+                    await self.publish_on(nc, wire, data, deadline)
+                return
+            except BaseException as exc:
+                # Unknown state (a frozen server, a lost ack): start afresh next time.
+                publisher.nc = None
+                self._close_later(nc)
+                again = self.jetstream and self._retries.get(stream, False)
+                if not (again and isinstance(exc, _LOST) and time.monotonic() < deadline):
+                    raise
+                logger.info(
+                    "The NATS connection was lost under a publish to %r (%s): sending it "
+                    "again on a new one.",
+                    wire,
+                    self.explain(exc),
+                )
 
     def _close_later(self, nc: Client) -> None:
         loop_runner().submit(_abandon(nc))
@@ -486,7 +580,10 @@ class NatsBackend(BaseBackend):
         try:
             left = max(0.0, deadline - time.monotonic())
             data = payload.encode("utf-8")
-            loop_runner().run(self._send(publisher, subject, data, copies), left)
+            # A moment past the deadline: the publish's own account of what it waited for
+            # (see .storing) is the better error than a bare time-out.
+            sending = self._send(publisher, subject, data, deadline, copies)
+            loop_runner().run(sending, left + 0.25)
         except PubSubError as exc:
             raise PublishError(f"nats backend could not publish: {exc}") from exc
         except BaseException as exc:

@@ -72,6 +72,8 @@ async def patiently(
     started = time.monotonic()
     waiting: set[asyncio.Task[T]] = set()
     tries = 0
+    next_try = started
+    said = False
     last = "no answer"
     try:
         while True:
@@ -81,15 +83,21 @@ async def patiently(
                     f"JetStream did not answer {what} within {now - started:.1f} s "
                     f"({tries} tries, last: {last}); no leader elected?"
                 )
-            if len(waiting) < MAX_TRIES_WAITING:
+            # At most one try per interval, also when tries are refused at once (no
+            # responders while a stream has no leader) and earlier ones still wait.
+            if now >= next_try and len(waiting) < MAX_TRIES_WAITING:
                 tries += 1
+                next_try = now + interval
                 timeout = max(0.05, min(try_timeout, deadline - now))
                 waiting.add(asyncio.ensure_future(ask(timeout)))
-            done, waiting = await asyncio.wait(
-                waiting,
-                timeout=max(0.0, min(interval, deadline - now)),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
+            wake = min(next_try if len(waiting) < MAX_TRIES_WAITING else deadline, deadline)
+            done: set[asyncio.Task[T]] = set()
+            if waiting:
+                done, waiting = await asyncio.wait(
+                    waiting, timeout=max(0.0, wake - now), return_when=asyncio.FIRST_COMPLETED
+                )
+            else:
+                await asyncio.sleep(max(0.0, wake - now))
             for task in done:
                 exc = task.exception()
                 if exc is None:
@@ -106,7 +114,8 @@ async def patiently(
                 if not _unanswered(exc):
                     raise exc
                 last = _said(exc)
-            if tries == 1:
+            if not said and (done or time.monotonic() >= next_try):
+                said = True
                 logger.info(
                     "JetStream did not answer %s within %.1f s (%s): waiting for the "
                     "cluster to elect a leader, asking again every %.1f s for up to %.0f s.",
@@ -116,9 +125,6 @@ async def patiently(
                     interval,
                     deadline - started,
                 )
-            if done and not waiting:
-                # Refused at once (no leader yet): not again before the interval is up.
-                await asyncio.sleep(max(0.0, min(interval - (time.monotonic() - now), 1.0)))
     finally:
         for task in waiting:
             task.cancel()

@@ -81,7 +81,9 @@ class NatsHost(Protocol):
 
     def work_subject(self, wire: str, group: str) -> str: ...
 
-    async def publish_on(self, nc: Client, wire: str, data: bytes) -> None: ...
+    async def publish_on(
+        self, nc: Client, wire: str, data: bytes, deadline: float | None = None
+    ) -> None: ...
 
 
 class NatsTransport(Transport):

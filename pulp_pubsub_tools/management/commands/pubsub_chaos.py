@@ -59,6 +59,20 @@ class Command(BaseCommand):
             "drop_after_reconnect: every message in the second after a reconnect); the run "
             "must then fail and name the lost messages.",
         )
+        parser.add_argument(
+            "--outage",
+            type=float,
+            default=10.0,
+            help="Seconds the server stays down after the faults, while every subscriber must "
+            "be degraded and deliver a resync on each channel every outage_interval (1 s); "
+            "0: no outage phase.",
+        )
+        parser.add_argument(
+            "--no-targeted",
+            action="store_true",
+            help="No targeted traffic (by default, on a backend that targets, one more "
+            "channel's messages go to a group every subscriber joins).",
+        )
         parser.add_argument("--seed", type=int, help="Seed of the fault schedule.")
         parser.add_argument("--workdir", help="Directory for the subscribers' logs.")
         parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
@@ -77,8 +91,10 @@ class Command(BaseCommand):
         if options["tables"]:
             self._tables(options)
             return
-        if options["quiet_phase"] <= 0 or options["resync_margin"] < 0:
-            raise CommandError("--quiet-phase must be positive and --resync-margin not negative.")
+        if options["quiet_phase"] <= 0 or options["resync_margin"] < 0 or options["outage"] < 0:
+            raise CommandError(
+                "--quiet-phase must be positive, --resync-margin and --outage not negative."
+            )
         for name in ("duration", "rate"):
             if options[name] <= 0:
                 raise CommandError(f"--{name} must be positive.")
@@ -101,6 +117,8 @@ class Command(BaseCommand):
             quiet=options["quiet_phase"],
             resync_margin=options["resync_margin"],
             mutation=options["mutation"],
+            outage=options["outage"],
+            targeted=not options["no_targeted"],
         )
         quiet = options["json"] or options["verbosity"] < 1
 
