@@ -34,14 +34,14 @@ import shutil
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pulp_pubsub.contrib.pulpcore.compat import E2E_SERIES
 
-from .site import LOG_CONF, Site, default_venv, ensure_venv
+from .site import LOG_CONF, Settings, Site, default_venv, ensure_venv
 
 LISTENER_NAME = "pulp-pubsub listener"
 BRIDGE_NAME = "pulp-pubsub bridge"
@@ -97,6 +97,8 @@ class Outcome:
     integration: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     workers_used: dict[str, int] = field(default_factory=dict)
+    #: Faults and what followed (the ``redis_type`` scenario).
+    faults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> int:
@@ -219,7 +221,7 @@ class Run:
     def start_fleet(
         self,
         db: str,
-        workers: list[tuple[str, Path]],
+        workers: Sequence[tuple[str, Settings]],
         ready: Callable[[], bool] | None = None,
     ) -> None:
         site = self.site
@@ -251,7 +253,7 @@ class Run:
             outcome.idle_xacts = self.site.transactions(db, start, end)
             outcome.idle_seconds = end - start
 
-    def drive(self, outcome: Outcome, db: str, api: Path, **opts: Any) -> None:
+    def drive(self, outcome: Outcome, db: str, api: Settings, **opts: Any) -> None:
         config = self.config
         defaults = {
             "latency_tasks": config.latency_tasks,
@@ -475,6 +477,11 @@ class Run:
         self.site.stop_all()
         self.report.outcomes[db] = outcome
 
+    def redis_type(self) -> None:
+        from .redistype import redis_type
+
+        redis_type(self)
+
     def relay_pgbouncer(self) -> None:
         from .relayfleet import relay_pgbouncer
 
@@ -482,4 +489,4 @@ class Run:
 
 
 #: Scenarios run only when named (``--scenarios``), not by default.
-OPTIONAL_SCENARIOS = ("relay_pgbouncer", "operator_nats")
+OPTIONAL_SCENARIOS = ("relay_pgbouncer", "operator_nats", "redis_type")
