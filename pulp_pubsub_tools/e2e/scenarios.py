@@ -20,7 +20,9 @@
    connection through PgBouncer, the listener direct), all at once.
 5. ``rollout``: half-way through a rolling move to Redis: a stock API and stock worker,
    moved API and workers (Redis, ``PUBSUB_PULPCORE_ALSO_NOTIFY``), and the bridge.
-6. ``redis_worker``: Pulp's own polling ``WORKER_TYPE = "redis"``, idle only.
+6. ``redis_type``: Pulp's ``WORKER_TYPE = "redis"``, stock (polling) and integrated fleets
+   side by side (:mod:`.redistype`); ``redis_worker``, run only when named, is the stock
+   fleet idle alone.
 
 Idle transactions are counted exactly from the server log (every statement is
 logged with its virtual transaction id) over a window of two heartbeat periods
@@ -71,13 +73,15 @@ class Config:
         "stock_pgbouncer",
         "mixed",
         "rollout",
-        "redis_worker",
+        "redis_type",
     )
     #: The pulpcore series (MAJOR.MINOR) to install from PyPI.
     series: str = E2E_SERIES[-1]
     venv: Path | None = None
     #: How long Redis stays down in the operator scenario's outage.
     outage_seconds: float = 60.0
+    #: ``redis_type``: this many tasks dispatched at once onto this many workers of each kind.
+    redis_burst: tuple[int, int] = (64, 16)
     #: Copy the server and process logs here before the throwaway servers go.
     keep_logs: Path | None = None
 
@@ -489,4 +493,4 @@ class Run:
 
 
 #: Scenarios run only when named (``--scenarios``), not by default.
-OPTIONAL_SCENARIOS = ("relay_pgbouncer", "operator_nats", "redis_type")
+OPTIONAL_SCENARIOS = ("relay_pgbouncer", "operator_nats", "redis_worker")
