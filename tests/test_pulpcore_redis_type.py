@@ -304,7 +304,7 @@ def test_a_busy_worker_leaves_a_wakeup_to_an_idle_one(new_worker, fleet):
     busy(worker)
     redis_tasks.wake(1)
     # Handed to the busy one before its pause reached the listener, it is given back.
-    while not idle[0]:
+    while not any(m.payload == "handle" for m in idle[0]):
         worker.pubsub.dispatch(timeout=0.05)
         fleet.settle()
     assert fleet.settle() == [["handle"]] and worker.look_now is False

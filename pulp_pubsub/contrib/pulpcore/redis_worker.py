@@ -178,7 +178,11 @@ class PubSubRedisWorkerMixin:
         if waiting:
             fleet = int(getattr(self, "num_workers", 0) or waiting)
             idle = self.task is None
-            self.look_now = self.look_now or idle
+            if idle:
+                # It looks itself, so it takes none of the others' wake-ups (the select
+                # seam lets it take them again when it is back in its wait).
+                self.look_now = True
+                self.pubsub.set_accepting(WAKEUP, RUNNERS, False)
             wake(min(waiting, fleet) - int(idle))
         return result
 
