@@ -8,7 +8,9 @@ with ``PUBSUB_PULPCORE_INTEGRATION = False`` (stock: the switch back), and
 tasks alternate in rounds, as in ``head_to_head``, then each gets async
 dispatches, a burst, a cancel of a running task (from ``cancel_task()`` to
 ``finished_at``) and of a queued one; their idle transactions are counted
-over the same window. Then two faults per fleet:
+over the same window. Then a burst onto more workers of each kind
+(``Config.redis_burst``: 64 tasks at once onto 16), both fleets at the same
+time, and two faults per fleet:
 
 * a worker SIGKILLed while it runs a task (its task process goes on, as when
   only the worker dies): what becomes of that task, and how soon the next
@@ -24,6 +26,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from .operator import pulp_environment
@@ -91,46 +94,56 @@ def redis_type(run: Run) -> None:
     run.idle({STOCK: stock, OURS: ours}, settle=False)
     tasks, workers = run.config.redis_burst
     if tasks:
-        for outcome, env in pairs:
-            big_burst(run, outcome, env, tasks, workers)
+        big_burst(run, pairs, tasks, workers)
     for outcome, env in pairs:
         Faults(run, outcome, env)()
     run.site.stop_all()
     run.report.outcomes.update({STOCK: stock, OURS: ours})
 
 
-def big_burst(run: Run, outcome: Outcome, env: dict[str, str], tasks: int, workers: int) -> None:
-    """``tasks`` dispatched at once onto ``workers`` idle workers of the fleet (more started
-    for it, then stopped): how long until the last has started, and whether all finish."""
+def big_burst(
+    run: Run, pairs: list[tuple[Outcome, dict[str, str]]], tasks: int, workers: int
+) -> None:
+    """``tasks`` dispatched at once onto ``workers`` idle workers of each fleet, both fleets
+    at the same time (more workers started for it, then stopped): how long until the last
+    has started, and whether all finish."""
     import subprocess
 
     from .herd import HerdRun, summarize_burst
 
-    site, db, k = run.site, outcome.name, outcome.workers
-    extra = [
-        site.start_worker(f"{db}-extra{i}", env, "--name-template", f"extra{i}@{db}")
-        for i in range(max(0, workers - k))
-    ]
-    site.wait(lambda: site.workers_registered(db) == max(workers, k), 120, f"{db} workers")
-    if db == OURS:
-        channel = f"{PREFIX}pulp_worker_wakeup"
-        site.wait(lambda: run.redis_subscribers(channel) == max(workers, k), 60, "subscribers")
-    run.log(f"  {db}: {tasks} tasks at once onto {max(workers, k)} workers")
-    argv = [site.bin("python"), "-m", "pulp_pubsub_tools.e2e.herd_agent", "burst"]
-    opts = {"observer_dsn": site.dsn(db), "tasks": tasks, "seconds": 0.5, "timeout": 120}
-    popen = subprocess.Popen(
-        [*argv, json.dumps(opts)],
-        env=site.env(env),
-        cwd=site.root / "tmp",
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    outcome.faults["burst"] = {
-        **summarize_burst(HerdRun.agent_result(popen)),
-        "workers": max(workers, k),
-    }
+    site, extra = run.site, []
+    for outcome, env in pairs:
+        db = outcome.name
+        extra += [
+            site.start_worker(f"{db}-extra{i}", env, "--name-template", f"extra{i}@{db}")
+            for i in range(max(0, workers - outcome.workers))
+        ]
+
+    def registered(db: str, size: int) -> Callable[[], bool]:
+        return lambda: site.workers_registered(db) == size
+
+    for outcome, _ in pairs:
+        site.wait(registered(outcome.name, max(workers, outcome.workers)), 180, outcome.name)
+    channel = f"{PREFIX}pulp_worker_wakeup"
+    site.wait(lambda: run.redis_subscribers(channel) >= workers, 60, "subscribers")
+    run.log(f"  {tasks} tasks at once onto {workers} workers of each fleet")
+    agents = []
+    for outcome, env in pairs:
+        opts = {"observer_dsn": site.dsn(outcome.name), "tasks": tasks, "seconds": 0.5}
+        argv = [site.bin("python"), "-m", "pulp_pubsub_tools.e2e.herd_agent", "burst"]
+        popen = subprocess.Popen(
+            [*argv, json.dumps({**opts, "timeout": 120})],
+            env=site.env(env),
+            cwd=site.root / "tmp",
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        agents.append((outcome, popen))
+    for outcome, popen in agents:
+        result = summarize_burst(HerdRun.agent_result(popen))
+        outcome.faults["burst"] = {**result, "workers": max(workers, outcome.workers)}
     for process in extra:
         process.stop()
         site.processes.remove(process)
