@@ -110,14 +110,19 @@ def _mark(stand_in: Callable[..., Any]) -> Callable[..., Any]:
     return stand_in
 
 
-def wrap_dispatch(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def dispatch(*args: Any, **kwargs: Any) -> Any:
-        task = original(*args, **kwargs)
-        dispatched(task)
-        return task
+def then(after: Callable[[Any], None]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A stand-in maker: pulpcore's function, then ``after(task)`` with the task it returns."""
 
-    return _mark(dispatch)
+    def wrap(original: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(original)
+        def stand_in(*args: Any, **kwargs: Any) -> Any:
+            task = original(*args, **kwargs)
+            after(task)
+            return task
+
+        return _mark(stand_in)
+
+    return wrap
 
 
 def wrap_adispatch(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -130,21 +135,11 @@ def wrap_adispatch(original: Callable[..., Any]) -> Callable[..., Any]:
     return _mark(adispatch)
 
 
-def wrap_cancel_task(original: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(original)
-    def cancel_task(*args: Any, **kwargs: Any) -> Any:
-        task = original(*args, **kwargs)
-        canceled(task)
-        return task
-
-    return _mark(cancel_task)
-
-
 #: The names rebound in ``pulpcore.tasking.redis_tasks``, and their stand-ins.
 WRAPPERS: dict[str, Callable[[Callable[..., Any]], Callable[..., Any]]] = {
-    "dispatch": wrap_dispatch,
+    "dispatch": then(dispatched),
     "adispatch": wrap_adispatch,
-    "cancel_task": wrap_cancel_task,
+    "cancel_task": then(canceled),
 }
 
 
