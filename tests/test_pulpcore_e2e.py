@@ -188,7 +188,8 @@ def test_idle_integrated_workers_use_fewer_transactions_than_polling_ones(newest
     assert ours is not None and polling.idle_rate is not None and ours < polling.idle_rate
 
 
-#: The Redis type's verdicts this test holds (its latency ratio is held at LATENCY_RATIO_CI).
+#: The Redis type's verdicts this test holds: those that compare with the stock fleet's
+#: timing are figures (the latency ratio is held below at LATENCY_RATIO_CI).
 REDIS_TYPE_VERDICTS = 9
 
 
@@ -198,7 +199,9 @@ def test_redis_type_workers_wait_for_wakeups_and_cancel_at_once(
 ) -> None:
     """Stock and integrated WORKER_TYPE="redis" fleets side by side: tasks, cancel, idle
     transactions, a 64-task burst, SIGKILLed workers."""
-    found = [v for v in redis_type_verdicts(newest) if "p50" not in v.name]
+    found = [
+        v for v in redis_type_verdicts(newest) if "p50" not in v.name and "no later" not in v.name
+    ]
     assert len(found) == REDIS_TYPE_VERDICTS
     assert found[verdict].ok, f"{found[verdict].name}: {found[verdict].figure}"
 

@@ -270,15 +270,18 @@ def redis_type_verdicts(report: Report) -> list[Verdict]:
         last, stock_last = big["to_last_start_s"], stock_big["to_last_start_s"]
         out.append(
             Verdict(
-                f"redis type: {big['dispatched']} tasks at once onto {big['workers']} workers "
-                "all finish, the last started no later than stock's (+ 0.5 s)",
-                big["completed"] == big["dispatched"]
-                and last is not None
-                and stock_last is not None
-                and last <= stock_last + 0.5,
-                f"{big['completed']}/{big['dispatched']} on {big['workers_used']} workers, last "
-                f"started {last} s after the first was created (stock: "
-                f"{stock_big['completed']}/{stock_big['dispatched']}, {stock_last} s)",
+                f"redis type, integrated: {big['dispatched']} tasks at once onto "
+                f"{big['workers']} workers all finish",
+                big["completed"] == big["dispatched"],
+                f"{big['completed']}/{big['dispatched']} on {big['workers_used']} workers "
+                f"(stock: {stock_big['completed']}/{stock_big['dispatched']})",
+            )
+        )
+        out.append(
+            Verdict(
+                "redis type: that burst's last task started no later than stock's (+ 0.5 s)",
+                last is not None and stock_last is not None and last <= stock_last + 0.5,
+                f"{last} s from the first created to the last started (stock: {stock_last} s)",
             )
         )
     ours_rate, stock_rate = ours.idle_rate, stock.idle_rate
