@@ -26,16 +26,14 @@ from pulp_pubsub.contrib.pulpcore import redis_worker as seam
 from pulp_pubsub.contrib.pulpcore.worker import select_shim
 from pulp_pubsub.registry import RUNNERS
 
-from .test_pulpcore_integration import MEMORY, pulp_installed  # noqa: F401 (a fixture)
+from . import test_pulpcore_integration as integration_tests
 from .util import dispatch_until
 
+#: The memory backend, and pulpcore taken as installed: the other file's fixtures.
+backend = integration_tests.backend
+pulp_installed = integration_tests.pulp_installed
+
 # -- the publishing side ----------------------------------------------------------------
-
-
-@pytest.fixture
-def backend():
-    with override_settings(**MEMORY, PUBSUB_OPTIONS={}):
-        yield get_backend()
 
 
 @pytest.fixture
@@ -350,7 +348,7 @@ def test_install_rebinds_the_class_time_and_select_once():
 
 
 def test_a_redis_type_that_cannot_be_integrated_is_a_warning_not_an_error(
-    pulp_installed,  # noqa: F811
+    pulp_installed,
     monkeypatch,
 ):
     monkeypatch.setattr(checks, "_redis_problems", lambda: ["x no longer contains y"])
@@ -361,7 +359,7 @@ def test_a_redis_type_that_cannot_be_integrated_is_a_warning_not_an_error(
         assert checks.check_pulpcore_seams() == [] and checks.check_pulpcore_version() == []
 
 
-def test_an_integrated_redis_type_has_no_warning(pulp_installed, monkeypatch):  # noqa: F811
+def test_an_integrated_redis_type_has_no_warning(pulp_installed, monkeypatch):
     monkeypatch.setattr(checks, "_redis_problems", lambda: [])
     with override_settings(WORKER_TYPE="redis"):
         assert checks.check_pulpcore_mode() == []
