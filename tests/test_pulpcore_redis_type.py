@@ -290,45 +290,33 @@ def test_a_forged_cancel_is_refused_loudly_and_pulpcore_finds_no_key(new_worker,
     assert "does not show it as being canceled" in caplog.text
 
 
-def busy(worker: Any) -> None:
-    """The worker in its supervising wait: it takes no "handle"."""
-    worker.task = types.SimpleNamespace(pk=uuid.uuid4())
-    select_shim.select([], [], [], 0)
-
-
-def test_a_busy_worker_leaves_a_wakeup_to_an_idle_one(new_worker, fleet):
-    idle = fleet(1)
-    worker = new_worker()
-    busy(worker)
-    redis_tasks.wake(1)
-    # Handed to the busy one before its pause reached the listener, it is given back.
-    while not any(m.payload == "handle" for m in idle[0]):
-        worker.pubsub.dispatch(timeout=0.05)
-        fleet.settle()
-    assert fleet.settle() == [["handle"]] and worker.look_now is False
-
-
 @pytest.mark.parametrize(("shutting_down", "woken"), [(False, 2), (True, 3)])
 def test_a_finished_task_wakes_for_those_it_held_back_but_the_one_its_worker_takes(
-    new_worker, fleet, monkeypatch, shutting_down, woken
+    new_worker, monkeypatch, shutting_down, woken
 ):
-    fleet(4)
     worker = new_worker()
-    busy(worker)
+    sent: list[int] = []
+    monkeypatch.setattr(seam, "wake", sent.append)  # what reaches the backend: tested above
     monkeypatch.setattr(seam, "waiting_behind", lambda task: 3)
     worker.shutdown_requested = shutting_down
     worker.task_ended(types.SimpleNamespace())
-    assert sum(len(got) for got in fleet.settle()) == woken
+    assert sent == [woken]
 
 
-def test_a_reconciled_lock_wakes_for_the_waiting_tasks_and_the_worker_looks(new_worker, fleet):
-    fleet(2)
+def test_a_reconciled_lock_wakes_for_the_waiting_tasks_and_the_worker_looks(
+    new_worker, monkeypatch
+):
     worker = new_worker()
-    worker.num_workers = 2  # pulpcore's count of the fleet: no more wake-ups than workers
+    sent: list[int] = []
+    monkeypatch.setattr(seam, "wake", sent.append)
+    worker.num_workers = 3  # pulpcore's count of the fleet: no more wake-ups than workers
     worker.waiting_tasks = lambda: 5
     worker.app_worker_cleanup()
-    assert worker.look_now is True  # idle: it looks itself, and wakes one other
-    assert sorted(fleet.settle()) == [[], ["handle"]]
+    assert worker.look_now is True  # idle: it looks itself, and wakes the others
+    assert sent == [2]
+    worker.waiting_tasks = lambda: 0
+    worker.app_worker_cleanup()
+    assert sent == [2]  # nothing waiting: nobody woken
 
 
 def test_install_rebinds_the_class_time_and_select_once():
