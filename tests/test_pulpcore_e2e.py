@@ -35,6 +35,7 @@ from pulp_pubsub_tools.e2e.figures import (
     table,
     verdicts,
 )
+from pulp_pubsub_tools.e2e.redistype import redis_type_verdicts
 from pulp_pubsub_tools.e2e.relayfleet import relay_verdicts
 from pulp_pubsub_tools.e2e.scenarios import Config, Report, Run
 
@@ -183,8 +184,34 @@ def test_idle_workers_use_no_more_transactions_than_stock(report: Report) -> Non
 
 
 def test_idle_integrated_workers_use_fewer_transactions_than_polling_ones(newest: Report) -> None:
-    ours, polling = newest.outcomes["pubsub_redis"].idle_rate, newest.outcomes["redis_worker"]
+    ours, polling = newest.outcomes["pubsub_redis"].idle_rate, newest.outcomes["redis_type_stock"]
     assert ours is not None and polling.idle_rate is not None and ours < polling.idle_rate
+
+
+#: The Redis type's verdicts this test holds: those that compare with the stock fleet's
+#: timing are figures (the latency ratio is held below at LATENCY_RATIO_CI).
+REDIS_TYPE_VERDICTS = 9
+
+
+@pytest.mark.parametrize("verdict", range(REDIS_TYPE_VERDICTS))
+def test_redis_type_workers_wait_for_wakeups_and_cancel_at_once(
+    newest: Report, verdict: int
+) -> None:
+    """Stock and integrated WORKER_TYPE="redis" fleets side by side: tasks, cancel, idle
+    transactions, a 64-task burst, SIGKILLed workers."""
+    found = [
+        v for v in redis_type_verdicts(newest) if "p50" not in v.name and "no later" not in v.name
+    ]
+    assert len(found) == REDIS_TYPE_VERDICTS
+    assert found[verdict].ok, f"{found[verdict].name}: {found[verdict].figure}"
+
+
+def test_redis_type_latency_is_close_to_polling(newest: Report) -> None:
+    ours, stock = (
+        newest.outcomes["redis_type_pubsub"].p50(),
+        newest.outcomes["redis_type_stock"].p50(),
+    )
+    assert ours is not None and stock is not None and ours <= LATENCY_RATIO_CI * stock
 
 
 def test_stock_workers_behind_the_same_pgbouncer_are_measured_for_contrast(

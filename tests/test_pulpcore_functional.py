@@ -128,9 +128,13 @@ def test_the_functional_table_in_the_docs_is_generated_from_the_committed_json()
 def test_the_committed_run_keeps_every_verdict() -> None:
     import json
 
-    report = json.loads(FIGURES.read_text())
-    assert set(report["configs"]) == set(functional.CONFIGURATIONS)
-    failed = {name: o["verdict"] for name, o in report["configs"].items() if not o["verdict"]["ok"]}
+    # The integrated Redis-type workers were run apart, against their own baseline.
+    configs: dict[str, dict[str, Any]] = {}
+    for path in (FIGURES, FIGURES.with_name("pulpcore_functional_tasking_redis_type.json")):
+        for name, outcome in json.loads(path.read_text())["configs"].items():
+            configs.setdefault(name, outcome)
+    assert set(configs) == set(functional.CONFIGURATIONS)
+    failed = {name: o["verdict"] for name, o in configs.items() if not o["verdict"]["ok"]}
     assert not failed, failed
 
 

@@ -539,10 +539,13 @@ def test_admin_commands_on_another_backend_start_and_report(monkeypatch, caplog)
     assert [r.levelname for r in caplog.records] == ["ERROR"]
 
 
-def test_polling_redis_workers_turn_the_integration_off(pulp_installed):
+def test_redis_workers_without_pulpcores_redis_worker_are_left_polling(pulp_installed):
+    # As on pulpcore 3.105, which has no Redis-type worker (here: no pulpcore at all).
     with override_settings(WORKER_TYPE="redis"):
-        assert [w.id for w in checks.check_pulpcore_mode()] == ["pulp_pubsub.W101"]
-        assert checks.check_pulpcore_version() == []
+        found = checks.check_pulpcore_mode()
+        assert [w.id for w in found] == ["pulp_pubsub.W101"]
+        assert "has no Redis-type worker" in found[0].msg
+        assert checks.check_pulpcore_version() == [] and checks.check_pulpcore_seams() == []
 
 
 def test_turning_the_integration_off_with_another_backend_warns(pulp_installed):

@@ -110,6 +110,14 @@ def drive(opts: dict[str, Any]) -> dict[str, Any]:
     from pulpcore.app.util import get_domain, set_domain
     from pulpcore.tasking.tasks import adispatch, cancel_task, dispatch
 
+    if opts.get("as_api"):
+        # The Redis type's cancel of a waiting task records the canceling process, which
+        # must be a Pulp app (an API process is one): so this one registers as one.
+        from pulpcore.app.apps import pulp_plugin_configs
+        from pulpcore.app.models import AppStatus
+
+        versions = {app.label: app.version for app in pulp_plugin_configs()}
+        AppStatus.objects.create(name=f"e2e-api-{os.getpid()}", app_type="api", versions=versions)
     observer = Observer(opts["observer_dsn"], opts.get("spy", True))
     timeout = float(opts.get("start_timeout", 30))
     out: dict[str, Any] = {"phases": {}, "integration": _integration_state()}
@@ -145,15 +153,20 @@ def drive(opts: dict[str, Any]) -> dict[str, Any]:
         rows = observer.wait(pks, FINAL, float(opts.get("burst_timeout", timeout)))
         phases["burst"] = [_record(observer, pk, rows[pk]) for pk in pks]
     if opts.get("cancel") and phases["warmup"][0]["state"] in FINAL:
-        out["cancel"] = cancel_running(observer, dispatch, cancel_task, sleep_task, timeout)
+        out["cancel"] = cancel_running(
+            observer, dispatch, cancel_task, sleep_task, timeout, float(opts.get("cancel_wait", 10))
+        )
         out["cancel_waiting"] = cancel_waiting(observer, dispatch, cancel_task, sleep_task)
     observer.drain_notifies()
     out["stray_notifies"] = dict(observer.notifies)
     return out
 
 
-def cancel_running(observer: Observer, dispatch: Any, cancel: Any, task: Any, timeout: float):
-    """Cancel a running sleep(30): how long until its worker has ended it."""
+def cancel_running(
+    observer: Observer, dispatch: Any, cancel: Any, task: Any, timeout: float, wait: float = 10
+):
+    """Cancel a running sleep(30): how long (waiting at most ``wait``) until its worker has
+    ended it."""
     from django.utils import timezone
 
     pk = str(dispatch(task, args=(30,)).pk)
@@ -162,7 +175,7 @@ def cancel_running(observer: Observer, dispatch: Any, cancel: Any, task: Any, ti
         return {"state": rows[pk]["state"], "latency": None}
     asked = timezone.now()
     cancel(pk)
-    rows = observer.wait([pk], FINAL, 10)
+    rows = observer.wait([pk], FINAL, wait)
     row = rows[pk]
     return {
         "state": row["state"],

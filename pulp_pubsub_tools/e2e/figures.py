@@ -159,6 +159,9 @@ def verdicts(report: Report) -> list[Verdict]:
     from .relayfleet import relay_verdicts
 
     out += relay_verdicts(report)
+    from .redistype import redis_type_verdicts
+
+    out += redis_type_verdicts(report)
     return out
 
 
@@ -362,6 +365,7 @@ def as_dict(report: Report) -> dict[str, Any]:
                 "workers_used": o.workers_used,
                 "integration": o.integration,
                 "notes": o.notes,
+                "faults": o.faults,
             }
             for name, o in report.outcomes.items()
         },

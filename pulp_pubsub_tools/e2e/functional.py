@@ -75,6 +75,13 @@ CONFIGURATIONS = {
         Configuration(
             "redis_worker", 'stock pulpcore, WORKER_TYPE="redis"', redis_worker=True, baseline=None
         ),
+        Configuration(
+            "redis_worker_pubsub",
+            'pulpcore + pulp-pubsub on Redis, WORKER_TYPE="redis"',
+            pubsub=True,
+            redis_worker=True,
+            baseline="redis_worker",
+        ),
     )
 }
 

@@ -20,7 +20,9 @@
    connection through PgBouncer, the listener direct), all at once.
 5. ``rollout``: half-way through a rolling move to Redis: a stock API and stock worker,
    moved API and workers (Redis, ``PUBSUB_PULPCORE_ALSO_NOTIFY``), and the bridge.
-6. ``redis_worker``: Pulp's own polling ``WORKER_TYPE = "redis"``, idle only.
+6. ``redis_type``: Pulp's ``WORKER_TYPE = "redis"``, stock (polling) and integrated fleets
+   side by side (:mod:`.redistype`); ``redis_worker``, run only when named, is the stock
+   fleet idle alone.
 
 Idle transactions are counted exactly from the server log (every statement is
 logged with its virtual transaction id) over a window of two heartbeat periods
@@ -34,14 +36,14 @@ import shutil
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pulp_pubsub.contrib.pulpcore.compat import E2E_SERIES
 
-from .site import LOG_CONF, Site, default_venv, ensure_venv
+from .site import LOG_CONF, Settings, Site, default_venv, ensure_venv
 
 LISTENER_NAME = "pulp-pubsub listener"
 BRIDGE_NAME = "pulp-pubsub bridge"
@@ -71,13 +73,15 @@ class Config:
         "stock_pgbouncer",
         "mixed",
         "rollout",
-        "redis_worker",
+        "redis_type",
     )
     #: The pulpcore series (MAJOR.MINOR) to install from PyPI.
     series: str = E2E_SERIES[-1]
     venv: Path | None = None
     #: How long Redis stays down in the operator scenario's outage.
     outage_seconds: float = 60.0
+    #: ``redis_type``: this many tasks dispatched at once onto this many workers of each kind.
+    redis_burst: tuple[int, int] = (64, 16)
     #: Copy the server and process logs here before the throwaway servers go.
     keep_logs: Path | None = None
 
@@ -97,6 +101,8 @@ class Outcome:
     integration: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
     workers_used: dict[str, int] = field(default_factory=dict)
+    #: Faults and what followed (the ``redis_type`` scenario).
+    faults: dict[str, Any] = field(default_factory=dict)
 
     @property
     def finished(self) -> int:
@@ -219,7 +225,7 @@ class Run:
     def start_fleet(
         self,
         db: str,
-        workers: list[tuple[str, Path]],
+        workers: Sequence[tuple[str, Settings]],
         ready: Callable[[], bool] | None = None,
     ) -> None:
         site = self.site
@@ -251,7 +257,7 @@ class Run:
             outcome.idle_xacts = self.site.transactions(db, start, end)
             outcome.idle_seconds = end - start
 
-    def drive(self, outcome: Outcome, db: str, api: Path, **opts: Any) -> None:
+    def drive(self, outcome: Outcome, db: str, api: Settings, **opts: Any) -> None:
         config = self.config
         defaults = {
             "latency_tasks": config.latency_tasks,
@@ -475,6 +481,11 @@ class Run:
         self.site.stop_all()
         self.report.outcomes[db] = outcome
 
+    def redis_type(self) -> None:
+        from .redistype import redis_type
+
+        redis_type(self)
+
     def relay_pgbouncer(self) -> None:
         from .relayfleet import relay_pgbouncer
 
@@ -482,4 +493,4 @@ class Run:
 
 
 #: Scenarios run only when named (``--scenarios``), not by default.
-OPTIONAL_SCENARIOS = ("relay_pgbouncer", "operator_nats")
+OPTIONAL_SCENARIOS = ("relay_pgbouncer", "operator_nats", "redis_worker")

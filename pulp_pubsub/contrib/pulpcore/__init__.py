@@ -13,6 +13,15 @@ When pulpcore's seams are where they should be and ``WORKER_TYPE`` is
 * ``pulpcore.tasking.worker.select``: a ``select`` that also waits on the
   subscriber's ``fileno()``.
 
+With ``WORKER_TYPE = "redis"`` (pulpcore 3.108 and later) it rebinds
+instead the Redis type's names: ``dispatch``, ``adispatch`` and
+``cancel_task`` in ``pulpcore.tasking.redis_tasks`` (:mod:`.redis_tasks`),
+and ``RedisWorker``, ``time`` and ``select`` in
+``pulpcore.tasking.redis_worker`` (:mod:`.redis_worker`), so its idle
+workers wait for a wake-up instead of polling. Its seams
+(:mod:`.redis_compat`) that moved leave those workers stock, polling, with a
+warning: a polling worker is never deaf.
+
 A pulpcore that has its own pub/sub interface (``pulpcore.tasking.pubsub``
 and the setting ``TASKING_PUBSUB_BACKEND``: upstream, or the patch in
 docs/upstream.md) needs none of this: the integration names its adapter
@@ -89,8 +98,10 @@ def setup() -> State:
     state = State(reason="")
     if not enabled():
         state.reason = f"{SETTING} is False"
+    elif worker_type() == "redis":
+        return setup_redis_type()
     elif worker_type() != "pulpcore":
-        state.reason = f"WORKER_TYPE is {worker_type()!r}; only 'pulpcore' workers use NOTIFY"
+        state.reason = f"WORKER_TYPE is {worker_type()!r}, which the integration does not know"
     else:
         state.problems = seam_problems()
     if state.problems:
@@ -105,6 +116,37 @@ def setup() -> State:
         logger.warning("%s; its seams match, so the integration is on.", problem)
     install()
     return state
+
+
+def setup_redis_type() -> State:
+    """The integration for ``WORKER_TYPE = "redis"``, or stock polling workers with a warning."""
+    from .redis_compat import redis_seam_problems
+
+    state.problems = redis_seam_problems()
+    if state.problems:
+        state.reason = "pulpcore's Redis-type worker is not as the integration expects"
+        logger.warning(
+            "pulp-pubsub left pulpcore's Redis-type worker unchanged, so it polls the task "
+            "table as stock Pulp does (pulp_pubsub.W101: %s).",
+            "; ".join(state.problems),
+        )
+        return state
+    from .compat import version_problem
+
+    if problem := version_problem():
+        logger.warning("%s; its seams match, so the integration is on.", problem)
+    install_redis_type()
+    return state
+
+
+def install_redis_type() -> None:
+    """Rebind the Redis type's names; idempotent. Prefer :func:`setup`."""
+    from . import redis_tasks, redis_worker
+
+    redis_tasks.install(importlib.import_module("pulpcore.tasking.redis_tasks"))
+    redis_worker.install(importlib.import_module("pulpcore.tasking.redis_worker"))
+    state.installed, state.reason = True, ""
+    logger.debug("pulp-pubsub wakes pulpcore's Redis-type workers")
 
 
 def fail_closed(problems: list[str], way_out: str) -> None:
@@ -167,4 +209,9 @@ def uninstall() -> None:
 
     publishers.uninstall(importlib.import_module("pulpcore.tasking.tasks"))
     worker.uninstall(importlib.import_module("pulpcore.tasking.worker"))
+    if "pulpcore.tasking.redis_worker" in sys.modules:
+        from . import redis_tasks, redis_worker
+
+        redis_tasks.uninstall(importlib.import_module("pulpcore.tasking.redis_tasks"))
+        redis_worker.uninstall(importlib.import_module("pulpcore.tasking.redis_worker"))
     state.installed, state.reason = False, "uninstalled"

@@ -17,9 +17,10 @@ from django.core.checks import CheckMessage, Error, Tags, Warning, register
 from ...conf import get_settings
 from .compat import SUPPORTED_TEXT, pulpcore_version, seam_problems, version_problem
 from .conf import PULPCORE_APP, SETTING, enabled, worker_type
+from .redis_compat import FIRST_SERIES as REDIS_FIRST_SERIES
 
 E102 = "pulp_pubsub.E102"  # a seam the integration relies on has moved
-W101 = "pulp_pubsub.W101"  # WORKER_TYPE is not "pulpcore": integration off
+W101 = "pulp_pubsub.W101"  # WORKER_TYPE is "redis" and its integration cannot install
 W102 = "pulp_pubsub.W102"  # integration off while PUBSUB_BACKEND is not postgres
 W103 = "pulp_pubsub.W103"  # pulpcore outside the supported series, but its seams match
 
@@ -32,13 +33,22 @@ WAY_OUT = (
 )
 
 
-def _active() -> bool:
-    return apps.is_installed(PULPCORE_APP) and enabled() and worker_type() == "pulpcore"
+def _active(kind: str = "pulpcore") -> bool:
+    return apps.is_installed(PULPCORE_APP) and enabled() and worker_type() == kind
+
+
+def _redis_problems() -> list[str]:
+    from .redis_compat import redis_seam_problems
+
+    return redis_seam_problems()
 
 
 @register(Tags.compatibility)
 def check_pulpcore_version(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    if not _active() or seam_problems():
+    if _active("redis"):
+        if _redis_problems():
+            return []
+    elif not _active() or seam_problems():
         return []
     problem = version_problem()
     if problem is None:
@@ -69,14 +79,17 @@ def check_pulpcore_mode(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
     if not apps.is_installed(PULPCORE_APP):
         return []
     backend = get_settings().backend
-    if enabled() and worker_type() != "pulpcore":
+    if _active("redis"):
         return [
             Warning(
-                f"WORKER_TYPE is {worker_type()!r}: those workers poll and send no NOTIFY, "
-                "so the pulp-pubsub integration is off.",
-                hint='Set WORKER_TYPE = "pulpcore" for push wake-ups through pulp-pubsub.',
+                f"The pulp-pubsub integration of WORKER_TYPE 'redis' is off: {problem}. "
+                "Those workers poll the task table, as stock Pulp's do.",
+                hint="Install a pulpcore of a supported series that has the Redis-type worker "
+                f"(pulpcore>={REDIS_FIRST_SERIES},<{SUPPORTED_TEXT.rpartition('<')[2]}), or "
+                'set WORKER_TYPE = "pulpcore" on every Pulp process.',
                 id=W101,
             )
+            for problem in _redis_problems()
         ]
     if not enabled() and backend != "postgres":
         return [

@@ -81,6 +81,23 @@ UNBLOCK_RETRY_MAX = 1.0
 SAFETY_LOOK = "PUBSUB_PULPCORE_SAFETY_LOOK"
 
 
+def next_safety_look() -> float:
+    """When a quiet worker of either type looks next (``time.monotonic()``; inf: never).
+
+    Jittered so that a fleet started together spreads out. By default one
+    WORKER_TTL from now (three heartbeat periods, 30 s unless configured): as
+    long as the fleet takes to notice a dead worker, and, on an idle fleet,
+    about one look's transactions per worker per TTL on top of its heartbeats.
+    PUBSUB_PULPCORE_SAFETY_LOOK (seconds) sets another; 0 turns it off.
+    """
+    seconds = getattr(settings, SAFETY_LOOK, None)
+    if seconds is None:
+        seconds = float(getattr(settings, "WORKER_TTL", 30))
+    if not seconds:
+        return math.inf
+    return time.monotonic() + float(seconds) * random.uniform(0.75, 1.0)
+
+
 class WorkerCursor:
     """Replaces ``PulpcoreWorker.cursor``: pub/sub SQL goes to the layer."""
 
@@ -248,20 +265,7 @@ class PubSubWorkerMixin:
         return result
 
     def schedule_safety_look(self) -> None:
-        """The next look, jittered so that a fleet started together spreads out.
-
-        By default one WORKER_TTL from now (three heartbeat periods, 30 s unless
-        configured): as long as the fleet takes to notice a dead worker, and, on an
-        idle fleet, about one look's transactions per worker per TTL on top of its
-        heartbeats. PUBSUB_PULPCORE_SAFETY_LOOK (seconds) sets another; 0 turns it off.
-        """
-        seconds = getattr(settings, SAFETY_LOOK, None)
-        if seconds is None:
-            seconds = float(getattr(settings, "WORKER_TTL", 30))
-        if not seconds:
-            self.safety_look_at = math.inf
-            return
-        self.safety_look_at = time.monotonic() + float(seconds) * random.uniform(0.75, 1.0)
+        self.safety_look_at = next_safety_look()
 
     def safety_look(self) -> None:
         """Act as if woken: a wake-up or a cancel the layer lost costs one period, never a stall.
