@@ -200,6 +200,21 @@ def test_a_failing_handler_does_not_stop_delivery(harness):
         assert sub.stats["handler_errors"] == 2
 
 
+def test_an_owner_waiting_on_fileno_reads_the_connection_in_its_own_thread(harness):
+    """One wake-up per message: the owner's dispatch() reads; the listener thread sleeps."""
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got: list[tuple[str, threading.Thread]] = []
+        sub.subscribe(
+            "contract.owner", lambda m: got.append((m.payload, threading.current_thread()))
+        )
+        sub.fileno()
+        publish("contract.owner", "1")
+        dispatch_until(sub, lambda: got)
+        assert got == [("1", threading.current_thread())]
+        assert sub.stats["owner_reads"] >= 1
+        assert sub.stats["received"] == 1
+
+
 def test_start_delivers_on_a_background_thread(harness):
     with harness.configured() as backend, backend.subscriber() as sub:
         arrived = threading.Event()
