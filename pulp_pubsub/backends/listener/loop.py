@@ -1,10 +1,16 @@
-"""The listener thread: the only code that touches a subscriber's transport.
+"""The listener thread: it keeps a subscriber's transport.
 
 It connects, LISTENs to what the callbacks want, reads, probes and hear-checks; on any
 failure it reconnects with capped, jittered backoff and then queues one ``resync`` per
 subscribed channel, or lets an engine with history replay the gap instead. Messages go to
 the pending queue; the owner dispatches them, never this thread, so a slow handler cannot
 starve the connection or its probe.
+
+An owner that waits in ``select()`` on ``fileno()`` also reads, in ``dispatch()`` (see
+:mod:`.watch` and :mod:`.reader`): then this thread wakes only for its requests and its
+timers, reading at each of those turns, and reads everything itself again while the owner
+is found away (data it should have read waits at a timer's turn) until the owner next
+calls ``dispatch()``. Either thread uses the transport only under the reader's lock.
 """
 
 from __future__ import annotations
