@@ -68,7 +68,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             )
     for backend, r in result.get("connections", {}).items():
         # A relay holds one session of its own, however many subscribers it serves.
-        want = {"postgres": r["subscribers"], "relay": 1, "relay_direct": 1}.get(backend, 0)
+        base = backend.partition("+")[0]  # a variant (redis+listener-reads) holds as its backend
+        want = {"postgres": r["subscribers"], "relay": 1, "relay_direct": 1}.get(base, 0)
         out.append(
             _target(
                 f"PostgreSQL sessions held for wake-ups by N idle subscribers = {want}",

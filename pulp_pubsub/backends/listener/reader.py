@@ -106,6 +106,8 @@ class Reader:
         # The listener's turn is short (a read, a probe, an ack): wait for it, briefly.
         if not self.lock.acquire(timeout=OWNER_PATIENCE):
             return
+        pending = self._loop.pending
+        pending.quiet_for = threading.get_ident()
         try:
             if self.session is not session or session.failed is not None:
                 return
@@ -117,6 +119,8 @@ class Reader:
                     break
             if brought:
                 self._loop.stats["owner_reads"] += 1
+            if session.buffered:
+                pending.signal()  # more waits in the client's buffer: come back for it
             if self._loop.backend.targets:
                 # A targeting transport takes its next turn after each read (see want()).
                 self._loop.targeted.settle(session.transport)
@@ -128,4 +132,5 @@ class Reader:
             watch.sync(())
             self._loop.wake()
         finally:
+            pending.quiet_for = None
             self.lock.release()
