@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ...message import Message
 from ...metrics import record_probe_rtt
@@ -22,9 +22,13 @@ from ..transport import Handed
 from .responder import answer_query
 
 if TYPE_CHECKING:
-    from ..transport import Transport
+    from collections import Counter
+
+    from ..transport import SubscribedBackend, Transport
     from .hearing import HearCheck
-    from .loop import Loop
+    from .pending import Pending
+    from .responder import Described
+    from .targeted import Targeted
     from .upkeep import Probe
     from .watch import Watch
 
@@ -32,6 +36,28 @@ if TYPE_CHECKING:
 OWNER_BATCHES = 64
 #: Seconds an owner waits for the listener's turn to end before it leaves the read to it.
 OWNER_PATIENCE = 0.1
+
+
+class Keeper(Protocol):
+    """What a read tells the subscriber's connection keeper (a :class:`~.loop.Loop`)."""
+
+    backend: SubscribedBackend
+    stats: Counter[str]
+    pending: Pending
+    targeted: Targeted
+    described: Described
+    probe_channel: str
+    control_channel: str
+    last_heard: float | None
+    probe_rtt: float | None
+    position: Any
+    deaf: bool
+
+    def resync(self, wire: str) -> None: ...
+
+    def on_hearing(self) -> None: ...
+
+    def wake(self) -> None: ...
 
 
 class Session:
@@ -48,7 +74,7 @@ class Session:
 
 
 class Reader:
-    def __init__(self, loop: Loop) -> None:
+    def __init__(self, loop: Keeper) -> None:
         self._loop = loop
         #: Held by whichever thread reads or otherwise uses the transport.
         self.lock = threading.Lock()
