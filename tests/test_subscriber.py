@@ -330,33 +330,31 @@ def _record_readers(monkeypatch) -> list[tuple[threading.Thread, list]]:
     return readers
 
 
-def test_an_owner_waiting_on_fileno_reads_the_message_in_its_own_thread(sub, monkeypatch):
-    readers = _record_readers(monkeypatch)
+def _one_message_read_by(sub, readers: list[tuple[threading.Thread, list]]) -> threading.Thread:
+    """Deliver one message the way Pulp's worker waits for it; the thread that read it."""
     got: list[Message] = []
     sub.subscribe("a", got.append)
     fd = sub.fileno()
-    publish("a", "one wake-up")
+    publish("a", "one")
     assert readable(fd, timeout=5)
     assert sub.dispatch() == 1
-    assert [m.payload for m in got] == ["one wake-up"]
-    assert [thread for thread, items in readers if ("a", "one wake-up") in items] == [
-        threading.current_thread()
-    ]
-    assert sub.stats["owner_reads"] == 1
+    assert [m.payload for m in got] == ["one"]
     assert not readable(fd)
+    [thread] = [thread for thread, items in readers if ("a", "one") in items]
+    return thread
+
+
+def test_an_owner_waiting_on_fileno_reads_the_message_in_its_own_thread(sub, monkeypatch):
+    readers = _record_readers(monkeypatch)
+    assert _one_message_read_by(sub, readers) is threading.current_thread()
+    assert sub.stats["owner_reads"] == 1
 
 
 def test_without_owner_reads_the_listener_thread_reads(backend, monkeypatch):
     readers = _record_readers(monkeypatch)
     with override_settings(**MEMORY, PUBSUB_OPTIONS={"owner_reads": False}):
         with get_backend().subscriber() as sub:
-            got: list[Message] = []
-            sub.subscribe("a", got.append)
-            fd = sub.fileno()
-            publish("a", "two")
-            assert readable(fd, timeout=5)
-            assert sub.dispatch() == 1
-    [(thread, _)] = [(t, items) for t, items in readers if ("a", "two") in items]
+            thread = _one_message_read_by(sub, readers)
     assert thread.name.startswith("pubsub-listener")
     assert sub.stats["owner_reads"] == 0
 
