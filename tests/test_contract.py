@@ -215,6 +215,20 @@ def test_an_owner_waiting_on_fileno_reads_the_connection_in_its_own_thread(harne
         assert sub.stats["received"] == 1
 
 
+def test_a_busy_owners_subscriber_reconnects_when_its_connection_closes(harness):
+    """The owner reads, but never dispatches now: a closed socket still wakes the listener."""
+    if harness.name in ("memory", "nats", "natsjs"):
+        # Their connection reaches the subscriber through a pipe, which no closing socket
+        # hangs up: the owner's next read, or the listener's next timer turn, finds it.
+        return
+    with harness.configured() as backend, backend.subscriber() as sub:
+        sub.subscribe("contract.busy", lambda m: None)
+        sub.fileno()
+        harness.kill_subscriber_connections()
+        wait_until(lambda: sub.stats["reconnects"] >= 1, timeout=15, what="a reconnect")
+        assert sub.stats["owner_reads"] == 0
+
+
 def test_start_delivers_on_a_background_thread(harness):
     with harness.configured() as backend, backend.subscriber() as sub:
         arrived = threading.Event()

@@ -263,7 +263,9 @@ class Loop:
                 due = min(probe.due(), hearing.due())
                 wait = 0.0 if session.buffered else due - time.monotonic()
                 watched = [control_r] if owner_reads else [*fds, control_r]
-                ready = wait_readable(watched, max(wait, 0))
+                # A connection that closes wakes this thread all the same: it reconnects
+                # at once, whether or not the owner is reading.
+                ready = wait_readable(watched, max(wait, 0), fds if owner_reads else ())
                 if closed.is_set():
                     return
                 with reader.lock:
@@ -277,14 +279,16 @@ class Loop:
                         session.buffered = True
                     # A timer's turn and data the owner should have read waits: it is busy
                     # elsewhere, so this thread reads until dispatch() is called again.
-                    timer_turn = owner_reads and not poked and not session.buffered
+                    timer_turn = owner_reads and not ready and not session.buffered
                     if timer_turn and wait_readable(fds, 0):
                         self._owner_away = True
                     if owner_reads or session.buffered or any(fd in ready for fd in fds):
                         reader.read(session)
                     watch = self.watch  # again: attach() may have come meanwhile
                     if watch is not None:
-                        watch.sync(() if self._owner_away else transport.filenos())
+                        # Only a turn that took attach()'s poke may say the set is ready: an
+                        # earlier one would still read what the owner expects to read.
+                        watch.sync(() if self._owner_away else transport.filenos(), ready=poked)
                     if targets:
                         self._targeted.settle(transport)
                     self._check(session, stats, name)

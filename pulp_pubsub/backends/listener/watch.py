@@ -33,8 +33,12 @@ class Watch:
         #: Set once the listener has put the transport's descriptors in (or has none).
         self.synced = threading.Event()
 
-    def sync(self, fds: Iterable[int]) -> None:
-        """Make the transport descriptors in the set ``fds`` (none while not active)."""
+    def sync(self, fds: Iterable[int], ready: bool = False) -> None:
+        """Make the transport descriptors in the set ``fds`` (none while not active).
+
+        ``ready``: the listener took the owner's attach() poke in this turn, so the owner
+        may count on the set from now on.
+        """
         wanted = tuple(dict.fromkeys(fds)) if self.active else ()
         with self._lock:
             if wanted != self.fds:
@@ -49,7 +53,7 @@ class Watch:
                     except FileExistsError:
                         self._epoll.modify(fd, select.EPOLLIN)
                 self.fds = wanted
-            if self.active:
+            if self.active and ready:
                 self.synced.set()
 
     def close(self) -> None:
