@@ -16,7 +16,8 @@ import psycopg
 import pytest
 from django.core.management import CommandError, call_command
 
-from pulp_pubsub_tools.bench import SCENARIOS
+from pulp_pubsub_tools.bench import SCENARIOS, BenchError
+from pulp_pubsub_tools.bench.adapters import adapter_for
 from pulp_pubsub_tools.testing import PostgresServer, RedisServer
 
 N = 3
@@ -101,6 +102,18 @@ def test_fanout_is_compared_with_the_bare_client(full_run: dict[str, Any]) -> No
             continue
         assert r["raw"]["lost"] == 0 and r["raw"]["per_subscriber"]["n"] == N * rounds
         assert r["ratio_last_p50"] > 0
+        # A message wakes a bare subscriber's thread at least once, and the layer's too.
+        assert r["raw"]["wakeups_per_message"] >= 1
+        assert r["wakeups_per_message"] >= 1
+
+
+def test_a_variant_runs_its_backend_with_other_options() -> None:
+    variant = adapter_for("redis+listener-reads")
+    assert (variant.name, variant.backend) == ("redis+listener-reads", "redis")
+    assert variant.options["owner_reads"] is False
+    assert "owner_reads" not in adapter_for("redis").options
+    with pytest.raises(BenchError, match="No variant 'fast' of 'redis'"):
+        adapter_for("redis+fast")
 
 
 #: The backends of the full run that deliver targeted messages natively.

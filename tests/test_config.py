@@ -112,6 +112,13 @@ def test_a_numeric_option_must_be_a_positive_number(value):
         MemoryBackend(options={"probe_interval": value})
 
 
+@pytest.mark.parametrize("value", [0, "no", None])
+def test_owner_reads_must_be_true_or_false(value):
+    assert MemoryBackend(options={"owner_reads": False}).config["owner_reads"] is False
+    with pytest.raises(ImproperlyConfigured, match=r"'owner_reads'.* must be True or False"):
+        MemoryBackend(options={"owner_reads": value})
+
+
 @pytest.mark.parametrize(
     "name, problem",
     [

@@ -200,6 +200,35 @@ def test_a_failing_handler_does_not_stop_delivery(harness):
         assert sub.stats["handler_errors"] == 2
 
 
+def test_an_owner_waiting_on_fileno_reads_the_connection_in_its_own_thread(harness):
+    """One wake-up per message: the owner's dispatch() reads; the listener thread sleeps."""
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got: list[tuple[str, threading.Thread]] = []
+        sub.subscribe(
+            "contract.owner", lambda m: got.append((m.payload, threading.current_thread()))
+        )
+        sub.fileno()
+        publish("contract.owner", "1")
+        dispatch_until(sub, lambda: got)
+        assert got == [("1", threading.current_thread())]
+        assert sub.stats["owner_reads"] >= 1
+        assert sub.stats["received"] == 1
+
+
+def test_a_busy_owners_subscriber_reconnects_when_its_connection_closes(harness):
+    """The owner reads, but never dispatches now: a closed socket still wakes the listener."""
+    if harness.name in ("memory", "nats", "natsjs", "zookeeper", "zookeeper_auth"):
+        # Their connection reaches the subscriber through a pipe, which no closing socket
+        # hangs up: the owner's next read, or the listener's next timer turn, finds it.
+        return
+    with harness.configured() as backend, backend.subscriber() as sub:
+        sub.subscribe("contract.busy", lambda m: None)
+        sub.fileno()
+        harness.kill_subscriber_connections()
+        wait_until(lambda: sub.stats["reconnects"] >= 1, timeout=15, what="a reconnect")
+        assert sub.stats["owner_reads"] == 0
+
+
 def test_start_delivers_on_a_background_thread(harness):
     with harness.configured() as backend, backend.subscriber() as sub:
         arrived = threading.Event()

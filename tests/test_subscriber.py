@@ -313,3 +313,82 @@ def test_a_forked_child_gets_a_fresh_backend_and_cannot_use_the_parents_subscrib
     publish("b", "parent still works")
     sub.dispatch(timeout=5)
     assert got == ["parent still works"]
+
+
+def _record_readers(monkeypatch) -> list[tuple[threading.Thread, list]]:
+    """Which thread each read of a memory connection that brought something ran on."""
+    readers: list[tuple[threading.Thread, list]] = []
+    original = memory.MemoryTransport.read
+
+    def read(self):
+        items = original(self)
+        if items:
+            readers.append((threading.current_thread(), items))
+        return items
+
+    monkeypatch.setattr(memory.MemoryTransport, "read", read)
+    return readers
+
+
+def _one_message_read_by(sub, readers: list[tuple[threading.Thread, list]]) -> threading.Thread:
+    """Deliver one message the way Pulp's worker waits for it; the thread that read it."""
+    got: list[Message] = []
+    sub.subscribe("a", got.append)
+    fd = sub.fileno()
+    publish("a", "one")
+    assert readable(fd, timeout=5)
+    assert sub.dispatch() == 1
+    assert [m.payload for m in got] == ["one"]
+    assert not readable(fd)
+    [thread] = [thread for thread, items in readers if ("a", "one") in items]
+    return thread
+
+
+def test_an_owner_waiting_on_fileno_reads_the_message_in_its_own_thread(sub, monkeypatch):
+    readers = _record_readers(monkeypatch)
+    assert _one_message_read_by(sub, readers) is threading.current_thread()
+    assert sub.stats["owner_reads"] == 1
+
+
+def test_without_owner_reads_the_listener_thread_reads(backend, monkeypatch):
+    readers = _record_readers(monkeypatch)
+    with override_settings(**MEMORY, PUBSUB_OPTIONS={"owner_reads": False}):
+        with get_backend().subscriber() as sub:
+            thread = _one_message_read_by(sub, readers)
+    assert thread.name.startswith("pubsub-listener")
+    assert sub.stats["owner_reads"] == 0
+
+
+def test_a_read_failing_in_the_owners_thread_reconnects_on_the_listeners(sub):
+    got: list[Message] = []
+    sub.subscribe("a", got.append)
+    fd = sub.fileno()
+    memory.drop_connections()
+    # The owner meets the dead connection first (its descriptor turns readable); the error
+    # is not raised into dispatch(): the listener reconnects and resyncs.
+    while not got:
+        assert readable(fd, timeout=10)
+        sub.dispatch()
+    assert [(m.channel, m.resync) for m in got] == [("a", True)]
+    assert sub.stats["owner_read_failures"] == 1
+    assert sub.stats["reconnects"] == 1
+    publish("a", "after")
+    while len(got) < 2:
+        assert readable(fd, timeout=10)
+        sub.dispatch()
+    assert got[-1].payload == "after"
+
+
+def test_a_busy_owner_leaves_reading_to_the_listener_until_it_dispatches_again(backend):
+    with override_settings(**MEMORY, PUBSUB_OPTIONS={"probe_interval": 0.05}):
+        with get_backend().subscriber() as sub:
+            got: list[Message] = []
+            sub.subscribe("a", got.append)
+            sub.fileno()
+            publish("a", "while busy")
+            # The owner never looks; at its next timer turn the listener reads what waited.
+            wait_until(lambda: sub.stats["received"] == 1, what="the listener's read")
+            assert sub.stats["owner_reads"] == 0
+            assert sub.stats["probe_failures"] == 0
+            sub.dispatch()
+            assert [m.payload for m in got] == ["while busy"]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import select
 import threading
 import time
 from collections.abc import Callable
@@ -20,13 +21,18 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10, what: str =
 
 
 def dispatch_until(sub: Any, predicate: Callable[[], object], timeout: float = 15) -> None:
-    """Dispatch until ``predicate()`` holds; fail (never pass) on timeout."""
+    """Dispatch until ``predicate()`` holds; fail (never pass) on timeout.
+
+    It waits as Pulp's worker does, in select() on ``fileno()``, so the suite runs the
+    owner's read path (the owner reads the connection in dispatch()).
+    """
     deadline = time.monotonic() + timeout
     while not predicate():
         left = deadline - time.monotonic()
         if left <= 0:
             raise AssertionError(f"not delivered within {timeout} s")
-        sub.dispatch(timeout=left)
+        select.select([sub.fileno()], [], [], left)
+        sub.dispatch()
 
 
 def inbox(sub: Any, channel: str) -> list[Any]:

@@ -82,6 +82,10 @@ COMMON_OPTIONS: dict[str, Any] = {
     # channels every this many seconds (jittered down by up to a quarter), so its owner
     # keeps looking for work until push delivery is back; 0 turns it off.
     "outage_interval": 5.0,
+    # An owner that waits in select() on fileno() reads the connection itself in dispatch(),
+    # so a message wakes one thread, not the listener's and then the owner's; False: the
+    # listener thread reads and hands over through the signal pipe.
+    "owner_reads": True,
 }
 
 #: Channels whose wire names a backend remembers (a process uses a handful).
@@ -155,6 +159,10 @@ class BaseBackend:
             default = known[key]
             numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
             zero_ok = key in MAY_BE_ZERO
+            if key in COMMON_OPTIONS and isinstance(default, bool) and not isinstance(value, bool):
+                raise ImproperlyConfigured(
+                    f"Option {key!r} for {cls.__name__} must be True or False, not {value!r}."
+                )
             if numeric and (
                 isinstance(value, bool)
                 or not isinstance(value, (int, float))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import select
+from collections.abc import Iterable
 
 
 def make_pipe() -> tuple[int, int]:
@@ -41,14 +42,21 @@ def close_fds(*fds: int) -> None:
             pass
 
 
-def wait_readable(fds: list[int], timeout: float | None) -> set[int]:
+#: A peer that closed its end (Linux); elsewhere only the hang-ups poll always reports.
+POLLRDHUP = getattr(select, "POLLRDHUP", 0)
+
+
+def wait_readable(fds: list[int], timeout: float | None, hangups: Iterable[int] = ()) -> set[int]:
     """The descriptors of ``fds`` that turn readable within ``timeout`` seconds.
 
     ``poll()`` rather than ``select()``: a busy process (a Pulp API worker
     with many sockets) may hand out descriptor numbers above select's 1023.
-    Hang-ups and errors count as readable, so the reader finds out.
+    Hang-ups and errors count as readable, so the reader finds out. Of
+    ``hangups``, only a closed or failed connection counts, not data.
     """
     poller = select.poll()
+    for fd in hangups:
+        poller.register(fd, POLLRDHUP)
     for fd in fds:
         poller.register(fd, select.POLLIN)
     millis = None if timeout is None else max(0, math.ceil(timeout * 1000))

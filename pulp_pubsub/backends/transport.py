@@ -51,7 +51,10 @@ class Handed:
 
 
 class Transport:
-    """One subscriber connection, used only by that subscriber's listener thread.
+    """One subscriber connection, used by one thread at a time (under its subscriber's lock).
+
+    That is the listener thread, or the subscriber's owner reading in ``dispatch()``: a
+    transport must not rely on being called from one thread always.
 
     ``read()`` is called when ``fileno()`` is readable, and once after every
     ``listen()``/``unlisten()`` (whose wait for the reply may have buffered

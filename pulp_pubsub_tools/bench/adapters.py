@@ -175,17 +175,37 @@ ADAPTERS: dict[str, type[Adapter]] = {
 }
 
 
+#: ``--backends redis+listener-reads``: the same backend with other options, beside it in
+#: one run (the comparison a change of the layer is judged by, under the same load).
+VARIANTS: dict[str, dict[str, Any]] = {
+    # Before the owner read its connection itself: the listener thread reads and wakes
+    # the owner through the signal pipe (two thread wake-ups per message).
+    "listener-reads": {"owner_reads": False},
+}
+
+
 def adapter_for(name: str) -> Adapter:
+    base, plus, variant = name.partition("+")
+    if plus and variant not in VARIANTS:
+        raise BenchError(f"No variant {variant!r} of {base!r}; known: {', '.join(VARIANTS)}.")
     try:
-        return ADAPTERS[name]()
+        cls = ADAPTERS[base]
     except KeyError:
         known = ", ".join(ADAPTERS)
         hint = (
-            " (a backend of the layer without a benchmark adapter yet)" if name in ALIASES else ""
+            " (a backend of the layer without a benchmark adapter yet)" if base in ALIASES else ""
         )
         raise BenchError(
-            f"No benchmark adapter for backend {name!r}{hint}; known: {known}."
+            f"No benchmark adapter for backend {base!r}{hint}; known: {known}."
         ) from None
+    if plus:
+        attributes = {
+            "name": name,
+            "backend": cls.backend or cls.name,
+            "options": {**cls.options, **VARIANTS[variant]},
+        }
+        cls = type(cls.__name__, (cls,), attributes)
+    return cls()
 
 
 def django_database(url: str) -> dict[str, Any]:

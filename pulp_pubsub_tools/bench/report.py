@@ -68,7 +68,8 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             )
     for backend, r in result.get("connections", {}).items():
         # A relay holds one session of its own, however many subscribers it serves.
-        want = {"postgres": r["subscribers"], "relay": 1, "relay_direct": 1}.get(backend, 0)
+        base = backend.partition("+")[0]  # a variant (redis+listener-reads) holds as its backend
+        want = {"postgres": r["subscribers"], "relay": 1, "relay_direct": 1}.get(base, 0)
         out.append(
             _target(
                 f"PostgreSQL sessions held for wake-ups by N idle subscribers = {want}",
@@ -241,6 +242,7 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
                 r["per_subscriber"].get("p99"),
                 r["first"].get("p50"),
                 r["lost"],
+                r.get("wakeups_per_message"),
             ]
             for b, r in result.get("fanout", {}).items()
         ]
@@ -254,6 +256,7 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
                 r["raw"]["per_subscriber"].get("p99"),
                 None,
                 r["raw"]["lost"],
+                r["raw"].get("wakeups_per_message"),
             ]
             for b, r in result.get("fanout", {}).items()
             if r.get("raw")
@@ -269,6 +272,7 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
                     poll["per_worker"].get("p99"),
                     poll["first"].get("p50"),
                     poll["lost"],
+                    None,
                 ]
             )
         headers = [
@@ -280,10 +284,12 @@ def sections(result: dict[str, Any], markdown: bool = False) -> list[tuple[str, 
             "each p99",
             "first p50",
             "lost",
+            "wake-ups/msg",
         ]
         out.append(
             (
-                "2. One publish reaching N subscribers (ms after publish)",
+                "2. One publish reaching N subscribers (ms after publish; wake-ups: a "
+                "subscriber process's voluntary context switches per message, median)",
                 table(headers, rows, markdown),
             )
         )

@@ -140,8 +140,10 @@ def fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
     last: list[float] = []
     lost = 0
     resyncs = run.board.resyncs(n)
+    switches: list[dict[int, Any]] = []
     try:
         wait_ready(pub, ctx, f"fanout {target.name}: publisher")
+        switches.append(_switches(run.fleet))
         with ctx.progress.step(f"fanout {target.name} to {n}", ctx.params.rounds, "rounds") as step:
             for _ in range(ctx.params.rounds):
                 round_ = run.next_round()
@@ -156,6 +158,7 @@ def fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
                     last.append(max(times))
                 step.update(1)
                 time.sleep(0.02)  # let the last woken subscribers go back to sleep
+        switches.append(_switches(run.fleet))
     finally:
         pub.close()
         ctx.wait_gone("publisher")
@@ -168,6 +171,7 @@ def fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
         "first": summary_ms(first),
         "per_subscriber": summary_ms(per_subscriber),
         "per_subscriber_cdf": quantiles_ms(per_subscriber),
+        "wakeups_per_message": _per_message(switches, ctx.params.rounds),
     }
     if target.raw is not None:
         result["raw"] = raw_fanout(ctx, run)
@@ -204,6 +208,7 @@ def raw_fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
             1, "raw-publisher", fixed(roles.raw_publisher(target.raw)), in_process=False, setup=None
         )
         wait_ready(pub, ctx, f"fanout {target.name}: raw publisher")
+        switches = [_switches(fleet)]
         with ctx.progress.step(
             f"raw fanout {target.name} to {n}", ctx.params.rounds, "rounds"
         ) as step:
@@ -218,12 +223,42 @@ def raw_fanout(ctx: Context, run: BackendRun) -> dict[str, Any]:
                     last.append(max(times))
                 step.update(1)
                 time.sleep(0.02)  # as the layer's rounds
+        switches.append(_switches(fleet))
     finally:
         pub.close()
         fleet.close()
         board.close()
         ctx.wait_gone("raw-publisher", "raw-subscriber")
-    return {"lost": lost, "last": summary_ms(last), "per_subscriber": summary_ms(per_subscriber)}
+    return {
+        "lost": lost,
+        "last": summary_ms(last),
+        "per_subscriber": summary_ms(per_subscriber),
+        "wakeups_per_message": _per_message(switches, ctx.params.rounds),
+    }
+
+
+def _switches(fleet: Fleet) -> dict[int, Any]:
+    """Each subscriber's voluntary context switches so far (see roles.voluntary_switches)."""
+    fleet.send({"cmd": "switches"})
+    replies = fleet.gather(ROUND_WAIT, lambda m: "switches" in m)
+    return {i: m["switches"] for i, m in replies.items()}
+
+
+def _per_message(switches: list[dict[int, Any]], rounds: int) -> float | None:
+    """The median subscriber's thread wake-ups per message over the rounds.
+
+    It counts the two control commands that read the counts too (and a probe that fell in
+    the rounds): about 2/rounds more than the messages alone cost, the same for every row.
+    """
+    if len(switches) != 2 or not rounds:
+        return None
+    before, after = switches
+    per = [
+        (after[i] - before[i]) / rounds
+        for i in after
+        if before.get(i) is not None and after[i] is not None
+    ]
+    return round(statistics.median(per), 2) if per else None
 
 
 # -- 2b. targeted ---------------------------------------------------------------------

@@ -1,10 +1,16 @@
-"""The listener thread: the only code that touches a subscriber's transport.
+"""The listener thread: it keeps a subscriber's transport.
 
 It connects, LISTENs to what the callbacks want, reads, probes and hear-checks; on any
 failure it reconnects with capped, jittered backoff and then queues one ``resync`` per
 subscribed channel, or lets an engine with history replay the gap instead. Messages go to
 the pending queue; the owner dispatches them, never this thread, so a slow handler cannot
 starve the connection or its probe.
+
+An owner that waits in ``select()`` on ``fileno()`` also reads, in ``dispatch()`` (see
+:mod:`.watch` and :mod:`.reader`): then this thread wakes only for its requests and its
+timers, reading at each of those turns, and reads everything itself again while the owner
+is found away (data it should have read waits at a timer's turn) until the owner next
+calls ``dispatch()``. Either thread uses the transport only under the reader's lock.
 """
 
 from __future__ import annotations
@@ -13,20 +19,22 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ...exceptions import ConnectionLost, Deaf
 from ...message import Message
-from ...metrics import count, record_probe_rtt
+from ...metrics import count
 from ..selfpipe import drain, make_pipe, poke, wait_readable
-from ..transport import Handed
 from .degraded import Degraded
 from .hearing import HEAR_TIMEOUT_MIN, HearCheck
 from .outage import OutageLog
-from .responder import CONTROL_CHANNEL, Described, answer_query
+from .reader import Reader, Session
+from .responder import CONTROL_CHANNEL, Described
 from .upkeep import Backoff, Probe, listen_to
+from .watch import AVAILABLE as WATCH_AVAILABLE
+from .watch import Watch
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -60,9 +68,11 @@ class Loop:
         closed: threading.Event,
     ) -> None:
         # The subscriber is what answer_query() describes, and holds the stats.
-        self._sub = subscriber
-        backend = self._backend = subscriber.backend
+        self._sub = self.described = subscriber
+        self.stats = subscriber.stats
+        backend = self._backend = self.backend = subscriber.backend
         self._pending, self._targeted = pending, targeted
+        self.pending, self.targeted = pending, targeted
         self._wanted, self._closed = wanted, closed
         self.last_error: str | None = None
         self.connected_since: float | None = None
@@ -73,7 +83,13 @@ class Loop:
         # last_heard of the connection that was lost: where the next resyncs' window opens.
         self._lost_since: float | None = None
         # The replay position of the last transport (None: the engine keeps no history).
-        self._position: Any = None
+        self.position: Any = None
+        self.reader = Reader(self)
+        #: The owner's descriptor, once it has asked for one (see :meth:`attach`).
+        self.watch: Watch | None = None
+        # The owner was found not reading what waited; the listener reads until it is back.
+        self._owner_away = False
+        self._attach_lock = threading.Lock()
         self.connected = threading.Event()
         self.control_r, self.control_w = make_pipe()
         self.requests: deque[Request] = deque()
@@ -110,7 +126,7 @@ class Loop:
             try:
                 transport = self._backend.open_transport()
                 # An engine with history replays the gap itself: no resync owed.
-                replaying = self._position is not None and transport.resume(self._position)
+                replaying = self.position is not None and transport.resume(self.position)
                 listening: set[str] = set()
                 self._targeted.joined = set()
                 # Channels whose subscribe() is waiting right now missed
@@ -181,16 +197,16 @@ class Loop:
             self.degraded.end()
             self.connected.set()
         for wire in sorted(missed):
-            self._resync(wire)
+            self.resync(wire)
 
-    def _on_hearing(self) -> None:
+    def on_hearing(self) -> None:
         self._outage.hears_again()
         self.deaf = False
         self.last_error = None
         self.degraded.end()
         self.connected.set()
 
-    def _resync(self, wire: str) -> None:
+    def resync(self, wire: str) -> None:
         channel = self._backend.channel_name(wire)
         if channel is not None and wire not in (self.probe_channel, self.control_channel):
             count(self._sub.stats, "resyncs", self._backend.name, channel)
@@ -201,7 +217,7 @@ class Loop:
         """Degraded mode's turn: a resync on every channel the callbacks want."""
         wanted = self._wanted() - self.private
         for wire in sorted(wanted):
-            self._resync(wire)
+            self.resync(wire)
         return len(wanted)
 
     def _on_disconnected(self, exc: BaseException) -> None:
@@ -231,76 +247,118 @@ class Loop:
         config, stats, name = self._backend.config, self._sub.stats, self._backend.name
         probe = Probe(config["probe_interval"], config["probe_timeout"])
         hearing = HearCheck(transport, max(probe.timeout, HEAR_TIMEOUT_MIN), probe.interval)
-        # A transport that waited for a reply (to its LISTEN or SUBSCRIBE) may
-        # have read messages along with it into its client library's buffer;
-        # its socket is then no longer readable, so read once without waiting.
-        buffered = True
-        targets = self._backend.targets
+        session = Session(transport, probe, hearing)
+        reader, targets = self.reader, self._backend.targets
         closed, control_r = self._closed, self.control_r
-        probe_channel, control_channel = self.probe_channel, self.control_channel
-        channel_name, enqueue = self._backend.channel_name, self._pending.put
-        while not closed.is_set():
-            # Asked each turn: a targeting transport opens its second connection on join.
-            fds = transport.filenos()
-            due = min(probe.due(), hearing.due())
-            wait = 0.0 if buffered else due - time.monotonic()
-            ready = wait_readable([*fds, control_r], max(wait, 0))
-            if closed.is_set():
-                return
-            if control_r in ready:
-                drain(control_r)
-                if self.answer_requests(transport, listening):
-                    hearing.after_listen()
-                buffered = True
-            if buffered or any(fd in ready for fd in fds):
-                items = list(transport.read())
-                # A transport reads in bounded batches: after a read that brought something,
-                # read again before waiting (the rest may sit in its client's buffer), but
-                # only after the probe below has had its turn.
-                buffered = bool(items)
-                if items:
-                    self.last_heard = time.time()
-                for item in items:
-                    if isinstance(item, Handed):
-                        self._targeted.take(item, enqueue)
-                        continue
-                    wire, payload = item
-                    if payload is None:
-                        # A replaying transport whose history no longer reaches back.
-                        self._resync(wire)
-                        continue
-                    if wire == probe_channel:
-                        rtt = probe.answered(payload)
-                        if rtt is not None:
-                            self.probe_rtt = rtt
-                            record_probe_rtt(name, rtt)
-                        elif hearing.answered(payload) and self.deaf:
-                            self._on_hearing()
-                        continue
-                    if wire == control_channel:
-                        answer_query(self._sub, transport, wire, payload)
-                        continue
-                    channel = channel_name(wire)
-                    if channel is not None:
-                        enqueue(Message(channel, payload))
-                position = transport.position()
-                if position is not None:
-                    self._position = position
-                if transport.heard_at:
-                    probe.heard(transport.heard_at)
-            if targets:
-                self._targeted.settle(transport)
-            now = time.monotonic()
-            if probe.overdue(now):
+        with reader.lock:
+            reader.session = session
+        try:
+            while not closed.is_set():
+                # Asked each turn: a targeting transport opens its second connection on join.
+                fds = transport.filenos()
+                watch = self.watch
+                # An attached owner reads the transport itself; this thread then wakes
+                # only for its requests and its timers, and reads at each of those turns.
+                owner_reads = watch is not None and watch.active and not self._owner_away
+                due = min(probe.due(), hearing.due())
+                wait = 0.0 if session.buffered else due - time.monotonic()
+                watched = [control_r] if owner_reads else [*fds, control_r]
+                # A connection that closes wakes this thread all the same: it reconnects
+                # at once, whether or not the owner is reading.
+                ready = wait_readable(watched, max(wait, 0), fds if owner_reads else ())
+                if closed.is_set():
+                    return
+                with reader.lock:
+                    if session.failed is not None:
+                        raise session.failed
+                    poked = control_r in ready
+                    if poked:
+                        drain(control_r)
+                        if self.answer_requests(transport, listening):
+                            hearing.after_listen()
+                        session.buffered = True
+                    # A timer's turn and data the owner should have read waits: it is busy
+                    # elsewhere, so this thread reads until dispatch() is called again.
+                    timer_turn = owner_reads and not ready and not session.buffered
+                    if timer_turn and wait_readable(fds, 0):
+                        self._owner_away = True
+                    if owner_reads or session.buffered or any(fd in ready for fd in fds):
+                        reader.read(session)
+                    watch = self.watch  # again: attach() may have come meanwhile
+                    if watch is not None:
+                        # Only a turn that took attach()'s poke may say the set is ready: an
+                        # earlier one would still read what the owner expects to read.
+                        watch.sync(() if self._owner_away else transport.filenos(), ready=poked)
+                    if targets:
+                        self._targeted.settle(transport)
+                    self._check(session, stats, name)
+        finally:
+            with reader.lock:
+                reader.session = None
+                if self.watch is not None:
+                    self.watch.sync(())
+
+    def _check(self, session: Session, stats: Counter[str], name: str) -> None:
+        """The probe's and the hear check's turn (reader lock held)."""
+        probe, hearing = session.probe, session.hearing
+        now = time.monotonic()
+        if probe.overdue(now):
+            count(stats, "probe_failures", name)
+            raise ConnectionLost(f"liveness probe not answered within {probe.timeout} s")
+        if hearing.step(now, probe.answered_at, self.probe_channel, stats) and not probe.token:
+            probe.hurry(now)  # is the session alive at all? The probe says.
+        if probe.is_due(now):
+            try:
+                session.transport.probe(self.probe_channel, probe.send(now))
+            except Exception:
+                # A probe that cannot even be sent failed as surely as an unanswered one.
                 count(stats, "probe_failures", name)
-                raise ConnectionLost(f"liveness probe not answered within {probe.timeout} s")
-            if hearing.step(now, probe.answered_at, probe_channel, stats) and not probe.token:
-                probe.hurry(now)  # is the session alive at all? The probe says.
-            if probe.is_due(now):
-                try:
-                    transport.probe(probe_channel, probe.send(now))
-                except Exception:
-                    # A probe that cannot even be sent failed as surely as an unanswered one.
-                    count(stats, "probe_failures", name)
-                    raise
-                stats["probes"] += 1
+                raise
+            stats["probes"] += 1
+
+    # -- the owner's side ----------------------------------------------------------
+
+    def attach(self, signal_r: int) -> int:
+        """The owner waits in select() on the returned descriptor and reads in dispatch()."""
+        if not WATCH_AVAILABLE or not self._backend.config["owner_reads"]:
+            return signal_r
+        with self._attach_lock:
+            watch = self.watch
+            if watch is None:
+                watch = self.watch = Watch(signal_r)
+        if not watch.active:
+            watch.active = True
+            watch.synced.clear()
+            self.wake()
+            if self.reader.session is not None:
+                # Until the listener has put the transport in, the set would miss its data.
+                watch.synced.wait(self._backend.config["connect_timeout"] * 2 + 1)
+        return watch.fd
+
+    def detach(self) -> None:
+        """The owner reads no more (start(): a dispatcher thread runs the callbacks)."""
+        if self.watch is not None and self.watch.active:
+            self.watch.active = False
+            self.wake()
+
+    def owner_wait(self, timeout: float | None) -> bool:
+        """Read what the transport has, waiting up to ``timeout`` until something waits.
+
+        False when the owner is not attached: the listener reads, and the queue waits.
+        """
+        watch = self.watch
+        if watch is None or not watch.active:
+            return False
+        if self._owner_away:
+            self._owner_away = False
+            self.wake()  # back: the listener leaves the reading to this thread again
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._closed.is_set():
+            self.reader.read_for_owner(watch)
+            if self._pending.waiting():
+                break
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            wait_readable([watch.fd], left)
+        return True

@@ -52,6 +52,9 @@ class Pending:
         # How many of the pending messages each channel holds, to know who floods.
         self._queued: Counter[str] = Counter()
         self._signalled = False
+        #: The thread reading for the owner, which dispatches what it queues right after:
+        #: its messages need no signal (a write now and a read later, for nothing).
+        self.quiet_for: int | None = None
         self.signal_r, self.signal_w = make_pipe()
 
     def waiting(self) -> bool:
@@ -88,10 +91,15 @@ class Pending:
                 self._pending[key] = message
                 self._queued[message.channel] += 1
                 count(self._stats, "received", self._name, message.channel)
-            if not self._signalled:
-                self._signalled = True
-                poke(self.signal_w)
+            if not self._signalled and self.quiet_for != threading.get_ident():
+                self.signal()
         return True
+
+    def signal(self) -> None:
+        """Make the signal pipe readable: dispatch() has something to do."""
+        with self._lock:
+            self._signalled = True
+            poke(self.signal_w)
 
     def forget(self, channel: str) -> None:
         """Unsubscribed: what waits on ``channel`` will not be dispatched (lock held)."""

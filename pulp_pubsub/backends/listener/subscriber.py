@@ -216,9 +216,16 @@ class Subscriber:
         return self._loop.connected.wait(timeout)
 
     def fileno(self) -> int:
-        """A descriptor that is readable exactly while messages wait for dispatch()."""
+        """A descriptor that is readable while messages wait for dispatch().
+
+        With the ``owner_reads`` option (the default, on Linux) it is also readable while
+        the connection has data, which dispatch() then reads in the calling thread: a
+        message wakes the owner alone, not the listener thread first. Until start().
+        """
         self._check_usable()
-        return self._pending.signal_r
+        if self._dispatcher is not None:
+            return self._pending.signal_r
+        return self._loop.attach(self._pending.signal_r)
 
     def dispatch(self, timeout: float | None = 0) -> int:
         """Run the callbacks of waiting messages in the calling thread.
@@ -227,12 +234,15 @@ class Subscriber:
         returns how many messages were dispatched.
         """
         self._check_usable()
+        if threading.current_thread() is not self._dispatcher and self._loop.owner_wait(timeout):
+            timeout = 0  # waited already, on the owner's descriptor
         return self._pending.dispatch(timeout, self._targeted)
 
     def start(self) -> Subscriber:
         """Run callbacks on a background thread instead of through dispatch()."""
         self._check_usable()
         self._ensure_listener()
+        self._loop.detach()
         with self._lock:
             if self._dispatcher is None:
                 self._dispatcher = threading.Thread(
@@ -347,3 +357,5 @@ class Subscriber:
     def _close_pipes(self) -> None:
         pending, loop = self._pending, self._loop
         close_fds(pending.signal_r, pending.signal_w, loop.control_r, loop.control_w)
+        if loop.watch is not None:
+            loop.watch.close()
