@@ -75,6 +75,21 @@ CONFIGURATIONS = {
         Configuration(
             "redis_worker", 'stock pulpcore, WORKER_TYPE="redis"', redis_worker=True, baseline=None
         ),
+        Configuration(
+            "patched_redis_worker",
+            'pulpcore with the seam patch, alone, WORKER_TYPE="redis"',
+            patched=True,
+            redis_worker=True,
+            baseline="redis_worker",
+        ),
+        Configuration(
+            "patched_redis_redis_worker",
+            'patched pulpcore + pulp-pubsub on Redis, WORKER_TYPE="redis"',
+            patched=True,
+            pubsub=True,
+            redis_worker=True,
+            baseline="redis_worker",
+        ),
     )
 }
 

@@ -16,7 +16,7 @@ When pulpcore's seams are where they should be and ``WORKER_TYPE`` is
 A pulpcore that has its own pub/sub interface (``pulpcore.tasking.pubsub``
 and the setting ``TASKING_PUBSUB_BACKEND``: upstream, or the patch in
 docs/upstream.md) needs none of this: the integration names its adapter
-(:mod:`.seam`) in that setting and rebinds nothing.
+(:mod:`.seam`) in that setting and rebinds nothing, for either worker type.
 
 Otherwise it installs nothing and the system check ``pulp_pubsub.E102``
 fails. A serving process (``pulpcore-worker``, ``pulpcore-api``,
@@ -89,7 +89,7 @@ def setup() -> State:
     state = State(reason="")
     if not enabled():
         state.reason = f"{SETTING} is False"
-    elif worker_type() != "pulpcore":
+    elif worker_type() != "pulpcore" and not has_pubsub_seam():
         state.reason = f"WORKER_TYPE is {worker_type()!r}; only 'pulpcore' workers use NOTIFY"
     else:
         state.problems = seam_problems()
