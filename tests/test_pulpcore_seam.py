@@ -268,3 +268,68 @@ def test_a_method_the_adapter_lacks_or_a_notify_around_the_module_is_a_seam_prob
     assert len(problems) == 2
     assert "['notify_everyone']" in problems[0]
     assert "pulpcore.tasking.worker:run sends 'LISTEN elsewhere'" in problems[1]
+
+
+@pytest.fixture
+def fleet() -> Iterator[dict[str, Backend]]:
+    """Three workers' instances, as pulpcore makes them: ``backend(worker=self)``."""
+    workers = {
+        "idle": types.SimpleNamespace(task=None, auxiliary=False),
+        "busy": types.SimpleNamespace(task=object(), auxiliary=False),
+        "auxiliary": types.SimpleNamespace(task=None, auxiliary=True),
+    }
+    with override_settings(**MEMORY, PUBSUB_OPTIONS=FAST):
+        instances = {name: Backend(worker=worker) for name, worker in workers.items()}
+        try:
+            for instance in instances.values():
+                instance.subscribe(WAKEUP)
+                instance.fileno()  # back in select(): the busy one takes no "handle"
+            yield instances
+        finally:
+            for instance in instances.values():
+                instance.close()
+
+
+def test_a_counted_handle_wakes_that_many_idle_workers_and_no_busy_one(fleet):
+    Backend.wakeup_worker("handle", count=2)
+    for name in ("idle", "auxiliary"):
+        assert fetch_until(fleet[name], bool) == [(WAKEUP, "handle")]
+    Backend.wakeup_worker("unknown")  # a broadcast, which every worker hears
+    assert fetch_until(fleet["busy"], bool) == [(WAKEUP, "unknown")]
+
+
+def test_a_counted_unblock_skips_auxiliary_workers(fleet):
+    fleet["idle"].worker.task = object()  # busy workers unblock too; auxiliary ones never
+    Backend.wakeup_worker("unblock", count=2)
+    for name in ("idle", "busy"):
+        assert fetch_until(fleet[name], bool) == [(WAKEUP, "unblock")]
+    Backend.wakeup_worker("unknown")
+    assert fetch_until(fleet["auxiliary"], bool) == [(WAKEUP, "unknown")]
+
+
+def test_a_wakeup_without_a_count_reaches_every_worker_busy_or_not(fleet):
+    Backend.wakeup_worker("handle")
+    for instance in fleet.values():
+        assert fetch_until(instance, bool) == [(WAKEUP, "handle")]
+
+
+def test_a_wakeup_fetched_by_a_worker_that_never_waits_again_goes_to_another(fleet):
+    fleet["auxiliary"].worker.task = object()
+    fleet["auxiliary"].fileno()
+    Backend.wakeup_worker("handle", count=1)
+    assert fetch_until(fleet["idle"], bool) == [(WAKEUP, "handle")]
+    fleet["auxiliary"].worker.task = None
+    fleet["idle"].close()  # it dies before acting: the wake-up is handed on
+    assert fetch_until(fleet["auxiliary"], bool) == [(WAKEUP, "handle")]
+
+
+def test_the_adapter_lets_redis_type_workers_wait_for_wakeups():
+    assert seam.PubSubBackend.pushes is True
+
+
+def test_a_worker_back_in_its_wait_has_acted_and_takes_the_next_wakeup(fleet):
+    fleet["auxiliary"].worker.task = object()
+    fleet["auxiliary"].fileno()  # only "idle" takes a "handle" now
+    for _ in range(2):  # held until acknowledged, so the second needs the first acked
+        Backend.wakeup_worker("handle", count=1)
+        assert fetch_until(fleet["idle"], bool) == [(WAKEUP, "handle")]

@@ -82,6 +82,21 @@ CONFIGURATIONS = {
             redis_worker=True,
             baseline="redis_worker",
         ),
+        Configuration(
+            "patched_redis_worker",
+            'pulpcore with the seam patch, alone, WORKER_TYPE="redis"',
+            patched=True,
+            redis_worker=True,
+            baseline="redis_worker",
+        ),
+        Configuration(
+            "patched_redis_redis_worker",
+            'patched pulpcore + pulp-pubsub on Redis, WORKER_TYPE="redis"',
+            patched=True,
+            pubsub=True,
+            redis_worker=True,
+            baseline="redis_worker",
+        ),
     )
 }
 

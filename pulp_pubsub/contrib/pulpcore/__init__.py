@@ -25,7 +25,7 @@ warning: a polling worker is never deaf.
 A pulpcore that has its own pub/sub interface (``pulpcore.tasking.pubsub``
 and the setting ``TASKING_PUBSUB_BACKEND``: upstream, or the patch in
 docs/upstream.md) needs none of this: the integration names its adapter
-(:mod:`.seam`) in that setting and rebinds nothing.
+(:mod:`.seam`) in that setting and rebinds nothing, for either worker type.
 
 Otherwise it installs nothing and the system check ``pulp_pubsub.E102``
 fails. A serving process (``pulpcore-worker``, ``pulpcore-api``,
@@ -98,9 +98,9 @@ def setup() -> State:
     state = State(reason="")
     if not enabled():
         state.reason = f"{SETTING} is False"
-    elif worker_type() == "redis":
+    elif worker_type() == "redis" and not has_pubsub_seam():
         return setup_redis_type()
-    elif worker_type() != "pulpcore":
+    elif worker_type() not in ("pulpcore", "redis"):
         state.reason = f"WORKER_TYPE is {worker_type()!r}, which the integration does not know"
     else:
         state.problems = seam_problems()

@@ -26,6 +26,17 @@ the worker needs no code of its own for it:
 A cancel that is not a resync reaches the worker only when the database shows
 its task as being canceled, as in the rebinding integration: whoever can
 publish on the backend alone cannot cancel a task.
+
+Targeted wake-ups (docs/pulp.md, "No thundering herd") come from the two
+additions the patch makes to the draft: a worker makes its instance with
+``backend(worker=self)``, and ``wakeup_worker(reason, count)`` says how many
+idle workers a wake-up is for. With a count, a known reason goes to that many
+members of its group (``handle``: the workers that run tasks; ``unblock``: the
+non-auxiliary ones); without one it is a broadcast, as on PostgreSQL. A worker's
+instance joins the groups its worker belongs to, takes ``handle`` only while
+its worker has no task, and acknowledges what it fetched when the worker is
+back in ``select()`` (which asks for :meth:`PubSubBackend.fileno`), so a
+wake-up handed to a worker that dies before acting goes to another one.
 """
 
 from __future__ import annotations
@@ -36,9 +47,10 @@ from typing import Any, NamedTuple
 from ... import get_backend
 from ...backends.listener import Subscriber
 from ...message import Message
-from ...registry import CANCEL, METRICS_HEARTBEAT, WAKEUP
+from ...registry import CANCEL, METRICS_HEARTBEAT, RUNNERS, UNBLOCKERS, WAKEUP
+from ...validation import MAX_RECEIVERS
 from . import cancels
-from .publishers import also_notify, carry
+from .publishers import also_notify, carry, target, targeted
 
 logger = logging.getLogger(__name__)
 
@@ -59,14 +71,26 @@ class PubsubMessage(NamedTuple):
 class PubSubBackend:
     """One subscriber of the layer per instance; publishing needs no instance."""
 
-    def __init__(self) -> None:
-        self._subscriber: Subscriber = get_backend().subscriber()
+    #: Idle workers of pulpcore's Redis type may wait on :meth:`fileno` instead of polling.
+    pushes = True
+
+    def __init__(self, worker: Any = None) -> None:
+        #: The worker that fetches (pulpcore passes itself), read for its groups and whether idle.
+        self.worker = worker if targeted() else None
+        self._subscriber: Subscriber = get_backend().subscriber(manual_ack=self.worker is not None)
         self._received: list[Message] = []
 
     # -- receiving -----------------------------------------------------------
 
     def subscribe(self, channel: str) -> None:
         self._subscriber.subscribe(channel, self._collect)
+        if channel == WAKEUP and self.worker is not None:
+            for group in self.groups():
+                self._subscriber.subscribe(WAKEUP, self._collect, group=group)
+
+    def groups(self) -> tuple[str, ...]:
+        """The wake-up groups of the worker: auxiliary workers do not unblock tasks."""
+        return (RUNNERS,) if getattr(self.worker, "auxiliary", False) else (UNBLOCKERS, RUNNERS)
 
     def unsubscribe(self, channel: str) -> None:
         self._subscriber.unsubscribe(channel, self._collect)
@@ -75,7 +99,15 @@ class PubSubBackend:
         return set(self._subscriber.channels)
 
     def fileno(self) -> int:
-        """Readable while messages wait for :meth:`fetch`, so it can join a ``select()``."""
+        """Readable while messages wait for :meth:`fetch`, so it can join a ``select()``.
+
+        ``select()`` asks for it each time the worker waits: the worker has then acted
+        on what it fetched, and takes a ``handle`` only when it has no task.
+        """
+        if self.worker is not None:
+            idle = getattr(self.worker, "task", None) is None
+            self._subscriber.set_accepting(WAKEUP, RUNNERS, idle)
+            self._subscriber.ack()
         return self._subscriber.fileno()
 
     def fetch(self) -> list[PubsubMessage]:
@@ -132,8 +164,13 @@ class PubSubBackend:
         pulpcore's task row is committed either way, and the workers resync
         when the backend is back (:func:`~.publishers.carry`).
         """
-        payload = "" if payload is None else payload
-        carry(channel, payload)
+        cls._send(channel, "" if payload is None else payload)
+
+    @classmethod
+    def _send(
+        cls, channel: str, payload: str, group: str | None = None, receivers: int = 1
+    ) -> None:
+        carry(channel, payload, group=group, receivers=receivers)
         if also_notify():
             # During a move to another backend, processes still on LISTEN hear this too.
             from django.db import connection
@@ -142,8 +179,10 @@ class PubSubBackend:
                 cursor.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     @classmethod
-    def wakeup_worker(cls, reason: str = "unknown") -> None:
-        cls.publish(WAKEUP, reason)
+    def wakeup_worker(cls, reason: str = "unknown", count: int | None = None) -> None:
+        """To ``count`` idle members of the reason's group; to every worker without a count."""
+        group = None if count is None else target(WAKEUP, reason)
+        cls._send(WAKEUP, reason, group, max(1, min(count or 1, MAX_RECEIVERS)))
 
     @classmethod
     def cancel_task(cls, task_pk: Any) -> None:
