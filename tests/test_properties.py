@@ -15,9 +15,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from pulp_pubsub.backends.listener.responder import CONTROL_CHANNEL
+from pulp_pubsub.backends.listener.subscriber import RESERVED_PREFIXES
 from pulp_pubsub.exceptions import InvalidChannel, InvalidPayload, PublishError
 from pulp_pubsub.validation import FORBIDDEN_CHARACTERS, MAX_CHANNEL_BYTES
 
@@ -124,6 +126,7 @@ def payload_problem(payload: str, harness: Any) -> str | None:
 
 @EXAMPLES
 @given(name=NAMES)
+@example(name="pubsub_reply_")
 def test_a_channel_name_round_trips_exactly_or_is_refused_up_front(rig, name):
     problem = name_problem(name)
     published_before = rig.backend.stats["published"]
@@ -136,6 +139,12 @@ def test_a_channel_name_round_trips_exactly_or_is_refused_up_front(rig, name):
         with pytest.raises(InvalidChannel):
             rig.backend.publish(name, "x")
         assert rig.backend.stats["published"] == published_before
+        assert name not in rig.sub.channels
+        return
+    if name == CONTROL_CHANNEL or name.startswith(RESERVED_PREFIXES):
+        # A valid name the layer keeps for its probes and introspection: no one may listen.
+        with pytest.raises(InvalidChannel, match="reserved"):
+            rig.sub.subscribe(name, rig.inbox)
         assert name not in rig.sub.channels
         return
     rig.sub.subscribe(name, rig.inbox)
