@@ -17,6 +17,7 @@ import importlib.util
 import inspect
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -312,6 +313,22 @@ def pubsub_seam_problems() -> list[str]:
     return problems
 
 
+def source_problems(seams: tuple[Seam, ...], read: Callable[[str], str] | None = None) -> list[str]:
+    """Each of ``seams`` whose source (as ``read`` finds it) cannot be read or lacks a need."""
+    read = read or _source
+    problems = []
+    for seam in seams:
+        try:
+            text = read(seam.where)
+        except (ImportError, AttributeError, OSError, TypeError) as exc:
+            problems.append(f"{seam.where} cannot be read ({exc}): {seam.why}")
+            continue
+        missing = [needle for needle in seam.needs if needle not in text]
+        if missing:
+            problems.append(f"{seam.where} no longer contains {missing}: {seam.why}")
+    return problems
+
+
 def seam_problems() -> list[str]:
     """Each seam that is not where the integration expects it, on pulpcore's own code."""
     if has_pubsub_seam():
@@ -320,16 +337,7 @@ def seam_problems() -> list[str]:
 
     import django.db
 
-    problems = []
-    for seam in SEAMS:
-        try:
-            text = _source(seam.where)
-        except (ImportError, AttributeError, OSError, TypeError) as exc:
-            problems.append(f"{seam.where} cannot be read ({exc}): {seam.why}")
-            continue
-        missing = [needle for needle in seam.needs if needle not in text]
-        if missing:
-            problems.append(f"{seam.where} no longer contains {missing}: {seam.why}")
+    problems = source_problems(SEAMS)
     problems += site_problems()
     if problem := wakeup_reason_problem():
         problems.append(problem)

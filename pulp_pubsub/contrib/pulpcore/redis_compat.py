@@ -22,7 +22,7 @@ import select
 import time
 from typing import Any
 
-from .compat import ENTRYPOINT, Seam, pulpcore_version
+from .compat import ENTRYPOINT, Seam, pulpcore_version, source_problems
 
 REDIS_WORKER = "pulpcore.tasking.redis_worker"
 REDIS_TASKS = "pulpcore.tasking.redis_tasks"
@@ -124,16 +124,7 @@ def redis_seam_problems() -> list[str]:
             f"pulpcore {FIRST_SERIES} and later), so the Redis type is not integrated; "
             "this pulpcore runs its 'pulpcore' workers whatever WORKER_TYPE says"
         ]
-    problems = []
-    for seam in REDIS_SEAMS:
-        try:
-            text = _source(seam.where)
-        except (ImportError, AttributeError, OSError, TypeError) as exc:
-            problems.append(f"{seam.where} cannot be read ({exc}): {seam.why}")
-            continue
-        missing = [needle for needle in seam.needs if needle not in text]
-        if missing:
-            problems.append(f"{seam.where} no longer contains {missing}: {seam.why}")
+    problems = source_problems(REDIS_SEAMS, _source)
     problems += _module_problems()
     if problem := _states_problem():
         problems.append(problem)
