@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib.util
 import secrets
-import subprocess
 import threading
 import time
 from typing import TYPE_CHECKING
@@ -74,25 +73,6 @@ class SessionSampler:
                 self.samples += 1
 
 
-def ensure_websockets(run: Run) -> None:
-    """The relay backend needs ``websockets`` in the pulpcore virtualenv too.
-
-    Installed beside pulpcore, the version this interpreter has, without
-    touching the virtualenv's marker (other runs share the virtualenv).
-    """
-    python = run.site.bin("python")
-    if subprocess.run([python, "-c", "import websockets"], capture_output=True).returncode == 0:
-        return
-    import websockets
-
-    spec = f"websockets=={websockets.__version__}"
-    run.log(f"  installing {spec} into {run.site.venv}")
-    subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", spec],
-        check=True,
-    )
-
-
 def relay_clients(url: str, token: str) -> int:
     """How many clients the relay has, this one included; -1 when it does not answer."""
     from pulp_pubsub.backends.relay.protocol import RelayConnection
@@ -128,7 +108,6 @@ def relay_pgbouncer(run: Run) -> None:
         f"relay-pgbouncer: one pubsub_relay, {k} integrated workers on the relay backend "
         f"(pg_notify; PgBouncer transaction pool of {pool})"
     )
-    ensure_websockets(run)
     outcome = Outcome(db, "pulp-pubsub, relay backend", k, f"PgBouncer txn, pool {pool}")
     url, token = f"ws://127.0.0.1:{free_port()}", secrets.token_urlsafe(16)
     layer = run.integrated(
