@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 from .operator import pulp_environment
-from .relayfleet import OBSERVER_APPLICATION_NAME, SessionSampler
+from .pooledfleet import drive_sampled, fleet_verdict
 from .scenarios import Outcome
 
 if TYPE_CHECKING:
@@ -63,25 +62,9 @@ def zookeeper_pgbouncer(run: Run) -> None:
             60,
             f"{db} workers subscribed",
         )
-        observer = f"{site.dsn(db)}?application_name={quote(OBSERVER_APPLICATION_NAME)}"
-        with SessionSampler(run, db) as sessions:
-            run.drive(outcome, db, env, burst_seconds=0.5, observer_dsn=observer)
-            run.idle({db: outcome}, config.contrast_idle_seconds)
-        site.stop_all()
+        drive_sampled(run, outcome, db, env)
     finally:
         server.cleanup()
-    outcome.integration = {
-        **(outcome.integration or {}),
-        "postgres_sessions_most": sessions.most,
-        "session_samples": sessions.samples,
-        "sessions_at_most": sessions.at_most,
-        "pool_size": pool,
-    }
-    outcome.notes.append(
-        f"PostgreSQL sessions on the fleet's database, most at once: {sessions.most} "
-        f"(pool {pool}; {sessions.samples} samples)"
-    )
-    run.report.outcomes[db] = outcome
 
 
 def zookeeper_verdicts(report: Report) -> list[Verdict]:
@@ -92,19 +75,9 @@ def zookeeper_verdicts(report: Report) -> list[Verdict]:
         return []
     info = outcome.integration or {}
     most, pool = info.get("postgres_sessions_most"), info.get("pool_size")
-    cancel = outcome.cancel or {}
-    waiting = outcome.cancel_waiting or {}
     stray = sum((outcome.stray_notifies or {}).values())
     return [
-        Verdict(
-            "zookeeper-pgbouncer: every task starts and finishes, cancels arrive",
-            bool(outcome.tasks)
-            and outcome.finished == len(outcome.tasks)
-            and cancel.get("state") == "canceled"
-            and waiting.get("second") == "canceled",
-            f"{outcome.finished}/{len(outcome.tasks)}; running task {cancel.get('state')}, "
-            f"queued task {waiting.get('second')}; ran on {outcome.workers_used}",
-        ),
+        fleet_verdict("zookeeper-pgbouncer", outcome),
         Verdict(
             "zookeeper-pgbouncer: PostgreSQL sessions <= pool, no NOTIFY reaches it",
             most is not None and pool is not None and most <= pool and stray == 0,
