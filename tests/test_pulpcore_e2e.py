@@ -38,14 +38,15 @@ from pulp_pubsub_tools.e2e.figures import (
 from pulp_pubsub_tools.e2e.redistype import redis_type_verdicts
 from pulp_pubsub_tools.e2e.relayfleet import relay_verdicts
 from pulp_pubsub_tools.e2e.scenarios import Config, Report, Run
+from pulp_pubsub_tools.e2e.zkfleet import zookeeper_verdicts
 
 LATENCY_RATIO_CI = 1.5
 OLDEST, NEWEST = E2E_SERIES[0], E2E_SERIES[-1]
 #: What every supported series must show; the newest also runs the contrast scenarios
-#: and the relay fleet behind PgBouncer and the outage on the nats backend (run only when
-#: named, as here).
+#: and the relay and ZooKeeper fleets behind PgBouncer and the outage on the nats backend (run
+#: only when named, as here).
 EVERY_SERIES = ("contract", "operator", "pooler", "fail_closed", "head_to_head")
-NEWEST_ONLY = ("relay_pgbouncer", "operator_nats")
+NEWEST_ONLY = ("relay_pgbouncer", "operator_nats", "zookeeper_pgbouncer")
 
 pytestmark = [pytest.mark.pulp, pytest.mark.long, pytest.mark.backend, pytest.mark.timeout(1500)]
 
@@ -235,5 +236,14 @@ def test_a_mixed_fleet_runs_every_task_and_cancel(newest: Report, scenario: str)
 def test_the_relay_runs_pulp_with_workers_behind_pgbouncer(newest: Report, verdict: int) -> None:
     """Every task and cancel through one relay; PostgreSQL holds the pool and the relay."""
     found = relay_verdicts(newest)
+    assert len(found) == 2
+    assert found[verdict].ok, f"{found[verdict].name}: {found[verdict].figure}"
+
+
+@pytest.mark.parametrize("verdict", range(2))
+def test_zookeeper_runs_pulp_with_workers_behind_pgbouncer(newest: Report, verdict: int) -> None:
+    """Workers configured by PULP_* alone on a ZooKeeper server: every task and cancel, and
+    PostgreSQL holds the pool and hears no NOTIFY."""
+    found = zookeeper_verdicts(newest)
     assert len(found) == 2
     assert found[verdict].ok, f"{found[verdict].name}: {found[verdict].figure}"

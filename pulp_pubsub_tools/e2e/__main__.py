@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pulp_pubsub.contrib.pulpcore.compat import E2E_SERIES
 
-from .figures import as_dict, contrast, table, verdicts
+from .figures import as_dict, contrast, merge, table, verdicts
 from .scenarios import OPTIONAL_SCENARIOS, Config, Run
 
 
@@ -37,11 +37,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outage-seconds", type=float, default=defaults.outage_seconds)
     parser.add_argument("--venv", type=Path, default=None, help="the pulpcore virtualenv")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="with --json: put this run's scenarios into the run already in that file "
+        "(same pulpcore release), keeping its other scenarios",
+    )
     parser.add_argument("--keep-logs", type=Path, default=None, help="copy the logs here")
     args = parser.parse_args(argv)
     unknown = set(args.scenarios.split(",")) - {*defaults.scenarios, *OPTIONAL_SCENARIOS}
     if unknown:
         parser.error(f"unknown scenarios: {', '.join(sorted(unknown))}")
+    if args.merge and (args.json is None or not args.json.exists()):
+        parser.error("--merge needs --json naming an existing run's JSON")
     config = Config(
         workers=args.workers,
         pool_size=args.pool_size,
@@ -71,7 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     steps = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in report.seconds.items())
     out.write(f"\ntotal {report.total_seconds:.0f} s ({steps})\n")
     if args.json:
-        args.json.write_text(json.dumps(as_dict(report), indent=2, default=str))
+        figures = json.loads(json.dumps(as_dict(report), default=str))
+        if args.merge:
+            try:
+                figures = merge(json.loads(args.json.read_text()), figures)
+            except ValueError as exc:
+                sys.stderr.write(f"{args.json} left as it was: {exc}\n")
+                return 2
+        args.json.write_text(json.dumps(figures, indent=2))
     return 0 if all(v.ok for v in results) else 1
 
 

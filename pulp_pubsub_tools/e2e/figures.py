@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -156,12 +157,13 @@ def verdicts(report: Report) -> list[Verdict]:
                     + (f"; {'; '.join(cancels)}" if cancels else ""),
                 )
             )
+    from .redistype import redis_type_verdicts
     from .relayfleet import relay_verdicts
+    from .zkfleet import zookeeper_verdicts
 
     out += relay_verdicts(report)
-    from .redistype import redis_type_verdicts
-
     out += redis_type_verdicts(report)
+    out += zookeeper_verdicts(report)
     return out
 
 
@@ -372,3 +374,50 @@ def as_dict(report: Report) -> dict[str, Any]:
         "latency_ratio": latency_ratio(report),
         "verdicts": [vars(v) for v in verdicts(report)],
     }
+
+
+#: The top-level figures of the JSON each scenario writes, besides its outcomes.
+_SCENARIO_KEYS = {
+    "contract": ("contract",),
+    "operator": ("operator",),
+    "pooler": ("pooler",),
+    "fail_closed": ("fail_closed",),
+    "head_to_head": ("latency_ratio",),
+}
+
+
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` (a run's JSON) with the scenarios of ``new`` put in: one scenario run again,
+    or one added, without running the rest.
+
+    Both must come from the same pulpcore release. What ``new`` ran replaces what ``old``
+    has of it (outcomes, verdicts of the same name, seconds, the scenario's own figures);
+    everything else of ``old`` stays. Neither argument is changed.
+    """
+    if old.get("pulpcore") != new.get("pulpcore"):
+        raise ValueError(
+            f"cannot merge a run of pulpcore {new.get('pulpcore')} into one of "
+            f"{old.get('pulpcore')}: run every scenario again"
+        )
+    ran = _scenarios(new)
+    out = json.loads(json.dumps(old))
+    out["outcomes"].update(new["outcomes"])
+    for name in ran:
+        for key in _SCENARIO_KEYS.get(name, ()):
+            out[key] = new.get(key)
+        if name in new["seconds"]:
+            out["seconds"][name] = new["seconds"][name]
+    replaced = {v["name"] for v in new["verdicts"]}
+    out["verdicts"] = [v for v in out["verdicts"] if v["name"] not in replaced]
+    out["verdicts"] += new["verdicts"]
+    out["merged_scenarios"] = [
+        *(s for s in old.get("merged_scenarios", []) if s not in ran),
+        *ran,
+    ]
+    return out
+
+
+def _scenarios(run: dict[str, Any]) -> list[str]:
+    """The scenarios a run's JSON says it ran (its config holds the tuple as text)."""
+    text = str(run.get("config", {}).get("scenarios", ""))
+    return [name.strip(" '\"") for name in text.strip("()").split(",") if name.strip(" '\"")]

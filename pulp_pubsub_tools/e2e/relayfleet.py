@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import secrets
-import subprocess
-import threading
 import time
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
+from .pooledfleet import drive_sampled, fleet_verdict
 from .scenarios import Outcome
 
 if TYPE_CHECKING:
@@ -27,70 +25,6 @@ if TYPE_CHECKING:
     from .scenarios import Report, Run
 
 NAME = "relay_pgbouncer"
-RELAY_APPLICATION_NAME = "pulp-pubsub relay"
-#: The drive agent's own direct connection (it watches the task table), not counted.
-OBSERVER_APPLICATION_NAME = "pulp-e2e observer"
-
-
-class SessionSampler:
-    """The most PostgreSQL sessions on one database at once, sampled every 50 ms.
-
-    The run's own direct connections (the drive agent's observer, and this
-    sampler's, which is on another database) are not counted.
-    """
-
-    def __init__(self, run: Run, dbname: str) -> None:
-        self.site, self.dbname = run.site, dbname
-        self.most = 0
-        self.most_relay = 0
-        self.samples = 0
-        #: The sessions seen when the most were: application name, client port, state, query.
-        self.at_most: list[tuple[str, int | None, str, str]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="e2e-sessions", daemon=True)
-
-    def __enter__(self) -> SessionSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        # On the 'postgres' database, so this connection is not counted.
-        with self.site.connect() as conn:
-            while not self._stop.wait(0.05):
-                rows = conn.execute(
-                    "SELECT application_name, client_port, state, left(query, 60) "
-                    "FROM pg_stat_activity WHERE datname = %s AND backend_type = "
-                    "'client backend' AND application_name <> %s",
-                    [self.dbname, OBSERVER_APPLICATION_NAME],
-                ).fetchall()
-                relays = sum(1 for row in rows if row[0] == RELAY_APPLICATION_NAME)
-                if len(rows) > self.most:
-                    self.most, self.at_most = len(rows), [tuple(row) for row in rows]
-                self.most_relay = max(self.most_relay, relays)
-                self.samples += 1
-
-
-def ensure_websockets(run: Run) -> None:
-    """The relay backend needs ``websockets`` in the pulpcore virtualenv too.
-
-    Installed beside pulpcore, the version this interpreter has, without
-    touching the virtualenv's marker (other runs share the virtualenv).
-    """
-    python = run.site.bin("python")
-    if subprocess.run([python, "-c", "import websockets"], capture_output=True).returncode == 0:
-        return
-    import websockets
-
-    spec = f"websockets=={websockets.__version__}"
-    run.log(f"  installing {spec} into {run.site.venv}")
-    subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", spec],
-        check=True,
-    )
 
 
 def relay_clients(url: str, token: str) -> int:
@@ -128,7 +62,6 @@ def relay_pgbouncer(run: Run) -> None:
         f"relay-pgbouncer: one pubsub_relay, {k} integrated workers on the relay backend "
         f"(pg_notify; PgBouncer transaction pool of {pool})"
     )
-    ensure_websockets(run)
     outcome = Outcome(db, "pulp-pubsub, relay backend", k, f"PgBouncer txn, pool {pool}")
     url, token = f"ws://127.0.0.1:{free_port()}", secrets.token_urlsafe(16)
     layer = run.integrated(
@@ -154,24 +87,7 @@ def relay_pgbouncer(run: Run) -> None:
     site.wait(lambda: site.workers_registered(db) == k, 90, f"{db} workers")
     # Every worker holds one WebSocket; the asking one is the (k+1)th client.
     site.wait(lambda: relay_clients(url, token) == k + 1, 30, f"{db} workers subscribed")
-    observer = f"{site.dsn(db)}?application_name={quote(OBSERVER_APPLICATION_NAME)}"
-    with SessionSampler(run, db) as sessions:
-        run.drive(outcome, db, api, burst_seconds=0.5, observer_dsn=observer)
-        run.idle({db: outcome}, config.contrast_idle_seconds)
-    site.stop_all()
-    outcome.integration = {
-        **(outcome.integration or {}),
-        "postgres_sessions_most": sessions.most,
-        "relay_sessions_most": sessions.most_relay,
-        "session_samples": sessions.samples,
-        "sessions_at_most": sessions.at_most,
-        "pool_size": pool,
-    }
-    outcome.notes.append(
-        f"PostgreSQL sessions on the fleet's database, most at once: {sessions.most} "
-        f"(pool {pool} + {sessions.most_relay} relay; {sessions.samples} samples)"
-    )
-    run.report.outcomes[db] = outcome
+    drive_sampled(run, outcome, db, api)
 
 
 def relay_verdicts(report: Report) -> list[Verdict]:
@@ -186,18 +102,8 @@ def relay_verdicts(report: Report) -> list[Verdict]:
         info.get("relay_sessions_most"),
         info.get("pool_size"),
     )
-    cancel = outcome.cancel or {}
-    waiting = outcome.cancel_waiting or {}
     return [
-        Verdict(
-            "relay-pgbouncer: every task starts and finishes, cancels arrive",
-            bool(outcome.tasks)
-            and outcome.finished == len(outcome.tasks)
-            and cancel.get("state") == "canceled"
-            and waiting.get("second") == "canceled",
-            f"{outcome.finished}/{len(outcome.tasks)}; running task {cancel.get('state')}, "
-            f"queued task {waiting.get('second')}; ran on {outcome.workers_used}",
-        ),
+        fleet_verdict("relay-pgbouncer", outcome),
         Verdict(
             "relay-pgbouncer: PostgreSQL sessions <= pool + relays",
             most is not None and pool is not None and relays == 1 and most <= pool + relays,

@@ -491,6 +491,11 @@ class Run:
 
         relay_pgbouncer(self)
 
+    def zookeeper_pgbouncer(self) -> None:
+        from .zkfleet import zookeeper_pgbouncer
+
+        zookeeper_pgbouncer(self)
+
 
 #: Scenarios run only when named (``--scenarios``), not by default.
-OPTIONAL_SCENARIOS = ("relay_pgbouncer", "operator_nats", "redis_worker")
+OPTIONAL_SCENARIOS = ("relay_pgbouncer", "operator_nats", "redis_worker", "zookeeper_pgbouncer")

@@ -30,6 +30,10 @@ from pulp_pubsub.contrib.pulpcore.compat import E2E_SERIES
 
 #: What the virtualenv needs besides pulpcore (which brings psycopg and redis).
 EXTRA_PACKAGES = ("hiredis>=2.0",)
+#: The client libraries of the backends whose scenarios the long tier runs, as requirement
+#: and module: kept out of the virtualenv's marker, they are added to a cached virtualenv
+#: that lacks them (:func:`ensure_package`) rather than making it again.
+BACKEND_PACKAGES = (("websockets>=13", "websockets"), ("kazoo>=2.9", "kazoo"))
 VENV_ENV = "PULP_PUBSUB_E2E_VENV"
 RESULT_MARK = "E2E-RESULT "
 TEMPLATE_DB = "pulp_template"
@@ -69,30 +73,33 @@ def ensure_venv(
     """A virtualenv with pulpcore of ``series`` from PyPI; made once, then reused."""
     marker = path / ".pulp-pubsub-e2e"
     wanted = " ".join((pulpcore_spec(series), *EXTRA_PACKAGES))
-    if marker.exists() and marker.read_text() == wanted:
-        return path
-    log(f"making {path} with {wanted} (about a minute, once)")
-    shutil.rmtree(path, ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-    subprocess.run(
-        [
-            str(path / "bin" / "python"),
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-            pulpcore_spec(series),
-            *EXTRA_PACKAGES,
-        ],
-        check=True,
-    )
-    marker.write_text(wanted)
+    if not marker.exists() or marker.read_text() != wanted:
+        log(f"making {path} with {wanted} (about a minute, once)")
+        shutil.rmtree(path, ignore_errors=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        subprocess.run(
+            [
+                str(path / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                pulpcore_spec(series),
+                *EXTRA_PACKAGES,
+            ],
+            check=True,
+        )
+        marker.write_text(wanted)
+    for requirement, module in BACKEND_PACKAGES:
+        ensure_package(path, requirement, module, log)
     return path
 
 
-def ensure_package(venv: Path, requirement: str, module: str) -> None:
+def ensure_package(
+    venv: Path, requirement: str, module: str, log: Callable[[str], None] = lambda _: None
+) -> None:
     """``requirement`` in the virtualenv unless ``module`` imports there already.
 
     For what one scenario alone needs (nats-py, for the outage on the nats backend): added
@@ -100,6 +107,7 @@ def ensure_package(venv: Path, requirement: str, module: str) -> None:
     """
     python = str(venv / "bin" / "python")
     if subprocess.run([python, "-c", f"import {module}"], capture_output=True).returncode:
+        log(f"installing {requirement} into {venv}")
         subprocess.run(
             [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", requirement],
             check=True,
