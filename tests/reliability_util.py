@@ -110,6 +110,17 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def fd_targets() -> dict[str, str]:
+    """What each open descriptor is (socket, pipe, file), to say which one a test leaked."""
+    targets = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            targets[fd] = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            pass  # closed meanwhile
+    return targets
+
+
 def server_connections(harness: Harness) -> int:
     """Client connections the harness's server holds now, not counting the one asking."""
     if hasattr(harness, "server_connections"):

@@ -26,6 +26,7 @@ from .reliability_util import (
     PATIENCE,
     Inbox,
     dead_url,
+    fd_targets,
     open_fds,
     server_connections,
 )
@@ -161,7 +162,7 @@ def test_subscriber_lifecycles_leave_no_threads_fds_or_connections(harness, cycl
         channel = unique("cycle")
         backend.publish(channel, "warm")  # the publisher's connection is part of the baseline
         gc.collect()  # what earlier tests left for the collector is not this test's to count
-        threads, fds = threading.active_count(), open_fds()
+        threads, fds, targets = threading.active_count(), open_fds(), fd_targets()
         connections = server_connections(harness)
         for i in range(cycles):
             sub = backend.subscriber()
@@ -175,7 +176,11 @@ def test_subscriber_lifecycles_leave_no_threads_fds_or_connections(harness, cycl
             sub.close()
         # At most the baseline: an earlier test's leftovers may still close meanwhile.
         wait_until(lambda: threading.active_count() <= threads, PATIENCE, "threads to end")
-        assert open_fds() <= fds
+        try:
+            wait_until(lambda: open_fds() <= fds, PATIENCE, "descriptors to close")
+        except AssertionError as exc:
+            opened = set(fd_targets().items()) - set(targets.items())
+            raise AssertionError(f"{exc}; opened since the baseline: {sorted(opened)}") from None
         wait_until(
             lambda: server_connections(harness) == connections, PATIENCE, "server connections"
         )
