@@ -25,6 +25,7 @@ from .reliability_util import (
     FAST,
     PATIENCE,
     Inbox,
+    collected_fds,
     dead_url,
     fd_targets,
     open_fds,
@@ -177,7 +178,7 @@ def test_subscriber_lifecycles_leave_no_threads_fds_or_connections(harness, cycl
         # At most the baseline: an earlier test's leftovers may still close meanwhile.
         wait_until(lambda: threading.active_count() <= threads, PATIENCE, "threads to end")
         try:
-            wait_until(lambda: open_fds() <= fds, PATIENCE, "descriptors to close")
+            wait_until(lambda: collected_fds() <= fds, PATIENCE, "descriptors to close")
         except AssertionError as exc:
             opened = set(fd_targets().items()) - set(targets.items())
             raise AssertionError(f"{exc}; opened since the baseline: {sorted(opened)}") from None

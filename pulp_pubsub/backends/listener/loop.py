@@ -87,6 +87,7 @@ class Loop:
         self.reader = Reader(self)
         #: The owner's descriptor, once it has asked for one (see :meth:`attach`).
         self.watch: Watch | None = None
+        self._watch_closed = False
         # The owner was found not reading what waited; the listener reads until it is back.
         self._owner_away = False
         self._attach_lock = threading.Lock()
@@ -323,6 +324,8 @@ class Loop:
         if not WATCH_AVAILABLE or not self._backend.config["owner_reads"]:
             return signal_r
         with self._attach_lock:
+            if self._watch_closed:
+                return signal_r  # closed meanwhile: a set made now would never be closed
             watch = self.watch
             if watch is None:
                 watch = self.watch = Watch(signal_r)
@@ -334,6 +337,13 @@ class Loop:
                 # Until the listener has put the transport in, the set would miss its data.
                 watch.synced.wait(self._backend.config["connect_timeout"] * 2 + 1)
         return watch.fd
+
+    def close_watch(self) -> None:
+        """Close the owner's set, and make sure no attach() makes one after this."""
+        with self._attach_lock:
+            self._watch_closed = True
+            if self.watch is not None:
+                self.watch.close()
 
     def detach(self) -> None:
         """The owner reads no more (start(): a dispatcher thread runs the callbacks)."""

@@ -357,5 +357,4 @@ class Subscriber:
     def _close_pipes(self) -> None:
         pending, loop = self._pending, self._loop
         close_fds(pending.signal_r, pending.signal_w, loop.control_r, loop.control_w)
-        if loop.watch is not None:
-            loop.watch.close()
+        loop.close_watch()

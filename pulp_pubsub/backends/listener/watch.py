@@ -24,7 +24,11 @@ class Watch:
     def __init__(self, signal_r: int) -> None:
         self._epoll = select.epoll()
         self.fd = self._epoll.fileno()
-        self._epoll.register(signal_r, select.EPOLLIN)
+        try:
+            self._epoll.register(signal_r, select.EPOLLIN)
+        except OSError:
+            self._epoll.close()  # not left for the collector to find
+            raise
         self._lock = threading.Lock()
         #: The transport descriptors in the set now; the owner looks at them before it reads.
         self.fds: tuple[int, ...] = ()
