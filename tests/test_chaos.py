@@ -188,6 +188,12 @@ def test_the_outage_needs_every_subscriber_degraded_at_about_its_interval():
     plain = subscriber()
     plain.add_resync("a", 101.0, since=99.0)
     assert check_outage([plain], ["a"], 100.0, 105.0, 1.0, notice=2.0).degraded_agents == 0
+    # A connection attempt holds the next resync back for up to its connect_timeout.
+    slow = subscriber()
+    for at in (100.9, 103.4, 105.0):
+        slow.add_resync("a", at, since=99.0, degraded=True)
+    assert not check_outage([slow], ["a"], 100.0, 105.0, 1.0, notice=2.0).ok
+    assert check_outage([slow], ["a"], 100.0, 105.0, 1.0, notice=2.0, opening=2.0).ok
 
 
 # -- the run itself ------------------------------------------------------------------------

@@ -14,7 +14,10 @@ every one arrives.
 rule: every subscriber says it is degraded, and each delivers degraded mode's resyncs on each
 of its channels at about ``outage_interval``: the first within an interval of noticing the
 loss (which may take up to the probe's detection time), then no gap between two longer than
-an interval plus some slack, and so at least as many as the outage leaves room for.
+an interval plus the longer of some slack and ``opening`` (a connection attempt, which the
+listener bounds by ``connect_timeout``, holds the next resync back until it gives up: a
+ZooKeeper client waits that long on a server that is down), and so at least as many as the
+outage leaves room for.
 """
 
 from __future__ import annotations
@@ -146,6 +149,7 @@ def check_outage(
     ended: float,
     interval: float,
     notice: float,
+    opening: float = 0.0,
 ) -> OutageVerdict:
     """Degraded mode while the server was down, from ``began`` until it was started again
     at ``ended`` (see the module doc).
@@ -155,7 +159,7 @@ def check_outage(
     seconds = ended - began
     verdict = OutageVerdict(round(seconds, 3), interval)
     verdict.first_limit = interval + notice + SLACK
-    verdict.gap_limit = interval + SLACK
+    verdict.gap_limit = interval + max(SLACK, opening)
     # The first comes one interval after the loss is noticed (jittered down by up to a
     # quarter), then one an interval apart: at least as many as the limits leave room for.
     room = (seconds - verdict.first_limit) / verdict.gap_limit

@@ -261,7 +261,10 @@ def build_report(
     checked_outage = None
     if outage is not None:
         interval = float(config.options.get("outage_interval", 5.0))
-        checked_outage = check_outage(agents, channels or [], *outage, interval, config.detection)
+        opening = float(config.options.get("connect_timeout", 0.0))
+        checked_outage = check_outage(
+            agents, channels or [], *outage, interval, config.detection, opening
+        )
     recovery_times(faults, agents)
     recovery = summarize_recovery(faults)
     by_kind = {
