@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .backends.aftercommit import Report
 from .backends.base import BaseBackend
 from .backends.listener import Subscriber
 from .exceptions import InvalidChannel, InvalidPayload, PublishError, PubSubError
@@ -22,6 +23,7 @@ __all__ = [
     "Subscriber",
     "get_backend",
     "publish",
+    "publish_soon",
     "registry",
 ]
 
@@ -42,3 +44,19 @@ def publish(
     registry.check_payload(channel, payload)
     registry.check_group(channel, group)
     backends.get().publish(channel, payload, group=group, receivers=receivers)
+
+
+def publish_soon(
+    channel: str,
+    payload: str = "",
+    *,
+    group: str | None = None,
+    receivers: int = 1,
+    report: Report | None = None,
+) -> None:
+    """:func:`publish` for a message about rows already committed, returning before the
+    server has it: a failure on the wire is counted and handed to ``report`` (or
+    logged), never raised; bad input still raises (see ``BaseBackend.publish_soon``)."""
+    registry.check_payload(channel, payload)
+    registry.check_group(channel, group)
+    backends.get().publish_soon(channel, payload, group=group, receivers=receivers, report=report)

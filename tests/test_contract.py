@@ -12,7 +12,7 @@ import threading
 import pytest
 from django.db import transaction
 
-from pulp_pubsub import Message, publish
+from pulp_pubsub import Message, publish, publish_soon
 from pulp_pubsub.exceptions import InvalidChannel, InvalidPayload
 
 from .util import dispatch_until, wait_until
@@ -173,6 +173,49 @@ def test_publishes_at_commit_go_out_in_order_off_the_committing_thread(harness):
         else:
             assert sent_from and threading.get_ident() not in sent_from
             assert backend.stats["published"] >= 30
+
+
+@pytest.mark.django_db(transaction=True, databases="__all__")
+def test_publish_soon_leaves_off_the_callers_thread_in_order_and_reports(harness):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got = collect(sub, "contract.soon")
+        sent_from: set[int] = set()
+        real = backend.send_batch
+
+        def spy(batch):
+            sent_from.add(threading.get_ident())
+            real(batch)
+
+        backend.send_batch = spy
+        outcomes: list[object] = []
+        for n in range(10):
+            publish_soon("contract.soon", str(n), report=outcomes.append)
+        with pytest.raises(RuntimeError), transaction.atomic(using=harness.db_alias):
+            publish_soon("contract.soon", "rolled back", report=outcomes.append)
+            raise RuntimeError("abort")
+        with transaction.atomic(using=harness.db_alias):
+            publish_soon("contract.soon", "10", report=outcomes.append)
+        # Not ordered with publish(), which may overtake what is still queued: flush first.
+        assert backend.flush(timeout=30)
+        publish("contract.soon", "11")
+        dispatch_until(sub, lambda: len(payloads(got)) >= 12)
+        assert payloads(got) == [str(n) for n in range(12)]
+        assert outcomes == [None] * 11
+        if backend.after_commit_thread:
+            assert sent_from and threading.get_ident() not in sent_from
+
+
+def test_publish_soon_refuses_bad_input_at_once_and_sends_nothing(harness):
+    with harness.configured() as backend, backend.subscriber() as sub:
+        got = collect(sub, "contract.soon-bad")
+        with pytest.raises(InvalidChannel):
+            publish_soon("bad channel!", "x")
+        with pytest.raises(InvalidPayload):
+            publish_soon("contract.soon-bad", "\ud800")  # not encodable as UTF-8
+        publish("contract.soon-bad", "marker")
+        dispatch_until(sub, lambda: got)
+        assert backend.flush(timeout=30)
+        assert payloads(got) == ["marker"]
 
 
 def test_an_outside_client_reaches_subscribers(harness):

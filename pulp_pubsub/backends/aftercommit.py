@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
+from ..exceptions import PubSubError
 from .perprocess import Origin
 
 logger = logging.getLogger(__name__)
@@ -38,11 +39,17 @@ QUEUE_LIMIT = 10000
 BATCH_LIMIT = 500
 
 
+#: Told how a publish sent without waiting ended: None when sent, else why it failed.
+Report = Callable[[PubSubError | None], None]
+
+
 class Deferred(NamedTuple):
     wire: str
     payload: str
     group: str | None
     receivers: int
+    #: The caller's, from ``publish_soon()``: it logs instead of the backend.
+    report: Report | None = None
 
 
 class AfterCommitSender:

@@ -48,7 +48,7 @@ from ..validation import (
     validate_prefix,
     validate_receivers,
 )
-from .aftercommit import AfterCommitSender, Deferred
+from .aftercommit import AfterCommitSender, Deferred, Report
 from .perprocess import PerProcess
 from .transport import Handed, Transport
 
@@ -216,6 +216,48 @@ class BaseBackend:
         different member while there are enough of them), not to everyone.
         A backend that cannot target broadcasts it once instead.
         """
+        wire = self._checked(channel, payload, group, receivers)
+        if self.publish_on_commit and not self.defers_natively:
+            atomic = _atomic_connection(self.database_alias)
+            if atomic is not None:
+                atomic.on_commit(partial(self._send_deferred, wire, payload, group, receivers))
+                return
+        self._send_now(wire, payload, group, receivers)
+
+    def publish_soon(
+        self,
+        channel: str,
+        payload: str = "",
+        *,
+        group: str | None = None,
+        receivers: int = 1,
+        report: Report | None = None,
+    ) -> None:
+        """Like :meth:`publish`, for a message about rows already committed (or committed
+        with the caller's transaction), returning before the server has it.
+
+        A dispatcher that creates many rows in a row would otherwise wait one
+        round trip per row for its wake-ups, and on a busy machine each wait
+        costs a turn of the scheduler as well. Bad input still raises here;
+        the message then leaves through the after-commit sender, in order
+        with every other deferred publish, and :meth:`flush` waits for it.
+        A failure on the wire never raises: it is counted, and handed to
+        ``report`` (called with None once the message is sent), or logged
+        when there is no ``report``. On a backend whose server defers
+        publishes to commit itself, inside ``atomic()`` this is :meth:`publish`.
+        """
+        wire = self._checked(channel, payload, group, receivers)
+        item = Deferred(wire, payload, group, receivers, report)
+        atomic = _atomic_connection(self.database_alias) if self.publish_on_commit else None
+        if atomic is None:
+            self._send_deferred_item(item)
+        elif not self.defers_natively:
+            atomic.on_commit(partial(self._send_deferred_item, item))
+        else:
+            self._send_committed(item)
+
+    def _checked(self, channel: str, payload: str, group: str | None, receivers: int) -> str:
+        """The wire name of a valid publish; raises on bad input, having sent nothing."""
         wire = self.wire_name(channel)
         encode_payload(
             payload, limit=self.payload_limit, allow_nul=self.allows_nul, backend=self.name
@@ -223,12 +265,7 @@ class BaseBackend:
         if group is not None:
             validate_group(group)
             validate_receivers(receivers)
-        if self.publish_on_commit and not self.defers_natively:
-            atomic = _atomic_connection(self.database_alias)
-            if atomic is not None:
-                atomic.on_commit(partial(self._send_deferred, wire, payload, group, receivers))
-                return
-        self._send_now(wire, payload, group, receivers)
+        return wire
 
     def delivery(self, group: str | None) -> str:
         """What a publish to ``group`` gets here: ``"targeted"`` or ``"broadcast"``."""
@@ -259,7 +296,9 @@ class BaseBackend:
     def _send_deferred(
         self, wire: str, payload: str, group: str | None = None, receivers: int = 1
     ) -> None:
-        item = Deferred(wire, payload, group, receivers)
+        self._send_deferred_item(Deferred(wire, payload, group, receivers))
+
+    def _send_deferred_item(self, item: Deferred) -> None:
         # Off the committing thread: its failure cannot reach the caller anyway.
         # When the sender's queue is full, this thread sends it itself.
         if not self.after_commit_thread or not self._sender.get().put(item):
@@ -276,10 +315,43 @@ class BaseBackend:
         try:
             self._send_now(item.wire, item.payload, item.group, item.receivers)
         except PubSubError as exc:
-            count(
-                self.stats, "deferred_failures", self.name, self.channel_name(item.wire), error=exc
+            self.deferred_failed([item], exc, counted=True)
+        else:
+            if item.report is not None:
+                item.report(None)
+
+    def deferred_sent(self, batch: list[Deferred]) -> None:
+        """Count a batch sent by :meth:`send_batch`, and tell its reporters."""
+        self.count_published(item.wire for item in batch)
+        for item in batch:
+            if item.report is not None:
+                item.report(None)
+
+    def deferred_failed(
+        self, batch: list[Deferred], error: PubSubError, counted: bool = False
+    ) -> None:
+        """Count a batch (or one publish) of deferred publishes that failed with ``error``,
+        and tell their reporters; the backend logs those that have none.
+
+        ``counted``: the failed send already counted ``publish_errors``.
+        """
+        unreported: list[str] = []
+        for item in batch:
+            channel = self.channel_name(item.wire)
+            if not counted:
+                count(self.stats, "publish_errors", self.name, channel, error=error)
+            count(self.stats, "deferred_failures", self.name, channel, error=error)
+            if item.report is None:
+                unreported.append(channel or item.wire)
+            else:
+                item.report(error)
+        if unreported:
+            logger.error(
+                "Publish of %d message(s) to %s after commit failed: %s",
+                len(unreported),
+                ", ".join(repr(name) for name in sorted(set(unreported))),
+                error,
             )
-            logger.error("Publish to %r after commit failed: %s", item.wire, exc)
 
     def send_batch(self, batch: list[Deferred]) -> None:
         """Send publishes deferred to commit, in order, on the after-commit thread.

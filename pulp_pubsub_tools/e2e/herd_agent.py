@@ -73,11 +73,14 @@ def burst(opts: dict[str, Any]) -> dict[str, Any]:
     began = timezone.now()
     errors: list[str] = []
     pause = threading.Event()
+    took: list[float] = []
     for _ in range(n):
+        began_one = time.perf_counter()
         try:
             dispatch(sleep_task, args=(seconds,))
         except Exception as exc:  # an outage: the task row exists, its wake-up is lost
             errors.append(f"{type(exc).__name__}: {exc}"[:200])
+        took.append(time.perf_counter() - began_one)
         if spacing:
             pause.wait(spacing)  # spreads the burst over a fault, not a synchronisation
     pks = [
@@ -96,6 +99,8 @@ def burst(opts: dict[str, Any]) -> dict[str, Any]:
         "dispatch_errors": errors,
         "records": records,
         "first_created": min((row["created"] for row in rows.values()), default=None),
+        "last_created": max((row["created"] for row in rows.values()), default=None),
+        "dispatch_seconds": took,
         "last_started": max(starts, default=None),
     }
 

@@ -554,13 +554,9 @@ class RedisBackend(BaseBackend):
                 f"redis backend could not publish to {self.where()}: "
                 f"{explain(exc, self.channel_prefix)}"
             )
-            for item in batch:
-                channel = self.channel_name(item.wire)
-                count(self.stats, "publish_errors", self.name, channel, error=error)
-                count(self.stats, "deferred_failures", self.name, channel, error=error)
-            logger.error("Publish of %d message(s) after commit failed: %s", len(batch), error)
+            self.deferred_failed(batch, error)
             return
-        self.count_published(item.wire for item in batch)
+        self.deferred_sent(batch)
 
     def _sender_connection(self) -> Connection:
         """The after-commit thread's own connection (no pool: nobody else uses it)."""

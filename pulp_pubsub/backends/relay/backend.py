@@ -305,32 +305,28 @@ class RelayBackend(BaseBackend):
         except PublishError as exc:
             results = {i: dict.fromkeys(self.urls, str(exc)) for i in range(len(batch))}
         if not results:
-            self.count_published(item.wire for item in batch)
+            self.deferred_sent(batch)
             return
-        lost: list[str] = []
         missed: list[str] = []
-        sent: list[str] = []
+        sent: list[Deferred] = []
+        lost: list[Deferred] = []
         last_failures: dict[str, str] = {}
         first_error: PublishError | None = None
         for i, item in enumerate(batch):
             failures = results.get(i)
             if not failures:
-                sent.append(item.wire)
+                sent.append(item)
                 continue
-            channel = self.channel_name(item.wire)
             if len(failures) == len(self.urls):
-                error = PublishError(self._none_took(item.wire, failures))
-                first_error = first_error or error
-                count(self.stats, "publish_errors", self.name, channel, error=error)
-                count(self.stats, "deferred_failures", self.name, channel, error=error)
-                lost.append(item.wire)
+                first_error = first_error or PublishError(self._none_took(item.wire, failures))
+                lost.append(item)
                 continue
             missed.append(item.wire)
             last_failures = failures
-            sent.append(item.wire)
-        self.count_published(sent)
+            sent.append(item)
+        self.deferred_sent(sent)
         if first_error is not None:
-            logger.error("Publish of %d message(s) after commit failed: %s", len(lost), first_error)
+            self.deferred_failed(lost, first_error)
         if missed:
             self._missed(missed, last_failures)
 

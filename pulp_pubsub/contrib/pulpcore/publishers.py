@@ -39,9 +39,8 @@ from types import TracebackType
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
 
-from ... import get_backend, publish
+from ... import get_backend, publish_soon
 from ...exceptions import PubSubError
 from ...metrics import count
 from ...registry import RUNNERS, UNBLOCKERS, WAKEUP
@@ -115,29 +114,27 @@ outage = Outage()
 def carry(channel: str, payload: str, group: str | None = None, receivers: int = 1) -> None:
     """Publish one of pulpcore's messages; a backend failure is never pulpcore's error.
 
-    Inside ``atomic()`` the message waits for the commit here rather than in
-    the backend, so a failure at commit takes the same once-per-outage path.
-    PostgreSQL's native path stays inside the transaction, as pulpcore's NOTIFY.
+    What it is about is committed (or commits with the caller's transaction),
+    so the caller does not wait for the server: a dispatcher creating many
+    tasks in a row would otherwise pay a round trip per task. The message
+    leaves through the backend's after-commit sender (PostgreSQL's native
+    path stays inside the transaction, as pulpcore's NOTIFY), and its outcome
+    comes back to :func:`_outcome`.
     """
     backend = get_backend()
-    if backend.publish_on_commit and not backend.defers_natively and backend.in_atomic_block():
-        transaction.on_commit(
-            partial(_carry_now, channel, payload, group, receivers),
-            using=backend.database_alias,
-        )
-        return
-    _carry_now(channel, payload, group, receivers)
-
-
-def _carry_now(channel: str, payload: str, group: str | None, receivers: int) -> None:
+    report = partial(_outcome, backend, channel)
     try:
-        publish(channel, payload, group=group, receivers=receivers)
+        publish_soon(channel, payload, group=group, receivers=receivers, report=report)
     except PubSubError as exc:
-        backend = get_backend()
-        count(backend.stats, "pulpcore_messages_dropped", backend.name, channel, error=exc)
-        outage.failure(channel, exc)
-    else:
+        report(exc)
+
+
+def _outcome(backend: Any, channel: str, error: PubSubError | None) -> None:
+    if error is None:
         outage.success()
+        return
+    count(backend.stats, "pulpcore_messages_dropped", backend.name, channel, error=error)
+    outage.failure(channel, error)
 
 
 class TranslatingCursor:
