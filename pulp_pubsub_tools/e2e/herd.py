@@ -470,13 +470,8 @@ def ms(seconds: float | None) -> float | None:
 
 
 def summarize_burst(res: dict[str, Any]) -> dict[str, Any]:
-    from datetime import datetime
-
     records = res["records"]
-    first, last = res.get("first_created"), res.get("last_started")
-    span = None
-    if first and last:
-        span = (datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds()
+    first = res.get("first_created")
     return {
         "dispatched": res["dispatched"],
         "dispatch_errors": len(res["dispatch_errors"]),
@@ -484,8 +479,18 @@ def summarize_burst(res: dict[str, Any]) -> dict[str, Any]:
         "started": sum(1 for r in records if r["wait"] is not None),
         "completed": sum(1 for r in records if r["state"] == "completed"),
         "workers_used": len({r["worker"] for r in records if r["worker"]}),
-        "to_last_start_s": None if span is None else round(span, 2),
+        "to_last_start_s": _seconds_between(first, res.get("last_started")),
+        # How long the dispatcher took to create them all (the agents that record it).
+        "dispatch_span_s": _seconds_between(first, res.get("last_created")),
     }
+
+
+def _seconds_between(first: str | None, last: str | None) -> float | None:
+    from datetime import datetime
+
+    if not (first and last):
+        return None
+    return round((datetime.fromisoformat(last) - datetime.fromisoformat(first)).total_seconds(), 2)
 
 
 def markdown(result: dict[str, Any]) -> str:
