@@ -191,20 +191,47 @@ def count(
 ) -> None:
     """Count ``n`` of ``event`` of ``backend`` (on ``channel``, failing with ``error``)."""
     stats[event] += n
-    instruments = _instruments()
+    instruments = _made_instruments if _made else _instruments()
     if instruments is None:
         return
-    name, _, _, fixed = EVENTS.get(event, (OTHER_EVENTS, "", "", {"pulp_pubsub.event": event}))
-    attributes = {SYSTEM: backend, **fixed}
-    if channel is not None and channel_attributes():
-        attributes[DESTINATION] = channel
-    if error is not None:
-        attributes[ERROR_TYPE] = error_type(error)
+    if channel is not None and not (
+        _channel_attributes if _channel_attributes is not None else channel_attributes()
+    ):
+        channel = None
+    if error is None:
+        # Every message counts two or three times on its way: its instrument and attributes
+        # are made once per (event, backend, channel) and handed over unchanged (an SDK
+        # copies the attributes it keeps; nothing here changes them after).
+        key = (event, backend, channel)
+        found = _recorded.get(key)
+        if found is None:
+            found = _describe(event, backend, channel, None)
+            if len(_recorded) < RECORDED_LIMIT:
+                _recorded[key] = found
+    else:
+        found = _describe(event, backend, channel, error)
+    name, attributes = found
     try:
         instruments.counters[name].add(n, attributes)
     except Exception:
         # An exporter's problem must never become the listener's.
         logger.debug("Recording %s failed", name, exc_info=True)
+
+
+def _describe(
+    event: str, backend: str, channel: str | None, error: BaseException | None
+) -> tuple[str, dict[str, str]]:
+    """The instrument that counts ``event`` and the attributes of this count.
+
+    ``channel``: None where the channel is not to be named (see ``channel_attributes()``).
+    """
+    name, _, _, fixed = EVENTS.get(event, (OTHER_EVENTS, "", "", {"pulp_pubsub.event": event}))
+    attributes = {SYSTEM: backend, **fixed}
+    if channel is not None:
+        attributes[DESTINATION] = channel
+    if error is not None:
+        attributes[ERROR_TYPE] = error_type(error)
+    return name, attributes
 
 
 def record_probe_rtt(backend: str, seconds: float) -> None:
@@ -282,6 +309,10 @@ _lock = threading.Lock()
 _made = False
 _made_instruments: _Instruments | None = None
 _channel_attributes: bool | None = None
+#: (event, backend, channel or None) -> (instrument, attributes) of counts without an error.
+_recorded: dict[tuple[str, str, str | None], tuple[str, dict[str, str]]] = {}
+#: Counted series remembered at most: channel names may be unbounded (one per task, say).
+RECORDED_LIMIT = 4096
 _tracked_lock = threading.Lock()
 _tracked: weakref.WeakSet[Observed] = weakref.WeakSet()
 

@@ -78,6 +78,25 @@ def encode_payload(payload: object, *, limit: int | None, allow_nul: bool, backe
     return data
 
 
+def check_payload_fits(
+    payload: object, *, limit: int | None, allow_nul: bool, backend: str
+) -> None:
+    """Refuse ``payload`` as :func:`encode_payload` does, without encoding the usual one.
+
+    Every publish checks its payload. An ASCII ``str`` (the usual wake-up, task id or
+    timestamp) is as many UTF-8 bytes as characters and cannot fail to encode, so it is
+    measured without making the bytes; anything else takes the full check.
+    """
+    if (
+        type(payload) is str
+        and payload.isascii()
+        and (limit is None or len(payload) <= limit)
+        and (allow_nul or "\x00" not in payload)
+    ):
+        return
+    encode_payload(payload, limit=limit, allow_nul=allow_nul, backend=backend)
+
+
 #: Most receivers one targeted message may name (each is one queue entry on the server).
 MAX_RECEIVERS = 1000
 _GROUP_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.-")

@@ -305,6 +305,39 @@ def test_publish_inside_atomic_is_sent_at_commit_and_dropped_on_rollback(server)
 
 
 @backend_test
+def test_a_publish_while_another_thread_holds_the_connection_takes_the_pool(server):
+    with redis_backend(server.url) as backend, subscribed(backend, "jobs") as inbox:
+        backend.publish("jobs", "direct")
+        clients = backend.clients()
+        direct = clients.direct
+        assert direct is not None
+        with clients.direct_lock:  # as a thread in the middle of its publish holds it
+            backend.publish("jobs", "pooled")
+        inbox.wait_for_payload("pooled")
+        assert clients.direct is direct
+        assert inbox.payloads() == ["direct", "pooled"]
+        assert backend.stats["published"] == 2
+
+
+@backend_test
+def test_a_publish_connection_the_server_closed_while_idle_is_made_again(server):
+    with (
+        redis_backend(server.url) as backend,
+        subscribed(backend, "jobs") as inbox,
+        plain_client(server) as admin,
+    ):
+        backend.publish("jobs", "first")
+        direct = backend.clients().direct
+        assert direct is not None and direct._sock is not None
+        host, port = direct._sock.getsockname()[:2]
+        assert admin.client_kill(f"{host}:{port}")
+        backend.publish("jobs", "second")
+        inbox.wait_for_payload("second")
+        assert inbox.payloads() == ["first", "second"]
+        assert backend.stats["publish_errors"] == 0
+
+
+@backend_test
 def test_two_prefixes_on_one_server_never_cross(server):
     with (
         redis_backend(server.url, prefix="site1.") as site1,
@@ -607,6 +640,29 @@ def test_subscribers_and_publishers_follow_a_sentinel_failover():
         inbox.wait_for_payload("after failover")
         with redis.Redis(*new, decode_responses=True) as master:
             assert master.pubsub_numsub("ha.jobs") == [("ha.jobs", 1)]
+
+
+@backend_test
+@pytest.mark.long
+@pytest.mark.django_db(transaction=True)
+def test_publishes_now_and_at_commit_reach_the_master_the_sentinels_name():
+    """Both publish connections made outside redis-py's client ask the sentinels first.
+
+    redis-py 8 connects a sentinel-managed connection that a command is sent on unconnected
+    to its default address (here another Redis, the machine's own), not to the master.
+    """
+    with (
+        SentinelCluster(replicas=0, sentinels=1) as cluster,
+        redis_backend(cluster.url, prefix="ha.", **FAST) as backend,
+        subscribed(backend, "jobs") as inbox,
+    ):
+        backend.publish("jobs", "now")
+        inbox.wait_for_payload("now")
+        with transaction.atomic():
+            backend.publish("jobs", "at commit")
+        assert backend.flush(timeout=10)
+        inbox.wait_for_payload("at commit")
+        assert backend.stats["deferred_failures"] == 0
 
 
 @backend_test

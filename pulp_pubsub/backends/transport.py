@@ -85,6 +85,12 @@ class Transport:
         """
         raise NotImplementedError("subclasses of Transport must provide read()")
 
+    #: Set by read() when it took everything its client library had buffered (it stopped on
+    #: an empty buffer, not at a batch limit), so what comes next makes a descriptor
+    #: readable: the reader then waits for one instead of reading once more to find
+    #: nothing. False (the default): after a read that brought something, read again.
+    drained: bool = False
+
     def filenos(self) -> list[int]:
         """Every descriptor whose readability means read() has something to do."""
         return [self.fileno()]

@@ -12,6 +12,7 @@ Modules, one concern each:
 - :mod:`.fleet`     the fleet scenario, its agents (:mod:`.fleet_roles`) and report
   (:mod:`.fleet_report`)
 - :mod:`.report`, :mod:`.plot`, :mod:`.progress`  what a person reads
+- :mod:`.permessage` one process's work per message, layer or bare, for callgrind and cProfile
 """
 
 from __future__ import annotations

@@ -343,6 +343,7 @@ class EtcdTransport(Transport):
             raise ConnectionLost(f"etcd ended the watch: {message}")
 
     def read(self) -> Iterator[tuple[str, str | None]]:
+        self.drained = False
         if self._conn is None or self._conn.sock is None or self._reader is None:
             return
         if self._owed_resync:
@@ -382,6 +383,8 @@ class EtcdTransport(Transport):
                     yield wire, unb64(kv.get("value", "")).decode("utf-8", "replace")
         if closed or reader.done:
             raise ConnectionLost(f"etcd at {self._conn.endpoint} closed the watch stream")
+        # The socket was read until it would block, and every whole event taken.
+        self.drained = True
 
     def _after_compaction(self, compacted: int) -> Iterator[tuple[str, None]]:
         """The revision to resume from is gone: watch from the oldest one kept, then resync.

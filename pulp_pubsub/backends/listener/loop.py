@@ -321,6 +321,9 @@ class Loop:
 
     def attach(self, signal_r: int) -> int:
         """The owner waits in select() on the returned descriptor and reads in dispatch()."""
+        watch = self.watch
+        if watch is not None and watch.active:
+            return watch.fd  # attached already: an owner may ask before every select()
         if not WATCH_AVAILABLE or not self._backend.config["owner_reads"]:
             return signal_r
         with self._attach_lock:

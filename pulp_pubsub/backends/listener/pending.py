@@ -157,11 +157,12 @@ class Pending:
             batch = [(message, key[3]) for key, message in self._pending.items()]
             self._pending.clear()
             self._queued.clear()
-            for channel, since in sorted(self._overflowed.items()):
-                if not any(m.channel == channel and m.resync for m, _ in batch):
-                    batch.append((Message(channel, "", resync=True, since=since), None))
-                    count(self._stats, "resyncs", self._name, channel)
-            self._overflowed.clear()
+            if self._overflowed:
+                for channel, since in sorted(self._overflowed.items()):
+                    if not any(m.channel == channel and m.resync for m, _ in batch):
+                        batch.append((Message(channel, "", resync=True, since=since), None))
+                        count(self._stats, "resyncs", self._name, channel)
+                self._overflowed.clear()
             if self._signalled:
                 drain(self.signal_r)
                 self._signalled = False

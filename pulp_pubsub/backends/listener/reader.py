@@ -17,14 +17,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from ...message import Message
 from ...metrics import record_probe_rtt
-from ..selfpipe import wait_readable
-from ..transport import Handed
+from ..transport import Handed, Transport
 from .responder import answer_query
 
 if TYPE_CHECKING:
     from collections import Counter
 
-    from ..transport import SubscribedBackend, Transport
+    from ..transport import SubscribedBackend
     from .hearing import HearCheck
     from .pending import Pending
     from .responder import Described
@@ -71,6 +70,8 @@ class Session:
         self.buffered = True
         #: A read in the owner's thread failed: the listener raises it and reconnects.
         self.failed: BaseException | None = None
+        #: The transport keeps a replay position (asked for after every read).
+        self.replays = type(transport).position is not Transport.position
 
 
 class Reader:
@@ -83,15 +84,31 @@ class Reader:
     def read(self, session: Session) -> int:
         """Read once and handle what came (lock held); how many items it brought."""
         loop = self._loop
-        backend = loop.backend
-        transport, probe = session.transport, session.probe
-        items = list(transport.read())
-        # A transport reads in bounded batches: after a read that brought something,
-        # read again before waiting (the rest may sit in its client's buffer).
-        session.buffered = bool(items)
+        transport = session.transport
+        items = transport.read()
+        if not isinstance(items, list):
+            items = list(items)
+        # A transport reads in bounded batches: after a read that brought something, read
+        # again before waiting (the rest may sit in its client's buffer), unless the
+        # transport says it took everything its client had.
+        session.buffered = bool(items) and not transport.drained
         if items:
-            loop.last_heard = time.time()
+            loop.last_heard = heard = time.time()
+            self._take(session, items, heard)
+        if session.replays:
+            position: Any = transport.position()
+            if position is not None:
+                loop.position = position
+        if transport.heard_at:
+            session.probe.heard(transport.heard_at)
+        return len(items)
+
+    def _take(self, session: Session, items: list[Any], heard: float) -> None:
+        """Queue the messages of one read; answer what was the layer's own."""
+        loop = self._loop
+        backend = loop.backend
         enqueue = loop.pending.put
+        probe_channel, control_channel = loop.probe_channel, loop.control_channel
         for item in items:
             if isinstance(item, Handed):
                 loop.targeted.take(item, enqueue)
@@ -101,33 +118,27 @@ class Reader:
                 # A replaying transport whose history no longer reaches back.
                 loop.resync(wire)
                 continue
-            if wire == loop.probe_channel:
-                rtt = probe.answered(payload)
+            if wire == probe_channel:
+                rtt = session.probe.answered(payload)
                 if rtt is not None:
                     loop.probe_rtt = rtt
                     record_probe_rtt(backend.name, rtt)
                 elif session.hearing.answered(payload) and loop.deaf:
                     loop.on_hearing()
                 continue
-            if wire == loop.control_channel:
-                answer_query(loop.described, transport, wire, payload)
+            if wire == control_channel:
+                answer_query(loop.described, session.transport, wire, payload)
                 continue
             channel = backend.channel_name(wire)
             if channel is not None:
-                enqueue(Message(channel, payload))
-        position: Any = transport.position()
-        if position is not None:
-            loop.position = position
-        if transport.heard_at:
-            probe.heard(transport.heard_at)
-        return len(items)
+                enqueue(Message(channel, payload, heard))
 
     def read_for_owner(self, watch: Watch) -> None:
         """The owner's read, in dispatch(): whatever the transport has, into the queue."""
         session = self.session
         if session is None or session.failed is not None:
             return
-        if not session.buffered and not (watch.fds and wait_readable(list(watch.fds), 0)):
+        if not session.buffered and not watch.transport_ready():
             return
         # The listener's turn is short (a read, a probe, an ack): wait for it, briefly.
         if not self.lock.acquire(timeout=OWNER_PATIENCE):
@@ -139,9 +150,8 @@ class Reader:
                 return
             brought = 0
             for _ in range(OWNER_BATCHES):
-                got = self.read(session)
-                brought += got
-                if not got:
+                brought += self.read(session)
+                if not session.buffered:
                     break
             if brought:
                 self._loop.stats["owner_reads"] += 1

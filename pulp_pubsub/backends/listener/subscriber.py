@@ -234,7 +234,10 @@ class Subscriber:
         returns how many messages were dispatched.
         """
         self._check_usable()
-        if threading.current_thread() is not self._dispatcher and self._loop.owner_wait(timeout):
+        dispatcher = self._dispatcher
+        if (
+            dispatcher is None or threading.current_thread() is not dispatcher
+        ) and self._loop.owner_wait(timeout):
             timeout = 0  # waited already, on the owner's descriptor
         return self._pending.dispatch(timeout, self._targeted)
 

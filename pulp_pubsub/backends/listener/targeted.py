@@ -164,6 +164,10 @@ class Targeted:
 
     def settle(self, transport: Transport) -> None:
         """Send the acks and give-backs dispatch() asked for; take the next messages."""
+        if not (self.joined or self._to_ack or self._to_release):
+            # This connection has joined no group: no turn to take, nothing to tell the
+            # server (a subscriber that only hears broadcasts, after every read).
+            return
         with self._lock:
             acks, releases = list(self._to_ack), list(self._to_release)
         if acks:

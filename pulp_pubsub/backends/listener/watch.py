@@ -24,6 +24,7 @@ class Watch:
     def __init__(self, signal_r: int) -> None:
         self._epoll = select.epoll()
         self.fd = self._epoll.fileno()
+        self._signal_r = signal_r
         try:
             self._epoll.register(signal_r, select.EPOLLIN)
         except OSError:
@@ -59,6 +60,21 @@ class Watch:
                 self.fds = wanted
             if self.active and ready:
                 self.synced.set()
+
+    def transport_ready(self) -> bool:
+        """Whether a transport descriptor of the set is readable now (or hung up).
+
+        One look at the set the owner's select() woke on, without waiting: the
+        signal pipe's readiness does not count, the set's other members do.
+        """
+        if not self.fds:
+            return False
+        try:
+            ready = self._epoll.poll(0)
+        except (OSError, ValueError):
+            return False  # closed meanwhile: the subscriber is closing
+        signal_r = self._signal_r
+        return any(fd != signal_r for fd, _ in ready)
 
     def close(self) -> None:
         """This process's end only: after fork() the parent's set lives on."""

@@ -93,6 +93,9 @@ class NatsTransport(Transport):
     backend, and as what only a NATS transport asks of it.
     """
 
+    # read() takes the whole inbox; what the loop thread adds after it pokes the pipe.
+    drained = True
+
     def __init__(self, backend: BaseBackend, host: NatsHost) -> None:
         super().__init__(backend)
         self.host = host

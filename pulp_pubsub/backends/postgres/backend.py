@@ -131,6 +131,9 @@ class PostgresTransport(Transport):
         )
         # The (channel, token) of each probe whose Sync is unanswered, oldest first.
         self._probes: deque[tuple[str, str]] = deque()
+        # read() takes every notification libpq has; over TLS, libpq may leave decrypted
+        # bytes in OpenSSL that the socket does not show, so there it reads once more.
+        self.drained = not self._session.pgconn.ssl_in_use
         self._queue_check_at = time.monotonic()
 
     def fileno(self) -> int:

@@ -45,6 +45,7 @@ user also needs ``+xadd +xack +xdel +xreadgroup +xautoclaim +xgroup|create
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -150,10 +151,57 @@ class _ProcessClients:
         self.publisher = redis.Redis(connection_pool=pool)
         #: Publishes after commit, made by their thread on first use.
         self.after_commit: Connection | None = None
+        #: Publishes now, by whichever thread holds ``direct_lock`` (see publish()).
+        self.direct: Connection | None = None
+        self.direct_lock = threading.Lock()
+
+    def publish(self, channel: str, payload: str) -> None:
+        """PUBLISH, on the process's own connection when no other thread is using it.
+
+        A wake-up is one command and one integer reply: redis-py's client path (the pool,
+        its bookkeeping and events, the retry wrapper) costs more CPU than the message
+        itself, and that CPU is in every round trip. A thread that finds the connection
+        busy takes the pool's path instead, so publishing threads never wait for each
+        other. The connection is made by the same pool, with the same timeouts.
+        """
+        if not self.direct_lock.acquire(blocking=False):
+            self.publisher.publish(channel, payload)
+            return
+        try:
+            conn = self.direct
+            if conn is None:
+                conn = self.direct = cast(
+                    Connection, self.publisher.connection_pool.make_connection()
+                )
+            # As the pool does before handing out a connection: connect() (a sentinel-managed
+            # one asks the sentinels for the master; send_packed_command() would not), and
+            # one with a reply waiting, or closed by the server while idle, is made again.
+            conn.connect()
+            try:
+                stale = conn.can_read()
+            except (redis.ConnectionError, redis.TimeoutError, OSError):
+                stale = True
+            if stale:
+                conn.disconnect()
+                conn.connect()
+            try:
+                conn.send_packed_command(
+                    conn.pack_command("PUBLISH", channel, payload), check_health=False
+                )
+                conn.read_response()
+            except redis.ResponseError:
+                raise  # refused (an ACL, say): the connection itself is fine
+            except BaseException:
+                conn.disconnect()  # a reply may be left unread; it reconnects on next use
+                raise
+        finally:
+            self.direct_lock.release()
 
     def close(self) -> None:
         if self.after_commit is not None:
             self.after_commit.disconnect()
+        if self.direct is not None:
+            self.direct.disconnect()
         self.publisher.close()
         self.publisher.connection_pool.disconnect()
         if self.sentinel is not None:
@@ -226,6 +274,9 @@ class RedisTransport(Transport):
         # stop probing and hold the whole backlog in memory. What is left waits in the
         # socket and the parser; the listener reads again at once (listener/loop.py,
         # Loop._serve).
+        # Ended by the parser's buffer running dry, the read took all there was (see
+        # Transport.drained); the group reader's read() drains its connection the same way.
+        self.drained = True
         while len(items) < READ_BATCH:
             # can_read() also sees replies already in the parser's buffer,
             # which leave the socket unreadable: drain until it says no.
@@ -242,6 +293,8 @@ class RedisTransport(Transport):
             kind, name, payload = pubsub_frame(frame)
             if kind == b"message":
                 items.append((name, payload))
+        else:
+            self.drained = False  # the batch is full: more may wait in the parser
         return items
 
     # -- targeted delivery --------------------------------------------------------
@@ -516,7 +569,7 @@ class RedisBackend(BaseBackend):
 
     def send(self, channel: str, payload: str) -> None:
         try:
-            self.clients().publisher.publish(channel, payload)
+            self._clients.get().publish(channel, payload)
         except redis.RedisError as exc:
             raise PublishError(
                 f"redis backend could not publish to {self.where()}: "
@@ -543,6 +596,9 @@ class RedisBackend(BaseBackend):
         try:
             conn = self._sender_connection()
             try:
+                # connect() first: redis-py 8's send_packed_command() connects a
+                # sentinel-managed connection without asking the sentinels for the master.
+                conn.connect()
                 conn.send_packed_command([b"".join(packed)], check_health=False)
                 for _ in packed:
                     conn.read_response()

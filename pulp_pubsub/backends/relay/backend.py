@@ -64,6 +64,8 @@ class RelayTransport(Transport):
     """One WebSocket to one relay, read by the subscriber's listener thread."""
 
     backend: RelayBackend
+    # Its connection reads until the socket (and TLS) has nothing left (protocol.py).
+    drained = True
 
     def __init__(self, backend: RelayBackend) -> None:
         super().__init__(backend)
