@@ -621,14 +621,23 @@ def test_a_subscriber_too_slow_for_its_output_buffer_is_dropped_and_recovers(fre
         assert_recovers(backend, inbox, "output buffer")
 
 
-@backend_test
-@pytest.mark.long
-def test_subscribers_and_publishers_follow_a_sentinel_failover():
+@contextlib.contextmanager
+def sentinel_backend(
+    replicas: int = 1, sentinels: int = 3
+) -> Iterator[tuple[SentinelCluster, RedisBackend, Inbox]]:
+    """A sentinel-watched master, a backend that finds it through them, and a subscriber."""
     with (
-        SentinelCluster(replicas=1, sentinels=3) as cluster,
+        SentinelCluster(replicas=replicas, sentinels=sentinels) as cluster,
         redis_backend(cluster.url, prefix="ha.", **FAST) as backend,
         subscribed(backend, "jobs") as inbox,
     ):
+        yield cluster, backend, inbox
+
+
+@backend_test
+@pytest.mark.long
+def test_subscribers_and_publishers_follow_a_sentinel_failover():
+    with sentinel_backend() as (cluster, backend, inbox):
         backend.publish("jobs", "before")
         inbox.wait_for_payload("before")
         old = cluster.master_address()
@@ -651,11 +660,7 @@ def test_publishes_now_and_at_commit_reach_the_master_the_sentinels_name():
     redis-py 8 connects a sentinel-managed connection that a command is sent on unconnected
     to its default address (here another Redis, the machine's own), not to the master.
     """
-    with (
-        SentinelCluster(replicas=0, sentinels=1) as cluster,
-        redis_backend(cluster.url, prefix="ha.", **FAST) as backend,
-        subscribed(backend, "jobs") as inbox,
-    ):
+    with sentinel_backend(replicas=0, sentinels=1) as (_, backend, inbox):
         backend.publish("jobs", "now")
         inbox.wait_for_payload("now")
         with transaction.atomic():
@@ -671,11 +676,7 @@ def test_a_planned_sentinel_failover_moves_subscribers_to_the_new_master():
     """SENTINEL FAILOVER keeps the old master alive: it serves on as a master
     until the sentinels demote it (and drop its clients), so the subscriber
     moves later than after a crash, but it does move, with a resync."""
-    with (
-        SentinelCluster(replicas=1, sentinels=3) as cluster,
-        redis_backend(cluster.url, prefix="ha.", **FAST) as backend,
-        subscribed(backend, "jobs") as inbox,
-    ):
+    with sentinel_backend() as (cluster, backend, inbox):
         old = cluster.master_address()
         with cluster.sentinels[0].client() as sentinel:
             sentinel.execute_command("SENTINEL", "FAILOVER", cluster.service_name)
