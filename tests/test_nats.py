@@ -7,12 +7,14 @@ cluster failover tests are in test_nats_cluster.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
 from typing import Any
 
 import nats
+import nats.js.api
 import nkeys
 import pytest
 from django.core.exceptions import ImproperlyConfigured
@@ -228,6 +230,18 @@ def test_subscriber_counts_come_from_the_monitoring_endpoint(server, capsys):
             assert counts == {"pulp_worker_wakeup": 2, "pulp_worker_cancel": 0}
 
 
+def test_jetstream_subscriber_counts_come_from_the_monitoring_endpoint(js_server):
+    options = {"jetstream": True, "monitor_url": js_server.monitor_url}
+    with override_settings(**nats_settings(js_server.url, "counted", **options)):
+        backend = get_backend()
+        with backend.subscriber() as one, backend.subscriber() as two:
+            one.subscribe("pulp_worker_wakeup", lambda message: None)
+            two.subscribe("pulp_worker_wakeup", lambda message: None)
+            one.subscribe("pulp_worker_cancel", lambda message: None)
+            counts = backend.subscriber_counts(["pulp_worker_wakeup", "pulp_worker_cancel"])
+            assert counts == {"pulp_worker_wakeup": 2, "pulp_worker_cancel": 1}
+
+
 # -- JetStream replay ---------------------------------------------------------------------
 
 #: The subscriber stays away for 1.5 to 3 s after a loss, long enough to publish in the gap.
@@ -330,15 +344,73 @@ def test_a_slow_consumer_disconnect_is_a_reconnect_with_a_resync():
                 inbox.wait_payload("after")
 
 
+def test_a_jetstream_subscriber_on_the_layers_stream_makes_no_consumer(js_server, caplog):
+    """The layer's stream republishes what it stores: a subscriber reads it without consumers.
+
+    So after a node's loss it needs no meta leader to make any (docs/reliability.md).
+    """
+    caplog.set_level(logging.INFO, logger="pulp_pubsub")
+    with override_settings(**nats_settings(js_server.url, "live", jetstream=True)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("direct", inbox)
+            for n in range(3):
+                backend.publish("direct", f"m{n}")
+            inbox.wait(lambda messages: len(messages) == 3)
+            assert inbox.payloads() == ["m0", "m1", "m2"]
+
+            async def consumers() -> int:
+                nc = await nats.connect(js_server.url)
+                try:
+                    return len(await nc.jsm().consumers_info(backend.stream_name))
+                finally:
+                    await nc.close()
+
+            assert backend.live
+            assert asyncio.run(consumers()) == 0
+    assert "does not republish" not in caplog.text
+
+
+async def _own_stream(url: str, name: str, subjects: str) -> None:
+    """An operator's stream, made without republish or direct gets (as older releases did)."""
+    nc = await nats.connect(url)
+    try:
+        await nc.jsm().add_stream(nats.js.api.StreamConfig(name=name, subjects=[subjects]))
+    finally:
+        await nc.close()
+
+
+def test_the_layers_stream_made_by_an_older_release_is_made_to_republish(js_server, caplog):
+    caplog.set_level(logging.INFO, logger="pulp_pubsub")
+    with override_settings(**nats_settings(js_server.url, "older", jetstream=True)):
+        backend = get_backend()
+        asyncio.run(_own_stream(js_server.url, backend.stream_name, backend.stream_subjects))
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("upgraded", inbox)
+            backend.publish("upgraded", "live")
+            inbox.wait_payload("live")
+            # nats-server 2.9 refuses the change (2.10 and later make it): said, and the
+            # subscriber goes on with consumers.
+            assert backend.live or "could not be made to republish" in caplog.text
+
+
 def test_a_jetstream_consumer_lost_on_the_server_is_noticed_and_its_messages_replayed(js_server):
-    """A consumer can vanish while the connection lives (its node died): silence is a loss."""
-    with override_settings(**nats_settings(js_server.url, jetstream=True)):
+    """A consumer can vanish while the connection lives (its node died): silence is a loss.
+
+    Consumers are what a subscriber makes on a stream that does not republish (an operator's).
+    """
+    asyncio.run(_own_stream(js_server.url, "OWN_PLAIN", "own.*"))
+    options = {"jetstream": True, "stream": "OWN_PLAIN"}
+    with override_settings(**nats_settings(js_server.url, "own", **options)):
         backend = get_backend()
         with backend.subscriber() as sub:
             inbox = Inbox(sub)
             sub.subscribe("vanish", inbox)
             backend.publish("vanish", "before")
             inbox.wait_payload("before")
+            assert not backend.live
 
             async def delete_consumers() -> None:
                 nc = await nats.connect(js_server.url)
@@ -560,7 +632,7 @@ def test_a_targeted_consumer_deleted_on_the_server_is_made_again_by_its_members(
 TARGETED_USER = """
 authorization { users = [ { user: "pulp", password: "pulp-pw", permissions: {
   publish: ["pulp.*", "pulp._work.>", "_INBOX.>", "$JS.API.>", "$JS.ACK.>"],
-  subscribe: ["pulp.*", "_INBOX.>"]
+  subscribe: ["pulp.*", "pulp._live.>", "_INBOX.>"]
 } } ] }
 """
 

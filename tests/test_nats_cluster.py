@@ -142,13 +142,17 @@ def test_jetstream_r3_loses_nothing_in_a_failover_and_needs_no_resync():
 
 
 def test_jetstream_subscriber_replays_in_order_when_its_node_led_the_stream():
-    # The hardest node loss for a JetStream subscriber: its own node led the stream, so its
-    # new connection must wait out the stream's election before any consumer can be made.
-    # How long that takes is a figure (docs/reliability.md, made by the same run_once),
-    # not something a test on a shared machine can hold a bound on.
+    # The hardest node loss for a JetStream subscriber: its own node led the stream, so
+    # nothing new is stored until the stream has elected another leader. The subscriber
+    # itself needs no leader: it reads its gap with direct gets from a replica and listens
+    # to what the stream republishes, so it makes no consumer. How long the election takes
+    # is a figure (docs/reliability.md, made by the same run_once), not something a test on
+    # a shared machine can hold a bound on.
     figures = natsfailover.run_once({}, rate=50.0, leader="killed", after=1.0)
     assert figures["killed_led_stream"]
     assert figures["reconnects"] >= 1 and figures["replays"] >= 1
+    assert any("Replayed" in line for line in figures["log"]), figures["log"]
+    assert not any("consumer" in line for line in figures["log"]), figures["log"]
     assert figures["delivered_again_s"] is not None, figures["log"]
     assert figures["missing_first"] == [] and figures["missing"] == 0
     assert figures["out_of_order"] == 0 and figures["duplicates"] == 0
@@ -161,9 +165,9 @@ def test_jetstream_subscriber_replays_in_order_when_its_node_led_the_stream():
 
 
 def test_jetstream_subscriber_says_what_it_waits_for_while_the_cluster_has_no_quorum(caplog):
-    # Two of three nodes frozen: the cluster cannot make a consumer until they are back. The
-    # subscriber asks again instead of giving up at its first unanswered request, and the
-    # log names what it waited for and how long.
+    # Two of three nodes frozen: the cluster answers the subscriber's JetStream requests
+    # only when they are back. The subscriber asks again instead of giving up at its first
+    # unanswered request, and the log names what it waited for and how long.
     caplog.set_level(logging.INFO, logger="pulp_pubsub")
     with NatsCluster(3, jetstream=True) as cluster:
         first, *others = cluster.nodes

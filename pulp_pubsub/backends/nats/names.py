@@ -19,6 +19,10 @@ SCHEMES = {"nats": False, "tls": True}
 #: ``<prefix>._work.<channel>.<group>``. Three tokens where a broadcast has one, so a
 #: targeted message never reaches a broadcast subscriber or the replay stream.
 WORK_TOKEN = "_work"
+#: The leading token (after the prefix) of the subjects the replay stream republishes each
+#: stored broadcast to: ``<prefix>._live.<channel>``, two tokens, so no broadcast's subject
+#: (one token) nor any targeted one (three) is among them.
+LIVE_TOKEN = "_live"
 _ESCAPES = {"%": "%25", ".": "%2E", "$": "%24"}
 _UNESCAPE = re.compile(r"%(25|2E|24)")
 

@@ -1,9 +1,20 @@
 """One NATS subscriber connection, hosted on the process's NATS loop, read through a pipe.
 
 nats-py calls back on the loop thread; the transport queues what arrives and pokes a
-self-pipe, the descriptor the shared listener waits on. With JetStream each channel is an
-ephemeral push consumer that starts just after the last stream sequence seen, which is
-how a reconnecting subscriber is handed its gap instead of a resync.
+self-pipe, the descriptor the shared listener waits on.
+
+With JetStream, on the stream the layer makes, a channel needs no consumer: the stream
+republishes each message it stores to ``<prefix>._live.<channel>`` with its stream sequence
+and the sequence of the channel's previous message, and answers direct gets from any caught
+up replica. A transport subscribes to the channel's live subject (plain NATS), then reads
+what it missed from the stream with direct gets, from just after the last sequence seen,
+holding the live messages meanwhile; a live message whose previous sequence is not the last
+one delivered shows a gap, filled the same way. Neither needs a leader: after a node's loss a
+subscriber is back as soon as it has reconnected, and hears new messages once the stream
+stores again (the stream's own election, when the lost node led it). On a stream without
+republish and direct gets (an operator's own, or one made by an older release) each channel
+is an ephemeral push consumer that starts just after the last stream sequence seen, made
+through the meta group's leader.
 
 Targeted delivery (JetStream only) uses the (channel, group)'s durable pull consumer: while
 the listener wants messages of a group, the transport keeps one pull request for one
@@ -17,6 +28,7 @@ message never acks it: the server hands it to another member after ``ack_wait``,
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
 import json
 import logging
@@ -35,7 +47,7 @@ from nats.aio.msg import Msg
 from ...exceptions import ConnectionLost, PubSubError
 from ..base import BaseBackend, Handed, Transport
 from ..selfpipe import close_fds, drain, make_pipe, poke
-from .jsapi import PATIENCE, patiently
+from .jsapi import INTERVAL, PATIENCE, direct_get, patiently
 from .loop import loop_runner
 
 logger = logging.getLogger(__name__)
@@ -66,6 +78,15 @@ class NatsHost(Protocol):
     jetstream: bool
     stream_name: str
     work_stream_name: str
+    live: bool
+
+    @property
+    def stream_subjects(self) -> str: ...
+
+    @property
+    def stream_checked(self) -> bool: ...
+
+    def live_subject(self, wire: str) -> str: ...
 
     def where(self) -> str: ...
 
@@ -110,6 +131,12 @@ class NatsTransport(Transport):
         self._seen: dict[str, int] = {}
         self._resume_from: dict[str, int] = {}
         self._heard: dict[str, float] = {}
+        # Live subjects (republished): the messages held per wire while what it missed is
+        # read from the stream, as (sequence, previous sequence, payload); the wire of each
+        # live subject; the tasks filling a gap.
+        self._held: dict[str, list[tuple[int, int, str]]] = {}
+        self._live_wires: dict[str, str] = {}
+        self._fills: set[asyncio.Task[None]] = set()
         # Targeted delivery: the inbox our pull requests are answered on, each request's
         # (wire, group) and end, the request waiting per pair, what the listener wants
         # now, the pairs whose handed message it has not read yet, and the pairs handed
@@ -171,7 +198,15 @@ class NatsTransport(Transport):
     async def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             # nats-py dropped a message it could not queue: that channel resyncs.
-            self._push((exc.subject, None))
+            self._push((self._live_wires.get(exc.subject, exc.subject), None))
+        elif "permissions violation" in str(exc).lower() and any(
+            live in str(exc) for live in self._live_wires
+        ):
+            # Without it the live messages never come: said, and each reconnect replays.
+            self._push(
+                dead=f"{exc}: the NATS user needs subscribe permission on the subjects the "
+                "JetStream stream republishes to (<prefix>._live.>)"
+            )
         elif self._established and isinstance(
             exc, nats.errors.StaleConnectionError | ConnectionError | OSError
         ):
@@ -227,12 +262,19 @@ class NatsTransport(Transport):
         resuming, self._resuming = self._resuming, False
         if self.host.jetstream and new:
             deadline = time.monotonic() + patience
-            info = await patiently(
-                lambda timeout: self.host.ensure_stream(nc, timeout),
-                f"the info of the stream {self.host.stream_name!r}",
-                deadline,
-                self._timeout,
-            )
+            info = None
+            if not (self.host.stream_checked and self.host.live):
+                # The stream's info needs its leader: asked only until it is known to
+                # republish (then a reconnected transport needs no leader at all).
+                info = await patiently(
+                    lambda timeout: self.host.ensure_stream(nc, timeout),
+                    f"the info of the stream {self.host.stream_name!r}",
+                    deadline,
+                    self._timeout,
+                )
+            if self.host.live:
+                await self._add_live(new, deadline, resuming)
+                return
             # All at once: a try that waits out an election, or a consumer placed on a server
             # that has just died, then delays the others by nothing.
             made = await asyncio.gather(
@@ -269,6 +311,163 @@ class NatsTransport(Transport):
         finally:
             if not arrived.done():
                 await sub.unsubscribe()
+
+    # -- JetStream without consumers: live subjects and direct gets ----------------------
+
+    async def _add_live(self, wires: list[str], deadline: float, resuming: bool) -> None:
+        started = time.monotonic()
+        starts = {wire: self._resume_from.pop(wire, None) for wire in wires}
+        for wire in wires:
+            self._held[wire] = []  # until what it missed is delivered
+            live = self.host.live_subject(wire)
+            self._live_wires[live] = wire
+            self._subs[wire] = await self._nc.subscribe(live, cb=self._live_callback(wire))
+        # From here on, whatever the stream stores on these channels also comes live.
+        await self._confirm()
+        replayed = await asyncio.gather(
+            *(self._catch_up(wire, starts[wire], deadline, resuming) for wire in wires)
+        )
+        if resuming:
+            logger.info(
+                "Replayed %d messages on %d channels from the stream's replicas (direct gets, "
+                "no leader needed) in %.2f s; new messages follow as the stream stores them.",
+                sum(replayed),
+                len(wires),
+                time.monotonic() - started,
+            )
+
+    async def _get(
+        self, wire: str, deadline: float, what: str, **request: Any
+    ) -> tuple[int, bytes] | None:
+        return await direct_get(
+            self._nc,
+            self.host.stream_name,
+            request,
+            f"{what} of {wire!r}",
+            deadline,
+            min(self._timeout, 2.0),
+        )
+
+    async def _catch_up(self, wire: str, start: int | None, deadline: float, resuming: bool) -> int:
+        """Deliver what ``wire`` missed since ``start`` (a stream sequence), then its live ones."""
+        if start is None and resuming:
+            # Listened to before, but no position survived (see _add_consumer).
+            self._push((wire, None))
+        elif start is not None:
+            # The history is trimmed at the front only: it reaches back if the first message
+            # the stream still holds comes at most just after the last one seen.
+            first = await self._get(
+                wire, deadline, "the first message", seq=1, next_by_subj=self.host.stream_subjects
+            )
+            if first is None or first[0] > start + 1:
+                self._push((wire, None))
+                start = None
+        if start is None:
+            # From the stream's last message on (any channel's: a quiet channel's position
+            # then stays within the history as long as the stream's does).
+            last = await self._get(
+                wire, deadline, "the last sequence", last_by_subj=self.host.stream_subjects
+            )
+            start = last[0] if last else 0
+        with self._lock:
+            self._seen[wire] = max(self._seen.get(wire, 0), start)
+        return await self._drain(wire, deadline)
+
+    def _deliver(self, wire: str, sequence: int, payload: str) -> bool:
+        with self._lock:
+            if sequence <= self._seen.get(wire, 0):
+                return False
+            self._seen[wire] = sequence
+        self._push((wire, payload))
+        return True
+
+    async def _drain(self, wire: str, deadline: float) -> int:
+        """Deliver ``wire``'s stored messages after the last seen, then those held, in order.
+
+        Returns how many came from the stream. A live message arriving meanwhile is held
+        (see _live_callback); once the stream has nothing more, the held ones follow, each
+        only when its previous sequence was delivered. A replica behind the leader may not
+        have that one yet: it is asked again until ``deadline``, then the channel resyncs.
+        """
+        replayed = 0
+        looked = False
+        while not self._closed:
+            held = self._held.get(wire)
+            if held is None:
+                return replayed  # unlistened meanwhile
+            seen = self._seen.get(wire, 0)
+            while held and held[0][0] <= seen:
+                held.pop(0)
+            if held and held[0][1] <= seen:
+                sequence, _, payload = held.pop(0)
+                self._deliver(wire, sequence, payload)
+                continue
+            if looked and not held:
+                del self._held[wire]
+                return replayed
+            got = await self._get(wire, deadline, "the replay", seq=seen + 1, next_by_subj=wire)
+            if got is not None and not (held and got[0] >= held[0][0]):
+                self._deliver(wire, got[0], got[1].decode("utf-8", "replace"))
+                replayed += 1
+                looked = False
+                continue
+            looked = True
+            if held and (got is not None or time.monotonic() >= deadline):
+                # What came between is gone from the stream (trimmed), or the replicas
+                # never had it in time: the channel resyncs, and goes on from the held one.
+                logger.info(
+                    "The JetStream stream has no message of %r between sequences %d and %d: "
+                    "resyncing the channel.",
+                    wire,
+                    seen,
+                    held[0][0],
+                )
+                self._push((wire, None))
+                with self._lock:
+                    self._seen[wire] = held[0][1]
+            elif held:
+                await asyncio.sleep(INTERVAL)  # the replica asked is behind: ask again
+        return replayed
+
+    def _live_callback(self, wire: str) -> Any:
+        async def on_message(msg: Msg) -> None:
+            headers = msg.headers or {}
+            try:
+                sequence = int(headers["Nats-Sequence"])
+                previous = int(headers.get("Nats-Last-Sequence") or 0)
+            except (KeyError, ValueError):
+                return
+            payload = msg.data.decode("utf-8", "replace")
+            held = self._held.get(wire)
+            if held is not None:
+                bisect.insort(held, (sequence, previous, payload))
+                return
+            if sequence <= self._seen.get(wire, 0):
+                return
+            if previous > self._seen.get(wire, 0):
+                # One before it never came (dropped on the way): the stream's copy first.
+                logger.info(
+                    "A live message of %r at stream sequence %d follows %d, not %d: reading "
+                    "the gap from the stream.",
+                    wire,
+                    sequence,
+                    previous,
+                    self._seen.get(wire, 0),
+                )
+                self._held[wire] = [(sequence, previous, payload)]
+                task = asyncio.ensure_future(self._fill(wire))
+                self._fills.add(task)
+                task.add_done_callback(self._fills.discard)
+                return
+            self._deliver(wire, sequence, payload)
+
+        return on_message
+
+    async def _fill(self, wire: str) -> None:
+        try:
+            await self._drain(wire, time.monotonic() + PATIENCE)
+        except Exception as exc:
+            self._push(dead=f"the gap of {wire!r} not read: {self.host.explain(exc)}")
 
     async def _add_consumer(self, wire: str, info: Any, deadline: float, resuming: bool) -> Any:
         backend, host = self.backend, self.host
@@ -353,6 +552,7 @@ class NatsTransport(Transport):
         for wire in channels:
             sub = self._subs.pop(wire, None)
             self._heard.pop(wire, None)
+            self._held.pop(wire, None)
             if isinstance(sub, tuple):
                 await sub[0].unsubscribe()
                 try:
