@@ -12,7 +12,7 @@ killed with SIGKILL. Measured from the kill:
   so this follows ``stream_leader_s``, the new leader as the monitoring port names it);
 - ``delivered_again_s``: the first delivery of a message published after the kill (the
   replay of the gap included): the figure the issue asks for;
-- ``reconnected_s``: the subscriber's new connection, consumers made;
+- ``reconnected_s``: the subscriber's new connection, its channels listened to again (gap replayed);
 - ``behind_stream_s``: from ``stored_again_s`` to ``delivered_again_s``, the subscriber's own
   share (a publisher that waited out the election too delays both).
 
@@ -20,12 +20,15 @@ And checked: nothing acknowledged is missing, no payload came twice, everything 
 publish order, and no resync was needed (the stream's history reaches back). The subscriber's
 INFO and WARNING log lines are kept per run, timed from the kill, to say what it waited for.
 
+``--server PATH`` runs another nats-server binary (``$PUBSUB_NATS_SERVER``, else the PATH's);
+the JSON records its version and the 1-minute load average at each kill.
+
 ``--leader`` places the stream's leader before the kill: ``any`` leaves it where JetStream
 put it, ``killed`` moves it onto the node to be killed (the worst case: the stream must elect
 a new leader), ``kept`` onto another one.
 
     python -m pulp_pubsub_tools.chaos.natsfailover --runs 10 \\
-        --json docs/figures/nats_js_failover.json
+        --json docs/figures/nats_js_failover_live.json
 """
 
 from __future__ import annotations

@@ -41,11 +41,19 @@ MAX_TRIES_WAITING = 8
 PATIENCE = 20.0
 
 
+#: nats-server 2.11 and later answer a try of a publish whose ``Nats-Msg-Id`` an earlier try
+#: still being stored carries with this (409 "duplicate message id is in process"): that
+#: earlier try's acknowledgement is still to come.
+_MSG_ID_IN_PROCESS = 10158
+
+
 def _unanswered(exc: BaseException) -> bool:
     """An answer a cluster electing a leader gives: none, or "unavailable, ask again"."""
     if isinstance(exc, asyncio.TimeoutError | nats.errors.NoRespondersError):
         return True  # nats-py's TimeoutError is an asyncio.TimeoutError
-    return isinstance(exc, nats.js.errors.APIError) and (exc.code or 0) >= 500
+    if not isinstance(exc, nats.js.errors.APIError):
+        return False
+    return (exc.code or 0) >= 500 or exc.err_code == _MSG_ID_IN_PROCESS
 
 
 def _said(exc: BaseException) -> str:

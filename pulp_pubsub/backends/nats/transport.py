@@ -553,6 +553,7 @@ class NatsTransport(Transport):
             sub = self._subs.pop(wire, None)
             self._heard.pop(wire, None)
             self._held.pop(wire, None)
+            self._live_wires.pop(self.host.live_subject(wire), None)
             if isinstance(sub, tuple):
                 await sub[0].unsubscribe()
                 try:
