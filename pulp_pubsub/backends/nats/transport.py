@@ -360,6 +360,13 @@ class NatsTransport(Transport):
                 wire, deadline, "the first message", seq=1, next_by_subj=self.host.stream_subjects
             )
             if first is None or first[0] > start + 1:
+                logger.info(
+                    "The JetStream stream no longer holds what %r may have missed (its first "
+                    "message: %s; the last seen: %d): resyncing the channel.",
+                    wire,
+                    first[0] if first else "none",
+                    start,
+                )
                 self._push((wire, None))
                 start = None
         if start is None:
@@ -412,15 +419,24 @@ class NatsTransport(Transport):
                 looked = False
                 continue
             looked = True
+            if held and got is not None and got[0] == held[0][0]:
+                # The stream holds nothing of this channel between the last one delivered
+                # and the held one: it follows, whatever its previous sequence said.
+                sequence, _, payload = held.pop(0)
+                self._deliver(wire, sequence, payload)
+                continue
             if held and (got is not None or time.monotonic() >= deadline):
                 # What came between is gone from the stream (trimmed), or the replicas
                 # never had it in time: the channel resyncs, and goes on from the held one.
                 logger.info(
-                    "The JetStream stream has no message of %r between sequences %d and %d: "
+                    "The JetStream stream has no message of %r between sequences %d and %d "
+                    "(the next it holds: %s; the previous one the live message names: %d): "
                     "resyncing the channel.",
                     wire,
                     seen,
                     held[0][0],
+                    got[0] if got else "none",
+                    held[0][1],
                 )
                 self._push((wire, None))
                 with self._lock:
