@@ -63,7 +63,15 @@ from ...exceptions import MissingDependency, PublishError, PubSubError
 from ..base import BaseBackend
 from ..perprocess import PerProcess
 from .loop import loop_runner
-from .names import LIVE_TOKEN, WORK_TOKEN, escape_token, parse_servers, unescape_token, work_subject
+from .names import (
+    LIVE_TOKEN,
+    UNSTORED_HEADER,
+    WORK_TOKEN,
+    escape_token,
+    parse_servers,
+    unescape_token,
+    work_subject,
+)
 
 try:
     import nats
@@ -551,7 +559,17 @@ class NatsBackend(BaseBackend):
         deadline: float,
         stream: str,
         msg_id: str | None = None,
+        channel: str | None = None,
     ) -> None:
+        """Store ``data``; while the stream cannot, the subscribers of ``channel`` (a wire
+        name) are told to resync (see .storing), where they listen to its live subject."""
+        tell = None
+        if channel is not None and self.live:
+            live = self.live_subject(channel)
+
+            async def tell() -> None:
+                await nc.publish(live, b"", headers={UNSTORED_HEADER: "1"})
+
         async def remake(timeout: float) -> None:
             if stream == self.stream_name:
                 await self.ensure_stream(nc, timeout)
@@ -567,6 +585,7 @@ class NatsBackend(BaseBackend):
             retry=self._retries.get(stream, False),
             no_stream=remake,
             msg_id=msg_id,
+            tell=tell,
         )
 
     async def _connection(self, publisher: _Publisher) -> Client:
@@ -586,7 +605,13 @@ class NatsBackend(BaseBackend):
         return nc
 
     async def _send(
-        self, publisher: _Publisher, wire: str, data: bytes, deadline: float, copies: int = 0
+        self,
+        publisher: _Publisher,
+        wire: str,
+        data: bytes,
+        deadline: float,
+        copies: int = 0,
+        channel: str | None = None,
     ) -> None:
         """Publish ``data`` to ``wire``; with ``copies``, that many targeted messages.
 
@@ -604,11 +629,16 @@ class NatsBackend(BaseBackend):
                         await self.ensure_work_stream(nc)
                         publisher.work_ready = True
                     # Each copy is stored (acked by the stream) before the publish returns.
+                    # The first copy tells the channel's subscribers when it must wait.
+                    tells = [channel] + [None] * (len(ids) - 1)
                     await asyncio.gather(
-                        *(self._store(nc, wire, data, deadline, stream, i) for i in ids)
+                        *(
+                            self._store(nc, wire, data, deadline, stream, i, told)
+                            for i, told in zip(ids, tells, strict=True)
+                        )
                     )
                 elif self.jetstream:
-                    await self._store(nc, wire, data, deadline, stream, ids[0])
+                    await self._store(nc, wire, data, deadline, stream, ids[0], channel)
                 else:
                     await self.publish_on(nc, wire, data, deadline)
                 return
@@ -630,12 +660,14 @@ class NatsBackend(BaseBackend):
         loop_runner().submit(_abandon(nc))
 
     def send(self, channel: str, payload: str) -> None:
-        self._deliver(channel, payload)
+        self._deliver(channel, payload, channel=channel)
 
     def send_targeted(self, channel: str, payload: str, group: str, receivers: int) -> None:
-        self._deliver(self.work_subject(channel, group), payload, receivers)
+        self._deliver(self.work_subject(channel, group), payload, receivers, channel)
 
-    def _deliver(self, subject: str, payload: str, copies: int = 0) -> None:
+    def _deliver(
+        self, subject: str, payload: str, copies: int = 0, channel: str | None = None
+    ) -> None:
         publisher = self._publisher.get()
         timeout = self.config["publish_timeout"]
         deadline = time.monotonic() + timeout
@@ -646,7 +678,7 @@ class NatsBackend(BaseBackend):
             data = payload.encode("utf-8")
             # A moment past the deadline: the publish's own account of what it waited for
             # (see .storing) is the better error than a bare time-out.
-            sending = self._send(publisher, subject, data, deadline, copies)
+            sending = self._send(publisher, subject, data, deadline, copies, channel)
             loop_runner().run(sending, left + 0.25)
         except PubSubError as exc:
             raise PublishError(f"nats backend could not publish: {exc}") from exc

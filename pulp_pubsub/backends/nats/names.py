@@ -23,6 +23,10 @@ WORK_TOKEN = "_work"
 #: stored broadcast to: ``<prefix>._live.<channel>``, two tokens, so no broadcast's subject
 #: (one token) nor any targeted one (three) is among them.
 LIVE_TOKEN = "_live"
+#: A header of a plain NATS message on a live subject, sent by a publisher whose publish the
+#: stream has not stored within a retry interval (no leader): its subscribers resync the
+#: channel at once instead of waiting out the election (see .storing).
+UNSTORED_HEADER = "Pubsub-Unstored"
 _ESCAPES = {"%": "%25", ".": "%2E", "$": "%24"}
 _UNESCAPE = re.compile(r"%(25|2E|24)")
 

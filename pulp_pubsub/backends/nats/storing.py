@@ -14,6 +14,11 @@ the stream stores the first to reach a leader and acknowledges the others as dup
 so a retried publish is never stored twice, provided all its tries fall within the
 stream's duplicate window. The backend checks that window when it checks the stream, and
 with a window shorter than ``publish_timeout`` it sends one try only, as before.
+
+Meanwhile the subscribers need not wait for the election: from the first retry on, once a
+second (:data:`TELL_EVERY` tries), ``tell(headers)`` sends a plain NATS message, which no
+stream stores, to the channel's live subject, and its subscribers resync the channel (look
+at the source of truth) at once. The message itself follows once the stream has stored it.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ MSG_ID = "Nats-Msg-Id"
 #: to the cluster (a try sent while no leader is elected is never answered), long enough for
 #: a loaded server's late acknowledgement, which still counts while later tries wait.
 TRY_TIMEOUT = 2.0
+#: While a publish waits, its subscribers are told every this many tries (a second).
+TELL_EVERY = 2
 
 
 def message_id() -> str:
@@ -54,6 +61,7 @@ async def store(
     retry: bool = True,
     no_stream: Callable[[float], Awaitable[Any]] | None = None,
     msg_id: str | None = None,
+    tell: Callable[[], Awaitable[None]] | None = None,
 ) -> Any:
     """Publish ``data`` to ``subject`` and wait for a stream's acknowledgement until ``deadline``.
 
@@ -62,7 +70,8 @@ async def store(
     stream captures the subject (no responders), ``no_stream(timeout)`` is awaited once, to
     make the stream again, and the publish goes on. Raises ConnectionLost naming ``what``
     when nothing was acknowledged in time, and any other refusal as it is. ``msg_id``: the
-    message's id, when the caller sends it again on another connection.
+    message's id, when the caller sends it again on another connection. ``tell()``: tells
+    the channel's subscribers that a message waits to be stored (see the module doc).
     """
     headers = {MSG_ID: msg_id or message_id()}
     js = nc.jetstream()
@@ -72,6 +81,11 @@ async def store(
     async def attempt(timeout: float) -> Any:
         nonlocal remade, tries
         tries += 1
+        if tell is not None and tries % TELL_EVERY == 0:
+            try:
+                await tell()
+            except Exception as exc:  # the publish goes on; its subscribers wait, as before
+                logger.debug("Could not tell the subscribers of %r: %s", subject, exc)
         logger.debug(
             "JetStream publish to %r: try %d (%s %s).", subject, tries, MSG_ID, headers[MSG_ID]
         )

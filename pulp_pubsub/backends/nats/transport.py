@@ -45,10 +45,12 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from ...exceptions import ConnectionLost, PubSubError
+from ...metrics import count
 from ..base import BaseBackend, Handed, Transport
 from ..selfpipe import close_fds, drain, make_pipe, poke
 from .jsapi import INTERVAL, PATIENCE, direct_get, patiently
 from .loop import loop_runner
+from .names import UNSTORED_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,10 @@ PULL_EXPIRES = 30.0
 _PULL_OVER = {"404", "408"}
 _CONSUMER_GONE = ("consumer deleted", "push based")
 PULL_RETRY = 0.5
+#: Seconds between two resyncs of a channel for publishes the stream has not stored yet.
+UNSTORED_GAP = 1.0
+#: Seconds of no such resync after which the next one is said at INFO again.
+UNSTORED_QUIET = 60.0
 
 
 class NatsHost(Protocol):
@@ -137,6 +143,8 @@ class NatsTransport(Transport):
         self._held: dict[str, list[tuple[int, int, str]]] = {}
         self._live_wires: dict[str, str] = {}
         self._fills: set[asyncio.Task[None]] = set()
+        # When each channel last resynced because a publisher's message was not stored yet.
+        self._told: dict[str, float] = {}
         # Targeted delivery: the inbox our pull requests are answered on, each request's
         # (wire, group) and end, the request waiting per pair, what the listener wants
         # now, the pairs whose handed message it has not read yet, and the pairs handed
@@ -448,6 +456,9 @@ class NatsTransport(Transport):
     def _live_callback(self, wire: str) -> Any:
         async def on_message(msg: Msg) -> None:
             headers = msg.headers or {}
+            if UNSTORED_HEADER in headers:
+                self._unstored(wire)
+                return
             try:
                 sequence = int(headers["Nats-Sequence"])
                 previous = int(headers.get("Nats-Last-Sequence") or 0)
@@ -478,6 +489,25 @@ class NatsTransport(Transport):
             self._deliver(wire, sequence, payload)
 
         return on_message
+
+    def _unstored(self, wire: str) -> None:
+        """A publisher says the stream cannot store a message of ``wire`` yet (it has no
+        leader): the channel resyncs now, at most once per :data:`UNSTORED_GAP`; the
+        message follows once stored."""
+        now = time.monotonic()
+        last = self._told.get(wire)
+        if last is not None and now - last < UNSTORED_GAP:
+            return
+        self._told[wire] = now
+        count(self.backend.stats, "unstored_resyncs", self.backend.name)
+        if last is None or now - last > UNSTORED_QUIET:
+            logger.info(
+                "A publisher waits for the JetStream stream to store a message of %r (no "
+                "leader): resyncing the channel now, once a second at most while it waits; "
+                "the message follows once stored.",
+                wire,
+            )
+        self._push((wire, None))
 
     async def _fill(self, wire: str) -> None:
         try:
