@@ -8,6 +8,7 @@ test environment (the ``dev`` extra), so no index is needed.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -140,3 +141,14 @@ def test_the_herd_tables_in_the_docs_are_generated_from_the_committed_json():
     result, page = ROOT / "docs" / "figures" / "herd.json", ROOT / "docs" / "pulp.md"
     assert page.read_text().count(herd.START) == 1
     assert herd.main(["--load", str(result), "--markdown", str(page), "--check"]) == 0
+
+
+def test_the_redis_type_sizes_tables_in_the_docs_are_generated_from_the_committed_json():
+    from pulp_pubsub_tools.e2e import redistype_sizes
+
+    result = ROOT / "docs" / "figures" / "redis_type_sizes.json"
+    page = ROOT / "docs" / "pulp.md"
+    assert page.read_text().count(redistype_sizes.START) == 1
+    assert json.loads(result.read_text())["config"]["sizes"] == [4, 16, 32]
+    args = ["--load", str(result), "--markdown", str(page), "--check"]
+    assert redistype_sizes.main(args) == 0

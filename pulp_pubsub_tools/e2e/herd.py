@@ -53,12 +53,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .marked import add_result_options, result_options_problem
 from .scenarios import Config, Run
-from .site import POOLER_CHECK, RESULT_MARK
+from .site import POOLER_CHECK, RESULT_MARK, Settings
 
 KINDS = ("stock", "pubsub")
 #: The statements of pulpcore's ``beat()``: the heartbeat UPDATE, and the
@@ -123,7 +125,7 @@ class HerdRun(Run):
     # -- pieces ----------------------------------------------------------------------
 
     def herd_agent(
-        self, settings: Path, command: str, opts: dict[str, Any], wait: bool = True
+        self, settings: Settings, command: str, opts: dict[str, Any], wait: bool = True
     ) -> Any:
         argv = [
             self.site.bin("python"),
@@ -186,14 +188,20 @@ class HerdRun(Run):
         """Transactions in ``db`` within ``window``, without the given backends' own."""
         return self.classify(db, window, leave_out)[0]
 
-    def classify(self, db: str, window: list[float], leave_out: list[str]) -> tuple[int, int]:
-        """Those transactions, and how many of them are heartbeats (:func:`is_heartbeat`)."""
+    def classify(
+        self,
+        db: str,
+        window: list[float],
+        leave_out: list[str],
+        beat: Callable[[set[str]], bool] = is_heartbeat,
+    ) -> tuple[int, int]:
+        """Those transactions, and how many of them are heartbeats (``beat``)."""
         seen: dict[str, set[str]] = {}
         for stamp, vxid, text in self.site.log.read(db):
             if window[0] <= stamp < window[1] and vxid.split("/")[0] not in leave_out:
                 seen.setdefault(vxid, set()).add(text.strip())
         counted = [texts for texts in seen.values() if texts != {POOLER_CHECK}]
-        beats = sum(1 for texts in counted if is_heartbeat(texts))
+        beats = sum(1 for texts in counted if beat(texts))
         return len(counted), beats
 
     def wait_settled(self, db: str, quiet: float = 1.0, timeout: float = 30) -> float:
@@ -331,24 +339,33 @@ class HerdRun(Run):
 
     def sigkill(self) -> dict[str, Any]:
         """Kill the worker holding the unblock wake-up; time until its task starts."""
-        import redis
-
         k = 4
         self.log("fault: a worker SIGKILLed right after it was handed a wake-up")
         db, api = self.fleet("pubsub", k, "kill")
+        pids = [p.popen.pid for p in self.site.processes]
+        result = self.kill_wakeup_holder(db, api, f"{db}.{WAKEUP}#unblock", pids)
+        self.site.stop_all()
+        return result
+
+    def kill_wakeup_holder(
+        self, db: str, api: Settings, key: str, pids: list[int]
+    ) -> dict[str, Any]:
+        """Dispatch one task with the fleet ``pids`` frozen (SIGSTOP), SIGKILL the worker
+        its wake-up went to (the consumer holding it in the stream ``key``), let the
+        others go on: how soon the task starts."""
+        import redis
+
         self.herd_agent(api, "dispatch", {})  # warm: every worker has read once
         self.site.wait_quiet(db)
-        workers = {p.popen.pid: p for p in self.site.processes}
         # The dispatcher starts first (Django, pulpcore), so the workers stay frozen
         # only for the moment of the hand-over, well within their probe timeout.
         agent = self.herd_agent(api, "dispatch", {"wait_for_go": True}, wait=False)
         assert agent.stdout is not None and agent.stdin is not None
         while agent.stdout.readline().strip() not in ("READY", ""):
             pass
-        for pid in workers:
+        for pid in pids:
             os.killpg(pid, signal.SIGSTOP)
         stopped_at = time.time()
-        key = f"{db}.{WAKEUP}#unblock"
         client: Any = redis.Redis.from_url(self.redis_url, decode_responses=True)
         try:
             agent.stdin.write("go\n")
@@ -365,16 +382,15 @@ class HerdRun(Run):
         finally:
             client.close()
         killed_at = time.time()
-        if holder in workers:
+        if holder in pids:
             os.killpg(holder, signal.SIGKILL)
-        for pid in workers:
+        for pid in pids:
             if pid != holder:
                 os.killpg(pid, signal.SIGCONT)
         started = self.wait_started(db, [task["id"]], 30)
-        self.site.stop_all()
         start = started.get(task["id"])
         return {
-            "holder_found": holder in workers,
+            "holder_found": holder in pids,
             "started": start is not None,
             "frozen_s": round(killed_at - stopped_at, 2),
             "kill_to_start_s": None if start is None else round(start - killed_at, 2),
@@ -576,24 +592,11 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(KINDS),
         help="which fleets run: stock,pubsub (default), or one of them alone",
     )
-    parser.add_argument("--json", type=Path, default=None, help="write the result here")
-    parser.add_argument("--load", type=Path, default=None, help="run nothing: render this result")
-    parser.add_argument(
-        "--markdown",
-        "--readme",
-        dest="markdown",
-        type=Path,
-        default=None,
-        help=f"also put the tables between the {START} and {END} markers of this file",
-    )
-    parser.add_argument(
-        "--check",
-        action="store_true",
-        help="with --load and --markdown: change nothing, exit 1 when the page differs",
-    )
+    add_result_options(parser, (START, END), "--readme")
     args = parser.parse_args(argv)
-    if args.check and not (args.load and args.markdown):
-        parser.error("--check needs --load (the result) and --markdown (the page)")
+    problem = result_options_problem(args)
+    if problem:
+        parser.error(problem)
     if args.load:
         result = json.loads(args.load.read_text())
     else:

@@ -6,6 +6,7 @@ from committed JSON and hands it here.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -32,3 +33,31 @@ def rewrite(path: Path, block: str, markers: tuple[str, str], check: bool, sourc
         return 1
     path.write_text(updated)
     return 0
+
+
+def add_result_options(
+    parser: argparse.ArgumentParser, markers: tuple[str, str], *aliases: str
+) -> None:
+    """A run's ``--json``, ``--load``, ``--markdown`` (and ``aliases`` of it) and ``--check``."""
+    parser.add_argument("--json", type=Path, default=None, help="write the result here")
+    parser.add_argument("--load", type=Path, default=None, help="run nothing: render this result")
+    parser.add_argument(
+        "--markdown",
+        *aliases,
+        dest="markdown",
+        type=Path,
+        default=None,
+        help=f"also put the tables between the {markers[0]} and {markers[1]} markers of this file",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="with --load and --markdown: change nothing, exit 1 when the page differs",
+    )
+
+
+def result_options_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options of :func:`add_result_options`, if anything."""
+    if args.check and not (args.load and args.markdown):
+        return "--check needs --load (the result) and --markdown (the page)"
+    return None

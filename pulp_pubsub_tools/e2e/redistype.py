@@ -45,23 +45,27 @@ CANCEL_WAIT = 15.0
 FINAL = ("completed", "failed", "canceled")
 
 
-def environments(run: Run) -> dict[str, dict[str, str]]:
-    """Each fleet's whole configuration; pulpcore's locks in a Redis database of its own."""
+def environments(
+    run: Run, names: tuple[str, str] = (STOCK, OURS), prefix: str = PREFIX, redis_db: int = 1
+) -> dict[str, dict[str, str]]:
+    """Each fleet's whole configuration; pulpcore's locks in a Redis database of its own
+    (``redis_db`` for the stock fleet, the next one for the integrated fleet)."""
     base = run.redis_url.rsplit("/", 1)[0]
+    stock, ours = names
     out = {}
     for n, (db, pubsub) in enumerate(
         (
-            (STOCK, {"PULP_PUBSUB_PULPCORE_INTEGRATION": "false"}),
+            (stock, {"PULP_PUBSUB_PULPCORE_INTEGRATION": "false"}),
             (
-                OURS,
+                ours,
                 {
                     "PULP_PUBSUB_BACKEND": "redis",
                     "PULP_PUBSUB_URL": run.redis_url,
-                    "PULP_PUBSUB_CHANNEL_PREFIX": PREFIX,
+                    "PULP_PUBSUB_CHANNEL_PREFIX": prefix,
                 },
             ),
         ),
-        start=1,
+        start=redis_db,
     ):
         env = pulp_environment(run.site, db, run.site.postgres, 24816, **pubsub)
         env.update(PULP_WORKER_TYPE="redis", PULP_REDIS_URL=f"{base}/{n}")
@@ -69,25 +73,41 @@ def environments(run: Run) -> dict[str, dict[str, str]]:
     return out
 
 
-def redis_type(run: Run) -> None:
-    k = run.config.workers
-    run.log(f"redis-type: {k} stock and {k} integrated Redis-type workers, side by side")
-    envs = environments(run)
-    stock = Outcome(STOCK, 'stock pulpcore, WORKER_TYPE="redis"', k, "direct")
-    ours = Outcome(OURS, 'pulp-pubsub on Redis, WORKER_TYPE="redis"', k, "direct")
-    run.start_fleet(STOCK, [(f"redis{i}", envs[STOCK]) for i in range(k)])
+def start_fleets(
+    run: Run, k: int, envs: dict[str, dict[str, str]], prefix: str = PREFIX
+) -> tuple[Outcome, Outcome]:
+    """K stock and K integrated Redis-type workers, each fleet on its own database
+    (named as in ``envs``, stock first), both registered and the integrated subscribed."""
+    stock_db, ours_db = envs
+    stock = Outcome(stock_db, 'stock pulpcore, WORKER_TYPE="redis"', k, "direct")
+    ours = Outcome(ours_db, 'pulp-pubsub on Redis, WORKER_TYPE="redis"', k, "direct")
+    run.start_fleet(stock_db, [(f"redis{i}", envs[stock_db]) for i in range(k)])
     run.start_fleet(
-        OURS,
-        [(f"redis{i}", envs[OURS]) for i in range(k)],
-        ready=lambda: run.redis_subscribers(f"{PREFIX}pulp_worker_wakeup") == k,
+        ours_db,
+        [(f"redis{i}", envs[ours_db]) for i in range(k)],
+        ready=lambda: run.redis_subscribers(f"{prefix}pulp_worker_wakeup") == k,
     )
-    rounds = max(1, min(run.config.rounds, run.config.latency_tasks))
-    per_round = -(-run.config.latency_tasks // rounds)
-    pairs = [(stock, envs[STOCK]), (ours, envs[OURS])]
+    return stock, ours
+
+
+def latency_rounds(run: Run, pairs: list[tuple[Outcome, dict[str, str]]], tasks: int) -> None:
+    """``tasks`` latency tasks a fleet, one at a time, the fleets alternating in rounds so
+    load from anything else on the machine falls on both alike."""
+    rounds = max(1, min(run.config.rounds, tasks))
+    per_round = -(-tasks // rounds)
     only_latency = {"async_tasks": 0, "burst_tasks": 0, "cancel": False}
     for n in range(rounds):
         for outcome, env in pairs if n % 2 == 0 else pairs[::-1]:
             run.drive(outcome, outcome.name, env, latency_tasks=per_round, **only_latency)
+
+
+def redis_type(run: Run) -> None:
+    k = run.config.workers
+    run.log(f"redis-type: {k} stock and {k} integrated Redis-type workers, side by side")
+    envs = environments(run)
+    stock, ours = start_fleets(run, k, envs)
+    pairs = [(stock, envs[STOCK]), (ours, envs[OURS])]
+    latency_rounds(run, pairs, run.config.latency_tasks)
     for outcome, env in pairs:
         run.drive(outcome, outcome.name, env, latency_tasks=0, cancel_wait=CANCEL_WAIT, as_api=True)
     run.site.wait_quiet(OURS)  # the stock fleet polls: it is never quiet
@@ -132,7 +152,8 @@ def big_burst(
 
     for outcome, _ in pairs:
         site.wait(registered(outcome.name, max(workers, outcome.workers)), 180, outcome.name)
-    channel = f"{PREFIX}pulp_worker_wakeup"
+    prefix = pairs[-1][1].get("PULP_PUBSUB_CHANNEL_PREFIX", PREFIX)
+    channel = f"{prefix}pulp_worker_wakeup"
     site.wait(lambda: run.redis_subscribers(channel) >= workers, 60, "subscribers")
     runs: dict[str, list[dict[str, Any]]] = {outcome.name: [] for outcome, _ in pairs}
     for n in range(BURST_REPEATS):

@@ -232,7 +232,9 @@ class Run:
         site.create_database(db)
         for name, settings in workers:
             site.start_worker(f"{db}-{name}", settings, "--name-template", f"{name}@{db}")
-        site.wait(lambda: site.workers_registered(db) == len(workers), 90, f"{db} workers")
+        # A worker takes seconds of CPU to start: a large fleet on a small machine, longer.
+        timeout = max(90.0, 5.0 * len(workers))
+        site.wait(lambda: site.workers_registered(db) == len(workers), timeout, f"{db} workers")
         if ready is not None:
             site.wait(ready, 30, f"{db} workers subscribed")
 

@@ -1,0 +1,53 @@
+"""The Redis-type sizes run's pieces that need no pulpcore: its beat classifier and its page."""
+
+from __future__ import annotations
+
+import json
+
+from pulp_pubsub_tools.e2e import redistype_sizes
+from pulp_pubsub_tools.e2e.redistype_sizes import START, is_beat, markdown
+
+
+def fleet(per_s: float, p50: float, cancel: float) -> dict:
+    return {
+        "workers": 4,
+        "tasks": 40,
+        "started": 40,
+        "p50_ms": p50,
+        "p95_ms": p50 * 2,
+        "cancel": {"http": 202, "state": "canceled", "latency_s": cancel, "http_s": 0.1},
+        "idle": {"per_s": per_s, "less_heartbeats_per_s": per_s / 2},
+    }
+
+
+RESULT = {
+    "config": {"tasks": 40, "idle_seconds": 20.0, "burst_tasks": 64, "burst_workers": 16},
+    "sizes": {"4": {"stock": fleet(150.0, 120.0, 9.9), "pubsub": fleet(1.2, 110.0, 0.08)}},
+}
+
+
+def test_a_beat_is_the_heartbeat_and_the_worker_count_but_not_a_task_query():
+    assert is_beat({'UPDATE "core_appstatus" SET "last_heart', "BEGIN", "COMMIT"})
+    assert is_beat({"SELECT pg_try_advisory_xact_lock(0, 42)", "BEGIN", "COMMIT"})
+    assert is_beat({'SELECT COUNT(*) AS "__count" FROM "core_'})
+    assert not is_beat({'SELECT "core_task"."pulp_id", "core_task"'})
+    assert not is_beat({'SELECT COUNT(*) AS "__count" FROM "core_', 'UPDATE "core_task" SET'})
+
+
+def test_the_table_has_a_row_per_size_with_both_fleets():
+    text = markdown(RESULT)
+    row = next(line for line in text.splitlines() if line.startswith("| 4 |"))
+    assert "| 150.0 (75.0) | 1.2 (0.6) |" in row
+    assert "| 120 / 240 ms | 110 / 220 ms |" in row
+    assert row.endswith("| 9900 ms (canceled) | 80 ms (canceled) |")
+
+
+def test_check_fails_on_a_page_that_differs_from_the_json(tmp_path):
+    result, page = tmp_path / "result.json", tmp_path / "page.md"
+    result.write_text(json.dumps(RESULT))
+    page.write_text(f"before\n{START}\nstale\n{redistype_sizes.END}\nafter\n")
+    args = ["--load", str(result), "--markdown", str(page)]
+    assert redistype_sizes.main([*args, "--check"]) == 1
+    assert redistype_sizes.main(args) == 0
+    assert redistype_sizes.main([*args, "--check"]) == 0
+    assert page.read_text().startswith("before\n") and page.read_text().endswith("after\n")
