@@ -51,3 +51,30 @@ def test_check_fails_on_a_page_that_differs_from_the_json(tmp_path):
     assert redistype_sizes.main(args) == 0
     assert redistype_sizes.main([*args, "--check"]) == 0
     assert page.read_text().startswith("before\n") and page.read_text().endswith("after\n")
+
+
+def one_pass(waits: list[float], cancel: float | None, xacts: int) -> dict:
+    return {
+        "workers": 4,
+        "tasks": len(waits),
+        "waits": waits,
+        "idle": {"xacts": xacts, "beats": 4, "span": 10.0},
+        "cancel": {"http": 200, "state": "canceled", "latency": cancel, "http_seconds": 0.1},
+        "stray_notifies": 0,
+    }
+
+
+def test_a_size_pools_its_passes_and_keeps_the_slowest_cancel():
+    row = redistype_sizes.pooled(
+        [one_pass([0.04, 0.05, 0.06], 0.2, 12), one_pass([0.08, 0.09, 0.10], 0.5, 8)]
+    )
+    assert row["tasks"] == row["started"] == 6 and row["passes"] == 2
+    assert row["p50_ms"] == 70.0  # the median of all six waits, not of the two passes' medians
+    assert row["pass_p50s_ms"] == [50.0, 90.0]
+    assert row["cancel"]["latency_s"] == 0.5 and row["cancel"]["state"] == "canceled"
+    assert row["idle"]["per_s"] == 1.0 and row["idle"]["less_heartbeats_per_s"] == 0.6
+
+
+def test_a_cancel_that_never_finished_is_not_hidden_by_the_other_passes():
+    row = redistype_sizes.pooled([one_pass([0.05], 0.2, 5), one_pass([0.05], None, 5)])
+    assert row["cancel"]["latency_s"] is None

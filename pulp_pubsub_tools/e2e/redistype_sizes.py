@@ -1,7 +1,7 @@
 """Pulp's Redis-type workers, stock against integrated, at several fleet sizes (issue 29).
 
     python -m pulp_pubsub_tools.e2e.redistype_sizes --series 3.123 --sizes 4,16,32 \\
-        --json docs/figures/redis_type_sizes.json --markdown docs/pulp.md
+        --passes 3 --json docs/figures/redis_type_sizes.json --markdown docs/pulp.md
 
 For each fleet size K, the ``redis_type`` scenario's two fleets (:mod:`.redistype`):
 K stock Redis-type workers (pulp_pubsub installed, ``PUBSUB_PULPCORE_INTEGRATION``
@@ -25,6 +25,11 @@ let go (how soon the task starts: at most a heartbeat period); then
 :class:`.redistype.Faults` on both fleets (a worker killed mid-task, the worker
 idle last killed).
 
+With ``--passes N`` the sizes run N times in turn, each pass on fresh fleets, and
+each size's figures pool its passes (every task's wait, the idle windows summed,
+the slowest REST cancel), as the herd run's do: on a shared machine one pass per
+size cannot tell the machine's drift from K.
+
 It prints the tables and writes everything as JSON (``--json``), from which
 ``--load`` renders them without running anything; ``--markdown docs/pulp.md``
 puts them between that page's markers, and ``--check`` only says whether the
@@ -47,7 +52,7 @@ from typing import Any
 from pulp_pubsub.contrib.pulpcore.compat import E2E_SERIES
 from pulp_pubsub_tools.testing import free_port
 
-from .herd import WAKEUP, HerdRun, is_heartbeat, ms, pct
+from .herd import WAKEUP, HerdRun, is_heartbeat, median_ms, ms, pct
 from .marked import add_result_options, result_options_problem, rewrite
 from .operator import Operator
 from .redistype import HEARTBEAT_SECONDS, Faults, big_burst, environments, latency_rounds
@@ -75,6 +80,9 @@ class SizesConfig:
     burst_tasks: int = 64
     burst_workers: int = 16
     faults: bool = True
+    #: The sizes run this many times in turn (4, 16, 32, 4, 16, 32, ...), on fresh fleets,
+    #: and each size's figures pool its passes (as the herd run's ``--passes``).
+    passes: int = 1
 
 
 #: The online-worker count a Redis-type worker's ``beat()`` takes for its poll interval,
@@ -146,16 +154,27 @@ class SizesRun(HerdRun):
     def sizes(self) -> None:
         config = self.sizes_config
         at = config.burst_workers if config.burst_workers in config.sizes else config.sizes[-1]
-        for n, k in enumerate(config.sizes):
-            self.log(f"redis-type sizes: K={k}, {k} stock and {k} integrated workers at once")
-            self.result["sizes"][str(k)] = self.size(k, 1 + 2 * n, once=k == at)
-            self.site.stop_all()
+        passes: dict[int, dict[str, list[dict[str, Any]]]] = {}
+        for n in range(config.passes):
+            for i, k in enumerate(config.sizes):
+                self.log(
+                    f"redis-type sizes: K={k}, {k} stock and {k} integrated workers at once "
+                    f"(pass {n + 1} of {config.passes})"
+                )
+                one = self.size(k, n, 1 + 2 * i, once=n == 0 and k == at)
+                for kind, raw in one.items():
+                    passes.setdefault(k, {}).setdefault(kind, []).append(raw)
+                self.site.stop_all()
+        for k, by_kind in passes.items():
+            self.result["sizes"][str(k)] = {kind: pooled(raws) for kind, raws in by_kind.items()}
 
-    def size(self, k: int, redis_db: int, once: bool) -> dict[str, Any]:
+    def size(self, k: int, n: int, redis_db: int, once: bool) -> dict[str, Any]:
+        """One pass ``n`` at size K: each fleet's raw figures (pooled by :func:`pooled`)."""
         config = self.sizes_config
-        names = (f"rt_stock_{k}", f"rt_pubsub_{k}")
-        prefix = f"rt{k}."
+        names = (f"rt{n}_stock_{k}", f"rt{n}_pubsub_{k}")
+        prefix = f"rt{n}_{k}."
         envs = environments(self, names, prefix, redis_db)
+        self.flush_locks(envs)
         stock, ours = start_side_by_side(self, k, envs, prefix)
         pairs = [(stock, envs[names[0]]), (ours, envs[names[1]])]
         latency_rounds(self, pairs, config.tasks)
@@ -173,7 +192,14 @@ class SizesRun(HerdRun):
                 idle[db] = {"xacts": xacts, "beats": beats, "span": end - start}
         cancels = {db: self.rest_cancel(db, envs[db]) for db in names}
         out = {
-            kind: self.figures(outcome, idle.get(outcome.name), cancels[outcome.name])
+            kind: {
+                "workers": k,
+                "tasks": len([t for t in outcome.tasks if t["phase"] == "latency"]),
+                "waits": outcome.waits("latency"),
+                "idle": idle.get(outcome.name),
+                "cancel": cancels[outcome.name],
+                "stray_notifies": sum((outcome.stray_notifies or {}).values()),
+            }
             for kind, outcome in zip(KINDS, (stock, ours), strict=True)
         }
         if once:
@@ -209,35 +235,17 @@ class SizesRun(HerdRun):
         cancel["login"] = api.outcome.serving.get("login")
         return cancel
 
-    def figures(
-        self, outcome: Outcome, idle: dict[str, float] | None, cancel: dict[str, Any]
-    ) -> dict[str, Any]:
-        waits = outcome.waits("latency")
-        row: dict[str, Any] = {
-            "workers": outcome.workers,
-            "tasks": len([t for t in outcome.tasks if t["phase"] == "latency"]),
-            "started": len(waits),
-            "p50_ms": ms(pct(waits, 0.5)),
-            "p95_ms": ms(pct(waits, 0.95)),
-            "cancel": {
-                "http": cancel.get("http"),
-                "state": cancel.get("state"),
-                "latency_s": _round(cancel.get("latency")),
-                "http_s": _round(cancel.get("http_seconds")),
-            },
-            "stray_notifies": sum((outcome.stray_notifies or {}).values()),
-        }
-        if idle is not None:
-            span = idle["span"]
-            row["idle"] = {
-                "seconds": round(span, 1),
-                "transactions": idle["xacts"],
-                "heartbeats": idle["beats"],
-                "per_s": round(idle["xacts"] / span, 2),
-                "per_worker_s": round(idle["xacts"] / span / outcome.workers, 3),
-                "less_heartbeats_per_s": round((idle["xacts"] - idle["beats"]) / span, 2),
-            }
-        return row
+    def flush_locks(self, envs: dict[str, dict[str, str]]) -> None:
+        """Empty the Redis databases of pulpcore's locks a size's fleets use (an earlier
+        pass's fleets used them too; they stopped, but a fault may have left a lock)."""
+        import redis
+
+        for env in envs.values():
+            client = redis.Redis.from_url(env["PULP_REDIS_URL"])
+            try:
+                client.flushdb()
+            finally:
+                client.close()
 
     def once(
         self,
@@ -274,6 +282,48 @@ class SizesRun(HerdRun):
                 name: outcome.faults[name] for name in ("killed_mid_task", "killed_idle_last")
             }
         self.result["faults"] = faults
+
+
+def pooled(passes: list[dict[str, Any]]) -> dict[str, Any]:
+    """A fleet's figures at one size, from its passes: every task's wait pooled, the idle
+    windows summed, and the slowest of the REST cancels."""
+    waits = [w for one in passes for w in one["waits"]]
+    cancels = [one["cancel"] for one in passes]
+    latencies = [cancel.get("latency") for cancel in cancels]
+    states = sorted({str(cancel.get("state")) for cancel in cancels})
+    row: dict[str, Any] = {
+        "workers": passes[0]["workers"],
+        "passes": len(passes),
+        "tasks": sum(one["tasks"] for one in passes),
+        "started": len(waits),
+        "p50_ms": median_ms(waits),
+        "p95_ms": ms(pct(waits, 0.95)),
+        # Each pass's own p50: how far the machine moves one size's figure between passes.
+        "pass_p50s_ms": [median_ms(one["waits"]) for one in passes],
+        "cancel": {
+            "http": [cancel.get("http") for cancel in cancels],
+            "state": "/".join(states),
+            # The slowest; None when any pass's cancel never finished.
+            "latency_s": None if None in latencies else _round(max(latencies)),
+            "latencies_s": [_round(latency) for latency in latencies],
+            "http_s": [_round(cancel.get("http_seconds")) for cancel in cancels],
+        },
+        "stray_notifies": sum(one["stray_notifies"] for one in passes),
+    }
+    idles = [one["idle"] for one in passes if one["idle"] is not None]
+    if idles:
+        xacts = sum(idle["xacts"] for idle in idles)
+        beats = sum(idle["beats"] for idle in idles)
+        span = sum(idle["span"] for idle in idles)
+        row["idle"] = {
+            "seconds": round(span, 1),
+            "transactions": xacts,
+            "heartbeats": beats,
+            "per_s": round(xacts / span, 2),
+            "per_worker_s": round(xacts / span / row["workers"], 3),
+            "less_heartbeats_per_s": round((xacts - beats) / span, 2),
+        }
+    return row
 
 
 def _round(value: float | None) -> float | None:
@@ -322,12 +372,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_cancel(stock)} | {_cancel(ours)} |"
         )
     cfg = result["config"]
-    lines += [
-        "",
-        f"({cfg['tasks']} tasks a fleet at each size for p50 / p95; idle transactions over "
-        f"{cfg['idle_seconds']:.0f} s, in parentheses without the workers' heartbeats, "
-        "told apart by their statements)",
-    ]
+    passes = cfg.get("passes", 1)
+    if passes > 1:
+        lines += [
+            "",
+            f"({passes} passes, the sizes in turn, each on fresh fleets, pooled: "
+            f"{cfg['tasks'] * passes} tasks a fleet at each size for p50 / p95; idle "
+            f"transactions over {passes} windows of {cfg['idle_seconds']:.0f} s, in "
+            "parentheses without the workers' heartbeats, told apart by their statements; "
+            f"the slowest of the {passes} REST cancels)",
+        ]
+    else:
+        lines += [
+            "",
+            f"({cfg['tasks']} tasks a fleet at each size for p50 / p95; idle transactions "
+            f"over {cfg['idle_seconds']:.0f} s, in parentheses without the workers' "
+            "heartbeats, told apart by their statements)",
+        ]
     burst = result.get("burst") or {}
     if burst:
         lines += [
@@ -394,6 +455,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-tasks", type=int, default=defaults.burst_tasks)
     parser.add_argument("--burst-workers", type=int, default=defaults.burst_workers)
     parser.add_argument("--no-faults", action="store_true")
+    parser.add_argument(
+        "--passes",
+        type=int,
+        default=defaults.passes,
+        help="run the sizes this many times in turn and pool each size's passes",
+    )
     add_result_options(parser, (START, END))
     args = parser.parse_args(argv)
     problem = result_options_problem(args)
@@ -405,6 +472,8 @@ def main(argv: list[str] | None = None) -> int:
         sizes = tuple(int(x) for x in args.sizes.split(",") if x)
         if not sizes or min(sizes) < 1:
             parser.error("--sizes takes positive fleet sizes, e.g. 4,16,32")
+        if args.passes < 1:
+            parser.error("--passes takes a positive number")
         config = SizesConfig(
             sizes=sizes,
             series=args.series,
@@ -415,6 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             burst_tasks=args.burst_tasks,
             burst_workers=args.burst_workers,
             faults=not args.no_faults,
+            passes=args.passes,
         )
 
         def log(text: str) -> None:
