@@ -78,3 +78,19 @@ def test_a_size_pools_its_passes_and_keeps_the_slowest_cancel():
 def test_a_cancel_that_never_finished_is_not_hidden_by_the_other_passes():
     row = redistype_sizes.pooled([one_pass([0.05], 0.2, 5), one_pass([0.05], None, 5)])
     assert row["cancel"]["latency_s"] is None
+
+
+def test_the_burst_line_says_how_the_burst_ran():
+    burst = {
+        "dispatched": 64,
+        "tasks": 64,
+        "started": 64,
+        "completed": 64,
+        "workers_used": 16,
+        "to_last_start_s": 3.6,
+    }
+    alone = {**RESULT, "burst": {"stock": {**burst, "runs": [burst] * 3}, "pubsub": burst}}
+    assert "each fleet's alone with the other frozen, in turn, 3 times" in markdown(alone)
+    together = {**RESULT, "burst": {"stock": burst, "pubsub": burst}}
+    assert "both fleets at the same time" in markdown(together)
+    assert "| pubsub | 64/64 | 64/64 | 16 | 3.6 s |" in markdown(together)

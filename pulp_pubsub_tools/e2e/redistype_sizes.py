@@ -18,8 +18,9 @@ fleet on a database and a Redis database of its own, running at the same time:
   in no fleet's idle count).
 
 Once per run, at the burst's size (``--burst-workers``, a size of the run or
-else the largest, with workers added): a burst of B tasks at once onto both
-fleets at the same time; the integrated fleet frozen while a task is
+else the largest, with workers added): a burst of B tasks at once onto each
+fleet (:func:`.redistype.big_burst`: each alone, the other frozen, in turn,
+the median of three); the integrated fleet frozen while a task is
 dispatched, the worker its ``handle`` wake-up went to SIGKILLed and the others
 let go (how soon the task starts: at most a heartbeat period); then
 :class:`.redistype.Faults` on both fleets (a worker killed mid-task, the worker
@@ -391,10 +392,16 @@ def markdown(result: dict[str, Any]) -> str:
         ]
     burst = result.get("burst") or {}
     if burst:
+        repeats = len(next(iter(burst.values())).get("runs", ()))
+        how = (
+            f"each fleet's alone with the other frozen, in turn, {repeats} times: the median"
+            if repeats
+            else "both fleets at the same time"
+        )
         lines += [
             "",
             f"Burst: {cfg['burst_tasks']} tasks at once onto {cfg['burst_workers']} idle "
-            "workers of each fleet, both fleets at the same time.",
+            f"workers of each fleet, {how}.",
             "",
             "| fleet | started | completed | workers used | first created → last started |",
             "|---|---|---|---|---|",
