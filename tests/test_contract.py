@@ -32,6 +32,19 @@ def payloads(messages: list[Message]) -> list[str]:
     return [m.payload for m in messages if not m.resync]
 
 
+def senders_of(backend) -> set[int]:
+    """The threads that will send the backend's after-commit batches, filled as they do."""
+    sent_from: set[int] = set()
+    real = backend.send_batch
+
+    def spy(batch):
+        sent_from.add(threading.get_ident())
+        real(batch)
+
+    backend.send_batch = spy
+    return sent_from
+
+
 def await_comeback(harness, sub, got: list[Message]) -> None:
     """A resync; where the engine replays what was missed (etcd), a replay instead."""
     if harness.replays:
@@ -154,14 +167,7 @@ def test_publish_in_atomic_is_sent_at_commit_and_dropped_on_rollback(harness):
 def test_publishes_at_commit_go_out_in_order_off_the_committing_thread(harness):
     with harness.configured() as backend, backend.subscriber() as sub:
         got = collect(sub, "contract.after")
-        sent_from: set[int] = set()
-        real = backend.send_batch
-
-        def spy(batch):
-            sent_from.add(threading.get_ident())
-            real(batch)
-
-        backend.send_batch = spy
+        sent_from = senders_of(backend)
         for n in range(30):
             with transaction.atomic(using=harness.db_alias):
                 publish("contract.after", str(n))
@@ -179,14 +185,7 @@ def test_publishes_at_commit_go_out_in_order_off_the_committing_thread(harness):
 def test_publish_soon_leaves_off_the_callers_thread_in_order_and_reports(harness):
     with harness.configured() as backend, backend.subscriber() as sub:
         got = collect(sub, "contract.soon")
-        sent_from: set[int] = set()
-        real = backend.send_batch
-
-        def spy(batch):
-            sent_from.add(threading.get_ident())
-            real(batch)
-
-        backend.send_batch = spy
+        sent_from = senders_of(backend)
         outcomes: list[object] = []
         for n in range(10):
             publish_soon("contract.soon", str(n), report=outcomes.append)
