@@ -220,7 +220,8 @@ class BaseBackend:
         if self.publish_on_commit and not self.defers_natively:
             atomic = _atomic_connection(self.database_alias)
             if atomic is not None:
-                atomic.on_commit(partial(self._send_deferred, wire, payload, group, receivers))
+                item = Deferred(wire, payload, group, receivers)
+                atomic.on_commit(partial(self._send_deferred, item))
                 return
         self._send_now(wire, payload, group, receivers, channel)
 
@@ -250,9 +251,9 @@ class BaseBackend:
         item = Deferred(wire, payload, group, receivers, report)
         atomic = _atomic_connection(self.database_alias) if self.publish_on_commit else None
         if atomic is None:
-            self._send_deferred_item(item)
+            self._send_deferred(item)
         elif not self.defers_natively:
-            atomic.on_commit(partial(self._send_deferred_item, item))
+            atomic.on_commit(partial(self._send_deferred, item))
         else:
             self._send_committed(item)
 
@@ -299,12 +300,7 @@ class BaseBackend:
             raise PublishError(f"{self.name} backend could not publish: {exc}") from exc
         count(self.stats, "published", self.name, channel or self.channel_name(wire))
 
-    def _send_deferred(
-        self, wire: str, payload: str, group: str | None = None, receivers: int = 1
-    ) -> None:
-        self._send_deferred_item(Deferred(wire, payload, group, receivers))
-
-    def _send_deferred_item(self, item: Deferred) -> None:
+    def _send_deferred(self, item: Deferred) -> None:
         # Off the committing thread: its failure cannot reach the caller anyway.
         # When the sender's queue is full, this thread sends it itself.
         if not self.after_commit_thread or not self._sender.get().put(item):
