@@ -226,8 +226,12 @@ def check_run(backend: str, report, capfd) -> str:
         assert report.publish_path == "Django's connection", text
     assert report.ok, text
     if TARGETS[backend].replays:
-        # Replayed, not resynced: only degraded mode's resyncs, while the server was down.
-        assert report.reconnects > 0 and report.resyncs == report.degraded_resyncs, text
+        # Replayed, not resynced: only degraded mode's resyncs, while the server was down,
+        # and (NATS with JetStream) those a publisher asked for while the stream could not
+        # store its message yet; never one for a gap in the history.
+        assert report.reconnects > 0, text
+        allowed = report.degraded_resyncs + report.unstored_resyncs
+        assert report.degraded_resyncs <= report.resyncs <= allowed, text
     else:
         assert report.resyncs > 0 and report.reconnects > 0, text
     assert report.missing == 0 and report.stuck == [] and report.unrecovered_faults == 0, text

@@ -96,6 +96,9 @@ def run_agent(spec: dict[str, Any], emit: Emit, stop_fd: int) -> None:
         sub.dispatch()
     finally:
         stats = dict(sub.stats)
+        # Resyncs a publisher asked for while its message waited to be stored (NATS with
+        # JetStream, no stream leader), counted by the backend: not a gap in any history.
+        stats["unstored_resyncs"] = backend.stats["unstored_resyncs"]
         started = time.monotonic()
         sub.close()
         backend.close()

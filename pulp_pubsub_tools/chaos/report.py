@@ -103,6 +103,9 @@ class ChaosReport:
     publish_path: str = ""
     #: Resyncs delivered while the subscriber said it was degraded (part of ``resyncs``).
     degraded_resyncs: int = 0
+    #: Resyncs the subscribers' backends counted for publishes waiting to be stored (part
+    #: of ``resyncs`` unless folded into another one waiting; NATS with JetStream).
+    unstored_resyncs: int = 0
     #: Targeted traffic's verdict (see chaos.phases); empty when the run had none.
     targeted: dict[str, Any] = field(default_factory=dict)
     #: The outage phase's verdict (see chaos.phases); empty when the run had none.
@@ -166,7 +169,12 @@ class ChaosReport:
             "covered by a resync",
             f"  fault-free:          {_quiet(self.quiet_between, 'between faults')}; "
             f"{_quiet(self.quiet_final, 'final phase')}",
-            f"  resyncs received:    {self.resyncs} (after {self.reconnects} reconnects)",
+            f"  resyncs received:    {self.resyncs} (after {self.reconnects} reconnects"
+            + (
+                f"; {self.unstored_resyncs} asked for by a publisher waiting to store)"
+                if self.unstored_resyncs
+                else ")"
+            ),
             f"  stuck subscribers:   {len(self.stuck)}" + (f" {self.stuck}" if self.stuck else ""),
             f"  recovery time:       p50 {secs(self.recovery_p50)}, p99 {secs(self.recovery_p99)}, "
             f"max {secs(self.recovery_max)} ({self.unrecovered_faults} unrecovered)",
@@ -322,6 +330,7 @@ def build_report(
         ),
         resyncs=sum(agent.resync_count() for agent in agents),
         degraded_resyncs=sum(agent.degraded_count() for agent in agents),
+        unstored_resyncs=sum(agent.stats.get("unstored_resyncs", 0) for agent in agents),
         targeted={} if targeted is None else targeted.as_dict(),
         outage={} if checked_outage is None else checked_outage.as_dict(),
         reconnects=sum(agent.stats.get("reconnects", 0) for agent in agents),
