@@ -15,7 +15,7 @@ from django.db import transaction
 from pulp_pubsub import Message, publish, publish_soon
 from pulp_pubsub.exceptions import InvalidChannel, InvalidPayload
 
-from .util import dispatch_until, wait_until
+from .util import dispatch_until, senders_of, wait_until
 
 pytestmark = pytest.mark.backend
 
@@ -30,19 +30,6 @@ def collect(sub, channel: str) -> list[Message]:
 
 def payloads(messages: list[Message]) -> list[str]:
     return [m.payload for m in messages if not m.resync]
-
-
-def senders_of(backend) -> set[int]:
-    """The threads that will send the backend's after-commit batches, filled as they do."""
-    sent_from: set[int] = set()
-    real = backend.send_batch
-
-    def spy(batch):
-        sent_from.add(threading.get_ident())
-        real(batch)
-
-    backend.send_batch = spy
-    return sent_from
 
 
 def await_comeback(harness, sub, got: list[Message]) -> None:

@@ -33,7 +33,7 @@ from pulp_pubsub.backends.redis.groups import CONSUMER_GROUP, stream_key
 from pulp_pubsub.exceptions import MissingDependency, PublishError
 from pulp_pubsub_tools.testing import RedisServer, SentinelCluster, TcpProxy, free_port
 
-from .util import wait_until
+from .util import senders_of, wait_until
 
 REDIS_CLI = "/usr/bin/redis-cli"
 
@@ -748,14 +748,7 @@ def test_publishes_at_commit_leave_the_committing_thread_in_order(server):
         PUBSUB_BACKEND="redis", PUBSUB_URL=server.url, PUBSUB_OPTIONS={}, PUBSUB_CHANNEL_PREFIX=""
     ):
         backend = get_backend()
-        sent_from: set[int] = set()
-        real = backend.send_batch
-
-        def spy(batch):
-            sent_from.add(threading.get_ident())
-            real(batch)
-
-        backend.send_batch = spy
+        sent_from = senders_of(backend)
         with subscribed(backend, "after") as inbox:
             for n in range(50):
                 with transaction.atomic():

@@ -45,3 +45,16 @@ def inbox(sub: Any, channel: str) -> list[Any]:
 def plain(messages: list[Any]) -> list[str]:
     """The payloads of the messages that are not resyncs."""
     return [m.payload for m in messages if not m.resync]
+
+
+def senders_of(backend: Any) -> set[int]:
+    """The threads that will send the backend's after-commit batches, filled as they do."""
+    sent_from: set[int] = set()
+    real = backend.send_batch
+
+    def spy(batch: Any) -> None:
+        sent_from.add(threading.get_ident())
+        real(batch)
+
+    backend.send_batch = spy
+    return sent_from
