@@ -29,6 +29,9 @@ FLEET = FleetParams()
 
 #: Every backend with a server: the default run draws the whole picture.
 DEFAULT_BACKENDS = ("postgres", "redis", "nats", "etcd", "relay")
+#: The fleet adds NATS with JetStream, the other backend that targets (work-queue streams),
+#: beside core NATS, which broadcasts. ZooKeeper is left out: its fleet run is not made yet.
+FLEET_BACKENDS = (*DEFAULT_BACKENDS, "natsjs")
 
 
 class Command(BaseCommand):
@@ -48,8 +51,9 @@ class Command(BaseCommand):
         )
         parser.add_argument(
             "--backends",
-            default=",".join(DEFAULT_BACKENDS),
-            help=f"Comma-separated backends (default: every one, {','.join(DEFAULT_BACKENDS)}).",
+            default=None,
+            help=f"Comma-separated backends (default: {','.join(DEFAULT_BACKENDS)}; for fleet, "
+            f"{','.join(FLEET_BACKENDS)}).",
         )
         add = parser.add_argument
         add("--subscribers", type=int, help=f"N (default {DEFAULTS.subscribers}).")
@@ -142,7 +146,7 @@ class Command(BaseCommand):
             "poll_rounds",
         )
         params = replace(params, **{f: options[f] for f in fields if options[f] is not None})
-        backends = self._backends(options)
+        backends = self._backends(options, DEFAULT_BACKENDS)
         if not backends and set(chosen) - {"poll"}:
             raise CommandError("--backends names no backend.")
         servers = ServerSet(self._urls(options), max_connections=100)
@@ -165,7 +169,7 @@ class Command(BaseCommand):
                     f"--fleet-sizes takes numbers such as 250,500: not {options['fleet_sizes']!r}."
                 ) from None
         params = replace(params, **{k: v for k, v in given.items() if v is not None})
-        backends = self._backends(options)
+        backends = self._backends(options, FLEET_BACKENDS)
         if not backends:
             raise CommandError("--backends names no backend.")
         servers = ServerSet(self._urls(options), max_connections=100)
@@ -177,8 +181,11 @@ class Command(BaseCommand):
             servers.close()
 
     @staticmethod
-    def _backends(options: dict[str, Any]) -> list[str]:
-        return [b.strip() for b in options["backends"].split(",") if b.strip()]
+    def _backends(options: dict[str, Any], default: tuple[str, ...]) -> list[str]:
+        given = options["backends"]
+        if given is None:
+            return list(default)
+        return [b.strip() for b in given.split(",") if b.strip()]
 
     @staticmethod
     def _urls(options: dict[str, Any]) -> dict[str, str]:
