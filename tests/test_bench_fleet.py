@@ -106,3 +106,35 @@ def test_fleet_runs_alone_and_its_sizes_are_checked(django_db_blocker: Any) -> N
         bench("--fleet-sizes", "500,250", "--backends", "redis", blocker=django_db_blocker)
     with pytest.raises(CommandError, match="multiple of --per-agent"):
         bench("--fleet-sizes", "30,60", "--backends", "redis", blocker=django_db_blocker)
+
+
+def _level(n: int, receivers: float, first_ms: float, cpu_us: float) -> dict[str, Any]:
+    return {
+        "subscribers": n,
+        "targeted": {"receivers_per_message": receivers, "first": {"p50": first_ms}},
+        "publish_cpu": {"server_cpu_us_per_publish": cpu_us},
+        "idle": {"cpu_us_per_s_per_subscriber": 100.0, "probes_per_subscriber_per_min": 12.0},
+    }
+
+
+def test_targeted_goals_judge_a_backend_that_targets_and_name_one_that_broadcasts() -> None:
+    from pulp_pubsub_tools.bench.fleet_report import evaluate_goals
+
+    result = {
+        "fleet": {
+            "targets": {"levels": [_level(250, 1.0, 1.0, 100.0), _level(2000, 1.0, 3.0, 100.0)]},
+            "broadcasts": {
+                "levels": [_level(250, 250.0, 1.0, 100.0), _level(2000, 2000.0, 9.0, 900.0)]
+            },
+        }
+    }
+    goals = {
+        (g["backend"], g["goal"].split(" ")[0] + g["goal"].split(" ")[1]): g
+        for g in evaluate_goals(result)
+    }
+    assert goals[("targets", "targetedfirst")]["met"] is False  # 3x, past 1.5x
+    assert goals[("targets", "serverCPU")]["met"] is True
+    for part in ("targetedfirst", "serverCPU"):
+        judged = goals[("broadcasts", part)]
+        assert judged["met"] is None and "does not target" in judged["measured"]
+    assert goals[("broadcasts", "idleCPU")]["met"] is True

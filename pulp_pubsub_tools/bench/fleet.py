@@ -33,6 +33,7 @@ from . import BenchError
 from .adapters import Adapter, Target, adapter_for
 from .agents import Fleet
 from .board import Board
+from .fleet_report import fans_out
 from .fleet_roles import members, raw_members
 from .monitor import established
 from .progress import Progress
@@ -251,8 +252,9 @@ class FleetRun:
     def publish_cpu(self, receivers: float, idle_rate: float) -> dict[str, Any]:
         """Server CPU per targeted publish: a burst, less the idle burn over the same time."""
         p = self.params
-        fans_out = receivers > 1.5
-        count = max(5, min(p.burst, p.deliveries // max(1, self.size))) if fans_out else p.burst
+        count = p.burst
+        if fans_out(receivers):
+            count = max(5, min(p.burst, p.deliveries // max(1, self.size)))
         expected = round(count * max(1.0, receivers))
         start = self.next_round(count)
         self.board.drain()
