@@ -163,19 +163,74 @@ def test_jetstream_subscriber_replays_in_order_when_its_node_led_the_stream():
     assert figures["delivered_again_s"] is not None, figures["log"]
     assert figures["missing_first"] == [] and figures["missing"] == 0
     assert figures["out_of_order"] == 0 and figures["duplicates"] == 0
-    # No resync for a gap; while the stream had no leader, the publisher's unstored message
-    # made the subscriber resync its channel (look at the source of truth) before the
-    # message itself could be stored and delivered.
-    assert figures["unstored_resyncs"] >= 1, figures["log"]
-    assert figures["resyncs"] == figures["unstored_resyncs"]
-    assert figures["told_again_s"] < figures["stored_again_s"], figures
-    told = [line for line in figures["log"] if "resyncing the channel now" in line]
+    # No resync at all: while the stream had no leader, the publisher sent its unstored
+    # message over plain NATS, and the subscriber delivered it before the stream could
+    # store it (and not again once it did: no duplicate above).
+    assert figures["unstored_deliveries"] >= 1, figures["log"]
+    assert figures["resyncs"] == 0 and figures["unstored_resyncs"] == 0, figures["log"]
+    assert figures["delivered_again_s"] < figures["stored_again_s"], figures
+    told = [line for line in figures["log"] if "and sent it here: delivered now" in line]
     assert told, figures["log"]
     # The publisher sent its publish again through the election, and said what it waited
     # for (every try of a publish has one Nats-Msg-Id: "no duplicate" above is the stream's
     # deduplication at work).
     waited = [line for line in figures["log"] if "did not answer the publish of a message" in line]
     assert waited, figures["log"]
+
+
+def test_jetstream_subscriber_delivers_a_message_its_stream_cannot_store_yet_once():
+    # Two of three nodes frozen: the stream has no quorum, so nothing is stored and a
+    # publish waits, sent again every half second. What it tells the channel carries the
+    # message over plain NATS, which needs no leader: the subscriber delivers it while the
+    # publish still waits, and not again when the stream has stored it.
+    with NatsCluster(3, jetstream=True) as cluster:
+        first, *others = cluster.nodes
+        options = {"jetstream": True, "stream_replicas": 3, "publish_timeout": 60.0}
+        settings = {
+            "PUBSUB_BACKEND": "nats",
+            "PUBSUB_URL": first.address,
+            "PUBSUB_CHANNEL_PREFIX": "early",
+            # Probes go through the stream too: none while it cannot store.
+            "PUBSUB_OPTIONS": {**FAST, **options, "probe_interval": 60.0},
+        }
+        with override_settings(**settings):
+            backend = get_backend()
+            # A stream just made elects its first leader before it stores anything.
+            wait_until(lambda: stored(backend, CHANNEL, "before"), 30, "the stream to store")
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub, started=True)
+                sub.subscribe(CHANNEL, inbox)
+                sub.start()
+                backend.publish(CHANNEL, "first")
+                inbox.wait_payload("first")
+                returned = threading.Event()
+                failed: list[BaseException] = []
+
+                def publish() -> None:
+                    try:
+                        backend.publish(CHANNEL, "waiting")
+                    except PublishError as exc:
+                        failed.append(exc)
+                    finally:
+                        returned.set()
+
+                for node in others:
+                    node.freeze()
+                try:
+                    thread = threading.Thread(target=publish, daemon=True)
+                    thread.start()
+                    inbox.wait_payload("waiting")
+                    delivered_while_waiting = not returned.is_set()
+                finally:
+                    for node in others:
+                        node.thaw()
+                assert delivered_while_waiting
+                assert returned.wait(70) and not failed, failed
+                backend.publish(CHANNEL, "after")
+                inbox.wait_payload("after")
+                assert inbox.payloads() == ["first", "waiting", "after"]
+                assert not any(m.resync for m in inbox.messages)
+                assert backend.stats["unstored_deliveries"] >= 1
 
 
 def test_jetstream_subscriber_says_what_it_waits_for_while_the_cluster_has_no_quorum(caplog):

@@ -3,6 +3,12 @@
 On a real single-node server frozen with SIGSTOP while a publish waits: its tries pile up,
 and when the server wakes it stores the first and acknowledges the rest as duplicates of
 the same ``Nats-Msg-Id``. The 3-node election itself is in test_nats_cluster.py (long tier).
+
+Meanwhile the publisher sends its message, with that ``Nats-Msg-Id``, as a plain NATS notice
+to the channel's live subject. The subscriber's side is taken here path by path, with notices
+and stored copies made by hand: the stored copy arriving live, and arriving through the
+replay after a reconnect. The publisher's side, on a 3-node cluster whose stream lost its
+quorum, is in test_nats_cluster.py.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import nats
@@ -22,10 +30,11 @@ from django.test import override_settings
 
 from pulp_pubsub import get_backend
 from pulp_pubsub.backends.nats.jsapi import patiently
+from pulp_pubsub.backends.nats.names import MSG_ID, UNSTORED_HEADER
 from pulp_pubsub.exceptions import ConnectionLost, PublishError
 from pulp_pubsub_tools.testing import NatsServer, TcpProxy
 
-from .reliability_util import FAST
+from .reliability_util import FAST, Inbox
 from .util import wait_until
 
 pytestmark = [pytest.mark.backend, pytest.mark.servers]
@@ -195,3 +204,90 @@ def test_patience_asks_once_per_interval_when_refused_at_once_while_a_try_waits(
     with pytest.raises(ConnectionLost, match="did not answer a test"):
         asyncio.run(run())
     assert 2 <= asked <= 7
+
+
+def notice(url: str, subject: str, payload: str, msg_id: str | None) -> None:
+    """What a publisher waiting for the stream sends (without ``msg_id``: an old one's)."""
+    headers = {UNSTORED_HEADER: "1"}
+    if msg_id is not None:
+        headers[MSG_ID] = msg_id
+
+    async def send() -> None:
+        nc = await nats.connect(url)
+        try:
+            await nc.publish(subject, payload.encode(), headers=headers)
+            await nc.flush()
+        finally:
+            await nc.close()
+
+    asyncio.run(send())
+
+
+def store(url: str, subject: str, payload: str, msg_id: str) -> None:
+    """The stream's copy of a told message, as the publisher's later try stores it."""
+
+    async def send() -> None:
+        nc = await nats.connect(url)
+        try:
+            await nc.jetstream().publish(subject, payload.encode(), headers={MSG_ID: msg_id})
+        finally:
+            await nc.close()
+
+    asyncio.run(send())
+
+
+@contextmanager
+def listening(url: str, prefix: str) -> Iterator[tuple[Any, Any, Inbox]]:
+    """(backend, subscriber, inbox) on channel "ch": subscribe() returns once it listens."""
+    with override_settings(**js_settings(url, prefix)), get_backend().subscriber() as sub:
+        inbox = Inbox(sub)
+        sub.subscribe("ch", inbox)
+        yield get_backend(), sub, inbox
+
+
+def test_a_told_message_is_delivered_before_it_is_stored_and_once_after(js_server):
+    with listening(js_server.url, "told") as (backend, sub, inbox):
+        live = backend.live_subject("told.ch")
+        # A publisher tells once a second while it waits: one delivery however many.
+        for _ in range(3):
+            notice(js_server.url, live, "waiting", "id-waiting")
+        inbox.wait_payload("waiting")
+        store(js_server.url, "told.ch", "waiting", "id-waiting")
+        backend.publish("ch", "after")
+        inbox.wait_payload("after")
+        assert [m.payload for m in inbox.messages] == ["waiting", "after"]
+        assert not any(m.resync for m in inbox.messages)
+        # The stored copy moved the position on: "after" followed it without a gap.
+        assert sub.stats["resyncs"] == 0
+        assert backend.stats["unstored_deliveries"] == 1
+        assert backend.stats["unstored_resyncs"] == 0
+
+
+def test_a_told_message_replayed_after_a_reconnect_is_not_delivered_again(js_server):
+    with TcpProxy(js_server.host, js_server.port) as proxy:
+        url = proxy.url_for(js_server.url)
+        with listening(url, "toldreplay") as (backend, sub, inbox):
+            notice(js_server.url, backend.live_subject("toldreplay.ch"), "waiting", "id-r")
+            inbox.wait_payload("waiting")
+            # The stored copy never reaches this connection live: it is replayed, with its
+            # Nats-Msg-Id, on the next one.
+            proxy.stall()
+            store(js_server.url, "toldreplay.ch", "waiting", "id-r")
+            proxy.cut()
+            proxy.resume()
+            wait_until(lambda: sub.stats["replays"] >= 1, 15, "the subscriber to replay")
+            backend.publish("ch", "after")
+            inbox.wait_payload("after")
+            assert [m.payload for m in inbox.messages] == ["waiting", "after"]
+            assert not any(m.resync for m in inbox.messages)
+            assert sub.stats["reconnects"] >= 1
+
+
+def test_a_notice_without_the_message_still_resyncs_the_channel(js_server):
+    # What a targeted publish, or a publisher of an earlier release, sends.
+    with listening(js_server.url, "toldold") as (backend, _, inbox):
+        notice(js_server.url, backend.live_subject("toldold.ch"), "", None)
+        inbox.wait(lambda messages: any(m.resync for m in messages))
+        assert [m.resync for m in inbox.messages] == [True]
+        assert backend.stats["unstored_resyncs"] == 1
+        assert backend.stats["unstored_deliveries"] == 0

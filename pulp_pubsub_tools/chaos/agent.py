@@ -97,8 +97,10 @@ def run_agent(spec: dict[str, Any], emit: Emit, stop_fd: int) -> None:
     finally:
         stats = dict(sub.stats)
         # Resyncs a publisher asked for while its message waited to be stored (NATS with
-        # JetStream, no stream leader), counted by the backend: not a gap in any history.
+        # JetStream, no stream leader), counted by the backend: not a gap in any history;
+        # and the messages such a publisher sent along, delivered before they were stored.
         stats["unstored_resyncs"] = backend.stats["unstored_resyncs"]
+        stats["unstored_deliveries"] = backend.stats["unstored_deliveries"]
         started = time.monotonic()
         sub.close()
         backend.close()

@@ -10,19 +10,28 @@ killed with SIGKILL. Measured from the kill:
   the stream elects a new leader nothing can be stored, so no subscriber can do better; the
   publisher sends a publish again through the election, :mod:`pulp_pubsub.backends.nats.storing`,
   so this follows ``stream_leader_s``, the new leader as the monitoring port names it);
-- ``delivered_again_s``: the first delivery of a message published after the kill (the
-  replay of the gap included);
-- ``told_again_s``: the first delivery of anything after the kill: that message, or a resync
-  of the channel, which the publisher asks for while the stream cannot store its message
-  (no leader; counted apart as ``unstored_resyncs``): from then on the subscriber's owner
-  knows to look, as it does on any resync;
+- ``delivered_again_s``: the first delivery, on the subscriber's new connection, of a
+  message whose publish had not returned when the killed process was gone (the replay of
+  the gap included). While the stream cannot store (no leader) the publisher sends its
+  waiting message along to the channel's subscribers, once a second from its first retry,
+  and they deliver it at once (counted as ``unstored_deliveries``), so this can come before
+  ``stored_again_s``; a publish that then fails (the election outlasted its
+  ``publish_timeout``) counts too (``delivered_despite_failure``: at least once);
+- ``stored_delivered_again_s``: the first delivery of a message whose publish was called
+  once the stream stored again: one that never waited for a leader, so what the subscriber
+  delivered is the stream's copy (live or replayed). It is when the subscriber would be
+  back without the early delivery;
+- ``told_again_s``: the first delivery of anything after the kill: a message published
+  after it, or a resync of the channel, which a publisher that does not send its message
+  along (a targeted one, or an older release's) asks for instead (``unstored_resyncs``);
 - ``reconnected_s``: the subscriber's new connection, its channels listened to again (gap replayed);
-- ``behind_stream_s``: from ``stored_again_s`` to ``delivered_again_s``, the subscriber's own
-  share (a publisher that waited out the election too delays both).
+- ``behind_stream_s``: from ``stored_again_s`` to ``stored_delivered_again_s``, the
+  subscriber's own share (a publisher that waited out the election too delays both).
 
-And checked: nothing acknowledged is missing, no payload came twice, everything came in
-publish order, and no resync was needed for a gap (the stream's history reaches back;
-``resyncs`` less ``unstored_resyncs``). The subscriber's
+And checked: nothing acknowledged is missing, no payload came twice (a message delivered
+early is not delivered again when stored), everything came in publish order, and no resync
+was needed for a gap (the stream's history reaches back; ``resyncs`` less
+``unstored_resyncs``). The subscriber's
 INFO and WARNING log lines are kept per run, timed from the kill, to say what it waited for.
 
 ``--server PATH`` runs another nats-server binary (``$PUBSUB_NATS_SERVER``, else the PATH's);
@@ -34,6 +43,8 @@ a new leader), ``kept`` onto another one.
 
     python -m pulp_pubsub_tools.chaos.natsfailover --runs 10 \\
         --json docs/figures/nats_js_failover_live.json
+    python -m pulp_pubsub_tools.chaos.natsfailover --runs 10 --leader killed \\
+        --json docs/figures/nats_js_failover_early_stream_leader.json
 """
 
 from __future__ import annotations
@@ -64,7 +75,8 @@ class _Flow:
         self.period = 1.0 / rate
         # (number, time.time() the publish was called, and when it returned)
         self.acked: list[tuple[int, float, float]] = []
-        self.failures: list[tuple[int, float, str]] = []
+        # (number, called, when it raised, the error)
+        self.failures: list[tuple[int, float, float, str]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="failover-publisher", daemon=True)
 
@@ -78,7 +90,7 @@ class _Flow:
             try:
                 self.backend.publish(CHANNEL, f"{number:07d}")
             except PublishError as exc:
-                self.failures.append((number, called, str(exc)[:200]))
+                self.failures.append((number, called, time.time(), str(exc)[:200]))
             else:
                 self.acked.append((number, called, time.time()))
             number += 1
@@ -260,7 +272,7 @@ def run_once(
                 acked = [number for number, _, _ in flow.acked]
                 last = f"{acked[-1]:07d}" if acked else None
                 inbox.wait(lambda items: any(p == last for p, _, _ in items), 30)
-                figures = _figures(inbox.items, flow, killed_at, dead_at)
+                figures = _figures(inbox.items, flow, killed_at, dead_at, sub.connected_since)
                 figures.update(
                     killed=node.server_name,
                     killed_led_stream=stream_leader == node.server_name,
@@ -274,6 +286,8 @@ def run_once(
                     # Resyncs because a publisher's message waited to be stored (no leader):
                     # not a gap in the history (see pulp_pubsub.backends.nats.storing).
                     unstored_resyncs=sub_backend.stats["unstored_resyncs"],
+                    # Messages a publisher waiting to store sent along, delivered early.
+                    unstored_deliveries=sub_backend.stats["unstored_deliveries"],
                     log=keeper.lines(killed_at),
                 )
                 sub.close()
@@ -301,38 +315,62 @@ def _round(value: float | None) -> float | None:
 
 
 def _figures(
-    items: list[tuple[str, float, bool]], flow: _Flow, killed_at: float, dead_at: float
+    items: list[tuple[str, float, bool]],
+    flow: _Flow,
+    killed_at: float,
+    dead_at: float,
+    reconnected_at: float | None = None,
 ) -> dict[str, Any]:
     # Only a publish called once the killed process was gone counts: one called earlier may
     # have been stored, and delivered, by it.
     acked = {number: returned for number, _, returned in flow.acked}
     first_after = min((n for n, called, _ in flow.acked if called > dead_at), default=None)
     stored_again = acked[first_after] if first_after is not None else None
+    # The first publish called once the stream stored again: it waited for no leader, so
+    # no publisher sent it along early; its delivery is the stream's copy.
+    first_stored = min(
+        (n for n, called, _ in flow.acked if stored_again is not None and called >= stored_again),
+        default=None,
+    )
     payloads = [int(p) for p, _, resync in items if not resync]
+    seen = set(payloads)
+    # Delivering again: on the new connection, a message whose publish had not returned
+    # when the killed process was gone: the one waiting through the election (sent along
+    # while it waited, and delivered early, even if it then failed: the election outlasted
+    # its publish_timeout) or a later one.
+    returns = [(n, returned) for n, _, returned in flow.acked]
+    returns += [(n, returned) for n, _, returned, _ in flow.failures]
+    first_open = min((n for n, returned in returns if returned > dead_at), default=None)
     delivered_again = next(
         (
             at
             for p, at, resync in items
-            if not resync and first_after is not None and int(p) >= first_after
+            if not resync
+            and first_open is not None
+            and int(p) >= first_open
+            and at >= (reconnected_at or dead_at)
         ),
         None,
     )
-    # The first delivery of anything after the kill: a message published after it, or a
-    # resync (a publisher saying the stream has not stored its message yet).
-    told_again = next(
+    stored_delivered_again = next(
         (
             at
             for p, at, resync in items
-            if at > killed_at and (resync or (first_after is not None and int(p) >= first_after))
+            if not resync and first_stored is not None and int(p) >= first_stored
         ),
         None,
     )
-    seen = set(payloads)
+    # The first delivery of anything after the kill: that message, or a resync (a
+    # publisher saying the stream has not stored its message yet, without sending it).
+    resynced = next((at for _, at, resync in items if resync and at > killed_at), None)
+    told_again = min((t for t in (resynced, delivered_again) if t is not None), default=None)
     missing = sorted(n for n in acked if n not in seen)
     out_of_order = sum(1 for a, b in itertools.pairwise(payloads) if b <= a)
     return {
         "published": len(flow.acked),
         "publish_failures": len(flow.failures),
+        # At least once: told early, then its publish failed.
+        "delivered_despite_failure": len(seen & {n for n, *_ in flow.failures}),
         "delivered": len(payloads),
         "missing": len(missing),
         "missing_first": missing[:10],
@@ -341,10 +379,16 @@ def _figures(
         "resyncs": sum(1 for _, _, resync in items if resync),
         "stored_again_s": _round(stored_again - killed_at if stored_again else None),
         "delivered_again_s": _round(delivered_again - killed_at if delivered_again else None),
+        "stored_delivered_again_s": _round(
+            stored_delivered_again - killed_at if stored_delivered_again else None
+        ),
         "told_again_s": _round(told_again - killed_at if told_again else None),
-        # The subscriber's own share: how long after the stream stored again it delivered.
+        # The subscriber's own share: how long after the stream stored again it delivered
+        # from the stream.
         "behind_stream_s": _round(
-            delivered_again - stored_again if delivered_again and stored_again else None
+            stored_delivered_again - stored_again
+            if stored_delivered_again and stored_again
+            else None
         ),
     }
 
@@ -352,6 +396,9 @@ def _figures(
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     times = [r["delivered_again_s"] for r in runs if r.get("delivered_again_s") is not None]
     told = [r["told_again_s"] for r in runs if r.get("told_again_s") is not None]
+    stored = [
+        r["stored_delivered_again_s"] for r in runs if r.get("stored_delivered_again_s") is not None
+    ]
     return {
         "runs": len(runs),
         "told_again_s": {
@@ -365,6 +412,11 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "best": min(times, default=None),
             "all": times,
         },
+        "stored_delivered_again_s": {
+            "worst": max(stored, default=None),
+            "median": statistics.median(stored) if stored else None,
+            "all": stored,
+        },
         "stored_again_s_worst": max(
             (r["stored_again_s"] for r in runs if r.get("stored_again_s") is not None),
             default=None,
@@ -375,11 +427,14 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         ),
         "reconnected_s_worst": max((r["reconnected_s"] for r in runs), default=None),
         "never_delivered_again": len(runs) - len(times),
+        "publish_failures": sum(r["publish_failures"] for r in runs),
+        "delivered_despite_failure": sum(r.get("delivered_despite_failure", 0) for r in runs),
         "missing": sum(r["missing"] for r in runs),
         "duplicates": sum(r["duplicates"] for r in runs),
         "out_of_order": sum(r["out_of_order"] for r in runs),
         "resyncs": sum(r["resyncs"] for r in runs),
         "unstored_resyncs": sum(r.get("unstored_resyncs", 0) for r in runs),
+        "unstored_deliveries": sum(r.get("unstored_deliveries", 0) for r in runs),
         "killed_led_stream": sum(bool(r["killed_led_stream"]) for r in runs),
         "killed_led_meta": sum(bool(r["killed_led_meta"]) for r in runs),
     }

@@ -106,6 +106,9 @@ class ChaosReport:
     #: Resyncs the subscribers' backends counted for publishes waiting to be stored (part
     #: of ``resyncs`` unless folded into another one waiting; NATS with JetStream).
     unstored_resyncs: int = 0
+    #: Messages the subscribers' backends delivered before the stream stored them, sent
+    #: along by a publisher waiting to store them (part of ``delivered``; NATS JetStream).
+    unstored_deliveries: int = 0
     #: Targeted traffic's verdict (see chaos.phases); empty when the run had none.
     targeted: dict[str, Any] = field(default_factory=dict)
     #: The outage phase's verdict (see chaos.phases); empty when the run had none.
@@ -163,7 +166,12 @@ class ChaosReport:
             f"{errors}; slowest publish {self.publish_max_seconds:.2f} s, "
             f"limit {self.publish_limit:.1f} s, {self.hung_publishes} over it)",
             f"  messages delivered:  {self.delivered} of {self.expected} owed "
-            f"({self.covered_by_resync} covered by a later resync, {self.missing} missing)",
+            f"({self.covered_by_resync} covered by a later resync, {self.missing} missing"
+            + (
+                f"; {self.unstored_deliveries} sent along by a publisher waiting to store)"
+                if self.unstored_deliveries
+                else ")"
+            ),
             f"  resync windows:      margin {self.resync_margin:g} s, widest "
             f"{self.widest_resync_window:.2f} s; {self.share_covered:.1%} of the owed messages "
             "covered by a resync",
@@ -331,6 +339,7 @@ def build_report(
         resyncs=sum(agent.resync_count() for agent in agents),
         degraded_resyncs=sum(agent.degraded_count() for agent in agents),
         unstored_resyncs=sum(agent.stats.get("unstored_resyncs", 0) for agent in agents),
+        unstored_deliveries=sum(agent.stats.get("unstored_deliveries", 0) for agent in agents),
         targeted={} if targeted is None else targeted.as_dict(),
         outage={} if checked_outage is None else checked_outage.as_dict(),
         reconnects=sum(agent.stats.get("reconnects", 0) for agent in agents),

@@ -65,6 +65,7 @@ from ..perprocess import PerProcess
 from .loop import loop_runner
 from .names import (
     LIVE_TOKEN,
+    MSG_ID,
     UNSTORED_HEADER,
     WORK_TOKEN,
     escape_token,
@@ -562,13 +563,20 @@ class NatsBackend(BaseBackend):
         channel: str | None = None,
     ) -> None:
         """Store ``data``; while the stream cannot, the subscribers of ``channel`` (a wire
-        name) are told to resync (see .storing), where they listen to its live subject."""
+        name) are told, where they listen to its live subject (see .storing): with the
+        message itself (``data`` is the channel's broadcast), or, for a targeted publish
+        (``stream`` is the work stream), to resync: every subscriber of the channel hears
+        a notice, and a targeted message is for one member of a group only."""
         tell = None
         if channel is not None and self.live:
             live = self.live_subject(channel)
+            carried = stream == self.stream_name
 
-            async def tell() -> None:
-                await nc.publish(live, b"", headers={UNSTORED_HEADER: "1"})
+            async def tell(msg_id: str) -> None:
+                if carried:
+                    await nc.publish(live, data, headers={UNSTORED_HEADER: "1", MSG_ID: msg_id})
+                else:
+                    await nc.publish(live, b"", headers={UNSTORED_HEADER: "1"})
 
         async def remake(timeout: float) -> None:
             if stream == self.stream_name:

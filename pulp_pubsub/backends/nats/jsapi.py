@@ -148,8 +148,10 @@ _NOT_FOUND = "404"
 
 async def direct_get(
     nc: Client, stream: str, request: dict[str, Any], what: str, deadline: float, try_timeout: float
-) -> tuple[int, bytes] | None:
-    """The (sequence, data) a direct get of ``stream`` answers to ``request``, or None (404).
+) -> tuple[int, bytes, dict[str, str]] | None:
+    """The (sequence, data, headers) a direct get of ``stream`` answers to ``request``, or
+    None (404). The headers are the stored message's own (its ``Nats-Msg-Id`` among them)
+    and the server's (``Nats-Sequence``, ``Nats-Subject``, ...).
 
     A stream with ``allow_direct`` answers these from any of its replicas that is caught up,
     followers included, so they need neither the stream's nor the meta group's leader: they
@@ -158,7 +160,7 @@ async def direct_get(
     subject = f"$JS.API.DIRECT.GET.{stream}"
     payload = json.dumps(request).encode()
 
-    async def ask(timeout: float) -> tuple[int, bytes] | None:
+    async def ask(timeout: float) -> tuple[int, bytes, dict[str, str]] | None:
         reply = await nc.request(subject, payload, timeout=timeout)
         headers = reply.headers or {}
         status = headers.get("Status")
@@ -169,7 +171,7 @@ async def direct_get(
                 code=int(status) if status.isdigit() else 500,
                 description=headers.get("Description") or "",
             )
-        return int(headers["Nats-Sequence"]), reply.data
+        return int(headers["Nats-Sequence"]), reply.data, headers
 
     return await patiently(
         ask, what, deadline, try_timeout, awaited="a caught-up replica of the stream"

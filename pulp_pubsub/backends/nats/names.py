@@ -24,9 +24,14 @@ WORK_TOKEN = "_work"
 #: (one token) nor any targeted one (three) is among them.
 LIVE_TOKEN = "_live"
 #: A header of a plain NATS message on a live subject, sent by a publisher whose publish the
-#: stream has not stored within a retry interval (no leader): its subscribers resync the
-#: channel at once instead of waiting out the election (see .storing).
+#: stream has not stored within a retry interval (no leader), so that its subscribers need
+#: not wait out the election (see .storing). With :data:`MSG_ID` too, the body is the
+#: message, delivered at once; without it (a targeted publish, or an older release), the
+#: subscribers resync the channel.
 UNSTORED_HEADER = "Pubsub-Unstored"
+#: The header JetStream deduplicates on, within the stream's duplicate window; every copy
+#: of a message (its tries, what the stream stores and republishes, a notice) carries it.
+MSG_ID = "Nats-Msg-Id"
 _ESCAPES = {"%": "%25", ".": "%2E", "$": "%24"}
 _UNESCAPE = re.compile(r"%(25|2E|24)")
 

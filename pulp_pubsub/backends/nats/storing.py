@@ -16,9 +16,17 @@ stream's duplicate window. The backend checks that window when it checks the str
 with a window shorter than ``publish_timeout`` it sends one try only, as before.
 
 Meanwhile the subscribers need not wait for the election: from the first retry on, once a
-second (:data:`TELL_EVERY` tries), ``tell(headers)`` sends a plain NATS message, which no
-stream stores, to the channel's live subject, and its subscribers resync the channel (look
-at the source of truth) at once. The message itself follows once the stream has stored it.
+second (:data:`TELL_EVERY` tries), ``tell(msg_id)`` sends a plain NATS message, which no
+stream stores, to the channel's live subject: a notice that carries the message itself and
+its ``Nats-Msg-Id``. Plain NATS needs no leader, so each live subscriber delivers the
+message at once, about a second after the node's loss instead of after the election, and
+only once: the repeated notices and the copy the stream stores (and republishes) later
+carry the same id, and a subscriber that delivered it early does not deliver it again
+(:mod:`.transport`). A message told early is delivered even if its publish then fails: the
+publisher gets its PublishError, the subscribers that heard the notice have the message
+(at least once, as with any failed publish that may have reached a server). A targeted
+publish's notice carries no message (it is for one member of a group, not for every
+subscriber): the channel's subscribers resync instead, as all did before this release.
 """
 
 from __future__ import annotations
@@ -34,11 +42,10 @@ import nats.js.errors
 from nats.aio.client import Client
 
 from .jsapi import INTERVAL, patiently
+from .names import MSG_ID
 
 logger = logging.getLogger(__name__)
 
-#: The header JetStream deduplicates on, within the stream's duplicate window.
-MSG_ID = "Nats-Msg-Id"
 #: Seconds one try waits for its acknowledgement, at most: short, so that tries keep going
 #: to the cluster (a try sent while no leader is elected is never answered), long enough for
 #: a loaded server's late acknowledgement, which still counts while later tries wait.
@@ -61,7 +68,7 @@ async def store(
     retry: bool = True,
     no_stream: Callable[[float], Awaitable[Any]] | None = None,
     msg_id: str | None = None,
-    tell: Callable[[], Awaitable[None]] | None = None,
+    tell: Callable[[str], Awaitable[None]] | None = None,
 ) -> Any:
     """Publish ``data`` to ``subject`` and wait for a stream's acknowledgement until ``deadline``.
 
@@ -70,8 +77,9 @@ async def store(
     stream captures the subject (no responders), ``no_stream(timeout)`` is awaited once, to
     make the stream again, and the publish goes on. Raises ConnectionLost naming ``what``
     when nothing was acknowledged in time, and any other refusal as it is. ``msg_id``: the
-    message's id, when the caller sends it again on another connection. ``tell()``: tells
-    the channel's subscribers that a message waits to be stored (see the module doc).
+    message's id, when the caller sends it again on another connection. ``tell(msg_id)``:
+    tells the channel's subscribers that the message with this id waits to be stored (see
+    the module doc); awaited at the first retry and once a second after.
     """
     headers = {MSG_ID: msg_id or message_id()}
     js = nc.jetstream()
@@ -83,7 +91,7 @@ async def store(
         tries += 1
         if tell is not None and tries % TELL_EVERY == 0:
             try:
-                await tell()
+                await tell(headers[MSG_ID])
             except Exception as exc:  # the publish goes on; its subscribers wait, as before
                 logger.debug("Could not tell the subscribers of %r: %s", subject, exc)
         logger.debug(

@@ -11,7 +11,12 @@ what it missed from the stream with direct gets, from just after the last sequen
 holding the live messages meanwhile; a live message whose previous sequence is not the last
 one delivered shows a gap, filled the same way. Neither needs a leader: after a node's loss a
 subscriber is back as soon as it has reconnected, and hears new messages once the stream
-stores again (the stream's own election, when the lost node led it). On a stream without
+stores again (the stream's own election, when the lost node led it). Until then a publisher
+waiting for the stream sends a notice to the live subject (see .storing): one that carries
+a message and its ``Nats-Msg-Id`` is delivered at once and the id remembered for a while,
+so that the stored copy, live or replayed (both keep the header), moves the position on
+without being delivered a second time; one without (a targeted publish, an older
+release's) resyncs the channel. On a stream without
 republish and direct gets (an operator's own, or one made by an older release) each channel
 is an ephemeral push consumer that starts just after the last stream sequence seen, made
 through the meta group's leader.
@@ -50,7 +55,7 @@ from ..base import BaseBackend, Handed, Transport
 from ..selfpipe import close_fds, drain, make_pipe, poke
 from .jsapi import INTERVAL, PATIENCE, direct_get, patiently
 from .loop import loop_runner
-from .names import UNSTORED_HEADER
+from .names import MSG_ID, UNSTORED_HEADER
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +76,18 @@ _CONSUMER_GONE = ("consumer deleted", "push based")
 PULL_RETRY = 0.5
 #: Seconds between two resyncs of a channel for publishes the stream has not stored yet.
 UNSTORED_GAP = 1.0
-#: Seconds of no such resync after which the next one is said at INFO again.
+#: Seconds of no such resync (or early delivery) after which the next is said at INFO again.
 UNSTORED_QUIET = 60.0
+#: Seconds a transport remembers the id of a message it delivered early (a publisher told
+#: it while waiting for the stream to store it), at least; twice ``publish_timeout`` when
+#: that is longer. The stored copy comes, if ever, from a try sent within the publisher's
+#: ``publish_timeout`` of the first notice; twice that leaves room for a try answered late
+#: and for a replay after a reconnect. Forgotten too soon, the stored copy is delivered a
+#: second time (a spare wake-up), never lost.
+TOLD_KEEP = 60.0
+#: At most this many such ids per transport, the oldest forgotten first: each waiting
+#: publish is one id, and thousands are more than a fleet's publishers wait for at once.
+TOLD_MAX = 4096
 
 
 class NatsHost(Protocol):
@@ -140,11 +155,21 @@ class NatsTransport(Transport):
         # Live subjects (republished): the messages held per wire while what it missed is
         # read from the stream, as (sequence, previous sequence, payload); the wire of each
         # live subject; the tasks filling a gap.
-        self._held: dict[str, list[tuple[int, int, str]]] = {}
+        # (and the message's Nats-Msg-Id, "" when it has none);
+        self._held: dict[str, list[tuple[int, int, str, str]]] = {}
         self._live_wires: dict[str, str] = {}
         self._fills: set[asyncio.Task[None]] = set()
-        # When each channel last resynced because a publisher's message was not stored yet.
+        # When each channel last resynced because a publisher's message was not stored yet,
+        # and last delivered such a message early (told with it).
         self._told: dict[str, float] = {}
+        self._told_early: dict[str, float] = {}
+        # (wire, Nats-Msg-Id) of the messages delivered early -> (when, whether the stored
+        # copy came since), oldest first: see TOLD_KEEP.
+        self._early: dict[tuple[str, str], tuple[float, bool]] = {}
+        # Told while the channel catches up (replay, gap): id -> payload, delivered after
+        # what the stream holds before it, unless its stored copy comes first.
+        self._early_waiting: dict[str, dict[str, str]] = {}
+        self._early_keep = max(TOLD_KEEP, 2 * float(backend.config["publish_timeout"]))
         # Targeted delivery: the inbox our pull requests are answered on, each request's
         # (wire, group) and end, the request waiting per pair, what the listener wants
         # now, the pairs whose handed message it has not read yet, and the pairs handed
@@ -346,7 +371,7 @@ class NatsTransport(Transport):
 
     async def _get(
         self, wire: str, deadline: float, what: str, **request: Any
-    ) -> tuple[int, bytes] | None:
+    ) -> tuple[int, bytes, dict[str, str]] | None:
         return await direct_get(
             self._nc,
             self.host.stream_name,
@@ -388,13 +413,32 @@ class NatsTransport(Transport):
             self._seen[wire] = max(self._seen.get(wire, 0), start)
         return await self._drain(wire, deadline)
 
-    def _deliver(self, wire: str, sequence: int, payload: str) -> bool:
+    def _deliver(self, wire: str, sequence: int, payload: str, msg_id: str = "") -> bool:
+        """Deliver the stored message at ``sequence`` unless seen; with ``msg_id``, unless
+        it was delivered early (its position still moves on)."""
         with self._lock:
             if sequence <= self._seen.get(wire, 0):
                 return False
             self._seen[wire] = sequence
+            early = self._early.get((wire, msg_id)) if msg_id else None
+            if early is not None:
+                # Kept, marked: a notice of it still on its way is not delivered either.
+                self._early[(wire, msg_id)] = (early[0], True)
+                return True
+            if msg_id and self._early_waiting.get(wire, {}).pop(msg_id, None) is not None:
+                self._early[(wire, msg_id)] = (time.monotonic(), True)
         self._push((wire, payload))
         return True
+
+    def _deliver_waiting(self, wire: str) -> None:
+        """The channel has caught up: what was told meanwhile follows what it replayed."""
+        with self._lock:
+            waiting = self._early_waiting.pop(wire, None) or {}
+            now = time.monotonic()
+            for msg_id in waiting:
+                self._early[(wire, msg_id)] = (now, False)
+        for payload in waiting.values():
+            self._push((wire, payload))
 
     async def _drain(self, wire: str, deadline: float) -> int:
         """Deliver ``wire``'s stored messages after the last seen, then those held, in order.
@@ -414,15 +458,18 @@ class NatsTransport(Transport):
             while held and held[0][0] <= seen:
                 held.pop(0)
             if held and held[0][1] <= seen:
-                sequence, _, payload = held.pop(0)
-                self._deliver(wire, sequence, payload)
+                sequence, _, payload, msg_id = held.pop(0)
+                self._deliver(wire, sequence, payload, msg_id)
                 continue
             if looked and not held:
                 del self._held[wire]
+                self._deliver_waiting(wire)
                 return replayed
             got = await self._get(wire, deadline, "the replay", seq=seen + 1, next_by_subj=wire)
             if got is not None and not (held and got[0] >= held[0][0]):
-                self._deliver(wire, got[0], got[1].decode("utf-8", "replace"))
+                self._deliver(
+                    wire, got[0], got[1].decode("utf-8", "replace"), got[2].get(MSG_ID, "")
+                )
                 replayed += 1
                 looked = False
                 continue
@@ -430,8 +477,8 @@ class NatsTransport(Transport):
             if held and got is not None and got[0] == held[0][0]:
                 # The stream holds nothing of this channel between the last one delivered
                 # and the held one: it follows, whatever its previous sequence said.
-                sequence, _, payload = held.pop(0)
-                self._deliver(wire, sequence, payload)
+                sequence, _, payload, msg_id = held.pop(0)
+                self._deliver(wire, sequence, payload, msg_id)
                 continue
             if held and (got is not None or time.monotonic() >= deadline):
                 # What came between is gone from the stream (trimmed), or the replicas
@@ -456,8 +503,12 @@ class NatsTransport(Transport):
     def _live_callback(self, wire: str) -> Any:
         async def on_message(msg: Msg) -> None:
             headers = msg.headers or {}
+            msg_id = headers.get(MSG_ID) or ""
             if UNSTORED_HEADER in headers:
-                self._unstored(wire)
+                if msg_id:
+                    self._deliver_early(wire, msg_id, msg.data.decode("utf-8", "replace"))
+                else:
+                    self._unstored(wire)
                 return
             try:
                 sequence = int(headers["Nats-Sequence"])
@@ -467,7 +518,7 @@ class NatsTransport(Transport):
             payload = msg.data.decode("utf-8", "replace")
             held = self._held.get(wire)
             if held is not None:
-                bisect.insort(held, (sequence, previous, payload))
+                bisect.insort(held, (sequence, previous, payload, msg_id))
                 return
             if sequence <= self._seen.get(wire, 0):
                 return
@@ -481,19 +532,63 @@ class NatsTransport(Transport):
                     previous,
                     self._seen.get(wire, 0),
                 )
-                self._held[wire] = [(sequence, previous, payload)]
+                self._held[wire] = [(sequence, previous, payload, msg_id)]
                 task = asyncio.ensure_future(self._fill(wire))
                 self._fills.add(task)
                 task.add_done_callback(self._fills.discard)
                 return
-            self._deliver(wire, sequence, payload)
+            self._deliver(wire, sequence, payload, msg_id)
 
         return on_message
 
+    def _deliver_early(self, wire: str, msg_id: str, payload: str) -> None:
+        """A publisher says the stream cannot store its message ``msg_id`` of ``wire`` yet
+        (it has no leader), and sends it: delivered now, once whatever the number of
+        notices, and its stored copy, when it comes, not delivered again (see _deliver).
+
+        A notice that comes after its stored copy (the publisher told the channel as an
+        earlier try was being stored; the two travel different routes) is delivered: a
+        duplicate, which a wake-up allows; remembering every stored id to rule it out
+        would cost memory on every message for a race seen on none here.
+        """
+        now = time.monotonic()
+        key = (wire, msg_id)
+        with self._lock:
+            while self._early:
+                oldest = next(iter(self._early))
+                if len(self._early) < TOLD_MAX and now - self._early[oldest][0] < self._early_keep:
+                    break
+                del self._early[oldest]
+            waiting = self._early_waiting.get(wire)
+            if key in self._early or (waiting is not None and msg_id in waiting):
+                return
+            if wire in self._held:
+                # Catching up (see _drain): after what the stream holds before it. Not
+                # remembered as delivered until it is (a position taken meanwhile must
+                # not skip its stored copy).
+                self._early_waiting.setdefault(wire, {})[msg_id] = payload
+                catching_up = True
+            else:
+                self._early[key] = (now, False)
+                catching_up = False
+        count(self.backend.stats, "unstored_deliveries", self.backend.name)
+        last = self._told_early.get(wire)
+        self._told_early[wire] = now
+        if last is None or now - last > UNSTORED_QUIET:
+            logger.info(
+                "A publisher waits for the JetStream stream to store a message of %r (no "
+                "leader), and sent it here: delivered now; its stored copy will not be "
+                "delivered again.",
+                wire,
+            )
+        if not catching_up:
+            self._push((wire, payload))
+
     def _unstored(self, wire: str) -> None:
         """A publisher says the stream cannot store a message of ``wire`` yet (it has no
-        leader): the channel resyncs now, at most once per :data:`UNSTORED_GAP`; the
-        message follows once stored."""
+        leader) without sending it (a targeted publish, or an older release's): the channel
+        resyncs now, at most once per :data:`UNSTORED_GAP`; the message follows once stored
+        (a targeted one, to its group's member)."""
         now = time.monotonic()
         last = self._told.get(wire)
         if last is not None and now - last < UNSTORED_GAP:
@@ -599,6 +694,7 @@ class NatsTransport(Transport):
             sub = self._subs.pop(wire, None)
             self._heard.pop(wire, None)
             self._held.pop(wire, None)
+            self._early_waiting.pop(wire, None)
             self._live_wires.pop(self.host.live_subject(wire), None)
             if isinstance(sub, tuple):
                 await sub[0].unsubscribe()
@@ -790,7 +886,10 @@ class NatsTransport(Transport):
         if not self.host.jetstream:
             return None
         with self._lock:
-            return {"stream": self.host.stream_name, "seen": dict(self._seen)}
+            # The ids delivered early go along: a new connection that replays a stored copy
+            # does not deliver it again.
+            told = dict(self._early) if self._early else {}
+            return {"stream": self.host.stream_name, "seen": dict(self._seen), "told": told}
 
     def resume(self, position: Any) -> bool:
         if not (self.host.jetstream and isinstance(position, dict)):
@@ -798,6 +897,8 @@ class NatsTransport(Transport):
         if position.get("stream") != self.host.stream_name:
             return False
         self._resume_from = dict(position.get("seen") or {})
+        with self._lock:
+            self._early = {**(position.get("told") or {}), **self._early}
         self._resumed = self._resuming = True
         return True
 
