@@ -477,6 +477,55 @@ def test_the_first_message_after_subscribe_always_arrives(server):
                 sub.unsubscribe(f"first{i}")
 
 
+def _publisher_connections(server: NatsServer) -> int:
+    return sum("publisher" in (c.get("name") or "") for c in server.connections())
+
+
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_a_publish_after_the_server_closed_the_idle_connection_reconnects_and_sends_once(tls):
+    """The publisher's own loop runs only inside a publish: the server's PINGs go unanswered
+    between publishes and it closes the connection; the next publish finds that and sends
+    on a new one, once, without an error."""
+    config = 'ping_interval: "200ms"\nping_max: 1'
+    with NatsServer(extra_config=config, tls=tls) as stale:
+        options = {"tls_ca": stale.ca_file} if tls else {}
+        with override_settings(**nats_settings(stale.url, **options)):
+            _publish_across_the_servers_close(stale)
+
+
+def _publish_across_the_servers_close(stale: NatsServer) -> None:
+    backend = get_backend()
+    with backend.subscriber() as sub:
+        inbox = Inbox(sub, started=True)
+        sub.subscribe("idle", inbox)
+        sub.start()
+        backend.publish("idle", "first")
+        inbox.wait_payload("first")
+        wait_until(lambda: _publisher_connections(stale) == 0, 10, "the server's close")
+        backend.publish("idle", "second")
+        inbox.wait_payload("second")
+        backend.publish("idle", "third")
+        inbox.wait_payload("third")
+        sent = [m.payload for m in inbox.messages if not m.resync]
+        assert sent == ["first", "second", "third"]
+    backend.close()
+
+
+def test_a_publish_from_a_thread_that_runs_an_event_loop_goes_through_the_loop_thread(server):
+    """Such a thread cannot run the publisher's own loop (see .direct); it is not refused."""
+    with override_settings(**nats_settings(server.url)):
+        backend = get_backend()
+        with backend.subscriber() as sub:
+            inbox = Inbox(sub)
+            sub.subscribe("from-async", inbox)
+
+            async def publish_inside_a_loop() -> None:
+                backend.publish("from-async", "sent")
+
+            asyncio.run(publish_inside_a_loop())
+            inbox.wait_payload("sent")
+
+
 # -- targeted delivery -----------------------------------------------------------------
 
 

@@ -84,6 +84,7 @@ try:
 except ImportError as exc:
     raise MissingDependency("nats", "nats", exc) from exc
 
+from .direct import DirectPublisher, can_run_here
 from .storing import message_id, store
 from .transport import NatsTransport
 
@@ -111,6 +112,9 @@ class _Publisher:
         self.lock = threading.Lock()
         # The targeted-delivery stream was checked (or made) on this connection.
         self.work_ready = False
+        #: Core NATS: the connection publishes use from a thread that runs no loop of its
+        #: own, made on first use (see .direct).
+        self.direct: DirectPublisher | None = None
 
 
 class NatsBackend(BaseBackend):
@@ -684,6 +688,13 @@ class NatsBackend(BaseBackend):
         try:
             left = max(0.0, deadline - time.monotonic())
             data = payload.encode("utf-8")
+            if not (copies or self.jetstream) and can_run_here():
+                # In this thread, not through the loop thread's two wake-ups (see .direct).
+                direct = publisher.direct
+                if direct is None:
+                    direct = publisher.direct = DirectPublisher(self._direct_connect, _abandon)
+                direct.publish(subject, data, deadline)
+                return
             # A moment past the deadline: the publish's own account of what it waited for
             # (see .storing) is the better error than a bare time-out.
             sending = self._send(publisher, subject, data, deadline, copies, channel)
@@ -698,6 +709,9 @@ class NatsBackend(BaseBackend):
             raise PublishError(f"nats backend could not publish: {detail}") from exc
         finally:
             publisher.lock.release()
+
+    async def _direct_connect(self) -> Client:
+        return await self.connect(allow_reconnect=False)
 
     def open_transport(self) -> NatsTransport:
         return NatsTransport(self, self)
@@ -799,6 +813,9 @@ class NatsBackend(BaseBackend):
         self._publisher.close()
 
     def _close_publisher(self, publisher: _Publisher) -> None:
+        direct, publisher.direct = publisher.direct, None
+        if direct is not None:
+            direct.close(self.config["connect_timeout"])
         nc, publisher.nc = publisher.nc, None
         if nc is not None:
             try:

@@ -23,7 +23,7 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 
-def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+def log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     # Failures that matter reach the caller or the listener through the connection's own
     # callbacks; what is left (a connection's tasks outliving the interpreter at exit) is
     # noise on stderr, kept in the log at DEBUG instead.
@@ -33,7 +33,7 @@ def _log_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) ->
 class LoopRunner:
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
-        self.loop.set_exception_handler(_log_loop_error)
+        self.loop.set_exception_handler(log_loop_error)
         self.thread = threading.Thread(
             target=self._run_forever, name="pubsub-nats-loop", daemon=True
         )
