@@ -2,10 +2,11 @@
 
 nats-py is an asyncio client; the layer's API is synchronous and
 ``fileno()``-based. So each process hosts one asyncio loop on a daemon
-thread (:mod:`pulp_pubsub.backends.nats.loop`) and every connection lives
-there. A subscriber's transport hands what arrives to its listener thread
-through a self-pipe, the descriptor the listener (and thus Pulp's
-``select()``) waits on.
+thread (:mod:`pulp_pubsub.backends.nats.loop`) and the subscribers' and
+JetStream publishing connections live there. A subscriber's transport hands
+what arrives to its listener thread through a self-pipe, the descriptor the
+listener (and thus Pulp's ``select()``) waits on. A core NATS publish runs
+in the publishing thread, on a loop of its connection's own (:mod:`.direct`).
 
 Every connection is made with nats-py's own reconnecting off: a transport
 that loses its server raises, and the shared listener reconnects for as
