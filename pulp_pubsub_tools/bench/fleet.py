@@ -47,6 +47,8 @@ WAKE, WORK, GROUP = "pubsub_fleet_wake", "pubsub_fleet_work", "fleet"
 RAW_WAKE = "pubsub_fleet_rawwake"
 #: Memory left alone for the rest of the machine when deciding whether the next size fits.
 MEMORY_RESERVE_KB = 3 * 2**20
+#: Seconds the bench waits for agents' answers beyond what they wait themselves.
+GATHER_SLACK = 15.0
 
 
 @dataclass
@@ -68,6 +70,10 @@ class FleetParams:
     probe_interval: float = 5.0
     #: Seconds a subscriber may take to connect before its size counts as not held.
     connect_wait: float = 30.0
+    #: And more for each agent a size adds: agents start one after another, and a server
+    #: that forks a process per connection (PostgreSQL) takes its time with a thousand new
+    #: ones on a loaded machine, so a size is given up for the server, not for the clock.
+    agent_wait: float = 1.5
 
     def check(self) -> None:
         if not self.sizes or any(n < 1 for n in self.sizes):
@@ -96,6 +102,7 @@ QUICK_FLEET = FleetParams(
     settle=0.2,
     probe_interval=0.5,
     connect_wait=2.0,
+    agent_wait=0.0,
 )
 
 
@@ -157,12 +164,13 @@ class FleetRun:
         agents = math.ceil(n / per) - len(self.fleet)
         started = time.monotonic()
         settings = self.settings("subscriber")
-        wait = self.params.connect_wait
+        wait = self.params.connect_wait + self.params.agent_wait * agents
         make = members(settings, WAKE, WORK, GROUP, self.board, per, n, wait)
         new = self.fleet.spawn(
             agents, "fleet-subscriber", make, in_process=False, setup=self.setup("subscriber")
         )
-        wait_ready(self.fleet, self.ctx, f"fleet {self.target.name}: growing to {n}", new)
+        label = f"fleet {self.target.name}: growing to {n}"
+        wait_ready(self.fleet, self.ctx, label, new, timeout=wait + GATHER_SLACK)
         self.size = n
         return time.monotonic() - started
 
@@ -427,7 +435,7 @@ def run_fleet(
     # A server given by URL must hold the smallest size; a larger one it cannot hold
     # ends that backend's run there, and the result says so.
     ctx = Context(Params(subscribers=2 * params.sizes[0], writers=0), servers, progress)
-    ctx.connect_wait = params.connect_wait + 15
+    ctx.connect_wait = params.connect_wait + GATHER_SLACK
     started = time.monotonic()
     meta = new_meta(command, backends, {**params.__dict__, "sizes": list(params.sizes)})
     meta["scenario"] = "fleet"

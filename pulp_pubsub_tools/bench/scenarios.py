@@ -42,10 +42,17 @@ def fixed(role: roles.Role) -> Callable[[int], roles.Role]:
     return lambda index: role
 
 
-def wait_ready(fleet: Fleet, ctx: Context, label: str, agents: list[Any] | None = None) -> None:
+def wait_ready(
+    fleet: Fleet,
+    ctx: Context,
+    label: str,
+    agents: list[Any] | None = None,
+    timeout: float | None = None,
+) -> None:
     agents = fleet.agents if agents is None else agents
+    wait = ctx.connect_wait if timeout is None else timeout
     with ctx.progress.step(label, len(agents), "agents") as step:
-        got = fleet.gather(ctx.connect_wait, lambda m: "ready" in m, agents, step.update)
+        got = fleet.gather(wait, lambda m: "ready" in m, agents, step.update)
     failed = [agents[i].name for i, m in got.items() if not m["ready"]]
     missing = [agent.name for i, agent in enumerate(agents) if i not in got]
     if failed or missing:
