@@ -179,6 +179,9 @@ class StandInRedisWorker:
         self.beats = 0
         self.beaten = threading.Event()
         self.looks = 0
+        self.ignored_task_ids: list[Any] = []
+        #: What pulpcore's fetch_task() finds.
+        self.waiting: Any = None
 
     def beat(self) -> None:
         now = timezone.now()
@@ -190,6 +193,9 @@ class StandInRedisWorker:
 
     def handle_tasks(self) -> None:
         self.looks += 1
+
+    def fetch_task(self) -> Any:
+        return self.waiting
 
     def sleep(self) -> None:
         self.beat()
@@ -290,17 +296,57 @@ def test_a_forged_cancel_is_refused_loudly_and_pulpcore_finds_no_key(new_worker,
     assert "does not show it as being canceled" in caplog.text
 
 
-@pytest.mark.parametrize(("shutting_down", "woken"), [(False, 2), (True, 3)])
-def test_a_finished_task_wakes_for_those_it_held_back_but_the_one_its_worker_takes(
-    new_worker, monkeypatch, shutting_down, woken
-):
-    worker = new_worker()
+@pytest.fixture
+def held_back(monkeypatch):
+    """What reaches wake() (the backend side is tested above), and the tasks counted."""
     sent: list[int] = []
-    monkeypatch.setattr(seam, "wake", sent.append)  # what reaches the backend: tested above
-    monkeypatch.setattr(seam, "waiting_behind", lambda task: 3)
-    worker.shutdown_requested = shutting_down
+    counted: list[tuple[Any, ...]] = []
+
+    def waiting_behind(*tasks: Any) -> int:
+        counted.append(tasks)
+        return 3
+
+    monkeypatch.setattr(seam, "wake", sent.append)
+    monkeypatch.setattr(seam, "waiting_behind", waiting_behind)
+    return types.SimpleNamespace(sent=sent, counted=counted)
+
+
+def test_a_finished_task_is_counted_only_after_its_worker_has_looked_again(new_worker, held_back):
+    worker = new_worker()
+    ended = types.SimpleNamespace()
+    worker.task_ended(ended)
+    # The worker's own look comes first: no query stands between the end and it.
+    assert held_back.counted == [] and held_back.sent == []
+    worker.waiting = types.SimpleNamespace()
+    worker.task = worker.fetch_task()  # it took a task (not held back: still 3 waiting)
+    select_shim.select([worker.sentinel], [], [], 0)  # and forked it: its supervising wait
+    assert held_back.counted == [(ended,)] and held_back.sent == [3]
+    select_shim.select([worker.sentinel], [], [], 0)
+    assert held_back.sent == [3]  # once
+
+
+def test_a_look_that_finds_nothing_wakes_nobody_for_the_finished_task(new_worker, held_back):
+    worker = new_worker()
     worker.task_ended(types.SimpleNamespace())
-    assert sent == [woken]
+    assert worker.fetch_task() is None  # every waiting task is held back by another lock
+    select_shim.select([worker.sentinel], [], [], 0)  # back in its wait, idle
+    assert held_back.counted == [] and held_back.sent == []
+
+
+def test_tasks_set_aside_by_the_look_are_still_woken_for(new_worker, held_back):
+    worker = new_worker()
+    worker.ignored_task_ids = [uuid.uuid4()]  # beyond its versions: another worker may run it
+    worker.task_ended(types.SimpleNamespace())
+    assert worker.fetch_task() is None
+    select_shim.select([worker.sentinel], [], [], 0)
+    assert held_back.sent == [3]
+
+
+def test_a_worker_that_stops_looking_wakes_for_what_its_last_task_held_back(new_worker, held_back):
+    worker = new_worker()
+    worker.task_ended(types.SimpleNamespace())  # then shut down: handle_tasks() looks no more
+    worker.run()
+    assert held_back.sent == [3]
 
 
 def test_a_reconciled_lock_wakes_for_the_waiting_tasks_and_the_worker_looks(

@@ -62,14 +62,16 @@ def held_back_by(record: list[str] | None) -> list[str]:
     return names
 
 
-def waiting_behind(task: Any) -> int:
-    """Waiting tasks that ``task``'s resources held back: those its end may let run.
+def waiting_behind(*tasks: Any) -> int:
+    """Waiting tasks that the resources of ``tasks`` held back: those their end may let run.
 
     One ``COUNT`` on the sender, never one per worker. It may count a task
     that something else still holds back: that costs the worker woken for it
     one look, as a poll would.
     """
-    names = held_back_by(task.reserved_resources_record)
+    names = sorted(
+        {name for task in tasks for name in held_back_by(task.reserved_resources_record)}
+    )
     if not names:
         return 0
     from pulpcore.app.models import Task

@@ -10,8 +10,8 @@ three names of ``pulpcore.tasking.redis_worker``:
 * ``RedisWorker``: a subclass (:class:`PubSubRedisWorkerMixin`) that
   subscribes in ``run()`` (cancels always, wake-ups outside burst mode, in the
   ``handle`` group), marks itself idle for the length of pulpcore's
-  ``sleep()``, and after each task it ran wakes workers for the tasks that
-  task's resource locks held back (the worker itself looks again at once);
+  ``sleep()``, and after each task it ran, once it has looked again itself,
+  wakes workers for the tasks that task's resource locks held back;
 * ``time``: :data:`idle_wait`, whose ``sleep()`` inside an idle worker's
   ``sleep()`` waits on the subscriber's ``fileno()`` and the worker's signal
   pipe instead, running pulpcore's own ``beat()`` whenever a heartbeat is due,
@@ -86,6 +86,7 @@ class PubSubRedisWorkerMixin:
 
     # What pulpcore's class provides (declared for the type checker).
     task: Any
+    ignored_task_ids: list[Any]
     sentinel: int
     shutdown_requested: bool
     heartbeat_period: Any
@@ -106,6 +107,8 @@ class PubSubRedisWorkerMixin:
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.pubsub: Subscriber = get_backend().subscriber(manual_ack=True)
+        #: Tasks this worker ran whose held-back tasks are not yet woken for (see task_ended()).
+        self.ended: list[Any] = []
         self.schedule_safety_look()
         select_shim.attach(self.pubsub, self)
         idle_wait.attach(self)
@@ -122,7 +125,9 @@ class PubSubRedisWorkerMixin:
     def run(self, burst: bool = False) -> Any:
         self.listen(burst)
         try:
-            return super().run(burst=burst)  # type: ignore[misc]
+            result = super().run(burst=burst)  # type: ignore[misc]
+            self.wake_held_back()  # a burst worker, or one shut down, looks no more
+            return result
         finally:
             select_shim.detach(self.pubsub)
             idle_wait.detach(self)
@@ -164,12 +169,40 @@ class PubSubRedisWorkerMixin:
         return result
 
     def task_ended(self, task: Any) -> None:
-        """Its locks are released: wake workers for the tasks they held back.
+        """Its locks are released: the tasks they held back may run now.
 
-        pulpcore's ``handle_tasks()`` looks again right after, so this worker
-        takes one of them itself, unless it is shutting down.
+        pulpcore's ``handle_tasks()`` looks again right after, and that look
+        comes first: the worker that just finished is often the one to take
+        the next task (a task created while it was still winding down), and
+        a query before its look would delay that task's start. So the count
+        of held-back tasks, and their wake-ups, wait until this worker is
+        back in a wait (:meth:`entering_wait`: after it forked the task it
+        took, or idle), and are dropped when its look found nothing it could
+        run (:meth:`fetch_task`).
         """
-        wake(waiting_behind(task) - (0 if self.shutdown_requested else 1))
+        self.ended.append(task)
+
+    def fetch_task(self) -> Any:
+        """pulpcore's look; one that finds nothing means no held-back task can run.
+
+        pulpcore's ``fetch_task()`` goes through every waiting task it has
+        not set aside as beyond its versions, oldest first, so when it
+        returns none, each of them is held back by a lock still held (whose
+        holder wakes for it when it ends) or queued behind such a task.
+        """
+        task = super().fetch_task()  # type: ignore[misc]
+        if task is None and not self.ignored_task_ids:
+            self.ended.clear()
+        return task
+
+    def entering_wait(self) -> None:
+        """Back in a wait: wake workers for what the tasks it ran held back."""
+        self.wake_held_back()
+
+    def wake_held_back(self) -> None:
+        ended, self.ended = self.ended, []
+        if ended:
+            wake(waiting_behind(*ended))
 
     def app_worker_cleanup(self) -> Any:
         """pulpcore's, then: locks of missing workers may be free now, so look."""

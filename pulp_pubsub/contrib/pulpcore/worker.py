@@ -184,6 +184,8 @@ class SelectShim:
         subscriber, worker = attached
         retry_at = None
         if worker is not None:
+            # Before it takes wake-ups again: what it sends is for the others.
+            worker.entering_wait()
             # Back in its wait, the worker has acted on the wake-ups it was
             # handed; while it runs a task, "handle" is for the idle ones.
             subscriber.set_accepting(WAKEUP, RUNNERS, worker.task is None)
@@ -266,6 +268,9 @@ class PubSubWorkerMixin:
 
     def schedule_safety_look(self) -> None:
         self.safety_look_at = next_safety_look()
+
+    def entering_wait(self) -> None:
+        """The select seam calls it as the worker enters a wait; this type has nothing to do."""
 
     def safety_look(self) -> None:
         """Act as if woken: a wake-up or a cancel the layer lost costs one period, never a stall.
