@@ -11,6 +11,7 @@ COLOURS = {
     "redis": "#d82c20",
     "etcd": "#419eda",
     "nats": "#2ca02c",
+    "natsjs": "#17becf",
     "relay": "#6a3d9a",
     "relay_direct": "#b15928",
     "zookeeper": "#d4a017",
