@@ -42,6 +42,12 @@ def test_the_table_has_a_row_per_size_with_both_fleets():
     assert row.endswith("| 9900 ms (canceled) | 80 ms (canceled) |")
 
 
+def test_a_run_onto_an_idle_fleet_says_so_under_its_table():
+    assert "idle fleet" not in markdown(RESULT)
+    onto_idle = {**RESULT, "config": {**RESULT["config"], "latency_gap": 0.2}}
+    assert "after 0.2 to 0.4 s of quiet, onto an idle fleet" in markdown(onto_idle)
+
+
 def test_check_fails_on_a_page_that_differs_from_the_json(tmp_path):
     result, page = tmp_path / "result.json", tmp_path / "page.md"
     result.write_text(json.dumps(RESULT))

@@ -17,6 +17,7 @@ import asyncio
 import datetime as dt
 import json
 import os
+import random
 import sys
 import threading
 import time
@@ -127,9 +128,16 @@ def drive(opts: dict[str, Any]) -> dict[str, Any]:
         set_domain(domain)
         return await adispatch(sleep_task, args=(0,))
 
+    # Seconds of quiet before each latency task (drawn from [gap, 2 x gap]): the worker that
+    # ran the previous one is back in its wait, so the task goes to an idle fleet, at a
+    # random point of a polling worker's cycle, instead of to the worker just winding down.
+    gap = float(opts.get("latency_gap", 0))
+
     def run_sequential(n: int, use_async: bool) -> list[dict[str, Any]]:
         records = []
         for _ in range(n):
+            if gap:
+                threading.Event().wait(random.uniform(gap, 2 * gap))  # a load pattern
             if use_async:
                 task = asyncio.run(async_dispatch(get_domain()))
             else:

@@ -90,12 +90,15 @@ def start_fleets(
     return stock, ours
 
 
-def latency_rounds(run: Run, pairs: list[tuple[Outcome, dict[str, str]]], tasks: int) -> None:
+def latency_rounds(
+    run: Run, pairs: list[tuple[Outcome, dict[str, str]]], tasks: int, gap: float = 0.0
+) -> None:
     """``tasks`` latency tasks a fleet, one at a time, the fleets alternating in rounds so
-    load from anything else on the machine falls on both alike."""
+    load from anything else on the machine falls on both alike; with ``gap``, each after
+    that many seconds of quiet or up to twice as many (onto an idle fleet)."""
     rounds = max(1, min(run.config.rounds, tasks))
     per_round = -(-tasks // rounds)
-    only_latency = {"async_tasks": 0, "burst_tasks": 0, "cancel": False}
+    only_latency = {"async_tasks": 0, "burst_tasks": 0, "cancel": False, "latency_gap": gap}
     for n in range(rounds):
         for outcome, env in pairs if n % 2 == 0 else pairs[::-1]:
             run.drive(outcome, outcome.name, env, latency_tasks=per_round, **only_latency)

@@ -84,6 +84,11 @@ class SizesConfig:
     #: The sizes run this many times in turn (4, 16, 32, 4, 16, 32, ...), on fresh fleets,
     #: and each size's figures pool its passes (as the herd run's ``--passes``).
     passes: int = 1
+    #: Seconds of quiet (up to twice as many) before each latency task. With none, a task
+    #: is dispatched as soon as the previous one finished, and the worker that ran it,
+    #: still winding down, takes it on both fleets without waiting for a poll or a
+    #: wake-up; with a gap, the task finds the fleet idle, which is what a wake-up is for.
+    latency_gap: float = 0.0
 
 
 #: The online-worker count a Redis-type worker's ``beat()`` takes for its poll interval,
@@ -178,7 +183,7 @@ class SizesRun(HerdRun):
         self.flush_locks(envs)
         stock, ours = start_side_by_side(self, k, envs, prefix)
         pairs = [(stock, envs[names[0]]), (ours, envs[names[1]])]
-        latency_rounds(self, pairs, config.tasks)
+        latency_rounds(self, pairs, config.tasks, config.latency_gap)
         idle: dict[str, dict[str, float]] = {}
         if config.idle_seconds > 0:
             for db in names:
@@ -374,6 +379,13 @@ def markdown(result: dict[str, Any]) -> str:
         )
     cfg = result["config"]
     passes = cfg.get("passes", 1)
+    if cfg.get("latency_gap"):
+        gap = cfg["latency_gap"]
+        lines += [
+            "",
+            f"Each latency task dispatched after {gap:g} to {2 * gap:g} s of quiet, onto an "
+            "idle fleet (`--latency-gap`).",
+        ]
     if passes > 1:
         lines += [
             "",
@@ -463,6 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst-workers", type=int, default=defaults.burst_workers)
     parser.add_argument("--no-faults", action="store_true")
     parser.add_argument(
+        "--latency-gap",
+        type=float,
+        default=defaults.latency_gap,
+        help="seconds of quiet (up to twice as many) before each latency task: onto an "
+        "idle fleet (default: none, each as soon as the previous one finished)",
+    )
+    parser.add_argument(
         "--passes",
         type=int,
         default=defaults.passes,
@@ -481,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--sizes takes positive fleet sizes, e.g. 4,16,32")
         if args.passes < 1:
             parser.error("--passes takes a positive number")
+        if args.latency_gap < 0:
+            parser.error("--latency-gap takes seconds, 0 or more")
         config = SizesConfig(
             sizes=sizes,
             series=args.series,
@@ -492,6 +513,7 @@ def main(argv: list[str] | None = None) -> int:
             burst_workers=args.burst_workers,
             faults=not args.no_faults,
             passes=args.passes,
+            latency_gap=args.latency_gap,
         )
 
         def log(text: str) -> None:
