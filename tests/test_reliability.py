@@ -162,6 +162,11 @@ def test_subscriber_lifecycles_leave_no_threads_fds_or_connections(harness, cycl
     with harness.configured(**FAST) as backend:
         channel = unique("cycle")
         backend.publish(channel, "warm")  # the publisher's connection is part of the baseline
+        # So is what a process's first subscriber starts once for all (NATS's loop thread:
+        # core NATS publishes no longer start it).
+        with backend.subscriber() as first:
+            first.subscribe(channel, lambda message: None)
+            assert first.wait_connected(PATIENCE)
         gc.collect()  # what earlier tests left for the collector is not this test's to count
         threads, fds, targets = threading.active_count(), open_fds(), fd_targets()
         connections = server_connections(harness)
