@@ -269,12 +269,8 @@ def test_a_short_chaos_run_loses_nothing_silently(backend, capfd, django_db_bloc
 @pytest.mark.servers
 @pytest.mark.parametrize("backend", CHAOS_BACKENDS)
 def test_a_chaos_run_of_every_fault_kind_loses_nothing_silently(backend, capfd, django_db_blocker):
-    # A ZooKeeper member killed with SIGKILL and started again reloads its sessions from
-    # disk; on a loaded machine its clients took longer than the default 20 s to hear a
-    # message again (nothing lost). Allowed 40 s until that is tightened (closing note).
-    overrides = {"recovery_timeout": 40.0} if backend == "zookeeper" else {}
     with django_db_blocker.unblock():
-        report = run(chaos_config(backend, **overrides))
+        report = run(chaos_config(backend))
     text = check_run(backend, report, capfd)
     kinds = TARGETS[backend].fault_kinds
     assert {kind for kind, entry in report.faults_by_kind.items() if entry["count"]} == set(

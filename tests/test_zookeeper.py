@@ -23,7 +23,7 @@ from kazoo.exceptions import NoAuthError
 
 from pulp_pubsub.backends.zookeeper import ZookeeperBackend
 from pulp_pubsub.backends.zookeeper.names import escape, parse_url, unescape
-from pulp_pubsub.exceptions import InvalidPayload, MissingDependency, PublishError
+from pulp_pubsub.exceptions import ConnectionLost, InvalidPayload, MissingDependency, PublishError
 from pulp_pubsub_tools.testing import TcpProxy, ZookeeperEnsemble, ZookeeperServer, free_port
 
 from .util import dispatch_until, inbox, plain, wait_until
@@ -184,6 +184,21 @@ def test_publish_fails_over_to_a_server_that_answers(server, zk):
         f"through the live member {i}".encode() for i in range(3)
     ]
     backend.close()
+
+
+def test_a_silent_server_fails_a_subscribers_connect_within_connect_timeout(server, proxy):
+    """Not after kazoo's handshake timeout, which is the whole session timeout (30 s here):
+    a subscriber whose member was frozen, or restarted behind a proxy, tries again at once."""
+    proxy.stall()
+    backend = via(proxy, connect_timeout=1, session_timeout=30)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ConnectionLost, match="no answer within 1 s"):
+            backend.open_transport()
+        assert time.monotonic() - started < 5
+    finally:
+        proxy.resume()
+        backend.close()
 
 
 # -- interop --------------------------------------------------------------------------

@@ -62,7 +62,7 @@ try:
 except ImportError as exc:
     raise MissingDependency("zookeeper", "zookeeper", exc) from exc
 
-from .client import Connect, create_container, trim
+from .client import Connect, create_container, stop, trim
 from .transport import ZookeeperTransport
 
 logger = logging.getLogger(__name__)
@@ -314,9 +314,7 @@ class Publisher:
             self.client = self.backend.connect.client(retry_forever=True)
             self._start(self.client)
         # Stopping waits for kazoo's connection thread, which may be in that very wait.
-        threading.Thread(
-            target=_stop, args=(client,), name="pubsub-zookeeper-stop", daemon=True
-        ).start()
+        stop(client, 0.0)
 
     def publish(self, wire: str, data: bytes, deadline: float) -> None:
         path = self.backend.path(wire)
@@ -391,12 +389,4 @@ class Publisher:
             self._trims.put(None)
             self._trimmer.join(self.backend.config["publish_timeout"])
         if self._started:
-            _stop(self.client)
-
-
-def _stop(client: KazooClient) -> None:
-    try:
-        client.stop()
-        client.close()
-    except Exception:
-        logger.debug("Closing a ZooKeeper publishing session failed", exc_info=True)
+            stop(self.client, self._patience)

@@ -13,6 +13,7 @@ rule and the guarantee it gives.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,31 @@ class Connect:
             logger=KAZOO_LOGGER,
             **kwargs,
         )
+
+
+def stop(client: KazooClient, wait: float) -> None:
+    """Stop and close ``client``, waiting for it at most ``wait`` seconds.
+
+    kazoo's own stop waits for its connection thread, and a thread in the middle of a
+    connect handshake with a member that took the TCP connection and says nothing (frozen,
+    or a proxy in front of one that is restarting) gives up only after the whole session
+    timeout: 30 s by default, however short ``connect_timeout`` is. Past ``wait`` the
+    client finishes stopping on a thread of its own, so neither a reconnecting subscriber
+    nor a publisher replacing its session waits for it.
+    """
+    closing = threading.Thread(
+        target=_stop_now, args=(client,), name="pubsub-zookeeper-stop", daemon=True
+    )
+    closing.start()
+    closing.join(wait)
+
+
+def _stop_now(client: KazooClient) -> None:
+    try:
+        client.stop()
+        client.close()
+    except Exception:
+        logger.debug("Closing a ZooKeeper session failed", exc_info=True)
 
 
 def create_container(client: KazooClient, path: str, acl: Sequence[Any], timeout: float) -> None:

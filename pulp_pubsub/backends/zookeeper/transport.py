@@ -33,7 +33,7 @@ from kazoo.protocol.states import KazooState
 from ...exceptions import ConnectionLost
 from ..selfpipe import close_fds, drain, make_pipe, poke
 from ..transport import SubscribedBackend, Transport
-from .client import Connect, create_container, parse_mark
+from .client import Connect, create_container, parse_mark, stop
 from .names import Where, sequence
 
 if TYPE_CHECKING:
@@ -91,15 +91,19 @@ class ZookeeperTransport(Transport):
         self._pipe_r, self._pipe_w = make_pipe()
         self._client = client = backend.connect.client(retry_forever=False)
         client.add_listener(self._on_state)
+        # Not kazoo's start(timeout): past the timeout it stops the client, which waits out
+        # a silent member's handshake (the whole session timeout); see client.stop.
         try:
-            client.start(timeout=self._timeout)
+            client.start_async().wait(self._timeout)
+            failure = None if client.connected else f"no answer within {self._timeout:g} s"
         except Exception as exc:
-            self._stop()
+            failure = str(exc) or type(exc).__name__
+        if failure is not None:
+            stop(client, 0.0)
             close_fds(self._pipe_r, self._pipe_w)
             raise ConnectionLost(
-                f"could not connect to ZooKeeper at {backend.where.connect_string}: "
-                f"{str(exc) or type(exc).__name__}"
-            ) from exc
+                f"could not connect to ZooKeeper at {backend.where.connect_string}: {failure}"
+            )
         self._established = True
 
     # -- kazoo's threads -----------------------------------------------------------
@@ -295,20 +299,13 @@ class ZookeeperTransport(Transport):
             create_container(self._client, path, self.backend.acl, self._timeout)
             self._containers.add(path)
 
-    def _stop(self) -> None:
-        try:
-            self._client.stop()
-            self._client.close()
-        except Exception:
-            pass  # a session that is already gone: nothing to save
-
     def close(self) -> None:
         with self._lock:
             if self._closed:
                 return
             self._closed = True
         self._client.remove_listener(self._on_state)
-        self._stop()
+        stop(self._client, self._timeout)
         close_fds(self._pipe_r, self._pipe_w)
 
 
