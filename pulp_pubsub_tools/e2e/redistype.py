@@ -5,7 +5,8 @@ its own Redis database for pulpcore's locks, every process configured by
 ``PULP_*`` variables alone: ``redis_type_stock`` has pulp_pubsub installed
 with ``PUBSUB_PULPCORE_INTEGRATION = False`` (stock: the switch back), and
 ``redis_type_pubsub`` the integration on the Redis backend. Their latency
-tasks alternate in rounds, as in ``head_to_head``, then each gets async
+tasks alternate in rounds, as in ``head_to_head``, each round with the other
+fleet frozen (:func:`latency_rounds`), then each gets async
 dispatches, a burst, a cancel of a running task (from ``cancel_task()`` to
 ``finished_at``) and of a queued one; their idle transactions are counted
 over the same window. Then a burst onto more workers of each kind
@@ -26,7 +27,8 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from .operator import pulp_environment
@@ -95,13 +97,19 @@ def latency_rounds(
 ) -> None:
     """``tasks`` latency tasks a fleet, one at a time, the fleets alternating in rounds so
     load from anything else on the machine falls on both alike; with ``gap``, each after
-    that many seconds of quiet or up to twice as many (onto an idle fleet)."""
+    that many seconds of quiet or up to twice as many (onto an idle fleet).
+
+    Each fleet's round runs with the other fleet frozen: a stock fleet polls ~100 times a
+    second, and on a small machine that CPU came out of whichever fleet's tasks ran beside
+    it, the integrated fleet's included. Each is measured as it would run alone.
+    """
     rounds = max(1, min(run.config.rounds, tasks))
     per_round = -(-tasks // rounds)
     only_latency = {"async_tasks": 0, "burst_tasks": 0, "cancel": False, "latency_gap": gap}
     for n in range(rounds):
         for outcome, env in pairs if n % 2 == 0 else pairs[::-1]:
-            run.drive(outcome, outcome.name, env, latency_tasks=per_round, **only_latency)
+            with others_frozen(run.site, pairs, outcome):
+                run.drive(outcome, outcome.name, env, latency_tasks=per_round, **only_latency)
 
 
 def redis_type(run: Run) -> None:
@@ -161,15 +169,9 @@ def big_burst(
     runs: dict[str, list[dict[str, Any]]] = {outcome.name: [] for outcome, _ in pairs}
     for n in range(BURST_REPEATS):
         for outcome, env in pairs if n % 2 == 0 else pairs[::-1]:
-            others = [p for p in fleet_processes(site, pairs) if not p[0].startswith(outcome.name)]
             run.log(f"  {tasks} tasks at once onto {workers} {outcome.name} workers ({n + 1})")
-            for _, pid in others:
-                os.kill(pid, signal.SIGSTOP)
-            try:
+            with others_frozen(site, pairs, outcome):
                 runs[outcome.name].append(one_burst(run, outcome, env, pairs, tasks))
-            finally:
-                for _, pid in others:
-                    os.kill(pid, signal.SIGCONT)
     for outcome, _ in pairs:
         done = [summarize_burst(res) | {"cpu_s": res["cpu_s"]} for res in runs[outcome.name]]
         outcome.faults["burst"] = {
@@ -192,6 +194,22 @@ def fleet_processes(
         for p in site.processes
         if p.name.startswith(names) and p.popen.poll() is None
     ]
+
+
+@contextmanager
+def others_frozen(
+    site: Any, pairs: list[tuple[Outcome, dict[str, str]]], outcome: Outcome
+) -> Iterator[None]:
+    """Every worker of the fleets other than ``outcome``'s stopped (SIGSTOP) meanwhile."""
+    mine = f"{outcome.name}-"
+    others = [pid for name, pid in fleet_processes(site, pairs) if not name.startswith(mine)]
+    for pid in others:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGCONT)
 
 
 def cpu_seconds(pid: int) -> float:

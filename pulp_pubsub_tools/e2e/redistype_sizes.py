@@ -9,7 +9,8 @@ off) and K integrated ones, every process configured by ``PULP_*`` alone, each
 fleet on a database and a Redis database of its own, running at the same time:
 
 * created→started p50 and p95 of tasks dispatched one at a time, the fleets
-  alternating in rounds (as in the herd run, :mod:`.herd`);
+  alternating in rounds (as in the herd run, :mod:`.herd`), each round with the
+  other fleet frozen;
 * the fleet's idle database transactions per second over one window for both,
   counted exactly from the server log, and how many of them are heartbeats;
 * the cancel of a running task through the REST API: a real ``pulpcore-api``
@@ -89,6 +90,9 @@ class SizesConfig:
     #: still winding down, takes it on both fleets without waiting for a poll or a
     #: wake-up; with a gap, the task finds the fleet idle, which is what a wake-up is for.
     latency_gap: float = 0.0
+    #: Each fleet's latency rounds ran with the other fleet frozen (recorded in the result:
+    #: runs before :func:`.redistype.latency_rounds` froze it had both fleets running).
+    latency_alone: bool = True
 
 
 #: The online-worker count a Redis-type worker's ``beat()`` takes for its poll interval,
@@ -385,6 +389,12 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"Each latency task dispatched after {gap:g} to {2 * gap:g} s of quiet, onto an "
             "idle fleet (`--latency-gap`).",
+        ]
+    if cfg.get("latency_alone"):
+        lines += [
+            "",
+            "Each fleet's latency tasks ran with the other fleet's workers frozen (SIGSTOP): "
+            "each measured as it runs alone.",
         ]
     if passes > 1:
         lines += [
