@@ -137,7 +137,11 @@ BURST_REPEATS = 3
 
 
 def big_burst(
-    run: Run, pairs: list[tuple[Outcome, dict[str, str]]], tasks: int, workers: int
+    run: Run,
+    pairs: list[tuple[Outcome, dict[str, str]]],
+    tasks: int,
+    workers: int,
+    repeats: int = BURST_REPEATS,
 ) -> None:
     """``tasks`` dispatched at once onto ``workers`` idle workers of each fleet (more
     workers started for it, then stopped): how long from the first created to the last
@@ -146,7 +150,7 @@ def big_burst(
     On a small machine a burst is bound by CPU: the dispatcher, the workers and their task
     processes share it. So each fleet's burst runs alone, the other fleet frozen (SIGSTOP)
     meanwhile, whose polling would otherwise tax whichever burst runs beside it; the fleets
-    take turns, in alternating order, :data:`BURST_REPEATS` times, and the medians count.
+    take turns, in alternating order, ``repeats`` times, and the medians count.
     """
     from .herd import summarize_burst
 
@@ -167,7 +171,7 @@ def big_burst(
     channel = f"{prefix}pulp_worker_wakeup"
     site.wait(lambda: run.redis_subscribers(channel) >= workers, 60, "subscribers")
     runs: dict[str, list[dict[str, Any]]] = {outcome.name: [] for outcome, _ in pairs}
-    for n in range(BURST_REPEATS):
+    for n in range(repeats):
         for outcome, env in pairs if n % 2 == 0 else pairs[::-1]:
             run.log(f"  {tasks} tasks at once onto {workers} {outcome.name} workers ({n + 1})")
             with others_frozen(site, pairs, outcome):

@@ -21,8 +21,9 @@ fleet on a database and a Redis database of its own, running at the same time:
 Once per run, at the burst's size (``--burst-workers``, a size of the run or
 else the largest, with workers added): a burst of B tasks at once onto each
 fleet (:func:`.redistype.big_burst`: each alone, the other frozen, in turn,
-the median of three); the integrated fleet frozen while a task is
-dispatched, the worker its ``handle`` wake-up went to SIGKILLed and the others
+the median of ``--burst-repeats``, five by default); the integrated fleet
+frozen while a task is dispatched, the worker its ``handle`` wake-up went to
+SIGKILLed and the others
 let go (how soon the task starts: at most a heartbeat period); then
 :class:`.redistype.Faults` on both fleets (a worker killed mid-task, the worker
 idle last killed).
@@ -81,6 +82,8 @@ class SizesConfig:
     idle_seconds: float = 20.0
     burst_tasks: int = 64
     burst_workers: int = 16
+    #: Each fleet's burst this many times, in turn; the median is the figure.
+    burst_repeats: int = 5
     faults: bool = True
     #: The sizes run this many times in turn (4, 16, 32, 4, 16, 32, ...), on fresh fleets,
     #: and each size's figures pool its passes (as the herd run's ``--passes``).
@@ -268,7 +271,7 @@ class SizesRun(HerdRun):
         config = self.sizes_config
         if config.burst_tasks:
             self.log(f"  burst: {config.burst_tasks} tasks at once onto {config.burst_workers}")
-            big_burst(self, pairs, config.burst_tasks, config.burst_workers)
+            big_burst(self, pairs, config.burst_tasks, config.burst_workers, config.burst_repeats)
             self.result["burst"] = {
                 kind: outcome.faults["burst"]
                 for kind, (outcome, _) in zip(KINDS, pairs, strict=True)
@@ -483,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=defaults.idle_seconds)
     parser.add_argument("--burst-tasks", type=int, default=defaults.burst_tasks)
     parser.add_argument("--burst-workers", type=int, default=defaults.burst_workers)
+    parser.add_argument("--burst-repeats", type=int, default=defaults.burst_repeats)
     parser.add_argument("--no-faults", action="store_true")
     parser.add_argument(
         "--latency-gap",
@@ -521,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             idle_seconds=args.idle_seconds,
             burst_tasks=args.burst_tasks,
             burst_workers=args.burst_workers,
+            burst_repeats=args.burst_repeats,
             faults=not args.no_faults,
             passes=args.passes,
             latency_gap=args.latency_gap,
