@@ -23,10 +23,9 @@ else the largest, with workers added): a burst of B tasks at once onto each
 fleet (:func:`.redistype.big_burst`: each alone, the other frozen, in turn,
 the median of ``--burst-repeats``, five by default); the integrated fleet
 frozen while a task is dispatched, the worker its ``handle`` wake-up went to
-SIGKILLed and the others
-let go (how soon the task starts: at most a heartbeat period); then
-:class:`.redistype.Faults` on both fleets (a worker killed mid-task, the worker
-idle last killed).
+SIGKILLed and the others let go (how soon the task starts: at most a heartbeat
+period); then :class:`.redistype.Faults` on both fleets (a worker killed
+mid-task, the worker idle last killed).
 
 With ``--passes N`` the sizes run N times in turn, each pass on fresh fleets, and
 each size's figures pool its passes (every task's wait, the idle windows summed,
