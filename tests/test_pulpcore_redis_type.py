@@ -319,10 +319,41 @@ def test_a_finished_task_is_counted_only_after_its_worker_has_looked_again(new_w
     assert held_back.counted == [] and held_back.sent == []
     worker.waiting = types.SimpleNamespace()
     worker.task = worker.fetch_task()  # it took a task (not held back: still 3 waiting)
-    select_shim.select([worker.sentinel], [], [], 0)  # and forked it: its supervising wait
+    # It forked it: the task's start comes first too, so the supervising wait counts later...
+    assert select_shim.select([worker.sentinel], [], [], 0) == ([], [], [])
+    assert held_back.counted == []
+    # ...without being woken: pulpcore's 60 s wait ends for the count, and only once.
+    assert select_shim.select([worker.sentinel], [], [], 60) == ([], [], [])
     assert held_back.counted == [(ended,)] and held_back.sent == [3]
     select_shim.select([worker.sentinel], [], [], 0)
-    assert held_back.sent == [3]  # once
+    assert held_back.sent == [3]
+
+
+def test_a_supervising_worker_counts_for_all_its_ended_tasks_by_the_first_ones_time(
+    new_worker, held_back, monkeypatch
+):
+    worker = new_worker()
+    monkeypatch.setattr(seam, "HELD_BACK_AFTER", 5.0)
+    first, second = types.SimpleNamespace(), types.SimpleNamespace()
+    worker.task = types.SimpleNamespace()
+    worker.task_ended(first)
+    assert worker.while_waiting(1000.0) == 1005.0
+    worker.task_ended(second)  # a short task ended before the count: the time holds
+    assert worker.while_waiting(1004.0) == 1005.0 and held_back.counted == []
+    assert worker.while_waiting(1005.0) is None
+    assert held_back.counted == [(first, second)] and held_back.sent == [3]
+    assert worker.held_back_at is None and worker.while_waiting(1006.0) is None
+
+
+def test_an_idle_worker_counts_what_its_tasks_held_back_at_once(new_worker, held_back):
+    worker = new_worker()
+    ended = types.SimpleNamespace()
+    worker.task_ended(ended)
+    worker.task = types.SimpleNamespace()
+    assert worker.while_waiting(0.0) is not None  # supervising: later
+    worker.task = None  # its next task ended at once, and it is idle before the time
+    assert worker.while_waiting(0.01) is None
+    assert held_back.counted == [(ended,)] and held_back.sent == [3]
 
 
 def test_a_look_that_finds_nothing_wakes_nobody_for_the_finished_task(new_worker, held_back):

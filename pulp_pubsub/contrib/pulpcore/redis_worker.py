@@ -51,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 #: Past a heartbeat's due time before waking to beat: pulpcore's test is "older than" the period.
 HEARTBEAT_SLACK = 0.05
+#: Seconds a worker that has just started a task leaves it before counting what the tasks it
+#: ran before held back (see PubSubRedisWorkerMixin.while_waiting()).
+HELD_BACK_AFTER = 0.25
 
 
 class IdleWait:
@@ -100,6 +103,8 @@ class PubSubRedisWorkerMixin:
     auxiliary: bool = False
     unblock_retry_at: float | None = None
     safety_look_at: float = 0.0
+    #: When a supervising worker counts what its ended tasks held back (time.monotonic()).
+    held_back_at: float | None = None
 
     def schedule_safety_look(self) -> None:
         self.safety_look_at = next_safety_look()
@@ -176,9 +181,8 @@ class PubSubRedisWorkerMixin:
         the next task (a task created while it was still winding down), and
         a query before its look would delay that task's start. So the count
         of held-back tasks, and their wake-ups, wait until this worker is
-        back in a wait (:meth:`entering_wait`: after it forked the task it
-        took, or idle), and are dropped when its look found nothing it could
-        run (:meth:`fetch_task`).
+        back in a wait (:meth:`while_waiting`), and are dropped when its look
+        found nothing it could run (:meth:`fetch_task`).
         """
         self.ended.append(task)
 
@@ -193,14 +197,33 @@ class PubSubRedisWorkerMixin:
         task = super().fetch_task()  # type: ignore[misc]
         if task is None and not self.ignored_task_ids:
             self.ended.clear()
+            self.held_back_at = None
         return task
 
-    def entering_wait(self) -> None:
-        """Back in a wait: wake workers for what the tasks it ran held back."""
+    def while_waiting(self, now: float) -> float | None:
+        """Wake workers for what the tasks it ran held back: idle, at once; supervising
+        the task it has just started, ``HELD_BACK_AFTER`` later (returned to the seam).
+
+        The task process it forked is starting (Django, a database connection)
+        right then, and the count is a query: on a busy host, run beside that
+        start, it delayed each task's start by about as long as the query took
+        (measured in docs/pulp.md). Waiting costs a held-back task at most
+        ``HELD_BACK_AFTER``, and only when this worker went straight on to
+        another task, when the fleet is most likely busy anyway.
+        """
+        if not self.ended:
+            return None
+        if self.task is not None:
+            if self.held_back_at is None:
+                self.held_back_at = now + HELD_BACK_AFTER
+            if now < self.held_back_at:
+                return self.held_back_at
         self.wake_held_back()
+        return None
 
     def wake_held_back(self) -> None:
         ended, self.ended = self.ended, []
+        self.held_back_at = None
         if ended:
             wake(waiting_behind(*ended))
 

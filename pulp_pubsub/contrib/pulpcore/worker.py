@@ -182,17 +182,17 @@ class SelectShim:
         if attached is None:
             return _select.select(rlist, wlist, xlist, timeout)
         subscriber, worker = attached
-        retry_at = None
+        retry_at = chore_at = None
         if worker is not None:
+            now = time.monotonic()
             # Before it takes wake-ups again: what it sends is for the others.
-            worker.entering_wait()
+            chore_at = worker.while_waiting(now)
             # Back in its wait, the worker has acted on the wake-ups it was
             # handed; while it runs a task, "handle" is for the idle ones.
             subscriber.set_accepting(WAKEUP, RUNNERS, worker.task is None)
             subscriber.ack()
             retry_at = worker.unblock_retry_at
-            now = time.monotonic()
-            for due in (retry_at, worker.safety_look_at):
+            for due in (retry_at, worker.safety_look_at, chore_at):
                 if due is not None and due != math.inf:
                     left = max(0.0, due - now)
                     timeout = left if timeout is None else min(timeout, left)
@@ -206,6 +206,8 @@ class SelectShim:
                 worker.wakeup_unblock = not worker.auxiliary
             if now >= worker.safety_look_at:
                 worker.safety_look()
+            if chore_at is not None and now >= chore_at:
+                worker.while_waiting(now)
         if fd in readable:
             subscriber.dispatch()
             readable = [item for item in readable if not (isinstance(item, int) and item == fd)]
@@ -269,8 +271,10 @@ class PubSubWorkerMixin:
     def schedule_safety_look(self) -> None:
         self.safety_look_at = next_safety_look()
 
-    def entering_wait(self) -> None:
-        """The select seam calls it as the worker enters a wait; this type has nothing to do."""
+    def while_waiting(self, now: float) -> float | None:
+        """What the worker does in its wait, as it enters it and when the time this returned
+        (``time.monotonic()``) comes; this type has nothing to do."""
+        return None
 
     def safety_look(self) -> None:
         """Act as if woken: a wake-up or a cancel the layer lost costs one period, never a stall.
