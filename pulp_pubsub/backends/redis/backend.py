@@ -98,7 +98,16 @@ from .sentinel import (
     LookupSSLConnection,
     bound_sentinel_lookups,
 )
-from .wire import RESP2, UNIX_CONNECT_TIMEOUT, dial, explain, pack, pubsub_frame, read_reply
+from .wire import (
+    NOTHING,
+    RESP2,
+    UNIX_CONNECT_TIMEOUT,
+    Frames,
+    dial,
+    explain,
+    pack,
+    pubsub_frame,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -230,6 +239,7 @@ class RedisTransport(Transport):
             backend.clients().sentinel, read_timeout=self._timeout, connect_timeout=self._timeout
         )
         self._conn, self._fd = dial(self._pool, backend.where())
+        self._frames = Frames(self._conn, self._timeout)
         self._reader: GroupReader | None = None
 
     def fileno(self) -> int:
@@ -241,11 +251,8 @@ class RedisTransport(Transport):
         self._send("SUBSCRIBE", *sorted(waiting))
         deadline = time.monotonic() + self._timeout
         while waiting:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ConnectionLost(f"Redis did not confirm SUBSCRIBE within {self._timeout} s")
             try:
-                frame = read_reply(self._conn, left)
+                frame = self._frames.wait(deadline - time.monotonic())
             except redis.TimeoutError as exc:
                 raise ConnectionLost(
                     f"Redis did not confirm SUBSCRIBE within {self._timeout} s"
@@ -268,28 +275,22 @@ class RedisTransport(Transport):
 
     def _read_pubsub(self) -> list[tuple[str, str]]:
         items, self._early = self._early, []
-        conn = self._conn
+        frames = self._frames
         # At most READ_BATCH replies a call: under a flood (a publisher faster than this
         # subscriber) an unbounded drain would never return to the listener, which would
         # stop probing and hold the whole backlog in memory. What is left waits in the
         # socket and the parser; the listener reads again at once (listener/loop.py,
         # Loop._serve).
-        # Ended by the parser's buffer running dry, the read took all there was (see
+        # Ended by the socket running dry, the read took all there was (see
         # Transport.drained); the group reader's read() drains its connection the same way.
         self.drained = True
         while len(items) < READ_BATCH:
-            # can_read() also sees replies already in the parser's buffer,
-            # which leave the socket unreadable: drain until it says no.
             try:
-                if not conn.can_read(timeout=0):
-                    break
-                frame = read_reply(conn, 0)
-            except redis.TimeoutError:
-                # Part of a reply: the rest is on its way and will make the
-                # socket readable again; the part waits in the parser.
-                break
+                frame = frames.next()
             except redis.RedisError as exc:
                 raise ConnectionLost(explain(exc)) from exc
+            if frame is NOTHING:
+                break
             kind, name, payload = pubsub_frame(frame)
             if kind == b"message":
                 items.append((name, payload))
@@ -410,10 +411,7 @@ class RedisTransport(Transport):
             self._reader.close()
 
     def _send(self, *args: str) -> None:
-        try:
-            self._conn.send_command(*args, check_health=False)
-        except redis.RedisError as exc:
-            raise ConnectionLost(explain(exc)) from exc
+        self._frames.send(*args)
 
 
 class RedisBackend(BaseBackend):

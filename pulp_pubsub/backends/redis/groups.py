@@ -21,7 +21,7 @@ from redis.connection import Connection
 from ...exceptions import ConnectionLost
 from ..base import Handed
 from .scripts import ALIVE_CLAIM_TIMEOUTS, MEMBER
-from .wire import explain, read_reply, text
+from .wire import NOTHING, Frames, explain, text
 
 #: The consumer group inside every targeted-delivery stream.
 CONSUMER_GROUP = "pulp-pubsub"
@@ -76,6 +76,7 @@ class GroupReader:
         except redis.RedisError as exc:
             self.conn.disconnect()
             raise ConnectionLost(f"could not connect to {where}: {explain(exc)}") from exc
+        self.frames = Frames(self.conn, config["connect_timeout"])
         # What each outstanding reply is: ("turn", members) or ("inbox", members).
         self.expect: deque[tuple[str, Any]] = deque()
         self.reading: frozenset[tuple[str, str]] | None = None
@@ -150,10 +151,7 @@ class GroupReader:
         self._send("turn", recorded, "EVAL", MEMBER, str(len(keys)), *keys, *self._argv(mode))
 
     def _send(self, kind: str, what: Any, *args: str) -> None:
-        try:
-            self.conn.send_command(*args, check_health=False)
-        except redis.RedisError as exc:
-            raise ConnectionLost(explain(exc)) from exc
+        self.frames.send(*args)
         self.expect.append((kind, what))
         self.block_until = time.monotonic()
 
@@ -161,16 +159,12 @@ class GroupReader:
         handed: list[Handed] = []
         while self.expect:
             try:
-                if not self.conn.can_read(timeout=0):
-                    break
-                reply = read_reply(self.conn, 0)
-            except redis.TimeoutError:
-                break
+                reply = self.frames.next()
             except redis.ResponseError as exc:
                 # NOGROUP: the stream is gone (a restart without persistence).
                 raise ConnectionLost(f"Redis refused a group read: {explain(exc)}") from exc
-            except redis.RedisError as exc:
-                raise ConnectionLost(explain(exc)) from exc
+            if reply is NOTHING:
+                break
             kind, what = self.expect.popleft()
             if kind == "inbox":
                 self.reading = None

@@ -10,13 +10,21 @@ exists (tests/test_redis_floor.py runs the suite on 4.3).
 from __future__ import annotations
 
 import inspect
+import math
 import re
-from typing import Any, cast
+import select
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from typing import Any, Final, cast
 
+import hiredis
 import redis
 from redis.connection import Connection, ConnectionPool, UnixDomainSocketConnection
 
 from ...exceptions import ConnectionLost
+from ..selfpipe import wait_readable
 
 _READ_PARAMS = inspect.signature(Connection.read_response).parameters
 #: read_response(timeout=) (redis-py 8): without it, can_read(timeout) waits first.
@@ -104,3 +112,86 @@ def pack(*args: str) -> bytes:
 
 def text(value: object) -> str:
     return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+#: What :meth:`Frames.next` returns while no whole reply has come (a reply may be ``None``).
+NOTHING: Final = object()
+#: Bytes one read of a connection takes at most.
+READ_SIZE = 65536
+_WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+
+
+class Frames:
+    """The replies of a connection this backend reads itself, taken without waiting.
+
+    A subscriber reads every message this way, in the thread that dispatches it. redis-py's
+    ``can_read()`` and ``read_response(timeout=)`` cost a poll, a peek and two changes of the
+    socket's timeout for each reply (redis-py 8), which made a subscriber's reading dearer
+    than the bare client's: the socket is made non-blocking once instead and read straight
+    into a hiredis reader. redis-py still dials (TLS, AUTH, HELLO), sends nothing afterwards,
+    and disconnects.
+    """
+
+    def __init__(self, conn: Connection, timeout: float) -> None:
+        sock = conn._sock
+        if sock is None:
+            raise ConnectionLost("the connection closed before it was read")
+        sock.settimeout(0)
+        self._sock: socket.socket = sock
+        self._timeout: float = timeout
+        self._parser: Any = hiredis.Reader()
+        # redis-py's own mapping of an error reply to its exception class (NOPERM and so on).
+        self._error: Callable[[str], Exception] = conn._parser.parse_error
+        self._buffer: bytearray = bytearray(READ_SIZE)
+
+    def next(self) -> Any:
+        """One whole reply, or :data:`NOTHING` when none can be had without waiting."""
+        parser = self._parser
+        while True:
+            try:
+                reply = parser.gets()
+            except hiredis.ProtocolError as exc:
+                raise ConnectionLost(f"Redis sent what is not RESP: {exc}") from exc
+            if reply is not False:  # RESP2 has no boolean: False means no whole reply yet
+                if isinstance(reply, hiredis.ReplyError):
+                    raise self._error(str(reply))
+                return reply
+            try:
+                size = self._sock.recv_into(self._buffer)
+            except _WOULD_BLOCK:
+                return NOTHING
+            except OSError as exc:
+                raise ConnectionLost(f"Redis connection failed: {exc}") from exc
+            if not size:
+                raise ConnectionLost("Redis closed the connection")
+            parser.feed(self._buffer, 0, size)
+
+    def wait(self, timeout: float) -> Any:
+        """The next reply, waiting up to ``timeout`` seconds; raises redis.TimeoutError."""
+        deadline = time.monotonic() + timeout
+        while (reply := self.next()) is NOTHING:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise redis.TimeoutError("no reply in time")
+            wait_readable([self._sock.fileno()], left)
+        return reply
+
+    def send(self, *args: str) -> None:
+        """Send one command, waiting up to the connection's timeout while the socket is full."""
+        data = memoryview(pack(*args))
+        deadline = time.monotonic() + self._timeout
+        sock = self._sock
+        while data:
+            try:
+                data = data[sock.send(data) :]
+            except _WOULD_BLOCK:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ConnectionLost(
+                        f"Redis did not take a command within {self._timeout} s"
+                    ) from None
+                writable = select.poll()  # not select(): descriptors may be above 1023
+                writable.register(sock, select.POLLOUT)
+                writable.poll(math.ceil(left * 1000))
+            except OSError as exc:
+                raise ConnectionLost(f"Redis connection failed: {exc}") from exc
