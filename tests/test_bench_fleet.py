@@ -140,3 +140,24 @@ def test_targeted_goals_judge_a_backend_that_targets_and_name_one_that_broadcast
         goal = judged("broadcasts", start)
         assert goal["met"] is None and "does not target" in goal["measured"]
     assert judged("broadcasts", "idle CPU")["met"] is True
+
+
+def test_a_publisher_that_does_not_answer_stops_the_backend_instead_of_crashing_the_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from types import SimpleNamespace
+
+    from pulp_pubsub_tools.bench import BenchError, fleet
+    from pulp_pubsub_tools.bench.progress import Progress
+
+    class Silent:  # a publisher agent starved past the round's wait
+        def send(self, command: dict[str, Any]) -> None:
+            pass
+
+        def gather(self, timeout: float, accept: Any) -> dict[int, dict[str, Any]]:
+            return {}
+
+    monkeypatch.setattr(fleet, "ROUND_WAIT", 0.01)
+    ctx = SimpleNamespace(progress=Progress(StringIO(), lambda text: None, bars=False))
+    with pytest.raises(BenchError, match=r"did not answer within 0\.01 s"):
+        fleet._fanout(ctx, "fleet redis 2000: broadcast", 2000, [(1, {}, Silent(), None)])

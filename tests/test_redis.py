@@ -269,8 +269,9 @@ def test_options_override_the_credentials_of_the_url():
     )
 
 
-def test_without_redis_py_the_error_names_the_pip_extra(monkeypatch):
-    monkeypatch.setitem(sys.modules, "redis", None)
+@pytest.mark.parametrize("missing", ["redis", "hiredis"])
+def test_without_redis_py_the_error_names_the_pip_extra(monkeypatch, missing):
+    monkeypatch.setitem(sys.modules, missing, None)
     monkeypatch.delitem(sys.modules, "pulp_pubsub.backends.redis.backend")
     with pytest.raises(MissingDependency, match=r"pulp-pubsub\[redis\]"):
         importlib.import_module("pulp_pubsub.backends.redis.backend")

@@ -367,7 +367,11 @@ def _fanout(
     with ctx.progress.step(label, len(rounds), "rounds") as step:
         for round_, command, pub, board in rounds:
             pub.send(command)
-            [sent] = pub.gather(ROUND_WAIT, lambda m: "t0" in m).values()
+            answered = list(pub.gather(ROUND_WAIT, lambda m: "t0" in m).values())
+            if not answered:
+                # Starved or stuck (a 2-core machine at N = 2,000): a stop, not a crash.
+                raise BenchError(f"{label}: the publisher did not answer within {ROUND_WAIT} s")
+            [sent] = answered
             got = [t for t in board.collect(round_, n, ROUND_WAIT) if t is not None]
             lost += n - len(got)
             times = [t - sent["t0"] for t in got]

@@ -63,6 +63,7 @@ from ..base import BaseBackend, Handed, Transport
 from ..perprocess import PerProcess
 
 try:
+    import hiredis  # noqa: F401  (the subscriber's reader, see .wire.Frames)
     import redis
     from redis.backoff import NoBackoff
     from redis.connection import (
