@@ -163,6 +163,8 @@ class GroupReader:
             except redis.ResponseError as exc:
                 # NOGROUP: the stream is gone (a restart without persistence).
                 raise ConnectionLost(f"Redis refused a group read: {explain(exc)}") from exc
+            except redis.RedisError as exc:  # LOADING, say: not a ResponseError
+                raise ConnectionLost(explain(exc)) from exc
             if reply is NOTHING:
                 break
             kind, what = self.expect.popleft()

@@ -4,7 +4,8 @@ Shared by the PUB/SUB side (:mod:`.backend`) and the targeted-delivery side
 (:mod:`.groups`), which both read raw replies off connections of their own
 instead of going through redis-py's clients. redis-py grew what is used here
 over its releases; pulpcore allows 4.3 and later, so each is used only where it
-exists (tests/test_redis_floor.py runs the suite on 4.3).
+exists (.ci/run runs the Redis tests on 4.3). Once dialled, the connections a subscriber
+reads are read by :class:`Frames`, not by redis-py.
 """
 
 from __future__ import annotations
@@ -26,11 +27,6 @@ from redis.connection import Connection, ConnectionPool, UnixDomainSocketConnect
 from ...exceptions import ConnectionLost
 from ..selfpipe import wait_readable
 
-_READ_PARAMS = inspect.signature(Connection.read_response).parameters
-#: read_response(timeout=) (redis-py 8): without it, can_read(timeout) waits first.
-_READ_TAKES_TIMEOUT = "timeout" in _READ_PARAMS
-#: read_response(disconnect_on_error=) (redis-py 4.5): keep the socket on a timeout.
-_KEEP_ON_ERROR = {"disconnect_on_error": False} if "disconnect_on_error" in _READ_PARAMS else {}
 #: protocol= (redis-py 5, with RESP3): pin RESP2; before it, RESP2 was all there was.
 RESP2: dict[str, Any] = {"protocol": 2} if int(redis.__version__.split(".")[0]) >= 5 else {}
 #: UnixDomainSocketConnection(socket_connect_timeout=) (redis-py 4.4 or so).
@@ -77,19 +73,6 @@ def dial(pool: ConnectionPool, where: str) -> tuple[Connection, int]:
     if sock is None:  # connect() returned without a socket: never expected
         raise ConnectionLost(f"could not connect to {where}")
     return conn, sock.fileno()
-
-
-def read_reply(conn: Connection, timeout: float) -> Any:
-    """One reply, or redis.TimeoutError when none is complete within ``timeout``.
-
-    Before redis-py 8 read_response() takes no timeout: can_read() waits for the first byte,
-    and the rest of a reply that has begun to arrive is read within the socket timeout.
-    """
-    if _READ_TAKES_TIMEOUT:
-        return conn.read_response(timeout=timeout, **_KEEP_ON_ERROR)
-    if not conn.can_read(timeout=timeout):
-        raise redis.TimeoutError("no reply in time")
-    return conn.read_response(**_KEEP_ON_ERROR)
 
 
 def pubsub_frame(frame: object) -> tuple[bytes, str, str]:
