@@ -38,6 +38,8 @@ def test_the_fleet_grows_through_each_size_and_measures_every_cost(
         "--backends",
         "redis",
         "--quick",
+        "--probe-interval",
+        "0.4",
         "--json",
         str(tmp_path / "fleet.json"),
         "--plot",
@@ -48,6 +50,7 @@ def test_the_fleet_grows_through_each_size_and_measures_every_cost(
         blocker=django_db_blocker,
     )
     result = json.loads((tmp_path / "fleet.json").read_text())
+    assert result["meta"]["params"]["probe_interval"] == 0.4
     run = result["fleet"]["redis"]
     assert "stopped" not in run, run.get("stopped")
     assert [level["subscribers"] for level in run["levels"]] == [4, 8]
@@ -106,6 +109,8 @@ def test_fleet_runs_alone_and_its_sizes_are_checked(django_db_blocker: Any) -> N
         bench("--fleet-sizes", "500,250", "--backends", "redis", blocker=django_db_blocker)
     with pytest.raises(CommandError, match="multiple of --per-agent"):
         bench("--fleet-sizes", "30,60", "--backends", "redis", blocker=django_db_blocker)
+    with pytest.raises(CommandError, match="probe interval must be positive"):
+        bench("--probe-interval", "0", "--backends", "redis", blocker=django_db_blocker)
 
 
 def _level(n: int, receivers: float, first_ms: float, cpu_us: float) -> dict[str, Any]:

@@ -7,6 +7,7 @@ cluster failover tests are in test_nats_cluster.py.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -27,7 +28,7 @@ from pulp_pubsub.exceptions import PublishError
 from pulp_pubsub_tools.testing import NatsServer
 
 from .harness_nats import NatsHarness, publish_plain
-from .reliability_util import FAST, Inbox, dead_url
+from .reliability_util import FAST, PATIENCE, Inbox, dead_url
 from .util import wait_until
 
 pytestmark = [pytest.mark.backend, pytest.mark.servers]
@@ -675,6 +676,54 @@ def test_a_targeted_consumer_deleted_on_the_server_is_made_again_by_its_members(
             assert sub.stats["reconnects"] >= 1
             backend.publish("remade", "after", group="runners")
             inbox.wait_payload("after")
+
+
+class Watched:
+    """What is published on ``subject``, seen from a connection of its own on a thread."""
+
+    def __init__(self, url: str, subject: str) -> None:
+        self.url, self.subject = url, subject
+        self.bodies: list[bytes] = []
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def __enter__(self) -> Watched:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._watch(), self.loop).result(10)
+        return self
+
+    async def _watch(self) -> None:
+        async def seen(msg: Any) -> None:
+            self.bodies.append(msg.data)
+
+        self.nc = await nats.connect(self.url)
+        await self.nc.subscribe(self.subject, cb=seen)
+        await self.nc.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.nc.close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+def test_an_idle_member_renews_its_pull_request_at_each_expiry_and_stays_connected(js_server):
+    # No idle heartbeat (its cost at the server grows faster than the fleet): the request
+    # expires after 2 probe intervals, the server says so (408) and the member asks again.
+    # A member that took the expiry's silence for a lost consumer would reconnect.
+    with override_settings(**nats_settings(js_server.url, "idle", jetstream=True)):
+        backend = get_backend()
+        with Watched(js_server.url, "$JS.API.CONSUMER.MSG.NEXT.>") as pulls:
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe("waits", inbox, group="runners")
+                wait_until(lambda: len(pulls.bodies) >= 3, PATIENCE, "two renewed pull requests")
+                assert sub.stats["reconnects"] == 0
+                expires = int(2 * FAST["probe_interval"] * 1e9)
+                assert {json.loads(body)["expires"] for body in pulls.bodies} == {expires}
+                assert not any("idle_heartbeat" in json.loads(body) for body in pulls.bodies)
+                backend.publish("waits", "still here", group="runners")
+                inbox.wait_payload("still here")
 
 
 #: The permissions docs/backends.md gives a JetStream user with targeted delivery (prefix pulp).

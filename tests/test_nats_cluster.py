@@ -117,9 +117,9 @@ def fail_over(cluster: NatsCluster, **options: Any) -> dict[str, Any]:
             return figures
 
 
-def stored(backend: Any, channel: str, payload: str) -> bool:
+def stored(backend: Any, channel: str, payload: str, group: str | None = None) -> bool:
     try:
-        backend.publish(channel, payload)
+        backend.publish(channel, payload, group=group)
     except PublishError:
         return False
     return True
@@ -297,3 +297,81 @@ def test_jetstream_subscriber_says_what_it_waits_for_while_the_cluster_has_no_qu
         line.startswith("JetStream did not answer the ") and "asking again" in line for line in said
     ), said
     assert any(re.search(r"answered the .* after [0-9.]+ s and [0-9]+ tries", s) for s in said)
+
+
+async def lead_from(urls: list[str], kind: str, name: str, wanted: set[str]) -> str:
+    """Step a stream's or a consumer's leader down until one of ``wanted`` leads it.
+
+    For a consumer, also until a pull request waits there (a member asks again half a
+    second after a leader change).
+    """
+    nc = await nats.connect(urls)
+    try:
+        jsm = nc.jsm(timeout=1)
+        subject = f"$JS.API.{kind.upper()}.LEADER.STEPDOWN.{name.replace('/', '.')}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if kind == "stream":
+                    info: Any = await jsm.stream_info(name)
+                else:
+                    info = await jsm.consumer_info(*name.split("/"))
+            except nats.errors.Error:  # no leader to answer yet
+                continue
+            leader = info.cluster.leader
+            if leader in wanted and (kind == "stream" or info.num_waiting):
+                return str(leader)
+            if leader in wanted:
+                await asyncio.sleep(0.05)
+                continue
+            if leader is not None:
+                await nc.request(subject, b"", 5)
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"no leader of {kind} {name} among {wanted} within 60 s")
+    finally:
+        await nc.close()
+
+
+def test_a_targeted_member_pulls_from_its_consumers_new_leader():
+    # A member's pull request waits at its consumer's leader, on another node than the
+    # member's, and that node is killed. Once the consumer has a new leader, the member's
+    # own node ends the request (409 Leadership Change, nats-server 2.9) and the member
+    # pulls from the new leader: the next targeted message reaches it. (A request that
+    # nobody ended would be given up half an expiry after it should have ended.)
+    with NatsCluster(3, jetstream=True) as cluster:
+        own, *others = cluster.nodes
+        urls = cluster.url.split(",")
+        options = {"jetstream": True, "stream_replicas": 3, "publish_timeout": 5.0}
+        settings = {
+            "PUBSUB_BACKEND": "nats",
+            "PUBSUB_URL": own.address,
+            "PUBSUB_CHANNEL_PREFIX": "lead",
+            "PUBSUB_OPTIONS": {**FAST, **options},
+        }
+        with override_settings(**settings):
+            backend = get_backend()
+            # A stream just made elects its first leader before it stores anything.
+            wait_until(lambda: stored(backend, CHANNEL, "up"), 30, "the stream to store")
+            # The member's node leads the stream its probes go through, so losing the
+            # other node costs the probes nothing: the loss is the consumer's alone.
+            asyncio.run(lead_from(urls, "stream", backend.stream_name, {own.server_name}))
+            with backend.subscriber() as sub:
+                inbox = Inbox(sub)
+                sub.subscribe(CHANNEL, inbox, group="runners")
+                wait_until(
+                    lambda: stored(backend, CHANNEL, "before", group="runners"),
+                    30,
+                    "the work stream to store",
+                )
+                inbox.wait_payload("before")
+                consumer = backend.work_consumer(backend.wire_name(CHANNEL), "runners")
+                target = f"{backend.work_stream_name}/{consumer}"
+                names = {node.server_name for node in others}
+                leader = asyncio.run(lead_from(urls, "consumer", target, names))
+                next(node for node in others if node.server_name == leader).stop("kill")
+                wait_until(
+                    lambda: stored(backend, CHANNEL, "after", group="runners"),
+                    60,
+                    "the work stream to store after the loss",
+                )
+                inbox.wait(lambda messages: "after" in {m.payload for m in messages}, 60)

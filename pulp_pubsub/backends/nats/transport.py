@@ -66,7 +66,12 @@ Pair = tuple[str, str]
 #: ``SILENT_BEATS`` of them are missed, within seconds, not at the listener's next probe.
 CONSUMER_HEARTBEAT = 1.0
 SILENT_BEATS = 3
-#: Seconds a pull request waits at the server; an idle member renews it when it expires.
+#: Seconds a pull request waits at the server at most (``2 * probe_interval`` when shorter);
+#: an idle member renews it when it expires. The server ends a request whose consumer lost
+#: its leader (409), but one it forgets without a word is found by its expiry: the request
+#: then neither ends nor is answered. It carries no idle heartbeat: nats-server goes
+#: through every request waiting at the consumer for each heartbeat or expiry that falls
+#: due, work that grows with the square of the fleet.
 PULL_EXPIRES = 30.0
 #: Pull-request answers that end it without a message and say nothing is wrong:
 #: 404 no messages, 408 expired; a 409 for a limit (max waiting, a leader change) is
@@ -177,7 +182,7 @@ class NatsTransport(Transport):
         self._pull_inbox: str | None = None
         self._consumers: dict[Pair, str] = {}
         self._work_pairs: dict[str, Pair] = {}
-        # Request id -> (wire, group), when the server last spoke of it (a heartbeat).
+        # Request id -> (wire, group), when it was sent.
         self._pulls: dict[str, tuple[Pair, float]] = {}
         self._pulling: dict[Pair, str] = {}
         self._wanted: frozenset[Pair] = frozenset()
@@ -188,9 +193,7 @@ class NatsTransport(Transport):
         # Until the first listen() of a resumed transport is done (see _add_consumer).
         self._resuming = False
         self._dead_read = False
-        # A waiting pull request hears a heartbeat this often; silence means its
-        # consumer is gone (deleted, or lost with its node) while the connection lives.
-        self._heartbeat = min(float(backend.config["probe_interval"]), PULL_EXPIRES / 3)
+        self._expires = min(2 * float(backend.config["probe_interval"]), PULL_EXPIRES)
         self._beat = min(float(backend.config["probe_interval"]), CONSUMER_HEARTBEAT)
         self._watcher: asyncio.Task[None] | None = None
         self._runner = loop_runner()
@@ -751,7 +754,9 @@ class NatsTransport(Transport):
 
     def want(self, members: frozenset[Pair], consumer: str) -> None:
         now = time.monotonic()
-        limit = 3 * self._heartbeat + self._timeout
+        # A request neither answered nor ended well after its expiry (the server's word
+        # may come late to a busy process): the server forgot it, or its consumer is gone.
+        limit = 1.5 * self._expires + self._timeout
         with self._lock:
             self._wanted = members
             self._handed &= self._unread
@@ -790,8 +795,7 @@ class NatsTransport(Transport):
         body = json.dumps(
             {
                 "batch": 1,
-                "expires": int(PULL_EXPIRES * 1e9),
-                "idle_heartbeat": int(self._heartbeat * 1e9),
+                "expires": int(self._expires * 1e9),
             }
         ).encode()
         stream = self.host.work_stream_name
@@ -812,11 +816,6 @@ class NatsTransport(Transport):
             request = msg.subject.rpartition(".")[2]
             description = (msg.headers or {}).get("Description", "")
             with self._lock:
-                if status == "100":  # an idle heartbeat: the request still waits
-                    entry = self._pulls.get(request)
-                    if entry is not None:
-                        self._pulls[request] = (entry[0], time.monotonic())
-                    return
                 pair = self._end_pull(request)
             if status in _PULL_OVER:
                 await self._renew_pulls()

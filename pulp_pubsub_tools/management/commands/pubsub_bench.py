@@ -93,6 +93,12 @@ class Command(BaseCommand):
             help=f"fleet: targeted publishes whose server CPU is read (default {FLEET.burst}).",
         )
         add(
+            "--probe-interval",
+            type=float,
+            help=f"fleet: the subscribers' probe_interval, s (default {FLEET.probe_interval:g}, "
+            "so that each probes in a short idle window; the layer's own default is 30).",
+        )
+        add(
             "--quick",
             action="store_true",
             help="Tiny defaults for CI smoke runs: N=5, short windows (flags still win).",
@@ -161,6 +167,7 @@ class Command(BaseCommand):
         params = QUICK_FLEET if options["quick"] else FLEET
         given = {"per_agent": options["per_agent"], "burst": options["burst"]}
         given["rounds"], given["window"] = options["rounds"], options["window"]
+        given["probe_interval"] = options["probe_interval"]
         if options["fleet_sizes"]:
             try:
                 given["sizes"] = tuple(int(n) for n in options["fleet_sizes"].split(","))
