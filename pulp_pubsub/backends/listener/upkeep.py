@@ -9,6 +9,7 @@ these pieces are shared and the loops are not.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 import time
@@ -17,6 +18,10 @@ from collections.abc import Callable
 from typing import Protocol
 
 from ..selfpipe import drain, wait_readable
+
+#: How strongly a probe's time after traffic heard leans late (see :meth:`Probe.heard`):
+#: one probe per interval for fleets of up to about e ** 10, 22,000 subscribers.
+LATE_BIAS = 10.0
 
 
 class Listens(Protocol):
@@ -94,7 +99,7 @@ def listen_to(transport: Listens, listening: set[str], wanted: set[str]) -> bool
 
 
 class Probe:
-    """The clock of a liveness probe: a token sent every ``interval``, due back within ``timeout``.
+    """The clock of a liveness probe: tokens at most ``interval`` apart, each due back in time.
 
     Sending and reading are the owner's: this only says when, and whether it came back.
     """
@@ -104,6 +109,8 @@ class Probe:
         self.token: str | None = None
         self.sent_at = self.deadline = self.answered_at = 0.0
         self.next = time.monotonic() + interval
+        late = math.log1p(random.random() * math.expm1(LATE_BIAS)) / LATE_BIAS
+        self._quiet = interval * (0.8 + 0.2 * late)
 
     def due(self) -> float:
         """When the owner must look again: the deadline of the probe out, or the next one's time."""
@@ -116,12 +123,19 @@ class Probe:
     def heard(self, at: float) -> None:
         """The connection brought the server's traffic at ``at``: it is alive, no probe needed.
 
-        The next probe moves to a jittered interval after it: subscribers that hear the
-        same traffic (each other's probes on one etcd watch range) then do not all
-        probe at once, and the first of them to probe keeps the others quiet.
+        The next probe moves to this subscriber's own point between 0.8 and 1 interval
+        after it (after its own probe too), so that subscribers hearing the same traffic
+        (each other's probes on one etcd watch range) do not all probe at once: the first
+        to probe keeps the others quiet, but only those whose turn comes later than its
+        probe takes to reach them. Points spread evenly, a fleet of N would send about
+        N * latency / (0.2 * interval) probes each time; drawn so that most fall late and
+        the earliest few far apart (a rising exponential), it sends about one, however
+        large it grows (up to about e ** LATE_BIAS subscribers). The point is drawn once:
+        drawn anew at each traffic heard, the latest of several draws would win, and the
+        fleet's points would crowd together at the interval's end.
         """
         if self.token is None:
-            self.next = max(self.next, at + self.interval * random.uniform(0.8, 1.0))
+            self.next = max(self.next, at + self._quiet)
 
     def is_due(self, now: float) -> bool:
         """No probe is out and the next one's time has come."""
@@ -130,7 +144,7 @@ class Probe:
     def send(self, now: float) -> str:
         """The token of a probe the owner sends now."""
         self.token = uuid.uuid4().hex
-        self.sent_at, self.deadline, self.next = now, now + self.timeout, now + self.interval
+        self.sent_at, self.deadline, self.next = now, now + self.timeout, now + self._quiet
         return self.token
 
     def answered(self, payload: str) -> float | None:
