@@ -24,7 +24,7 @@ from django.test import override_settings
 
 from pulp_pubsub import get_backend
 from pulp_pubsub.backends.nats.loop import loop_runner
-from pulp_pubsub.exceptions import PublishError
+from pulp_pubsub.exceptions import ConnectionLost, PublishError
 from pulp_pubsub_tools.testing import NatsServer
 
 from .harness_nats import NatsHarness, publish_plain
@@ -724,6 +724,38 @@ def test_an_idle_member_renews_its_pull_request_at_each_expiry_and_stays_connect
                 assert not any("idle_heartbeat" in json.loads(body) for body in pulls.bodies)
                 backend.publish("waits", "still here", group="runners")
                 inbox.wait_payload("still here")
+
+
+def test_a_pull_request_never_answered_is_asked_again_once_then_costs_the_connection(js_server):
+    # Under heavy load the server's word on a request can come late: one silence is met
+    # with a new request, not a reconnect (a fleet's reconnects add to the load). A second
+    # silence in a row means the consumer is gone. Which request the server "forgot" is
+    # set here by ageing the one it holds; the requests themselves are real.
+    options = {**FAST, "jetstream": True, "probe_interval": 10.0}
+    with override_settings(**nats_settings(js_server.url, "silent", **options)):
+        backend = get_backend()
+        pair = (backend.wire_name("silent"), "runners")
+        transport = backend.open_transport()
+        try:
+            with Watched(js_server.url, "$JS.API.CONSUMER.MSG.NEXT.>") as pulls:
+                transport.join([pair])
+
+                def asked(times: int) -> None:
+                    transport.want(frozenset([pair]), "me")
+                    wait_until(lambda: len(pulls.bodies) >= times, PATIENCE, f"{times} pulls")
+
+                def age_the_waiting_request() -> None:
+                    request, (member, _sent) = next(iter(transport._pulls.items()))
+                    transport._pulls[request] = (member, time.monotonic() - 3600)
+
+                asked(1)
+                age_the_waiting_request()
+                asked(2)  # asked again, no ConnectionLost
+                age_the_waiting_request()
+                with pytest.raises(ConnectionLost, match="answered neither"):
+                    transport.want(frozenset([pair]), "me")
+        finally:
+            transport.close()
 
 
 #: The permissions docs/backends.md gives a JetStream user with targeted delivery (prefix pulp).

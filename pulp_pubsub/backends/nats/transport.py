@@ -185,6 +185,8 @@ class NatsTransport(Transport):
         # Request id -> (wire, group), when it was sent.
         self._pulls: dict[str, tuple[Pair, float]] = {}
         self._pulling: dict[Pair, str] = {}
+        # Pairs whose last request was given up unanswered (see want()).
+        self._silent: set[Pair] = set()
         self._wanted: frozenset[Pair] = frozenset()
         self._unread: set[Pair] = set()
         self._handed: set[Pair] = set()
@@ -754,17 +756,23 @@ class NatsTransport(Transport):
 
     def want(self, members: frozenset[Pair], consumer: str) -> None:
         now = time.monotonic()
-        # A request neither answered nor ended well after its expiry (the server's word
-        # may come late to a busy process): the server forgot it, or its consumer is gone.
+        # A request neither answered nor ended well after its expiry: the server forgot
+        # it, its consumer is gone, or the answer is late to a busy process. It is asked
+        # once more (a reconnect adds to the load); a second silence costs the connection.
         limit = 1.5 * self._expires + self._timeout
         with self._lock:
             self._wanted = members
             self._handed &= self._unread
-            for pair, heard in self._pulls.values():
-                if now - heard > limit:
+            for request, (pair, sent) in list(self._pulls.items()):
+                if now - sent <= limit:
+                    continue
+                if pair in self._silent:
                     raise ConnectionLost(
-                        f"the JetStream consumer of {pair!r} fell silent for {limit:g} s"
+                        f"the JetStream consumer of {pair!r} answered neither of two pull "
+                        f"requests within {limit:g} s"
                     )
+                self._end_pull(request)
+                self._silent.add(pair)
             requests = self._new_pulls(now)
         if requests:
             self._runner.submit(self._pull(requests))
@@ -787,6 +795,7 @@ class NatsTransport(Transport):
         entry = self._pulls.pop(request, None)
         if entry is None:
             return None
+        self._silent.discard(entry[0])
         if self._pulling.get(entry[0]) == request:
             del self._pulling[entry[0]]
         return entry[0]
